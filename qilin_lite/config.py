@@ -1,0 +1,230 @@
+"""Recipes: YAML files -> checked dataclasses, with `section.key=value` overrides from the command line.
+
+A recipe has three sections (`model`, `data`, `train`) plus `stage`, `output_dir` and `reproduces`. Unknown keys
+are an error naming the file and the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@dataclass
+class ModelSection:
+    base: str | None = None  # an existing Llava directory or hub id; when unset, vision + llm are joined
+    vision: str = "openai/clip-vit-large-patch14-336"
+    llm: str = "FlagAlpha/Llama2-Chinese-13b-Chat"
+    projector: str = "mlp2x_gelu"  # released weights; "linear" is the paper's text
+    vision_feature_layer: int = -2
+    from_run: str | None = None  # tune: the align output directory whose projector to start from
+    dtype: str = "bfloat16"
+    attn: str = "auto"  # auto | flash_attention_2 | sdpa | eager
+    load_4bit: bool = False  # align only: frozen LLM in 4-bit NF4 so stage 1 fits small GPUs
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    def __post_init__(self):
+        if self.projector not in ("mlp2x_gelu", "linear"):
+            raise UserError(f"model.projector must be mlp2x_gelu or linear, not '{self.projector}'")
+        if self.attn not in ("auto", "flash_attention_2", "sdpa", "eager"):
+            raise UserError(f"model.attn must be auto, flash_attention_2, sdpa or eager, not '{self.attn}'")
+
+
+@dataclass
+class DataSection:
+    train: str | None = None  # LLaVA JSON/JSONL file, or a Hugging Face dataset name/path
+    image_folder: str | None = None
+    template: str | None = None  # default: plain (align), vicuna_v1 (tune)
+    image_mode: str | None = None  # default: crop (align), pad (tune), as the paper's scripts
+    max_length: int = 2048
+    group_by_length: bool = True  # batches of similar length: less padding
+    skip_bad: bool = False  # set bad records aside in rejects.jsonl instead of stopping
+    verify_images: bool = True  # decode every image once before training
+    num_workers: int = 2
+    split: str = "train"
+    image_column: str = "image"
+    messages_column: str | None = None
+
+    def __post_init__(self):
+        if self.max_length < 16:
+            raise UserError(f"data.max_length {self.max_length} is too small to hold an image and a reply")
+        if self.image_mode not in (None, "pad", "crop"):
+            raise UserError(f"data.image_mode must be pad or crop, not '{self.image_mode}'")
+
+
+@dataclass
+class TrainSection:
+    mode: str = "align"  # align | lora | qlora | full
+    global_batch: int = 256  # the batch the recipe reproduces; accumulation is derived from it
+    per_device_batch: int = 32
+    lr: float = 1e-3
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 stops early (smoke runs)
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"
+    bf16: bool = True
+    tf32: bool = True
+    gradient_checkpointing: bool = True
+    lora_r: int = 64  # higher: more capacity and memory
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    seed: int = 42
+    logging_steps: int = 1
+    save_steps: int = 500
+    save_total_limit: int = 2
+    deepspeed: str | None = None  # a DeepSpeed JSON (paper: ZeRO-2 for align, ZeRO-3 for tune)
+
+    def __post_init__(self):
+        if self.mode not in ("align", "lora", "qlora", "full"):
+            raise UserError(f"train.mode must be align, lora, qlora or full, not '{self.mode}'")
+        if self.global_batch < 1 or self.per_device_batch < 1:
+            raise UserError("train.global_batch and train.per_device_batch must be at least 1")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"train.warmup_ratio must be in [0, 1), not {self.warmup_ratio}")
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise UserError(f"train.lr must be positive, not {self.lr}")
+
+    def grad_accum(self, world_size: int) -> int:
+        """Accumulation that keeps the global batch (and so the learning rate) the recipe's on any GPU count."""
+        per_step = self.per_device_batch * world_size
+        if self.global_batch % per_step:
+            raise UserError(
+                f"global batch {self.global_batch} is not a multiple of per-device batch {self.per_device_batch} x "
+                f"{world_size} process(es); change train.per_device_batch or train.global_batch"
+            )
+        return self.global_batch // per_step
+
+
+@dataclass
+class Recipe:
+    stage: str = "align"  # align | tune
+    output_dir: str | None = None
+    reproduces: str = ""  # what the recipe reproduces, e.g. "paper stage 1: global batch 256, lr 1e-3"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def __post_init__(self):
+        if self.stage not in ("align", "tune"):
+            raise UserError(f"stage must be align or tune, not '{self.stage}'")
+
+    @property
+    def template(self) -> str:
+        return self.data.template or ("plain" if self.stage == "align" else "vicuna_v1")
+
+    @property
+    def image_mode(self) -> str:
+        return self.data.image_mode or ("crop" if self.stage == "align" else "pad")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def check(self) -> "Recipe":
+        """Cross-field rules, checked once every override is in."""
+        if self.stage == "align" and self.train.mode != "align":
+            raise UserError(f"stage align trains the projector only; train.mode must be align, not '{self.train.mode}'")
+        if self.stage == "tune" and self.train.mode == "align":
+            raise UserError("stage tune needs a mode: pass --lora, --qlora or --full")
+        if self.model.load_4bit and self.stage != "align":
+            raise UserError("model.load_4bit is for align; for tuning use --qlora")
+        if not self.data.train:
+            raise UserError("no training data: pass --data FILE (LLaVA JSON/JSONL) or set data.train in the recipe")
+        if not self.output_dir:
+            raise UserError("no output directory: pass --out DIR")
+        return self
+
+
+SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection}
+
+
+def _build(cls, values: dict, source: str, prefix: str = ""):
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise UserError(
+            f"{source}: unknown key '{prefix}{unknown[0]}'; valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for k, v in values.items():
+        if k in SECTIONS and cls is Recipe:
+            if not isinstance(v, dict):
+                raise UserError(f"{source}: '{k}' must be a mapping of settings")
+            kwargs[k] = _build(SECTIONS[k], v, source, prefix=f"{k}.")
+        else:
+            kwargs[k] = _coerce(names[k], v, source, prefix + k)
+    return cls(**kwargs)
+
+
+def _coerce(f: dataclasses.Field, value: Any, source: str, key: str):
+    t = str(f.type)
+    if value is None:
+        return None
+    try:
+        if t.startswith("bool"):
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if t.startswith("int"):
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if t.startswith("float"):
+            return float(value)
+        if t.startswith("str"):
+            return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{source}: '{key}' must be {t.split(' ')[0]}, got {value!r}") from None
+    return value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None, **fields_) -> Recipe:
+    """YAML recipe (or defaults) + `section.key=value` overrides + explicit keyword fields -> checked Recipe."""
+    data: dict = {}
+    source = "recipe"
+    if path:
+        p = Path(path)
+        if not p.exists() and (REPO_RECIPES / path).exists():
+            p = REPO_RECIPES / path
+        if not p.exists():
+            raise UserError(f"{path}: recipe not found; see recipes/ for the shipped ones")
+        source = str(p)
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{p}: a recipe must be a mapping of settings")
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"override '{item}' must look like section.key=value, e.g. train.lr=2e-4")
+        key, raw = item.split("=", 1)
+        _set(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    for key, value in fields_.items():
+        if value is not None:
+            _set(data, key, value)
+    return _build(Recipe, data, source)
+
+
+def _set(data: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise UserError(f"cannot set '{dotted}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def save_recipe(recipe: Recipe, path: Path) -> None:
+    path.write_text(yaml.safe_dump(recipe.to_dict(), allow_unicode=True, sort_keys=False), encoding="utf-8")

@@ -1,0 +1,136 @@
+"""Messages -> one prompt string plus the character spans the loss may see.
+
+In:  a list of `{"role": "user"|"assistant"|"system", "content": str}` whose user text may hold `<image>`.
+Out: `Rendered(text, supervised)` where `supervised` lists `(start, end)` character spans of `text`: exactly the
+     assistant replies and the end token that closes each of them. Tokens are assigned to spans later
+     (processing.py), so one function owns "what is supervised" and it is testable on strings alone.
+
+Templates follow LLaVA's conversation formats (see ../shared/REFERENCE.md):
+- `plain` (stage 1): `<image>` + caption + "\n"; only the caption and the newline are supervised.
+- `vicuna_v1` (stage 2): `SYSTEM USER: <image>\nq ASSISTANT: a</s>USER: q2 ASSISTANT: a2</s>`; each reply, the
+  space that precedes it and its `</s>` are supervised. The space is supervised because at inference the prompt
+  ends at `ASSISTANT:`, so the model itself must produce the separator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+IMAGE_TOKEN = "<image>"
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    system: str = ""
+    user: str = "USER"
+    assistant: str = "ASSISTANT"
+    # text between a user turn and the assistant tag, and after each assistant reply
+    user_end: str = " "
+    reply_end: str = "</s>"
+    plain: bool = False  # LLaVA "plain": no roles, no system, one caption per image
+
+
+@dataclass
+class Rendered:
+    text: str
+    supervised: list[tuple[int, int]] = field(default_factory=list)
+
+
+TEMPLATES: dict[str, Template] = {
+    "plain": Template(name="plain", reply_end="\n", plain=True),
+    "vicuna_v1": Template(name="vicuna_v1", system=VICUNA_SYSTEM),
+}
+
+
+def get_template(name: str) -> Template:
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        from .errors import UserError
+
+        raise UserError(f"unknown template '{name}'; choose one of: {', '.join(TEMPLATES)}") from None
+
+
+def check_roles(messages: list[dict]) -> None:
+    """Roles must alternate user, assistant, ... after an optional leading system message; raises ValueError."""
+    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if not body:
+        raise ValueError("no user/assistant turns")
+    for i, m in enumerate(body):
+        want = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != want:
+            raise ValueError(f"turn {i + 1} is '{m['role']}' where '{want}' was expected (roles must alternate)")
+    if body[-1]["role"] != "assistant":
+        raise ValueError("the last turn is a user turn with no reply to learn from")
+
+
+def render(messages: list[dict], template: Template, *, add_generation_prompt: bool = False) -> Rendered:
+    """Render a whole conversation (training) or a prompt ending where the assistant speaks (inference).
+
+    For training, `messages` ends with an assistant turn; for inference it ends with a user turn and
+    `add_generation_prompt=True` appends the assistant tag, giving exactly the prefix training saw.
+    """
+    if template.plain:
+        return _render_plain(messages, add_generation_prompt)
+    system = template.system
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    text = system + " " if system else ""
+    spans: list[tuple[int, int]] = []
+    for m in messages:
+        if m["role"] == "user":
+            text += f"{template.user}: {m['content']}{template.user_end}"
+        else:
+            text += f"{template.assistant}:"
+            start = len(text)
+            text += " " + m["content"] + template.reply_end
+            spans.append((start, len(text)))
+    if add_generation_prompt:
+        text += f"{template.assistant}:"
+    return Rendered(text, spans)
+
+
+def _render_plain(messages: list[dict], add_generation_prompt: bool) -> Rendered:
+    # LLaVA's plain format ignores the user text except for the image: the prompt is the image alone.
+    user = next((m for m in messages if m["role"] == "user"), None)
+    images = user["content"].count(IMAGE_TOKEN) if user else 0
+    text = IMAGE_TOKEN * images
+    if add_generation_prompt:
+        return Rendered(text, [])
+    reply = next(m for m in messages if m["role"] == "assistant")["content"]
+    start = len(text)
+    text += reply + "\n"
+    return Rendered(text, [(start, len(text))])
+
+
+def chat_template_jinja(template: Template) -> str:
+    """A Jinja chat template giving the same prompt string, saved with the processor so servers and
+    `apply_chat_template` users (vLLM, transformers pipelines) prompt the model exactly as it was trained."""
+    if template.plain:
+        return (
+            "{% for m in messages %}{% if m['role'] == 'user' %}"
+            "{% if m['content'] is string %}{{ '<image>' * (m['content'].count('<image>')) }}"
+            "{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>{% endif %}{% endfor %}{% endif %}"
+            "{% elif m['role'] == 'assistant' %}{{ m['content'] }}\n{% endif %}{% endfor %}"
+        )
+    sys = template.system.replace("'", "\\'")
+    return (
+        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+        "{% set messages = messages[1:] %}{% else %}{% set system = '" + sys + "' %}{% endif %}"
+        "{% if system %}{{ system }} {% endif %}"
+        "{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{{ '" + template.user + ": ' }}"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+        "{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>\n{% elif p['type'] == 'text' %}"
+        "{{ p['text'] }}{% endif %}{% endfor %}{% endif %}{{ '" + template.user_end + "' }}"
+        "{% else %}{{ '" + template.assistant + ": ' }}"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}{{ m['content'][0]['text'] }}{% endif %}"
+        "{{ '" + template.reply_end + "' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '" + template.assistant + ":' }}{% endif %}"
+    )

@@ -1,0 +1,1 @@
+"""The bundled demo: synthetic medical-style data that a tiny model can learn on CPU in minutes."""

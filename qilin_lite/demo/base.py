@@ -1,0 +1,117 @@
+"""A tiny stand-in for CLIP ViT-L/14-336 and LLaMA-2 13B, built offline so the demo and the tests need no hub.
+
+In:  the demo texts (captions, questions, answers) and a size.
+Out: two directories laid out exactly like hub checkpoints (`vision/`: a CLIPVisionModel + image processor;
+     `llm/`: a LlamaForCausalLM + tokenizer), which then go through the same `assemble_base` users hit with hub ids.
+
+The tokenizer is a LLaMA-style BPE (Metaspace, `<unk>`/`<s>`/`</s>` at ids 0-2, BOS prepended) trained on the
+demo text. A real base LLM already knows its language, so the tiny LLM gets a short language pre-training on the
+demo text and on text-only dialogs in the chat format whose answers are drawn at random: it learns the language
+and the format, but nothing about images, so accuracy before tuning stays at chance.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..conversation import TEMPLATES, render
+
+
+@dataclass
+class TinySpec:
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 4
+    vocab_size: int = 600
+    pretrain_steps: int = 300
+    seed: int = 0
+
+
+def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 600):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    alphabet = sorted({c for t in texts for c in t})  # every character seen is in the vocabulary: no <unk>
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], min_frequency=2, initial_alphabet=alphabet
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def chat_texts(spec_texts: dict, n: int, seed: int) -> list[str]:
+    """Text-only dialogs in the vicuna_v1 format with random answers: format knowledge, no image knowledge."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        q, choices = rng.choice(spec_texts["questions"])
+        msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": rng.choice(choices)}]
+        out.append(render(msgs, TEMPLATES["vicuna_v1"]).text)
+    return out
+
+
+def build_tiny_base(out_dir: Path, texts: list[str], questions: list[tuple[str, list[str]]], spec: TinySpec = TinySpec()):
+    """Write `out_dir/vision` and `out_dir/llm`; return their paths."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(spec.seed)
+    out_dir = Path(out_dir)
+    vision_dir, llm_dir = out_dir / "vision", out_dir / "llm"
+    vcfg = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2, num_hidden_layers=spec.vision_layers,
+        num_attention_heads=4, image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=spec.vision_hidden,
+    )
+    CLIPVisionModel(vcfg).save_pretrained(vision_dir)
+    CLIPImageProcessor(
+        size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size}
+    ).save_pretrained(vision_dir)
+
+    dialogs = chat_texts({"questions": questions}, n=2000, seed=spec.seed)
+    corpus = texts + dialogs
+    tok = train_tokenizer(corpus + [TEMPLATES["vicuna_v1"].system], llm_dir, spec.vocab_size)
+    lcfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=spec.hidden, intermediate_size=spec.hidden * 2, num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads, num_key_value_heads=spec.heads, max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
+    )
+    lm = LlamaForCausalLM(lcfg)
+    pretrain(lm, tok, corpus, steps=spec.pretrain_steps, seed=spec.seed)
+    lm.save_pretrained(llm_dir)
+    return vision_dir, llm_dir
+
+
+def pretrain(lm, tok, corpus: list[str], steps: int, seed: int, batch: int = 32, lr: float = 3e-3) -> float:
+    """Plain next-token training on the corpus; returns the last loss."""
+    rng = random.Random(seed)
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token  # padding is masked from the loss; the saved tokenizer stays as trained
+    opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    lm.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        texts = [rng.choice(corpus) for _ in range(batch)]
+        enc = tok(texts, padding=True, return_tensors="pt", add_special_tokens=True)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = lm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    lm.eval()
+    return float(loss)

@@ -1,0 +1,86 @@
+"""Model + images + conversation -> answer text. Shared by chat, eval and the demo.
+
+The prompt is rendered by the same template code training used (`render(..., add_generation_prompt=True)`)
+and image tokens are expanded by the same function, so inference sees exactly the prefix training saw.
+Batches pad on the left so every prompt ends where generation starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .conversation import Template, render
+from .processing import ImageLoader, TokenLayout, _expand_images
+
+
+@dataclass
+class Generator:
+    model: object
+    tokenizer: object
+    images: ImageLoader
+    template: Template
+    layout: TokenLayout
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0 = greedy
+    extra: dict = field(default_factory=dict)
+
+    def prompt_ids(self, messages: list[dict]) -> np.ndarray:
+        text = render(messages, self.template, add_generation_prompt=True).text
+        ids = np.asarray(self.tokenizer(text, add_special_tokens=True)["input_ids"], dtype=np.int64)
+        ids, _ = _expand_images(ids, np.zeros_like(ids), self.layout)
+        return ids
+
+    @torch.inference_mode()
+    def generate(self, conversations: list[list[dict]], images: list[list], streamer=None) -> list[str]:
+        """One answer per conversation (each ending with a user turn); `images[i]` are that conversation's images."""
+        prompts = [self.prompt_ids(m) for m in conversations]
+        longest = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
+        attention = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for k, p in enumerate(prompts):
+            input_ids[k, longest - len(p):] = torch.from_numpy(p)
+            attention[k, longest - len(p):] = 1
+        kwargs = {"input_ids": input_ids, "attention_mask": attention}
+        pix = [self.images(imgs) for imgs in images if imgs]
+        if pix:
+            dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
+            kwargs["pixel_values"] = torch.cat(pix).to(dtype)
+        device = next(self.model.parameters()).device
+        kwargs = {k: v.to(device) for k, v in kwargs.items()}
+        sample = self.temperature > 0
+        out = self.model.generate(
+            **kwargs,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=sample,
+            temperature=self.temperature if sample else None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=pad,
+            use_cache=True,
+            streamer=streamer,
+            **self.extra,
+        )
+        new = out[:, longest:]
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+
+    def answer(self, images: list, question: str, history: list[dict] | None = None) -> str:
+        msgs = list(history or []) + [{"role": "user", "content": question}]
+        return self.generate([msgs], [images])[0]
+
+
+def generator_for(model_dir: str, *, bits: int | None = None, dtype: str = "float32", max_new_tokens: int = 512,
+                  temperature: float = 0.0, attn: str = "auto") -> Generator:
+    """Load any model directory qilin-lite accepts and return a ready Generator with the run's template."""
+    from .conversation import get_template
+    from .model import load_run, token_layout
+
+    model, tok, ip, info = load_run(model_dir, bits=bits, dtype=dtype, attn=attn)
+    model.eval()
+    layout = token_layout(model.config, max_length=10**9)
+    return Generator(model, tok, ImageLoader(ip, info.image_mode), get_template(info.template), layout,
+                     max_new_tokens=max_new_tokens, temperature=temperature)

@@ -1,0 +1,322 @@
+"""Build, load and save `LlavaForConditionalGeneration` models; the run directory contract.
+
+In:  a vision encoder and an LLM (hub ids or local directories: the same code path), or an existing Llava
+     directory, or a qilin-lite run directory (align / lora / qlora / full).
+Out: a model (optionally 4/8-bit), its tokenizer and image processor, and `TokenLayout` facts about image tokens.
+
+A run directory describes itself in `qilin.json`: what kind of run wrote it, which base it builds on, which
+template and image mode it was trained with. `chat`, `eval`, `merge` and `tune --from` read only that.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .conversation import IMAGE_TOKEN, chat_template_jinja, get_template
+from .errors import UserError
+from .processing import TokenLayout
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "qilin.json"
+PROJECTOR_FILE = "projector.safetensors"
+PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
+# Module paths in transformers 5's Llava; skip lists match from the start of the path, so they must be full paths.
+VISION = "model.vision_tower"
+PROJECTOR = "model.multi_modal_projector"
+LLM = "model.language_model"
+
+
+@dataclass
+class RunInfo:
+    kind: str  # base | align | lora | qlora | full | merged
+    base: str | None  # what this run builds on (a Llava directory or hub id); None when self-contained
+    template: str
+    image_mode: str  # pad | crop
+    qilin_lite_version: str = ""
+
+    def save(self, out: Path) -> None:
+        from . import __version__
+
+        self.qilin_lite_version = __version__
+        (out / RUN_FILE).write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    @staticmethod
+    def load(path: Path) -> "RunInfo | None":
+        f = Path(path) / RUN_FILE
+        if not f.exists():
+            return None
+        data = json.loads(f.read_text(encoding="utf-8"))
+        return RunInfo(**{k: data.get(k) for k in ("kind", "base", "template", "image_mode", "qilin_lite_version")})
+
+
+def pick_attention(requested: str = "auto") -> str:
+    """flash-attention 2 on CUDA when flash-attn is installed, sdpa otherwise; an explicit choice is honoured."""
+    if requested != "auto":
+        if requested == "flash_attention_2" and not (
+            torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+        ):
+            raise UserError("attention 'flash_attention_2' needs a CUDA GPU and `pip install flash-attn`; use --attn sdpa")
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def quantization_config(bits: int | None, compute_dtype: torch.dtype = torch.bfloat16):
+    """4-bit NF4 (double quantization) or 8-bit for the LLM's decoder layers only.
+
+    The vision tower, the projector and lm_head stay unquantized: the projector must train in every mode,
+    and a 4-bit lm_head costs accuracy for little memory.
+    """
+    if bits is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    skip = [VISION, PROJECTOR, "lm_head"]
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+            llm_int8_skip_modules=skip,
+        )
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    raise UserError(f"quantization bits must be 4 or 8, not {bits}")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+    except KeyError:
+        raise UserError(f"dtype must be bfloat16, float16 or float32, not '{name}'") from None
+
+
+def num_image_tokens(config) -> int:
+    vc = config.vision_config
+    n = (vc.image_size // vc.patch_size) ** 2
+    return n + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+
+def token_layout(config, max_length: int) -> TokenLayout:
+    return TokenLayout(config.image_token_id, num_image_tokens(config), max_length)
+
+
+def _pretrained_kwargs(trust_remote_code: bool, allow_pickle: bool) -> dict:
+    # safetensors only unless the user accepts pickle files (which can run code when loaded)
+    return {"trust_remote_code": trust_remote_code, "use_safetensors": None if allow_pickle else True}
+
+
+def _friendly_load(fn, source: str, what: str, **kwargs):
+    try:
+        return fn(source, **kwargs)
+    except OSError as e:
+        msg = str(e).splitlines()[0]
+        raise UserError(
+            f"{source}: cannot load the {what} ({msg}); check the id or path, and that weights are .safetensors "
+            "(pass --allow-pickle to accept .bin files you trust)"
+        ) from None
+
+
+def assemble_base(
+    vision: str,
+    llm: str,
+    out_dir: Path,
+    *,
+    projector: str = "mlp2x_gelu",
+    vision_feature_layer: int = -2,
+    dtype: str = "bfloat16",
+    template: str = "vicuna_v1",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Join a CLIP vision encoder and a causal LLM into one Llava directory with a fresh projector.
+
+    The `<image>` token is added to the tokenizer (embeddings resized, new row = mean of the others) when the LLM
+    lacks it. Writing the base once means every later step loads a plain Llava directory with
+    `from_pretrained`, quantized or not, exactly as users of transformers and peft would.
+    """
+    from transformers import (
+        AutoImageProcessor,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        CLIPVisionModel,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    if projector not in PROJECTOR_TYPES:
+        raise UserError(f"projector must be one of {PROJECTOR_TYPES}, not '{projector}'")
+    kw = _pretrained_kwargs(trust_remote_code, allow_pickle)
+    dt = torch_dtype(dtype)
+    tok = _friendly_load(AutoTokenizer.from_pretrained, llm, "LLM tokenizer", trust_remote_code=trust_remote_code)
+    image_processor = _friendly_load(AutoImageProcessor.from_pretrained, vision, "image processor")
+    vision_model = _friendly_load(CLIPVisionModel.from_pretrained, vision, "vision encoder", dtype=dt, **kw)
+    lm = _friendly_load(AutoModelForCausalLM.from_pretrained, llm, "LLM", dtype=dt, **kw)
+
+    if IMAGE_TOKEN not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tok.pad_token is None:
+        # LLaMA has no pad token; padding is masked out of attention and loss, so any id works: unk as LLaVA does
+        tok.pad_token = tok.unk_token or tok.eos_token
+    config = LlavaConfig(
+        vision_config=vision_model.config,
+        text_config=lm.config,
+        image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        projector_hidden_act="gelu" if projector == "mlp2x_gelu" else "linear",
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="default",  # patch tokens only, CLS dropped (LLaVA's `patch`)
+        image_seq_length=(vision_model.config.image_size // vision_model.config.patch_size) ** 2,
+        tie_word_embeddings=getattr(lm.config, "tie_word_embeddings", False),
+    )
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = vision_model
+    model.model.language_model = lm.model
+    model.lm_head = lm.lm_head
+    torch.manual_seed(seed)
+    model.model.multi_modal_projector = type(model.model.multi_modal_projector)(config).to(dt)
+    proj = model.model.multi_modal_projector
+    for layer in (proj.linear_1, proj.linear_2):
+        torch.nn.init.normal_(layer.weight, std=0.02)
+        torch.nn.init.zeros_(layer.bias)
+    if projector == "linear":
+        # the paper's single linear layer: identity second layer, so linear_2 . linear_1 is one linear map
+        torch.nn.init.eye_(proj.linear_2.weight)
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok), mean_resizing=True)
+    model.config.text_config.vocab_size = model.get_input_embeddings().weight.shape[0]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    save_processor(out_dir, tok, image_processor, config, template)
+    RunInfo(kind="base", base=None, template=template, image_mode="pad").save(out_dir)
+    return out_dir
+
+
+def save_processor(out_dir: Path, tokenizer, image_processor, config, template: str) -> None:
+    """Tokenizer, image processor and a LlavaProcessor with the run's chat template, for plain transformers users."""
+    from transformers import LlavaProcessor
+
+    tokenizer.chat_template = chat_template_jinja(get_template(template))
+    proc = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+        chat_template=tokenizer.chat_template,
+        image_token=IMAGE_TOKEN,
+    )
+    proc.save_pretrained(out_dir)
+
+
+def load_tokenizer_and_processor(path: str, trust_remote_code: bool = False):
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    tok = _friendly_load(AutoTokenizer.from_pretrained, str(path), "tokenizer", trust_remote_code=trust_remote_code)
+    ip = _friendly_load(AutoImageProcessor.from_pretrained, str(path), "image processor")
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    return tok, ip
+
+
+def load_llava(
+    path: str,
+    *,
+    bits: int | None = None,
+    dtype: str = "bfloat16",
+    attn: str = "auto",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+):
+    """A Llava directory or hub id -> model (4/8-bit LLM when asked)."""
+    from transformers import LlavaForConditionalGeneration
+
+    dt = torch_dtype(dtype)
+    model = _friendly_load(
+        LlavaForConditionalGeneration.from_pretrained,
+        str(path),
+        "Llava model",
+        dtype=dt,
+        quantization_config=quantization_config(bits, dt),
+        attn_implementation=pick_attention(attn),
+        **_pretrained_kwargs(trust_remote_code, allow_pickle),
+    )
+    return model
+
+
+def resolve_base(run_dir: Path, info: RunInfo) -> str:
+    """The base a run builds on, as written; a relative path is relative to the run directory."""
+    base = info.base
+    if base and not Path(base).is_absolute() and (run_dir / base).exists():
+        return str((run_dir / base).resolve())
+    return base
+
+
+def load_run(path: str | Path, *, bits: int | None = None, dtype: str = "bfloat16", attn: str = "auto", trainable=False):
+    """Any model directory qilin-lite accepts -> (model, tokenizer, image_processor, RunInfo).
+
+    - a Llava directory or hub id (base, full, merged): loaded as is;
+    - an align run: its base plus the trained projector;
+    - a lora/qlora run: its base plus the adapter (the trained projector rides in the adapter).
+    """
+    p = Path(path)
+    info = RunInfo.load(p) if p.is_dir() else None
+    if info is None:
+        info = RunInfo(kind="base", base=None, template="vicuna_v1", image_mode="pad")
+    if info.kind in ("align", "lora", "qlora"):
+        base = resolve_base(p, info)
+        model = load_llava(base, bits=bits, dtype=dtype, attn=attn)
+        if info.kind == "align":
+            load_projector(model, p / PROJECTOR_FILE)
+        else:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(p), is_trainable=trainable)
+    else:
+        model = load_llava(str(path), bits=bits, dtype=dtype, attn=attn)
+    tok, ip = load_tokenizer_and_processor(str(path))
+    return model, tok, ip, info
+
+
+def projector_state(model) -> dict[str, torch.Tensor]:
+    proj = _llava(model).model.multi_modal_projector
+    return {k: v.detach().cpu().contiguous() for k, v in proj.state_dict().items()}
+
+
+def save_projector(model, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(projector_state(model), str(path), metadata={"format": "pt"})
+
+
+def load_projector(model, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    if not Path(path).exists():
+        raise UserError(f"{path}: projector weights not found; is this the output directory of `qilin-lite align`?")
+    proj = _llava(model).model.multi_modal_projector
+    state = load_file(str(path))
+    dtype = next(proj.parameters()).dtype
+    proj.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+
+
+def _llava(model):
+    """The LlavaForConditionalGeneration inside a PeftModel (or the model itself)."""
+    from transformers import LlavaForConditionalGeneration
+
+    for m in (model, getattr(model, "base_model", None), getattr(getattr(model, "base_model", None), "model", None)):
+        if isinstance(m, LlavaForConditionalGeneration):
+            return m
+    raise TypeError(f"not a Llava model: {type(model).__name__}")

@@ -1,0 +1,247 @@
+"""Raw rows -> validated `Record`s.
+
+In:  LLaVA-format JSON (a list) or JSONL files (`{"id", "image", "conversations": [{"from", "value"}, ...]}`) with an
+     image folder, or a Hugging Face dataset (hub name or local path) with an image column and a messages column.
+Out: `Record(id, messages, images, source, line)`; messages use roles user/assistant/system and keep `<image>`
+     placeholders in user text; images are paths (or lazy dataset cells), never decoded here.
+
+Every problem is reported as `file:line (id): problem; fix`. With `skip_bad` the record is set aside as a `Reject`
+instead, so one bad row never ends a run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .conversation import IMAGE_TOKEN, check_roles
+from .errors import UserError, where
+
+ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class LazyImage:
+    """An image cell of a Hugging Face dataset, decoded only when a batch needs it."""
+
+    dataset: Any
+    index: int
+    column: str
+
+    def open(self):
+        return self.dataset[self.index][self.column]
+
+
+@dataclass
+class Record:
+    id: str
+    messages: list[dict]
+    images: list[Path | LazyImage] = field(default_factory=list)
+    source: str = ""
+    line: int | None = None
+
+    @property
+    def where(self) -> str:
+        return where(self.source, self.line, self.id)
+
+
+@dataclass
+class Reject:
+    source: str
+    line: int | None
+    id: str | None
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "line": self.line, "id": self.id, "reason": self.reason}
+
+
+class BadRecord(ValueError):
+    """A record that cannot be trained on; the message says why and what to do."""
+
+
+def read_records(
+    path: str | Path,
+    image_folder: str | Path | None = None,
+    *,
+    skip_bad: bool = False,
+    rejects: list[Reject] | None = None,
+    split: str = "train",
+    image_column: str = "image",
+    messages_column: str | None = None,
+) -> list[Record]:
+    """Read and validate every record; raise UserError on the first bad one unless `skip_bad`."""
+    rejects = rejects if rejects is not None else []
+    p = Path(path)
+    if p.suffix in (".json", ".jsonl") or p.is_file():
+        if not p.exists():
+            raise UserError(f"{p}: data file not found; check the path given to --data")
+        rows = _iter_json_rows(p)
+        folder = Path(image_folder) if image_folder else p.parent
+        if not folder.is_dir():
+            raise UserError(f"{folder}: image folder not found; pass --image-folder with the folder holding the images")
+        convert = lambda row: _from_llava(row, folder)  # noqa: E731
+    else:
+        rows, convert = _iter_hf_rows(str(path), split, image_column, messages_column)
+    out: list[Record] = []
+    seen: set[str] = set()
+    for line, row, error in rows:
+        rid = str(row.get("id")) if isinstance(row, dict) and row.get("id") is not None else None
+        try:
+            if error:
+                raise BadRecord(error)
+            rec = convert(row)
+            rec.source, rec.line = str(path), line
+            if rec.id in seen:
+                raise BadRecord(f"duplicate id '{rec.id}'; ids must be unique (deduplicate the file)")
+            seen.add(rec.id)
+            out.append(rec)
+        except BadRecord as e:
+            if not skip_bad:
+                raise UserError(f"{where(path, line, rid)}: {e} (or pass --skip-bad to set such records aside)") from None
+            rejects.append(Reject(str(path), line, rid, str(e)))
+    if not out:
+        raise UserError(f"{path}: no usable records" + (f" ({len(rejects)} rejected, see rejects.jsonl)" if rejects else ""))
+    return out
+
+
+def _iter_json_rows(p: Path) -> Iterator[tuple[int | None, Any, str | None]]:
+    """Yield (line, row, parse_error). JSONL lines are parsed one by one so one bad line names its own number."""
+    with p.open("rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b"["):
+        try:
+            rows = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where(p, e.lineno)}: not valid JSON ({e.msg}); fix the file or convert it to JSONL") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{p}: not UTF-8 text; re-save the file as UTF-8") from None
+        # a JSON list has no per-record line: report the record's position (1-based) instead
+        for i, row in enumerate(rows, 1):
+            yield i, row, None if isinstance(row, dict) else "record is not a JSON object"
+        return
+    with p.open(encoding="utf-8", errors="replace") as f:
+        for i, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except json.JSONDecodeError as e:
+                yield i, {}, f"not valid JSON ({e.msg})"
+                continue
+            yield i, row, None if isinstance(row, dict) else "line is not a JSON object"
+
+
+def _messages_from_llava(convs: Any) -> list[dict]:
+    if not isinstance(convs, list) or not convs:
+        raise BadRecord("'conversations' must be a non-empty list of {from, value} turns")
+    messages = []
+    for i, turn in enumerate(convs, 1):
+        if not isinstance(turn, dict):
+            raise BadRecord(f"turn {i} is not an object")
+        role = ROLE_NAMES.get(str(turn.get("from", turn.get("role", ""))).lower())
+        content = turn.get("value", turn.get("content"))
+        if role is None:
+            raise BadRecord(f"turn {i} has unknown role '{turn.get('from', turn.get('role'))}' (use human/gpt)")
+        messages.append({"role": role, "content": _content_text(content, i)})
+    return messages
+
+
+def _content_text(content: Any, turn: int) -> str:
+    # trl / HF chat format: [{"type": "image"}, {"type": "text", "text": ...}] -> "<image>\n..." as LLaVA writes it
+    if isinstance(content, list):
+        parts = []
+        for p in content:
+            if isinstance(p, dict) and p.get("type") == "image":
+                parts.append(IMAGE_TOKEN + "\n")
+            elif isinstance(p, dict) and p.get("type") == "text":
+                parts.append(str(p.get("text", "")))
+        return "".join(parts).rstrip("\n") if parts and parts[-1] == IMAGE_TOKEN + "\n" else "".join(parts)
+    if not isinstance(content, str):
+        raise BadRecord(f"turn {turn} text is not a string")
+    return content
+
+
+def validate_messages(messages: list[dict], n_images: int) -> None:
+    try:
+        check_roles(messages)
+    except ValueError as e:
+        raise BadRecord(str(e)) from None
+    for i, m in enumerate(messages, 1):
+        if m["role"] == "assistant":
+            if not m["content"].strip():
+                raise BadRecord(f"turn {i} is an empty reply; remove the turn or fill in the answer")
+            if IMAGE_TOKEN in m["content"]:
+                raise BadRecord(f"turn {i}: '{IMAGE_TOKEN}' inside a reply; images belong in user turns")
+        elif m["role"] == "user" and not m["content"].replace(IMAGE_TOKEN, "").strip() and n_images == 0:
+            raise BadRecord(f"turn {i} is an empty question")
+    tags = sum(m["content"].count(IMAGE_TOKEN) for m in messages if m["role"] == "user")
+    if tags != n_images:
+        raise BadRecord(
+            f"text has {tags} '{IMAGE_TOKEN}' tag(s) but the record has {n_images} image(s); "
+            f"put one '{IMAGE_TOKEN}' in the user text per image"
+        )
+
+
+def _from_llava(row: dict, folder: Path) -> Record:
+    rid = row.get("id")
+    if rid is None:
+        raise BadRecord("record has no 'id'")
+    messages = _messages_from_llava(row.get("conversations", row.get("messages")))
+    image = row.get("image", row.get("images"))
+    names = [] if image in (None, "", []) else image if isinstance(image, list) else [image]
+    if not all(isinstance(n, str) and n for n in names):
+        raise BadRecord("'image' must be a file name or a list of file names")
+    validate_messages(messages, len(names))
+    paths = []
+    for n in names:
+        path = folder / n
+        if not path.is_file():
+            raise BadRecord(f"image '{path}' not found; check --image-folder or the record's 'image' field")
+        paths.append(path)
+    return Record(id=str(rid), messages=messages, images=paths)
+
+
+def _iter_hf_rows(name: str, split: str, image_column: str, messages_column: str | None):
+    import datasets
+
+    try:
+        if Path(name).is_dir() and any((Path(name) / f).exists() for f in ("dataset_dict.json", "state.json")):
+            ds = datasets.load_from_disk(name)
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(name, split=split)
+    except FileNotFoundError as e:
+        raise UserError(f"{name}: no such data file or dataset ({e}); pass a .json/.jsonl file or a dataset path") from None
+    cols = ds.column_names
+    mcol = messages_column or next((c for c in ("messages", "conversations") if c in cols), None)
+    if mcol is None:
+        raise UserError(f"{name}: no 'messages' or 'conversations' column (columns: {cols}); name it with messages_column")
+    text_only = ds.remove_columns([c for c in cols if c == image_column])  # rows without decoding images
+
+    def rows():
+        for i, row in enumerate(text_only):
+            yield i + 1, dict(row, __index__=i), None
+
+    def convert(row: dict) -> Record:
+        messages = _messages_from_llava(row[mcol])
+        tags = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+        # one image cell per row: attach it when the text asks for an image, decode it only per batch
+        images = [LazyImage(ds, row["__index__"], image_column)] if tags and image_column in cols else []
+        validate_messages(messages, len(images))
+        return Record(id=str(row.get("id", row["__index__"])), messages=messages, images=images)
+
+    return rows(), convert
+
+
+def write_rejects(rejects: list[Reject], out_dir: Path) -> Path | None:
+    if not rejects:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "rejects.jsonl"
+    with path.open("a", encoding="utf-8") as f:
+        for r in rejects:
+            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+    return path

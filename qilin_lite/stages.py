@@ -1,0 +1,67 @@
+"""Which parameters train in each mode.
+
+In:  a loaded Llava model and a mode: align | lora | qlora | full.
+Out: the same model (wrapped by peft for lora/qlora) with exactly these parameters trainable:
+- align: the projector only (vision tower and LLM frozen), as the paper's stage 1;
+- lora / qlora: LoRA adapters on every linear layer of the LLM's decoder, plus the whole projector;
+- full: the LLM (embeddings, decoder, lm_head) and the projector.
+The vision tower is frozen in every mode (the paper never trains it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UserError
+
+MODES = ("align", "lora", "qlora", "full")
+# every linear layer of the LLM decoder, and nothing in the vision tower or projector (those match too by name)
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+@dataclass
+class LoraSettings:
+    r: int = 64  # higher: more capacity and memory (LLaVA's LoRA recipe uses 128)
+    alpha: int = 16
+    dropout: float = 0.05
+
+    def __post_init__(self):
+        if self.r <= 0 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise UserError(f"LoRA settings out of range: r={self.r} alpha={self.alpha} dropout={self.dropout}")
+
+
+def configure(model, mode: str, lora: LoraSettings | None = None, gradient_checkpointing: bool = False):
+    if mode not in MODES:
+        raise UserError(f"unknown training mode '{mode}'; choose one of {', '.join(MODES)}")
+    model.requires_grad_(False)
+    if mode in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if mode == "qlora":
+            # casts the unquantized layers to fp32 for stable training and hooks input grads for checkpointing
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+            model.requires_grad_(False)
+        lora = lora or LoraSettings()
+        cfg = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=LORA_TARGETS,
+            modules_to_save=["multi_modal_projector"],  # the trained projector is saved inside the adapter
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, cfg)
+        if gradient_checkpointing:
+            model.enable_input_require_grads()
+        return model
+    model.model.multi_modal_projector.requires_grad_(True)
+    if mode == "full":
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    return model
+
+
+def trainable_summary(model) -> str:
+    total = sum(p.numel() for p in model.parameters())
+    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"trainable parameters: {train:,} of {total:,} ({100 * train / max(total, 1):.3f}%)"

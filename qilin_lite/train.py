@@ -1,0 +1,301 @@
+"""Recipe -> trl SFTTrainer run -> output directory (the contract later commands read).
+
+setup (base model, trainable parameters, records, dataset) -> train (SFTTrainer) -> save (weights, processor,
+qilin.json, resolved recipe, loss curve). `align` writes the projector; `tune --lora/--qlora` a peft adapter that
+also holds the trained projector; `tune --full` a complete Llava directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from .config import Recipe, save_recipe
+from .conversation import get_template
+from .errors import UserError
+from .model import (
+    PROJECTOR_FILE,
+    RunInfo,
+    assemble_base,
+    load_llava,
+    load_projector,
+    load_tokenizer_and_processor,
+    resolve_base,
+    save_processor,
+    save_projector,
+    token_layout,
+)
+from .processing import Collator, ImageLoader, VisionTextDataset, as_hf_dataset, sample_lengths
+from .records import Reject, Record, read_records, write_rejects
+from .stages import LoraSettings, configure, trainable_summary
+
+log = logging.getLogger(__name__)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_base_for(recipe: Recipe, out: Path) -> tuple[str, Path | None]:
+    """(base model to load, projector file to start from)."""
+    m = recipe.model
+    if m.from_run:
+        src = Path(m.from_run)
+        info = RunInfo.load(src)
+        if info is None or info.kind != "align":
+            raise UserError(f"{src}: not an align output directory (no qilin.json of kind 'align'); pass --from ALIGN_DIR")
+        return resolve_base(src, info), src / PROJECTOR_FILE
+    if m.base:
+        return m.base, None
+    if recipe.stage == "tune":
+        log.warning("tuning without --from: the projector starts untrained (the paper starts from the align stage)")
+    base_dir = out / "base"
+    if not (base_dir / "config.json").exists():
+        log.info("joining %s and %s into %s", m.vision, m.llm, base_dir)
+        assemble_base(
+            m.vision, m.llm, base_dir, projector=m.projector, vision_feature_layer=m.vision_feature_layer,
+            dtype=m.dtype, template=recipe.template, trust_remote_code=m.trust_remote_code,
+            allow_pickle=m.allow_pickle, seed=recipe.train.seed,
+        )
+    return str(base_dir), None
+
+
+def verify_images(records: list[Record], rejects: list[Reject], skip_bad: bool, workers: int = 4) -> list[Record]:
+    """Decode every image once so a corrupt file is reported before training, not hours into it."""
+    from .images import load_image
+
+    def check(rec: Record):
+        try:
+            for ref in rec.images:
+                if isinstance(ref, Path):
+                    load_image(ref)
+            return None
+        except UserError as e:
+            return str(e)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        problems = list(pool.map(check, records))
+    kept = []
+    for rec, problem in zip(records, problems):
+        if problem is None:
+            kept.append(rec)
+        elif skip_bad:
+            rejects.append(Reject(rec.source, rec.line, rec.id, problem))
+        else:
+            raise UserError(f"{rec.where}: {problem} (or pass --skip-bad to set such records aside)")
+    return kept
+
+
+def build_dataset(recipe: Recipe, tokenizer, image_processor, model_config, out: Path):
+    d = recipe.data
+    rejects: list[Reject] = []
+    records = read_records(
+        d.train, d.image_folder, skip_bad=d.skip_bad, rejects=rejects, split=d.split,
+        image_column=d.image_column, messages_column=d.messages_column,
+    )
+    if d.verify_images:
+        records = verify_images(records, rejects, d.skip_bad, workers=max(1, d.num_workers * 2))
+    template = get_template(recipe.template)
+    layout = token_layout(model_config, d.max_length)
+    lengths, bad = sample_lengths(records, template, tokenizer, layout)
+    if bad:
+        first = min(bad)
+        if not d.skip_bad:
+            raise UserError(f"{records[first].where}: {bad[first]} (or pass --skip-bad to set such records aside)")
+        rejects += [Reject(records[i].source, records[i].line, records[i].id, bad[i]) for i in sorted(bad)]
+        keep = [i for i in range(len(records)) if i not in bad]
+        records, lengths = [records[i] for i in keep], lengths[keep]
+    if not records:
+        raise UserError(f"{d.train}: every record was rejected; see {out / 'rejects.jsonl'}")
+    if rejects:
+        path = write_rejects(rejects, out)
+        log.warning("%d record(s) set aside, listed in %s", len(rejects), path)
+    dataset = VisionTextDataset(
+        records, tokenizer, ImageLoader(image_processor, recipe.image_mode), template, layout, lengths,
+        rejects_path=out / "rejects.jsonl",
+    )
+    return dataset, len(rejects)
+
+
+def _trainer_class():
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+    from trl import SFTTrainer
+
+    class QilinTrainer(SFTTrainer):
+        """SFTTrainer with two small hooks: length grouping from precomputed lengths (the stock sampler would
+        load every image to measure it), and align checkpoints that hold the projector, not a copy of the LLM."""
+
+        sample_lengths = None  # set by run_stage: enables length grouping
+        align_only = False
+
+        def _get_train_sampler(self, train_dataset=None):
+            if self.sample_lengths is not None:
+                batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+                return LengthGroupedSampler(batch, lengths=[int(x) for x in self.sample_lengths])
+            return super()._get_train_sampler(train_dataset)
+
+        def _save(self, output_dir=None, state_dict=None):
+            if not self.align_only:
+                return super()._save(output_dir, state_dict)
+            output_dir = output_dir or self.args.output_dir
+            os.makedirs(output_dir, exist_ok=True)
+            save_projector(self.accelerator.unwrap_model(self.model), Path(output_dir) / PROJECTOR_FILE)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            if not self.align_only:
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            load_projector(model or self.model, Path(resume_from_checkpoint) / PROJECTOR_FILE)
+
+    return QilinTrainer
+
+
+def last_checkpoint(out: Path) -> str | None:
+    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+    return str(ckpts[-1]) if ckpts else None
+
+
+def run_stage(recipe: Recipe, *, resume: bool = False) -> Path:
+    """Train one stage as the recipe says; return the output directory."""
+    recipe.check()
+    out = Path(recipe.output_dir)
+    t0 = time.time()
+    if out.exists() and any(out.glob("checkpoint-*")) and not resume:
+        raise UserError(f"{out}: holds checkpoints of an earlier run; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe, out / "recipe.yaml")
+    tr, m = recipe.train, recipe.model
+
+    base, projector = resolve_base_for(recipe, out)
+    bits = 4 if tr.mode == "qlora" or (recipe.stage == "align" and m.load_4bit) else None
+    model = load_llava(base, bits=bits, dtype=m.dtype, attn=m.attn, trust_remote_code=m.trust_remote_code,
+                       allow_pickle=m.allow_pickle)
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    tokenizer, image_processor = load_tokenizer_and_processor(base)
+    if projector is not None:
+        load_projector(model, projector)
+    lora = LoraSettings(tr.lora_r, tr.lora_alpha, tr.lora_dropout)
+    model = configure(model, tr.mode, lora, gradient_checkpointing=tr.gradient_checkpointing)
+    log.info(trainable_summary(model))
+
+    dataset, n_rejected = build_dataset(recipe, tokenizer, image_processor, model.config, out)
+    args = sft_config(recipe, out)
+    Trainer = _trainer_class()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=as_hf_dataset(dataset),
+        data_collator=Collator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+    )
+    if bits:
+        # trl casts every trainable parameter of a quantized model to bf16, the projector included. Keep them in
+        # fp32 as peft does by default: autocast still computes in bf16 on GPUs, updates are not lost to bf16
+        # rounding, and float32 CPU runs do not mix dtypes.
+        for p in trainer.model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+    trainer.sample_lengths = dataset.lengths if recipe.data.group_by_length else None
+    trainer.align_only = tr.mode == "align"
+    trainer.train(resume_from_checkpoint=last_checkpoint(out) if resume else None)
+
+    save_outputs(trainer.model, recipe, out, base, tokenizer, image_processor)
+    history = trainer.state.log_history
+    (out / "log_history.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
+    write_loss_curve(history, out / "loss.png", title=f"{recipe.stage} ({tr.mode})")
+    summary = {
+        "stage": recipe.stage, "mode": tr.mode, "samples": len(dataset), "rejected": n_rejected,
+        "steps": trainer.state.global_step, "seconds": round(time.time() - t0, 1),
+        "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
+    }
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return out
+
+
+def sft_config(recipe: Recipe, out: Path):
+    from trl import SFTConfig
+
+    tr = recipe.train
+    cuda = torch.cuda.is_available()
+    try:
+        import tensorboard  # noqa: F401
+
+        report = ["tensorboard"]
+    except ImportError:
+        report = "none"
+    return SFTConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=tr.per_device_batch,
+        gradient_accumulation_steps=tr.grad_accum(world_size()),
+        learning_rate=tr.lr,
+        num_train_epochs=tr.epochs,
+        max_steps=tr.max_steps,
+        lr_scheduler_type=tr.scheduler,
+        warmup_steps=tr.warmup_ratio,  # trl 1.x: a float below 1 is a ratio of the total steps
+        weight_decay=tr.weight_decay,
+        bf16=tr.bf16 and (cuda or recipe.model.dtype == "bfloat16"),
+        tf32=tr.tf32 if cuda else None,
+        activation_checkpointing=tr.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=tr.logging_steps,
+        save_steps=tr.save_steps,
+        save_total_limit=tr.save_total_limit,
+        seed=tr.seed,
+        deepspeed=tr.deepspeed,
+        report_to=report,
+        dataloader_num_workers=recipe.data.num_workers,
+        remove_unused_columns=False,  # our collator needs every field; nothing unused reaches it
+        dataset_kwargs={"skip_prepare_dataset": True},  # tokenized and truncated by processing.py
+        max_length=None,
+        use_cpu=not cuda,
+    )
+
+
+def save_outputs(model, recipe: Recipe, out: Path, base: str, tokenizer, image_processor) -> None:
+    mode = recipe.train.mode
+    if mode == "align":
+        save_projector(model, out / PROJECTOR_FILE)
+        RunInfo("align", _portable(base, out), recipe.template, recipe.image_mode).save(out)
+    elif mode in ("lora", "qlora"):
+        model.save_pretrained(str(out))  # adapter_model.safetensors, with the projector (modules_to_save)
+        RunInfo(mode, _portable(base, out), recipe.template, recipe.image_mode).save(out)
+    else:
+        model.save_pretrained(str(out))
+        RunInfo("full", None, recipe.template, recipe.image_mode).save(out)
+    save_processor(out, tokenizer, image_processor, model.config, recipe.template)
+
+
+def _portable(base: str, out: Path) -> str:
+    """Local bases are stored relative to the run when inside it (the directory can move), else absolute."""
+    p = Path(base)
+    if p.exists():
+        p = p.resolve()
+        try:
+            return str(p.relative_to(out.resolve()))
+        except ValueError:
+            return str(p)
+    return base  # a hub id
+
+
+def write_loss_curve(history: list[dict], path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    if not pts:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
