@@ -114,4 +114,4 @@ def pretrain(lm, tok, corpus: list[str], steps: int, seed: int, batch: int = 32,
         sched.step()
         opt.zero_grad()
     lm.eval()
-    return float(loss)
+    return float(loss.detach())

@@ -1,0 +1,174 @@
+"""`qilin-lite` command line: each command a few lines over a plain function.
+
+User errors (`UserError`) print one line and exit 2; bugs keep their traceback (without locals: they hold tensors).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="Train and run Chinese medical vision-language models the Qilin-Med-VL way (align -> tune -> chat).",
+)
+
+Recipe = Annotated[Optional[Path], typer.Argument(help="recipe YAML (see recipes/); flags override its fields")]
+Data = Annotated[Optional[str], typer.Option("--data", help="training data: LLaVA JSON/JSONL or a HF dataset")]
+Images = Annotated[Optional[Path], typer.Option("--image-folder", help="folder the records' image names are relative to")]
+Out = Annotated[Optional[Path], typer.Option("--out", help="output directory (the contract later commands read)")]
+Sets = Annotated[Optional[list[str]], typer.Option("--set", help="override any recipe field: section.key=value")]
+Resume = Annotated[bool, typer.Option("--resume", help="continue an interrupted run from its last checkpoint")]
+SkipBad = Annotated[bool, typer.Option("--skip-bad", help="set bad records aside in OUT/rejects.jsonl instead of stopping")]
+MaxLen = Annotated[Optional[int], typer.Option("--max-length", help="tokens per sample, image tokens included")]
+Attn = Annotated[Optional[str], typer.Option("--attn", help="auto (flash-attn on CUDA if installed, else sdpa) | sdpa | eager | flash_attention_2")]
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("QILIN_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("bitsandbytes", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _fields(**kw) -> dict:
+    return {k: v for k, v in kw.items() if v is not None and v is not False}
+
+
+@app.command()
+def align(
+    recipe: Recipe = None,
+    data: Data = None,
+    image_folder: Images = None,
+    out: Out = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="an existing Llava base (directory or hub id)")] = None,
+    vision: Annotated[Optional[str], typer.Option("--vision", help="vision encoder to join (default CLIP ViT-L/14-336)")] = None,
+    llm: Annotated[Optional[str], typer.Option("--llm", help="LLM to join (default FlagAlpha/Llama2-Chinese-13b-Chat)")] = None,
+    projector: Annotated[Optional[str], typer.Option("--projector", help="mlp2x_gelu (released weights) | linear (paper text)")] = None,
+    load_4bit: Annotated[bool, typer.Option("--load-4bit", help="frozen LLM in 4-bit NF4 so stage 1 fits a small GPU")] = False,
+    max_length: MaxLen = None,
+    attn: Attn = None,
+    skip_bad: SkipBad = False,
+    resume: Resume = False,
+    set_: Sets = None,
+):
+    """Stage 1: train the projector only (vision tower and LLM frozen) on image-caption pairs."""
+    from .config import load_recipe
+    from .train import run_stage
+
+    r = load_recipe(recipe, set_, stage="align", output_dir=str(out) if out else None, **_fields(**{
+        "data.train": data, "data.image_folder": str(image_folder) if image_folder else None,
+        "model.base": model, "model.vision": vision, "model.llm": llm, "model.projector": projector,
+        "model.load_4bit": load_4bit, "data.max_length": max_length, "model.attn": attn, "data.skip_bad": skip_bad,
+    }))
+    done = run_stage(r, resume=resume)
+    typer.echo(f"align done: {done}  (next: qilin-lite tune --from {done} --qlora ...)")
+
+
+@app.command()
+def tune(
+    recipe: Recipe = None,
+    from_run: Annotated[Optional[Path], typer.Option("--from", help="align output directory (its projector is the start)")] = None,
+    lora: Annotated[bool, typer.Option("--lora", help="bf16 LLM + LoRA on all its linear layers; projector trained")] = False,
+    qlora: Annotated[bool, typer.Option("--qlora", help="4-bit NF4 LLM + LoRA; projector trained (one consumer GPU)")] = False,
+    full: Annotated[bool, typer.Option("--full", help="LLM and projector fully trained, as the paper")] = False,
+    data: Data = None,
+    image_folder: Images = None,
+    out: Out = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="a Llava base to tune without an align run")] = None,
+    max_length: MaxLen = None,
+    attn: Attn = None,
+    skip_bad: SkipBad = False,
+    resume: Resume = False,
+    set_: Sets = None,
+):
+    """Stage 2: train projector + LLM (full, LoRA or QLoRA) on image question-answer dialogs."""
+    from .config import load_recipe
+    from .train import run_stage
+
+    modes = [m for m, on in (("lora", lora), ("qlora", qlora), ("full", full)) if on]
+    if len(modes) > 1:
+        raise UserError(f"choose one of --lora, --qlora, --full (got {', '.join('--' + m for m in modes)})")
+    r = load_recipe(recipe, set_, stage="tune", output_dir=str(out) if out else None, **_fields(**{
+        "train.mode": modes[0] if modes else None, "model.from_run": str(from_run) if from_run else None,
+        "data.train": data, "data.image_folder": str(image_folder) if image_folder else None,
+        "model.base": model, "data.max_length": max_length, "model.attn": attn, "data.skip_bad": skip_bad,
+    }))
+    done = run_stage(r, resume=resume)
+    typer.echo(f"tune done: {done}  (next: qilin-lite chat IMAGE --model {done})")
+
+
+@app.command()
+def base(
+    out: Annotated[Path, typer.Option("--out", help="directory for the joined Llava model")],
+    vision: Annotated[str, typer.Option("--vision")] = "openai/clip-vit-large-patch14-336",
+    llm: Annotated[str, typer.Option("--llm")] = "FlagAlpha/Llama2-Chinese-13b-Chat",
+    projector: Annotated[str, typer.Option("--projector", help="mlp2x_gelu | linear")] = "mlp2x_gelu",
+    dtype: Annotated[str, typer.Option("--dtype")] = "bfloat16",
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="accept .bin weights (they can run code)")] = False,
+):
+    """Join a vision encoder and an LLM into one Llava directory (align does this itself when given --vision/--llm)."""
+    from .model import assemble_base
+
+    typer.echo(f"base written: {assemble_base(vision, llm, out, projector=projector, dtype=dtype, allow_pickle=allow_pickle)}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="new directory for the demo's data, models and metrics")] = Path("demo-out"),
+    set_: Sets = None,
+):
+    """End-to-end demo on synthetic data and a tiny model: align -> tune --qlora -> held-out accuracy."""
+    from .demo.run import run_demo
+
+    m = run_demo(out, overrides=set_)
+    typer.echo(f"metrics: {out / 'metrics.json'}")
+    if m["accuracy_after"] < 0.9:
+        typer.echo("note: accuracy after tuning is below 0.9; the demo expects >= 0.9", err=True)
+
+
+def _register_extensions() -> None:
+    """Commands that live beside their code (chat, merge, convert, eval, data, plan) add themselves here."""
+    import importlib
+
+    for name in ("chat", "merge", "convert", "evaluate", "datacli", "plan"):
+        try:
+            mod = importlib.import_module(f".{name}", __package__)
+        except ModuleNotFoundError as e:
+            if e.name == f"{__package__}.{name}":
+                continue
+            raise
+        if hasattr(mod, "register"):
+            mod.register(app)
+
+
+_register_extensions()
+
+
+def main() -> None:
+    _setup_logging()
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors print themselves; anything else is a bug and keeps its traceback
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise

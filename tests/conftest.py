@@ -1,0 +1,91 @@
+"""Shared tiny assets: a tiny CLIP + tiny LLaMA joined by the real `assemble_base`, a small synthetic dataset,
+and short align / tune runs. Built once per test session, offline, on the CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_recipe(stage: str, mode: str, out: Path, data: Path, images: Path, **extra):
+    """A recipe small enough for a few CPU steps; `extra` are dotted overrides."""
+    from qilin_lite.config import load_recipe
+
+    fields = {
+        "model.dtype": "float32", "model.attn": "sdpa", "data.max_length": 256, "data.num_workers": 0,
+        "train.mode": mode, "train.global_batch": 4, "train.per_device_batch": 4, "train.lr": 1e-2,
+        "train.max_steps": 2, "train.bf16": False, "train.tf32": False, "train.gradient_checkpointing": False,
+        "train.save_steps": 1000, "train.logging_steps": 1, "train.lora_r": 4, "train.lora_alpha": 8,
+        "data.train": str(data), "data.image_folder": str(images),
+    }
+    fields.update(extra)
+    return load_recipe(None, None, stage=stage, output_dir=str(out), **fields)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    from qilin_lite.demo.data import DemoDataSpec, make_demo_data
+
+    spec = DemoDataSpec(n_align=16, n_tune=16, n_heldout=8, image_size=32)
+    return make_demo_data(tmp_path_factory.mktemp("data"), spec)
+
+
+@pytest.fixture(scope="session")
+def tiny_parts(tmp_path_factory):
+    """Hub-layout directories for a vision encoder and an LLM (what users name with hub ids)."""
+    from qilin_lite.demo.base import TinySpec, build_tiny_base
+    from qilin_lite.demo.data import CHOICES, QUESTIONS, DemoDataSpec, demo_texts
+
+    spec = DemoDataSpec(image_size=32)
+    questions = [(q, list(CHOICES[t])) for t in spec.tasks for q in QUESTIONS[t]]
+    tiny = TinySpec(image_size=32, hidden=64, pretrain_steps=5)
+    return build_tiny_base(tmp_path_factory.mktemp("parts"), demo_texts(spec), questions, tiny)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, tiny_parts):
+    from qilin_lite.model import assemble_base
+
+    vision, llm = tiny_parts
+    return assemble_base(str(vision), str(llm), tmp_path_factory.mktemp("base") / "base", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def align_run(tmp_path_factory, tiny_base, tiny_data):
+    from qilin_lite.train import run_stage
+
+    out = tmp_path_factory.mktemp("runs") / "align"
+    return run_stage(tiny_recipe("align", "align", out, tiny_data["align"], tiny_data["images"],
+                                 **{"model.base": str(tiny_base)}))
+
+
+@pytest.fixture(scope="session")
+def qlora_run(tmp_path_factory, align_run, tiny_data):
+    from qilin_lite.train import run_stage
+
+    out = tmp_path_factory.mktemp("runs") / "qlora"
+    return run_stage(tiny_recipe("tune", "qlora", out, tiny_data["tune"], tiny_data["images"],
+                                 **{"model.from_run": str(align_run)}))
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory, align_run, tiny_data):
+    from qilin_lite.train import run_stage
+
+    out = tmp_path_factory.mktemp("runs") / "lora"
+    return run_stage(tiny_recipe("tune", "lora", out, tiny_data["tune"], tiny_data["images"],
+                                 **{"model.from_run": str(align_run)}))
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory, align_run, tiny_data):
+    from qilin_lite.train import run_stage
+
+    out = tmp_path_factory.mktemp("runs") / "full"
+    return run_stage(tiny_recipe("tune", "full", out, tiny_data["tune"], tiny_data["images"],
+                                 **{"model.from_run": str(align_run)}))
