@@ -1,7 +1,10 @@
-"""The model-free half of `qilin-lite eval`: benchmark file -> EvalItems -> predictions.jsonl -> metrics + report.
+"""`qilin-lite eval`: benchmark file -> EvalItems -> predictions.jsonl -> metrics + report.
 
 The model is injected: `run_eval(items, generate, out_dir)` calls `generate(batch of EvalItems) -> list[str]`
-(`format_prompt(item)` is the text to show the model). Scoring rules live in `metrics.py`.
+(`format_prompt(item)` is the text to show the model). `model_generate(model_dir)` is that callable for a
+qilin-lite model (greedy, via `generate.generator_for`); tests pass fakes. Scoring rules live in `metrics.py`.
+`register(app)` adds `qilin-lite eval [run] ...` and `qilin-lite eval compare ...` (see docs/eval.md);
+`score_demo_heldout` is the demo's held-out accuracy, computed by this same code.
 
 Layouts read by `load_eval_items(path, task, image_folder)`; image names are joined to `image_folder` (default:
 the data file's folder). Ids must be unique within a file; they key resume and `--predictions` matching.
@@ -19,6 +22,10 @@ the data file's folder). Ids must be unique within a file; they key resume and `
   "<image>\\nQ"}, {from: gpt, value: A}], [answer_type], [lang]}: question = first human turn minus "<image>",
   reference = the first gpt turn after it. LLaVA-Med's misspelt "conversatons" key is accepted.
 - caption: the conversation format, or a list of {image, caption (or answer)[, question][, id]}.
+- llava: any file in the conversation format (or a plain {image, question, answer} list). A record with `choices`
+  (a list of option texts) and `answer` (one of them; default: the gpt turn) is a choice item: the answer must name
+  the reference option and no other (the demo's held-out.json). Its human turn is shown verbatim: no lettered
+  options are added, since the record's prompt is the one its model was trained on.
 For the VQA tasks, answer_type CLOSED/OPEN picks the kind; without one, an answer that is a yes/no form (yes, no,
 是, 否, 有, 没有, ...) is closed and anything else open (PathVQA's convention). Records without an id get their
 0-based position. A malformed file or record raises UserError naming file, line or record, and the fix.
@@ -58,7 +65,7 @@ from qilin_lite.metrics import (
     strip_option_label,
 )
 
-TASKS = ("pmc-vqa", "vqa-rad", "slake", "pathvqa", "caption")
+TASKS = ("pmc-vqa", "vqa-rad", "slake", "pathvqa", "caption", "llava")
 KINDS = ("closed", "open", "choice", "caption")
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
@@ -91,8 +98,11 @@ class EvalItem:
 
 
 def format_prompt(item: EvalItem) -> str:
-    """The text to show the model: the question, plus lettered options and how to answer for multiple choice."""
-    if item.kind != "choice":
+    """The text to show the model: the question, plus lettered options and how to answer for multiple choice.
+
+    LLaVA-format items (task "llava") are shown as written: their prompt is the one the model was trained on.
+    """
+    if item.kind != "choice" or item.task == "llava":
         return item.question
     lines = [item.question] + [f"{letter}. {c}" for letter, c in zip(LETTERS, item.choices)]
     zh = re.search(r"[\u4e00-\u9fff]", item.question + "".join(item.choices))
@@ -215,11 +225,28 @@ def _record_item(rec: Any, task: str, folder: Path, path: Path, line: int | None
     lang = _first(rec, ("q_lang", "lang"))
     if lang is not None and not isinstance(lang, str):
         raise UserError(f"{loc}: q_lang must be a string such as \"en\" or \"zh\"")
+    choices = None
     if task == "caption":
         kind = "caption"
+    elif task == "llava" and rec.get("choices") is not None:
+        kind, choices = "choice", _choices(rec["choices"], loc)
+        answer = _text(rec["answer"], loc, "answer") if "answer" in rec else reference
+        if answer not in choices:
+            raise UserError(f"{loc}: answer {answer!r} is not one of its choices {choices}; fix answer or choices")
+        reference = LETTERS[choices.index(answer)]
     else:
         kind = _vqa_kind(rec.get("answer_type"), reference, loc)
-    return EvalItem(str(rid) if rid is not None else str(pos), image, question, reference, task, kind, None, lang)
+    return EvalItem(str(rid) if rid is not None else str(pos), image, question, reference, task, kind, choices, lang)
+
+
+def _choices(value: Any, loc: str) -> list[str]:
+    """A LLaVA-format record's `choices`: 2 to 8 distinct option texts."""
+    if not isinstance(value, list) or not all(isinstance(c, str) and c.strip() for c in value):
+        raise UserError(f"{loc}: choices must be a list of option texts, e.g. [\"左侧\", \"右侧\"]")
+    choices = [c.strip() for c in value]
+    if not 2 <= len(choices) <= len(LETTERS) or len(set(choices)) != len(choices):
+        raise UserError(f"{loc}: choices {choices} must be 2 to {len(LETTERS)} distinct options")
+    return choices
 
 
 def _vqa_kind(answer_type: Any, reference: str, loc: str) -> str:

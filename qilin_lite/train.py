@@ -162,6 +162,11 @@ def last_checkpoint(out: Path) -> str | None:
 
 def run_stage(recipe: Recipe, *, resume: bool = False) -> Path:
     """Train one stage as the recipe says; return the output directory."""
+    return train_stage(recipe, resume=resume)[0]
+
+
+def train_stage(recipe: Recipe, *, resume: bool = False):
+    """Train one stage; return (output directory, the trained model as it is in memory)."""
     recipe.check()
     out = Path(recipe.output_dir)
     t0 = time.time()
@@ -214,7 +219,7 @@ def run_stage(recipe: Recipe, *, resume: bool = False) -> Path:
         "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
     }
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    return out
+    return out, trainer.model
 
 
 def sft_config(recipe: Recipe, out: Path):

@@ -27,6 +27,24 @@ def tiny_recipe(stage: str, mode: str, out: Path, data: Path, images: Path, **ex
     return load_recipe(None, None, stage=stage, output_dir=str(out), **fields)
 
 
+_MEMORY: dict = {}
+
+
+def _train(recipe):
+    """Train with the real code and keep the in-memory model, so tests can compare it with what was saved."""
+    from qilin_lite.train import train_stage
+
+    out, model = train_stage(recipe)
+    _MEMORY[str(out)] = model
+    return out
+
+
+@pytest.fixture(scope="session")
+def in_memory():
+    """output directory -> the model object as training left it."""
+    return _MEMORY
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     from qilin_lite.demo.data import DemoDataSpec, make_demo_data
@@ -57,35 +75,27 @@ def tiny_base(tmp_path_factory, tiny_parts):
 
 @pytest.fixture(scope="session")
 def align_run(tmp_path_factory, tiny_base, tiny_data):
-    from qilin_lite.train import run_stage
-
     out = tmp_path_factory.mktemp("runs") / "align"
-    return run_stage(tiny_recipe("align", "align", out, tiny_data["align"], tiny_data["images"],
+    return _train(tiny_recipe("align", "align", out, tiny_data["align"], tiny_data["images"],
                                  **{"model.base": str(tiny_base)}))
 
 
 @pytest.fixture(scope="session")
 def qlora_run(tmp_path_factory, align_run, tiny_data):
-    from qilin_lite.train import run_stage
-
     out = tmp_path_factory.mktemp("runs") / "qlora"
-    return run_stage(tiny_recipe("tune", "qlora", out, tiny_data["tune"], tiny_data["images"],
+    return _train(tiny_recipe("tune", "qlora", out, tiny_data["tune"], tiny_data["images"],
                                  **{"model.from_run": str(align_run)}))
 
 
 @pytest.fixture(scope="session")
 def lora_run(tmp_path_factory, align_run, tiny_data):
-    from qilin_lite.train import run_stage
-
     out = tmp_path_factory.mktemp("runs") / "lora"
-    return run_stage(tiny_recipe("tune", "lora", out, tiny_data["tune"], tiny_data["images"],
+    return _train(tiny_recipe("tune", "lora", out, tiny_data["tune"], tiny_data["images"],
                                  **{"model.from_run": str(align_run)}))
 
 
 @pytest.fixture(scope="session")
 def full_run(tmp_path_factory, align_run, tiny_data):
-    from qilin_lite.train import run_stage
-
     out = tmp_path_factory.mktemp("runs") / "full"
-    return run_stage(tiny_recipe("tune", "full", out, tiny_data["tune"], tiny_data["images"],
+    return _train(tiny_recipe("tune", "full", out, tiny_data["tune"], tiny_data["images"],
                                  **{"model.from_run": str(align_run)}))
