@@ -51,8 +51,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Annotated, Any, Callable, Iterable, Optional, Sequence
 
+import typer
+from typer.core import TyperGroup
+
+from qilin_lite.conversation import IMAGE_TOKEN, get_template
 from qilin_lite.errors import UserError, where
 from qilin_lite.metrics import (
     LETTERS,
@@ -558,3 +562,170 @@ def compare(paths: Sequence[str | Path]) -> str:
             rows.append([label if g == "all" else f"{label} [{g}]"] + [_fmt(key, c) for c in cells])
     return _table(["metric", *(s for s, _ in systems)], rows)
 
+
+
+# ---------------------------------------------------------------- the model side
+
+
+def model_generate(
+    model_dir: str | Path,
+    *,
+    bits: int | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    dtype: str = "auto",
+    template: str | None = None,
+) -> Callable[[list[EvalItem]], list[str]]:
+    """Load a model directory once; return `generate(items) -> answers` for `run_eval` (greedy decoding).
+
+    Each item is one user turn, "<image>\n" + `format_prompt(item)` (no image token for an item without an image),
+    rendered in the run's template (or `template`); `batch_size` items go through the model at a time.
+    dtype "auto" is bfloat16 on a GPU that has it, else float32.
+    """
+    from qilin_lite.generate import generator_for
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    override = get_template(template) if template is not None else None  # a bad name fails before loading
+    if dtype == "auto":
+        import torch
+
+        dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    gen = generator_for(str(model_dir), bits=bits, dtype=dtype, max_new_tokens=max_new_tokens, temperature=0.0)
+    if override is not None:
+        gen.template = override
+
+    def generate(items: list[EvalItem]) -> list[str]:
+        answers: list[str] = []
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            conversations = [
+                [{"role": "user", "content": (f"{IMAGE_TOKEN}\n" if it.image else "") + format_prompt(it)}]
+                for it in batch
+            ]
+            answers += gen.generate(conversations, [[it.image] if it.image else [] for it in batch])
+        return answers
+
+    return generate
+
+
+def _load_on_first_call(load: Callable[[], Callable]) -> Callable:
+    """A `generate` that loads the model when first asked: bad flags, missing images and a resume with nothing
+    left to do then never wait minutes for a 13B model."""
+    loaded: list[Callable] = []
+
+    def generate(batch):
+        if not loaded:
+            loaded.append(load())
+        return loaded[0](batch)
+
+    return generate
+
+
+def run_benchmark(
+    data: str | Path,
+    task: str,
+    out: str | Path,
+    *,
+    model: str | Path | None = None,
+    predictions: str | Path | None = None,
+    image_folder: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    bits: int | None = None,
+    dtype: str = "auto",
+) -> dict:
+    """`qilin-lite eval run`: read DATA as TASK, answer with MODEL (or take PREDICTIONS), write OUT; the metrics."""
+    items = load_eval_items(data, task, image_folder)
+    generate = None
+    if model is not None:
+        generate = _load_on_first_call(
+            lambda: model_generate(model, bits=bits, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype)
+        )
+    return run_eval(items, generate, out, batch_size=batch_size, limit=limit, predictions_file=predictions)
+
+
+def score_demo_heldout(
+    model_dir: str | Path, heldout_path: str | Path, images_dir: str | Path, template: str | None = None
+) -> dict:
+    """The demo's held-out accuracy, by the eval code: {"accuracy": over all records, "per_task": {task: accuracy}}.
+
+    Every held-out record has `choices`, `answer` and `task` (side, modality, ...); read as task "llava" they are
+    choice items, right when the greedy answer names the reference option and no other. `template` overrides the
+    run's own (the demo asks its align run, trained on the plain template, in the tune run's template).
+    Decoding matches the demo's own runs: float32, 8 new tokens, 16 questions per batch.
+    """
+    path = Path(heldout_path)
+    items = load_eval_items(path, "llava", images_dir)
+    not_choice = [it.id for it in items if it.kind != "choice"]
+    if not_choice:
+        raise UserError(f"{where(path, record_id=not_choice[0])}: held-out records need choices and an answer")
+    labels = [str(rec.get("task", "llava")) for _, _, rec in _read_records(path)]  # one per item, same order
+    _check_images(items)
+    answers = model_generate(model_dir, max_new_tokens=8, batch_size=16, dtype="float32", template=template)(items)
+
+    def accuracy(pick: list[int]) -> float:
+        return aggregate([items[i] for i in pick], [answers[i] for i in pick])["groups"]["all"]["accuracy"]
+
+    per_task = {t: accuracy([i for i, x in enumerate(labels) if x == t]) for t in dict.fromkeys(labels)}
+    return {"accuracy": accuracy(list(range(len(items)))), "per_task": per_task}
+
+
+# ---------------------------------------------------------------- command line
+
+
+class _RunByDefault(TyperGroup):
+    """`qilin-lite eval --model ...` is short for `qilin-lite eval run --model ...`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0].startswith("-") and args[0] not in ctx.help_option_names:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+eval_app = typer.Typer(
+    cls=_RunByDefault,
+    no_args_is_help=True,
+    help="Score a model on a medical VQA / caption benchmark (`eval run`, or just `eval --model ...`), or compare runs.",
+)
+
+
+@eval_app.command("run")
+def eval_run(
+    data: Annotated[Path, typer.Option("--data", help="benchmark file in its published layout (docs/eval.md)")],
+    task: Annotated[str, typer.Option("--task", help=" | ".join(TASKS))],
+    out: Annotated[Path, typer.Option("--out", help="directory for predictions.jsonl, metrics.json, report.md; "
+                                                    "rerun into it to resume")],
+    model: Annotated[Optional[str], typer.Option("--model", help="qilin-lite run directory or Llava model")] = None,
+    image_folder: Annotated[Optional[Path], typer.Option(
+        "--image-folder", help="folder the image names are relative to (default: the data file's folder)")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="score only the first N questions")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="questions per forward pass")] = 8,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="longest answer, in tokens")] = 64,
+    load_4bit: Annotated[bool, typer.Option("--load-4bit", help="LLM in 4-bit NF4 (a 13B model on one GPU)")] = False,
+    predictions: Annotated[Optional[Path], typer.Option(
+        "--predictions", help="score answers made elsewhere (JSONL / JSON with id + prediction); no model")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on GPU, else float32) | bfloat16 | "
+                                                       "float16 | float32")] = "auto",
+):
+    """Answer a benchmark with a model (or score answers made elsewhere); write predictions, metrics and a report."""
+    metrics = run_benchmark(data, task, out, model=model, predictions=predictions, image_folder=image_folder,
+                            limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                            bits=4 if load_4bit else None, dtype=dtype)
+    typer.echo(render_report(metrics))
+    typer.echo("written: " + ", ".join(str(Path(out) / name) for name in (PREDICTIONS, METRICS, REPORT)))
+
+
+@eval_app.command("compare")
+def eval_compare(
+    paths: Annotated[list[Path], typer.Argument(help="eval --out directories, metrics.json or predictions.jsonl")],
+):
+    """One Markdown table with a column per run."""
+    typer.echo(compare(paths), nl=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(eval_app, name="eval")

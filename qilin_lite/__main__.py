@@ -1,0 +1,5 @@
+"""`python -m qilin_lite` runs the CLI."""
+
+from .cli import main
+
+main()

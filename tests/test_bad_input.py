@@ -1,0 +1,146 @@
+"""Each bad input gives one line naming the file, the record and the fix; --skip-bad sets records aside instead."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qilin_lite.config import load_recipe
+from qilin_lite.errors import UserError
+from qilin_lite.records import Reject, read_records
+
+GOOD = {"id": "a1", "image": "x.png", "conversations": [{"from": "human", "value": "<image>\n病灶位于哪一侧？"},
+                                                      {"from": "gpt", "value": "左侧"}]}
+
+
+@pytest.fixture
+def folder(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (120, 10, 10)).save(tmp_path / "x.png")
+    return tmp_path
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
+    return path
+
+
+def variant(**kw):
+    r = json.loads(json.dumps(GOOD))
+    r.update(kw)
+    return r
+
+
+CASES = {
+    "missing image": (variant(id="b2", image="nope.png"), "nope.png' not found"),
+    "image count": (variant(id="b2", conversations=[{"from": "human", "value": "问题"}, {"from": "gpt", "value": "答"}]),
+                    "0 '<image>' tag(s) but the record has 1 image"),
+    "empty reply": (variant(id="b2", conversations=[{"from": "human", "value": "<image>\n问"}, {"from": "gpt", "value": "  "}]),
+                    "empty reply"),
+    "roles": (variant(id="b2", conversations=[{"from": "gpt", "value": "答"}, {"from": "human", "value": "<image>\n问"}]),
+              "roles must alternate"),
+    "not json": ('{"id": "b2", "image": ', "not valid JSON"),
+    "duplicate id": (variant(id="a1"), "duplicate id 'a1'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_record_names_file_line_id_and_problem(case, folder):
+    row, problem = CASES[case]
+    data = write_jsonl(folder / "训练数据.jsonl", [GOOD, row])
+    with pytest.raises(UserError) as e:
+        read_records(data, folder)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{data}:2")
+    assert problem in msg
+    assert "--skip-bad" in msg
+    if case != "not json":
+        assert "(" in msg and ("b2" in msg or "a1" in msg)
+
+
+def test_skip_bad_sets_records_aside_with_reasons(folder):
+    rows = [GOOD] + [dict(CASES[c][0], id=f"bad{i}") if isinstance(CASES[c][0], dict) else CASES[c][0]
+                     for i, c in enumerate(sorted(CASES)) if c != "duplicate id"]
+    data = write_jsonl(folder / "d.jsonl", rows)
+    rejects: list[Reject] = []
+    recs = read_records(data, folder, skip_bad=True, rejects=rejects)
+    assert [r.id for r in recs] == ["a1"]
+    assert len(rejects) == len(CASES) - 1
+    assert sorted(r.line for r in rejects) == list(range(2, len(CASES) + 1))
+
+
+def test_corrupt_image_is_caught_before_training(folder):
+    from qilin_lite.train import verify_images
+
+    (folder / "bad.png").write_bytes((folder / "x.png").read_bytes()[:40])  # truncated PNG
+    data = write_jsonl(folder / "d.jsonl", [GOOD, variant(id="c3", image="bad.png")])
+    recs = read_records(data, folder)
+    with pytest.raises(UserError) as e:
+        verify_images(recs, [], skip_bad=False)
+    assert f"{data}:2 (c3)" in str(e.value) and "bad.png" in str(e.value)
+    rejects: list[Reject] = []
+    kept = verify_images(recs, rejects, skip_bad=True)
+    assert [r.id for r in kept] == ["a1"] and rejects[0].id == "c3"
+
+
+def test_a_sample_failing_mid_epoch_is_skipped_and_recorded(tiny_base, folder, tmp_path):
+    import numpy as np
+
+    from qilin_lite.conversation import TEMPLATES
+    from qilin_lite.model import load_tokenizer_and_processor, token_layout
+    from qilin_lite.processing import ImageLoader, VisionTextDataset
+    from transformers import AutoConfig
+
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(folder / "y.png")
+    data = write_jsonl(folder / "d.jsonl", [GOOD, variant(id="y", image="y.png")])
+    recs = read_records(data, folder)
+    (folder / "x.png").unlink()  # the file vanishes after validation (a flaky mount)
+    tok, ip = load_tokenizer_and_processor(str(tiny_base))
+    rejects = tmp_path / "rejects.jsonl"
+    ds = VisionTextDataset(recs, tok, ImageLoader(ip), TEMPLATES["vicuna_v1"],
+                           token_layout(AutoConfig.from_pretrained(tiny_base), 256), np.array([10, 10]), rejects)
+    item = ds[0]  # a1 fails, y is served instead
+    assert item["pixel_values"].shape[0] == 1
+    row = json.loads(rejects.read_text(encoding="utf-8").splitlines()[0])
+    assert row["id"] == "a1" and row["during"] == "training"
+
+
+def test_unknown_recipe_key_is_an_error_naming_file_and_key(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("stage: align\ntrain:\n  lr: 1e-3\n  learning_rate: 2e-5\n", encoding="utf-8")
+    with pytest.raises(UserError) as e:
+        load_recipe(p)
+    assert str(p) in str(e.value) and "train.learning_rate" in str(e.value)
+    with pytest.raises(UserError, match="train.lrr"):
+        load_recipe(None, ["train.lrr=1"])
+    with pytest.raises(UserError, match="must be int"):
+        load_recipe(None, ["train.global_batch=abc"])
+
+
+def run_cli(*args, cwd=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "qilin_lite", *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300)
+
+
+def test_cli_user_errors_are_one_line_without_traceback(folder, tiny_base):
+    data = write_jsonl(folder / "d.jsonl", [GOOD, CASES["missing image"][0]])
+    r = run_cli("align", "--data", str(data), "--image-folder", str(folder), "--out", str(folder / "out"),
+                "--model", str(tiny_base), "--set", "model.dtype=float32")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and f"{data}:2 (b2)" in err[0] and "not found" in err[0]
+    r = run_cli("tune", "--full", "--lora", "--data", str(data), "--out", str(folder / "o"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "choose one of" in r.stderr
