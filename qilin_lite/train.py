@@ -251,7 +251,7 @@ def sft_config(recipe: Recipe, out: Path):
         save_steps=tr.save_steps,
         save_total_limit=tr.save_total_limit,
         seed=tr.seed,
-        deepspeed=tr.deepspeed,
+        deepspeed=_deepspeed_path(tr.deepspeed),
         report_to=report,
         dataloader_num_workers=recipe.data.num_workers,
         remove_unused_columns=False,  # our collator needs every field; nothing unused reaches it
@@ -259,6 +259,18 @@ def sft_config(recipe: Recipe, out: Path):
         max_length=None,
         use_cpu=not cuda,
     )
+
+
+def _deepspeed_path(name: str | None) -> str | None:
+    """Recipes name DeepSpeed files relative to the repository; accept that from any working directory."""
+    if not name:
+        return None
+    from .config import REPO_RECIPES
+
+    for p in (Path(name), REPO_RECIPES.parent / name):
+        if p.is_file():
+            return str(p)
+    raise UserError(f"{name}: DeepSpeed config not found; give a path that exists (shipped: recipes/deepspeed/)")
 
 
 def save_outputs(model, recipe: Recipe, out: Path, base: str, tokenizer, image_processor) -> None:
