@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Callable, Optional, TextIO
 
+import typer
+
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -422,9 +424,7 @@ def chat(
     sys.stdout.flush()
 
 
-def register(app) -> None:
-    import typer
-
+def register(app: typer.Typer) -> None:
     @app.command("chat")
     def chat_command(
         images: Annotated[list[Path], typer.Argument(help="image file(s): JPEG/PNG/TIFF/DICOM...; 2-4 are joined into one")],
