@@ -287,6 +287,9 @@ def repl(session: ChatSession, *, read: Callable[[str], str] = input, out: TextI
     """Interactive loop until /quit or end of input. Bad `/image` files print one line and the session goes on."""
     out = out or sys.stdout
     session.stream = out
+    if read is input:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
     user, assistant = session.template.user, session.template.assistant
     out.write(session.banner() + "\n")
     out.flush()
@@ -393,13 +396,12 @@ def chat(
     window: tuple[float, float] | None = None,
     frame: int | None = None,
 ) -> None:
-    """What the command does; images are checked before the (slow) model load so a bad file fails at once."""
-    from .model import RunInfo
-
+    """What the command does; images are checked before torch and the model load, so a bad file fails at once."""
     _utf8_stdio()
     if as_json and prompt is None:
         raise UserError("--json needs --prompt TEXT (it prints one answer as JSON)")
     image = load_chat_image(images, window=window, frame=frame)
+    from .model import RunInfo
     p = Path(model)
     info = RunInfo.load(p) if p.is_dir() else None
     with _quiet(verbose):

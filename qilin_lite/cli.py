@@ -30,6 +30,7 @@ Sets = Annotated[Optional[list[str]], typer.Option("--set", help="override any r
 Resume = Annotated[bool, typer.Option("--resume", help="continue an interrupted run from its last checkpoint")]
 SkipBad = Annotated[bool, typer.Option("--skip-bad", help="set bad records aside in OUT/rejects.jsonl instead of stopping")]
 MaxLen = Annotated[Optional[int], typer.Option("--max-length", help="tokens per sample, image tokens included")]
+Packing = Annotated[bool, typer.Option("--packing", help="pack several samples per row, no padding (batch counts rows)")]
 Attn = Annotated[Optional[str], typer.Option("--attn", help="auto (flash-attn on CUDA if installed, else sdpa) | sdpa | eager | flash_attention_2")]
 
 
@@ -57,6 +58,7 @@ def align(
     max_length: MaxLen = None,
     attn: Attn = None,
     skip_bad: SkipBad = False,
+    packing: Packing = False,
     resume: Resume = False,
     set_: Sets = None,
 ):
@@ -68,6 +70,7 @@ def align(
         "data.train": data, "data.image_folder": str(image_folder) if image_folder else None,
         "model.base": model, "model.vision": vision, "model.llm": llm, "model.projector": projector,
         "model.load_4bit": load_4bit, "data.max_length": max_length, "model.attn": attn, "data.skip_bad": skip_bad,
+        "data.packing": packing,
     }))
     done = run_stage(r, resume=resume)
     typer.echo(f"align done: {done}  (next: qilin-lite tune --from {done} --qlora ...)")
@@ -87,6 +90,7 @@ def tune(
     max_length: MaxLen = None,
     attn: Attn = None,
     skip_bad: SkipBad = False,
+    packing: Packing = False,
     resume: Resume = False,
     set_: Sets = None,
 ):
@@ -101,6 +105,7 @@ def tune(
         "train.mode": modes[0] if modes else None, "model.from_run": str(from_run) if from_run else None,
         "data.train": data, "data.image_folder": str(image_folder) if image_folder else None,
         "model.base": model, "data.max_length": max_length, "model.attn": attn, "data.skip_bad": skip_bad,
+        "data.packing": packing,
     }))
     done = run_stage(r, resume=resume)
     typer.echo(f"tune done: {done}  (next: qilin-lite chat IMAGE --model {done})")

@@ -48,6 +48,7 @@ class DataSection:
     image_mode: str | None = None  # default: crop (align), pad (tune), as the paper's scripts
     max_length: int = 2048
     group_by_length: bool = True  # batches of similar length: less padding
+    packing: bool = False  # several samples per row, no padding between them (batch counts rows, not samples)
     skip_bad: bool = False  # set bad records aside in rejects.jsonl instead of stopping
     verify_images: bool = True  # decode every image once before training
     num_workers: int = 2

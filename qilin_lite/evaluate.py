@@ -563,7 +563,6 @@ def compare(paths: Sequence[str | Path]) -> str:
     return _table(["metric", *(s for s, _ in systems)], rows)
 
 
-
 # ---------------------------------------------------------------- the model side
 
 
@@ -689,7 +688,8 @@ class _RunByDefault(TyperGroup):
 eval_app = typer.Typer(
     cls=_RunByDefault,
     no_args_is_help=True,
-    help="Score a model on a medical VQA / caption benchmark (`eval run`, or just `eval --model ...`), or compare runs.",
+    help="Score a model on a medical VQA / caption benchmark (`eval run`, or just `eval --model ...`); "
+    "compare runs.",
 )
 
 

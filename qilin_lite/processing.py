@@ -183,7 +183,59 @@ class VisionTextDataset(torch.utils.data.Dataset):
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def as_hf_dataset(ds: VisionTextDataset):
+def pack(lengths, max_length: int) -> list[list[int]]:
+    """Group sample indices into rows of at most `max_length` tokens (best-fit decreasing; deterministic).
+
+    Each sample keeps its own image tokens whole: samples are never split across rows.
+    """
+    import bisect
+
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row) kept sorted: best fit is one bisect away
+    for i in order:
+        n = int(lengths[i])
+        k = bisect.bisect_left(free, (n, -1))
+        if k == len(free):  # nothing fits: open a row
+            rows.append([i])
+            bisect.insort(free, (max_length - n, len(rows) - 1))
+        else:
+            room, r = free.pop(k)
+            rows[r].append(i)
+            bisect.insort(free, (room - n, r))
+    return rows
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Rows of several samples laid end to end, `position_ids` restarting at each sample and no attention mask.
+
+    transformers then builds a block-diagonal causal mask from the positions (sdpa/eager) and flash-attn uses
+    the same positions for its variable-length kernels, so no sample attends to another. The model must run
+    without a KV cache, or the packed-sequence detection is skipped. Each sample's first label is -100 (BOS or
+    image), so no token is trained to predict across a sample boundary.
+    """
+
+    def __init__(self, ds: VisionTextDataset, max_length: int):
+        self.ds = ds
+        self.rows = pack(ds.lengths, max_length)
+        self.lengths = np.array([sum(int(ds.lengths[i]) for i in r) for r in self.rows], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, r: int) -> dict:
+        items = [self.ds[i] for i in self.rows[r]]
+        out = {
+            "input_ids": torch.cat([it["input_ids"] for it in items]),
+            "labels": torch.cat([it["labels"] for it in items]),
+            "position_ids": torch.cat([torch.arange(len(it["input_ids"])) for it in items]),
+        }
+        pix = [it["pixel_values"] for it in items if it.get("pixel_values") is not None]
+        out["pixel_values"] = torch.cat(pix) if pix else None
+        return out
+
+
+def as_hf_dataset(ds: VisionTextDataset | PackedDataset):
     """Wrap for trl, which accepts only `datasets.Dataset`: a table of (index, length) whose transform calls
     `ds[index]` on access, so items are still tokenized and images loaded lazily, per batch."""
     import datasets
@@ -192,7 +244,8 @@ def as_hf_dataset(ds: VisionTextDataset):
 
     def transform(batch: dict) -> dict:
         items = [ds[i] for i in batch["index"]]
-        return {k: [it.get(k) for it in items] for k in ("input_ids", "labels", "pixel_values")}
+        keys = ("input_ids", "labels", "pixel_values", "position_ids")
+        return {k: [it.get(k) for it in items] for k in keys if k in items[0]}
 
     hf.set_transform(transform)
     return hf
@@ -219,7 +272,17 @@ class Collator:
             input_ids[k, :L] = s["input_ids"]
             labels[k, :L] = s["labels"]
             attention[k, :L] = 1
-        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+        if "position_ids" in samples[0]:
+            # packed rows: positions restart per sample; padding forms its own run starting at 0, and no attention
+            # mask is passed, which is what makes transformers build the block-diagonal mask
+            pos = torch.zeros((n, longest), dtype=torch.long)
+            for k, s in enumerate(samples):
+                L = len(s["position_ids"])
+                pos[k, :L] = s["position_ids"]
+                pos[k, L:] = torch.arange(longest - L)
+            batch = {"input_ids": input_ids, "labels": labels, "position_ids": pos}
+        else:
+            batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
         pixels = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
         if pixels:
             batch["pixel_values"] = torch.cat(pixels)  # images in row order, as the model consumes them

@@ -31,7 +31,7 @@ from .model import (
     save_projector,
     token_layout,
 )
-from .processing import Collator, ImageLoader, VisionTextDataset, as_hf_dataset, sample_lengths
+from .processing import Collator, ImageLoader, PackedDataset, VisionTextDataset, as_hf_dataset, sample_lengths
 from .records import Reject, Record, read_records, write_rejects
 from .stages import LoraSettings, configure, trainable_summary
 
@@ -180,7 +180,10 @@ def train_stage(recipe: Recipe, *, resume: bool = False):
     bits = 4 if tr.mode == "qlora" or (recipe.stage == "align" and m.load_4bit) else None
     model = load_llava(base, bits=bits, dtype=m.dtype, attn=m.attn, trust_remote_code=m.trust_remote_code,
                        allow_pickle=m.allow_pickle)
-    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    # No KV cache in training: it is useless there, conflicts with checkpointing, and with a cache transformers
+    # skips the packed-sequence detection, so packed samples would silently attend to each other.
+    model.config.use_cache = False
+    model.config.text_config.use_cache = False
     tokenizer, image_processor = load_tokenizer_and_processor(base)
     if projector is not None:
         load_projector(model, projector)
@@ -189,6 +192,10 @@ def train_stage(recipe: Recipe, *, resume: bool = False):
     log.info(trainable_summary(model))
 
     dataset, n_rejected = build_dataset(recipe, tokenizer, image_processor, model.config, out)
+    n_samples = len(dataset)
+    if recipe.data.packing:
+        dataset = PackedDataset(dataset, recipe.data.max_length)
+        log.info("packed %d samples into %d rows of at most %d tokens", n_samples, len(dataset), recipe.data.max_length)
     args = sft_config(recipe, out)
     Trainer = _trainer_class()
     trainer = Trainer(
@@ -214,7 +221,7 @@ def train_stage(recipe: Recipe, *, resume: bool = False):
     (out / "log_history.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
     write_loss_curve(history, out / "loss.png", title=f"{recipe.stage} ({tr.mode})")
     summary = {
-        "stage": recipe.stage, "mode": tr.mode, "samples": len(dataset), "rejected": n_rejected,
+        "stage": recipe.stage, "mode": tr.mode, "samples": n_samples, "rows": len(dataset), "rejected": n_rejected,
         "steps": trainer.state.global_step, "seconds": round(time.time() - t0, 1),
         "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
     }

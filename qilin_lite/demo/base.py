@@ -42,7 +42,8 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 600):
     tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    alphabet = sorted({c for t in texts for c in t})  # every character seen is in the vocabulary: no <unk>
+    # every character seen (and the newline LLaVA puts after <image>) is in the vocabulary: no <unk>
+    alphabet = sorted({c for t in texts for c in t} | {"\n"})
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], min_frequency=2, initial_alphabet=alphabet
     )

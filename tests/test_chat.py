@@ -1,0 +1,289 @@
+"""chat: a real terminal session (pty) with two Chinese turns, a new image and /quit; --prompt and --json print only
+the answer; DICOM and 2-image composites reach the model; bad images end with one line and exit 2, before the model
+loads; Ctrl-C stops an answer, not the session. Expected answers come from `ChatSession` in-process (greedy)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qilin_lite.chat import DISCLAIMER, ChatSession
+from qilin_lite.errors import UserError
+from qilin_lite.images import composite, load_image
+from qilin_lite.records import LazyImage
+
+CLI = str(Path(sys.executable).with_name("qilin-lite"))
+Q1, Q2, Q3 = "病灶位于哪一侧？", "这是什么类型的影像？", "图中有几个病灶？"
+GREEDY = ["--temperature", "0", "--max-new-tokens", "8"]
+
+
+def env(**extra) -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+
+
+def demo_images(tiny_data) -> list[Path]:
+    return sorted(Path(tiny_data["images"]).glob("img_*.png"))[:3]
+
+
+def write_dicom(path: Path, rows: int = 48, cols: int = 40) -> Path:
+    """A small CT-like DICOM (uint16, rescale to HU, soft-tissue window), the kind a PACS exports."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientName = "CT", "DOE^JANE"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleSlope, ds.RescaleIntercept, ds.WindowCenter, ds.WindowWidth = 1, -1024, 40, 400
+    yy, xx = np.mgrid[:rows, :cols]
+    hu = np.where((yy - rows / 2) ** 2 + (xx - cols / 3) ** 2 < 60, 60, -50) + 1024  # a bright lesion on the left
+    ds.PixelData = hu.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def expected(run, images, questions) -> list[str]:
+    session = ChatSession.load(str(run), temperature=0, max_new_tokens=8)
+    session.load_image(images)
+    return [session.ask(q) for q in questions]
+
+
+# ---------------------------------------------------------------- the terminal session
+
+
+class Terminal:
+    """A child process on a pseudo-terminal, read until expected text shows up."""
+
+    def __init__(self, argv: list[str], environ: dict):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # child
+            os.execvpe(argv[0], argv, environ)
+        self.buf = b""
+
+    def expect(self, text: str, start: int = 0, timeout: float = 120) -> int:
+        """Wait until `text` appears at or after byte `start`; return the index just past it."""
+        token = text.encode("utf-8")
+        deadline = time.monotonic() + timeout
+        while (i := self.buf.find(token, start)) < 0:
+            ready, _, _ = select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"timed out waiting for {text!r}; output so far:\n{self.text}")
+            try:
+                data = os.read(self.fd, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                data = b""
+            if not data:
+                raise AssertionError(f"terminal closed before {text!r}; output:\n{self.text}")
+            self.buf += data
+        return i + len(token)
+
+    def send(self, line: str) -> int:
+        mark = len(self.buf)
+        os.write(self.fd, (line + "\n").encode("utf-8"))
+        return mark
+
+    def wait(self, timeout: float = 60) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with_data, _, _ = select.select([self.fd], [], [], 0.2)
+            if with_data:
+                try:
+                    self.buf += os.read(self.fd, 65536)
+                except OSError:
+                    pass
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                os.close(self.fd)
+                return os.waitstatus_to_exitcode(status)
+        os.kill(self.pid, signal.SIGKILL)
+        raise AssertionError(f"chat did not exit; output:\n{self.text}")
+
+    @property
+    def text(self) -> str:
+        return self.buf.decode("utf-8", errors="replace")
+
+
+def test_interactive_session_in_a_terminal(lora_run, tiny_data, tmp_path):
+    first, second, third = demo_images(tiny_data)
+    a1, a2 = expected(lora_run, [first], [Q1, Q2])
+    (a3,) = expected(lora_run, [second, third], [Q3])
+    # A Latin-1 stdio encoding must not break Chinese: chat switches such streams to UTF-8.
+    term = Terminal([CLI, "chat", str(first), "--model", str(lora_run), *GREEDY, "--verbose"],
+                    env(PYTHONIOENCODING="latin-1"))
+    pos = term.expect("USER: ")
+    banner = term.text
+    assert DISCLAIMER in banner and "template: vicuna_v1" in banner and str(lora_run) in banner
+    assert "/image" in banner and "/reset" in banner and "/quit" in banner
+
+    for question, answer in ((Q1, a1), (Q2, a2)):  # the second answer depends on the first turn being kept
+        pos = term.expect("ASSISTANT: ", term.send(question))
+        pos = term.expect(answer, pos)
+        pos = term.expect("tokens/s", pos)  # --verbose
+        pos = term.expect("USER: ", pos)
+
+    pos = term.expect("error: ", term.send(f"/image {tmp_path / 'missing.png'}"))  # a bad file ends the command only
+    pos = term.expect("USER: ", pos)
+    pos = term.expect("new image: ", term.send(f"/image {second} {third}"))
+    assert "composite" in term.text[-300:]
+    pos = term.expect("ASSISTANT: ", term.send(Q3))
+    pos = term.expect(a3, pos)
+    term.expect("USER: ", pos)
+    term.send("/quit")
+    assert term.wait() == 0
+    assert "Traceback" not in term.text
+    assert Q1 in term.text  # the terminal echoed the Chinese input back intact
+
+
+# ---------------------------------------------------------------- one-shot answers
+
+
+def test_prompt_prints_only_the_answer_for_a_dicom(lora_run, tmp_path):
+    dcm = write_dicom(tmp_path / "ct.dcm")
+    (answer,) = expected(lora_run, [dcm], [Q1])
+    out = subprocess.run([CLI, "chat", str(dcm), "--model", str(lora_run), "--prompt", Q1, *GREEDY],
+                         capture_output=True, text=True, encoding="utf-8", env=env(), timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == answer and out.stdout.count("\n") == answer.count("\n") + 1
+    assert DISCLAIMER in out.stderr
+
+
+def test_json_answer_for_a_composite(qlora_run, tiny_data):
+    first, second, _ = demo_images(tiny_data)
+    (answer,) = expected(qlora_run, [first, second], [Q1])
+    out = subprocess.run([CLI, "chat", str(first), str(second), "--model", str(qlora_run), "--prompt", Q1, "--json",
+                          *GREEDY], capture_output=True, text=True, encoding="utf-8", env=env(), timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("\n") == 1  # one JSON line and nothing else
+    reply = json.loads(out.stdout)
+    assert set(reply) == {"answer", "model", "tokens", "seconds"}
+    assert reply["answer"] == answer and reply["model"] == str(qlora_run)
+    assert 0 < reply["tokens"] <= 8 and reply["seconds"] > 0
+    assert "\\u" not in out.stdout  # ensure_ascii=False: Chinese stays readable
+
+
+def test_composite_is_one_image_and_dicom_is_used(lora_run, tiny_data, tmp_path):
+    first, second, _ = demo_images(tiny_data)
+    session = ChatSession.load(str(lora_run), temperature=0, max_new_tokens=4)
+    session.load_image([first, second])
+    assert session.image.size == composite([load_image(first), load_image(second)]).size
+    seen = []
+    original = session.generator.images
+    session.generator.images = lambda imgs: seen.append(original(imgs)) or seen[-1]
+    session.ask(Q1)
+    session.ask(Q2)
+    assert [p.shape[0] for p in seen] == [1, 1]  # one composite per request, not one image per file
+    prompt = session.history[0]["content"]
+    assert prompt.startswith("<image>\n") and all("<image>" not in m["content"] for m in session.history[1:])
+
+    dcm = write_dicom(tmp_path / "ct.dcm")
+    session.load_image(dcm)
+    assert session.history == [] and session.image.mode == "RGB" and session.image.size == (40, 48)
+    session.ask(Q1)
+    want = original([LazyImage([{"image": load_image(dcm)}], 0, "image")])
+    assert torch.equal(seen[-1], want) and seen[-1].std() > 0  # the windowed DICOM pixels reached the model
+
+
+def test_ctrl_c_stops_the_answer_not_the_session(lora_run, tiny_data):
+    session = ChatSession.load(str(lora_run), temperature=0, max_new_tokens=60)
+    session.load_image(demo_images(tiny_data)[0])
+
+    class InterruptOnFirstWords:
+        def __init__(self):
+            self.sent = False
+
+        def write(self, text):
+            if text and not self.sent:
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C in the terminal does
+
+        def flush(self):
+            pass
+
+    session.stream = InterruptOnFirstWords()
+    session.ask(Q1)
+    assert session.last.stopped and session.last.tokens < 60
+    assert session.history == []  # the stopped answer is not kept
+    session.stream = None
+    session.ask(Q1)  # the session goes on, and the default handler is back
+    assert not session.last.stopped and len(session.history) == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_adapter_on_top_of_a_base(lora_run, tiny_base, tiny_data):
+    image = demo_images(tiny_data)[0]
+    via_run = ChatSession.load(str(lora_run), temperature=0, max_new_tokens=8)
+    via_adapter = ChatSession.load(str(tiny_base), adapter=str(lora_run), temperature=0, max_new_tokens=8)
+    for s in (via_run, via_adapter):
+        s.load_image(image)
+    assert via_adapter.ask(Q1) == via_run.ask(Q1)
+    with pytest.raises(UserError, match="already carries an adapter"):
+        ChatSession.load(str(lora_run), adapter=str(lora_run))
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def png_claiming(path: Path, width: int, height: int) -> Path:
+    """A valid PNG header claiming a huge image, with almost no data: a decompression bomb's signature."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def bad_file(kind: str, folder: Path) -> Path:
+    if kind == "missing":
+        return folder / "nope.png"
+    if kind == "unsupported":
+        (folder / "report.txt").write_text("not an image\n")
+        return folder / "report.txt"
+    if kind == "corrupt":
+        noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(folder / "full.png")
+        data = (folder / "full.png").read_bytes()
+        (folder / "cut.png").write_bytes(data[: len(data) // 2])
+        return folder / "cut.png"
+    if kind == "truncated-dicom":
+        path = write_dicom(folder / "cut.dcm", rows=64, cols=64)
+        data = path.read_bytes()
+        path.write_bytes(data[: int(len(data) * 0.6)])
+        return path
+    if kind == "bomb":
+        return png_claiming(folder / "bomb.png", 20000, 20000)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["missing", "unsupported", "corrupt", "truncated-dicom", "bomb"])
+def test_bad_image_is_one_line_and_exit_2(kind, tmp_path):
+    # The model directory does not exist: the image must be refused before the model is even looked at.
+    path = bad_file(kind, tmp_path)
+    out = subprocess.run([CLI, "chat", str(path), "--model", str(tmp_path / "no-model"), "--prompt", Q1],
+                         capture_output=True, text=True, encoding="utf-8", env=env(), timeout=60)
+    assert out.returncode == 2
+    assert out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and path.name in lines[0], out.stderr
+    assert "Traceback" not in out.stderr and "DOE" not in out.stderr
