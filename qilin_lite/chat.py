@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shlex
 import signal
@@ -24,15 +23,13 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Callable, Optional, TextIO
 
 import typer
 
 from .errors import UserError
-
-log = logging.getLogger(__name__)
 
 DISCLAIMER = "仅供研究，不构成医疗诊断 / for research only, not a diagnosis"
 COMMANDS = "/image PATH... (new image, new conversation)   /reset (clear the conversation)   /quit (or Ctrl-D)"
@@ -103,10 +100,12 @@ class ChatSession:
 
     @classmethod
     def load(cls, model: str, *, adapter: str | None = None, bits: int | None = None, dtype: str | None = None,
-             temperature: float = 0.2, max_new_tokens: int = 512, attn: str = "auto", **kw) -> "ChatSession":
-        return cls(build_generator(model, adapter=adapter, bits=bits, dtype=dtype, temperature=temperature,
-                                   max_new_tokens=max_new_tokens, attn=attn),
-                   name=str(model) + (f" + {adapter}" if adapter else ""), kind=kw.pop("kind", ""), **kw)
+             temperature: float = 0.2, max_new_tokens: int = 512, attn: str = "auto", stream: TextIO | None = None,
+             window: tuple[float, float] | None = None, frame: int | None = None) -> "ChatSession":
+        generator, info = build_generator(model, adapter=adapter, bits=bits, dtype=dtype, temperature=temperature,
+                                          max_new_tokens=max_new_tokens, attn=attn)
+        return cls(generator, name=str(model) + (f" + adapter {adapter}" if adapter else ""), kind=info.kind,
+                   stream=stream, window=window, frame=frame)
 
     @property
     def template(self):
@@ -114,7 +113,11 @@ class ChatSession:
 
     def load_image(self, paths) -> None:
         """Show the model new image(s); starts a new conversation (the image belongs to the first turn)."""
-        self.image = load_chat_image(paths, window=self.window, frame=self.frame)
+        self.show(load_chat_image(paths, window=self.window, frame=self.frame), paths)
+
+    def show(self, image, paths) -> None:
+        """Like `load_image`, for an image already loaded from `paths`."""
+        self.image = image
         self.image_paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
         self.reset()
 
@@ -170,12 +173,12 @@ class ChatSession:
 
 def build_generator(model: str, *, adapter: str | None = None, bits: int | None = None, dtype: str | None = None,
                     temperature: float = 0.2, max_new_tokens: int = 512, attn: str = "auto"):
-    """Model directory (+ adapter) -> a ready `Generator` using the template saved with the weights."""
+    """Model directory (+ adapter) -> (a ready `Generator` using the template saved with the weights, its RunInfo)."""
     import torch
 
     from .conversation import get_template
     from .generate import Generator
-    from .model import RunInfo, load_run, token_layout
+    from .model import load_run, token_layout
     from .processing import ImageLoader
 
     if temperature < 0:
@@ -191,10 +194,10 @@ def build_generator(model: str, *, adapter: str | None = None, bits: int | None 
     if bits is None and torch.cuda.is_available():
         model_obj.to("cuda")  # quantized models are placed on the GPU by from_pretrained already
     model_obj.eval()
-    info = info or RunInfo(kind="base", base=None, template="vicuna_v1", image_mode="pad")
     layout = token_layout(model_obj.config, max_length=10**9)
-    return Generator(model_obj, tok, ImageLoader(ip, info.image_mode), get_template(info.template), layout,
-                     max_new_tokens=max_new_tokens, temperature=temperature)
+    generator = Generator(model_obj, tok, ImageLoader(ip, info.image_mode), get_template(info.template), layout,
+                          max_new_tokens=max_new_tokens, temperature=temperature)
+    return generator, info
 
 
 def _apply_adapter(model, info, adapter: Path):
@@ -203,7 +206,8 @@ def _apply_adapter(model, info, adapter: Path):
     from .model import RunInfo
 
     if not (adapter / "adapter_config.json").is_file():
-        raise UserError(f"{adapter}: no adapter_config.json; --adapter takes a peft adapter directory (a lora/qlora run)")
+        raise UserError(f"{adapter}: no adapter_config.json; --adapter takes a peft adapter directory "
+                        "(a lora/qlora run)")
     if isinstance(model, PeftModel):
         raise UserError(
             f"--model is a {info.kind} run that already carries an adapter; pass {adapter} as --model on its own, "
@@ -225,13 +229,13 @@ class _Streamer:
         from transformers import TextStreamer
 
         self.out, self.tokens, self.started, self.prompt_seen = out, 0, False, False
-        self.special = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+        self.eos = tokenizer.eos_token_id
         self.text = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.text.on_finalized_text = self._write
 
     def put(self, value) -> None:
         if self.prompt_seen:  # the first call carries the prompt
-            self.tokens += sum(1 for t in value.reshape(-1).tolist() if t not in self.special)
+            self.tokens += sum(1 for t in value.reshape(-1).tolist() if t != self.eos)
         self.prompt_seen = True
         self.text.put(value)
 
@@ -401,16 +405,13 @@ def chat(
     if as_json and prompt is None:
         raise UserError("--json needs --prompt TEXT (it prints one answer as JSON)")
     image = load_chat_image(images, window=window, frame=frame)
-    from .model import RunInfo
-    p = Path(model)
-    info = RunInfo.load(p) if p.is_dir() else None
     with _quiet(verbose):
         session = ChatSession.load(model, adapter=adapter, bits=bits, temperature=temperature,
-                                   max_new_tokens=max_new_tokens, window=window, frame=frame,
-                                   kind=info.kind if info else "")
-    session.image, session.image_paths = image, [Path(i) for i in images]
+                                   max_new_tokens=max_new_tokens, window=window, frame=frame)
+    session.show(image, images)
     if prompt is None:
-        repl(session, verbose=verbose)
+        with _quiet(verbose):
+            repl(session, verbose=verbose)
         return
     if not as_json:
         print(DISCLAIMER, file=sys.stderr)
@@ -429,7 +430,7 @@ def chat(
 def register(app: typer.Typer) -> None:
     @app.command("chat")
     def chat_command(
-        images: Annotated[list[Path], typer.Argument(help="image file(s): JPEG/PNG/TIFF/DICOM...; 2-4 are joined into one")],
+        images: Annotated[list[Path], typer.Argument(metavar="IMAGE...", help="image file(s): JPEG/PNG/TIFF/DICOM...; 2-4 are joined into one")],
         model: Annotated[str, typer.Option("--model", help="run directory (align/lora/qlora/full/merged) or hub id")],
         adapter: Annotated[Optional[str], typer.Option("--adapter", help="peft adapter directory applied on top of --model")] = None,
         load_4bit: Annotated[bool, typer.Option("--load-4bit", help="quantize the LLM to 4-bit NF4 on load")] = False,

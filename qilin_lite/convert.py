@@ -60,8 +60,9 @@ ON_LOAD = (
     ("multi_modal_projector.", "model.multi_modal_projector."),
 )
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
-SKIP = (re.compile(r"^model\.vision_tower\."), re.compile(r"rotary_emb\.inv_freq$"))  # CLIP supplies the former;
-# the latter is a buffer old transformers versions saved and every version recomputes
+# Not converted: vision tower copies (the CLIP model supplies them) and the rotary buffer that old transformers
+# versions saved and every version recomputes.
+SKIP = (re.compile(r"^model\.vision_tower\."), re.compile(r"rotary_emb\.inv_freq$"))
 
 
 # ---------------------------------------------------------------- reading the source
@@ -99,9 +100,11 @@ def read_config(src: Path) -> dict:
     if "mm_hidden_size" not in cfg:
         raise UserError(f"{src}: config.json has no mm_hidden_size; is the projector part of this checkpoint?")
     if cfg.get("mm_use_im_start_end"):
-        raise UserError(f"{src}: mm_use_im_start_end is true; only checkpoints without <im_start>/<im_end> are supported")
+        raise UserError(f"{src}: mm_use_im_start_end is true; only checkpoints without <im_start>/<im_end> "
+                        "are supported")
     if cfg.get("mm_vision_select_feature", "patch") not in ("patch", "cls_patch"):
-        raise UserError(f"{src}: mm_vision_select_feature '{cfg['mm_vision_select_feature']}' is not supported (patch, cls_patch)")
+        raise UserError(f"{src}: mm_vision_select_feature '{cfg['mm_vision_select_feature']}' is not supported "
+                        "(patch, cls_patch)")
     if cfg.get("image_aspect_ratio") not in (None, "pad", "square"):
         raise UserError(f"{src}: image_aspect_ratio '{cfg['image_aspect_ratio']}' is not supported (pad, square)")
     if cfg.get("mm_projector_type", "linear") not in ("linear", "mlp2x_gelu"):
@@ -249,7 +252,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, vision_tower: str | 
 
     vision = vision_tower or cfg.get("mm_vision_tower")
     if not vision:
-        raise UserError(f"{src_dir}: config.json names no mm_vision_tower; pass --vision-tower openai/clip-vit-large-patch14-336")
+        raise UserError(f"{src_dir}: config.json names no mm_vision_tower; "
+                        "pass --vision-tower openai/clip-vit-large-patch14-336")
     if not vision_tower and not Path(vision).exists() and (vision.startswith((".", "/", "~")) or vision.count("/") > 1):
         raise UserError(f"{src_dir}: config.json's vision tower '{vision}' is a path that is not here; pass "
                         "--vision-tower openai/clip-vit-large-patch14-336 (or a local copy of it)")
@@ -262,7 +266,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, vision_tower: str | 
     projector = projector_type(shapes)
     declared = cfg.get("mm_projector_type", "linear")
     if declared != projector:
-        log.warning("config says mm_projector_type %s but the weights are %s; following the weights", declared, projector)
+        log.warning("config says mm_projector_type %s but the weights are %s; following the weights",
+                    declared, projector)
 
     vision_model = _friendly_load(CLIPVisionModel.from_pretrained, vision, "vision tower (CLIP)", dtype=dt,
                                   use_safetensors=None if allow_pickle else True)
@@ -305,7 +310,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, vision_tower: str | 
     vision_state = {"vision_tower." + k: v.to(dt) for k, v in vision_model.state_dict().items()}
     planned.update({k: tuple(v.shape) for k, v in vision_state.items()})
     extra = {}
-    if projector == "linear":  # the paper's single linear layer: an identity second layer keeps linear_2 . linear_1 exact
+    if projector == "linear":  # a single linear layer: an identity linear_2 (and act "linear") keeps it exact
         h = config.text_config.hidden_size
         extra = {"multi_modal_projector.linear_2.weight": torch.eye(h, dtype=dt),
                  "multi_modal_projector.linear_2.bias": torch.zeros(h, dtype=dt)}
@@ -385,7 +390,7 @@ def register(app: typer.Typer) -> None:
     def convert_command(
         src: Annotated[str, typer.Argument(help="original-LLaVA checkpoint directory or hub id (e.g. williamliu/Qilin-Med-VL-Chat)")],
         dst: Annotated[Path, typer.Argument(help="new directory for the transformers Llava model")],
-        vision_tower: Annotated[Optional[str], typer.Option("--vision-tower", help="CLIP model replacing config's mm_vision_tower (default openai/clip-vit-large-patch14-336 for Qilin-Med-VL)")] = None,
+        vision_tower: Annotated[Optional[str], typer.Option("--vision-tower", help="CLIP model instead of config's mm_vision_tower (Qilin-Med-VL: openai/clip-vit-large-patch14-336)")] = None,
         allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="accept pytorch_model*.bin (pickles can run code)")] = False,
     ):
         """Import a checkpoint in the original LLaVA layout (the Qilin-Med-VL release) as a transformers Llava model."""

@@ -89,7 +89,8 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str | None = N
         from peft import PeftModel
 
         if not (run_dir / "adapter_config.json").is_file():
-            raise UserError(f"{run_dir}: adapter_config.json missing; was the {info.kind} run interrupted before saving?")
+            raise UserError(f"{run_dir}: adapter_config.json missing; was the {info.kind} run interrupted "
+                            "before saving?")
         model = PeftModel.from_pretrained(model, str(run_dir)).merge_and_unload()
     leftovers = [n for n in model.state_dict() if "lora_" in n or "modules_to_save" in n or "base_layer" in n]
     if leftovers:  # a peft change in how it unloads would otherwise ship adapter tensors silently

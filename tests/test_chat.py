@@ -62,10 +62,14 @@ def write_dicom(path: Path, rows: int = 48, cols: int = 40) -> Path:
     return path
 
 
-def expected(run, images, questions) -> list[str]:
+def expected(run, *conversations: tuple[list, list[str]]) -> list[str]:
+    """Greedy answers in-process: for each (images, questions), a new conversation about those images."""
     session = ChatSession.load(str(run), temperature=0, max_new_tokens=8)
-    session.load_image(images)
-    return [session.ask(q) for q in questions]
+    answers = []
+    for images, questions in conversations:
+        session.load_image(images)
+        answers += [session.ask(q) for q in questions]
+    return answers
 
 
 # ---------------------------------------------------------------- the terminal session
@@ -76,8 +80,11 @@ class Terminal:
 
     def __init__(self, argv: list[str], environ: dict):
         self.pid, self.fd = pty.fork()
-        if self.pid == 0:  # child
-            os.execvpe(argv[0], argv, environ)
+        if self.pid == 0:  # child: become the command, never return into pytest
+            try:
+                os.execvpe(argv[0], argv, environ)
+            finally:
+                os._exit(127)
         self.buf = b""
 
     def expect(self, text: str, start: int = 0, timeout: float = 120) -> int:
@@ -125,8 +132,7 @@ class Terminal:
 
 def test_interactive_session_in_a_terminal(lora_run, tiny_data, tmp_path):
     first, second, third = demo_images(tiny_data)
-    a1, a2 = expected(lora_run, [first], [Q1, Q2])
-    (a3,) = expected(lora_run, [second, third], [Q3])
+    a1, a2, a3 = expected(lora_run, ([first], [Q1, Q2]), ([second, third], [Q3]))
     # A Latin-1 stdio encoding must not break Chinese: chat switches such streams to UTF-8.
     term = Terminal([CLI, "chat", str(first), "--model", str(lora_run), *GREEDY, "--verbose"],
                     env(PYTHONIOENCODING="latin-1"))
@@ -157,19 +163,31 @@ def test_interactive_session_in_a_terminal(lora_run, tiny_data, tmp_path):
 # ---------------------------------------------------------------- one-shot answers
 
 
-def test_prompt_prints_only_the_answer_for_a_dicom(lora_run, tmp_path):
+def run_cli(args: list[str], monkeypatch) -> int:
+    """The console script's `main` in this process (no interpreter start-up); returns the exit code."""
+    from qilin_lite.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["qilin-lite", *args])
+    try:
+        main()
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def test_prompt_prints_only_the_answer_for_a_dicom(lora_run, tmp_path, capfd, monkeypatch):
     dcm = write_dicom(tmp_path / "ct.dcm")
-    (answer,) = expected(lora_run, [dcm], [Q1])
-    out = subprocess.run([CLI, "chat", str(dcm), "--model", str(lora_run), "--prompt", Q1, *GREEDY],
-                         capture_output=True, text=True, encoding="utf-8", env=env(), timeout=180)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == answer and out.stdout.count("\n") == answer.count("\n") + 1
-    assert DISCLAIMER in out.stderr
+    (answer,) = expected(lora_run, ([dcm], [Q1]))
+    capfd.readouterr()
+    assert run_cli(["chat", str(dcm), "--model", str(lora_run), "--prompt", Q1, *GREEDY], monkeypatch) == 0
+    out, err = capfd.readouterr()
+    assert out.strip() == answer and out.count("\n") == answer.count("\n") + 1
+    assert DISCLAIMER in err
 
 
 def test_json_answer_for_a_composite(qlora_run, tiny_data):
     first, second, _ = demo_images(tiny_data)
-    (answer,) = expected(qlora_run, [first, second], [Q1])
+    (answer,) = expected(qlora_run, ([first, second], [Q1]))
     out = subprocess.run([CLI, "chat", str(first), str(second), "--model", str(qlora_run), "--prompt", Q1, "--json",
                           *GREEDY], capture_output=True, text=True, encoding="utf-8", env=env(), timeout=180)
     assert out.returncode == 0, out.stderr
@@ -238,6 +256,18 @@ def test_adapter_on_top_of_a_base(lora_run, tiny_base, tiny_data):
     assert via_adapter.ask(Q1) == via_run.ask(Q1)
     with pytest.raises(UserError, match="already carries an adapter"):
         ChatSession.load(str(lora_run), adapter=str(lora_run))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_on_load_on_cpu(bits, qlora_run, tiny_data):
+    import bitsandbytes as bnb
+
+    session = ChatSession.load(str(qlora_run), bits=bits, temperature=0, max_new_tokens=4)
+    quantized = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
+    assert any(isinstance(m, quantized) for m in session.generator.model.modules())
+    session.load_image(demo_images(tiny_data)[0])
+    session.ask(Q1)
+    assert session.last.tokens > 0
 
 
 # ---------------------------------------------------------------- bad input
