@@ -359,6 +359,8 @@ def row_to_item(row: dict, layout: Layout, line: int, file: str, source: str | N
             choices += list(v) if isinstance(v, (list, tuple)) else [v]
         choices = [_CHOICE_LABEL.sub("", str(c)).strip() for c in choices if c is not None and str(c).strip()]
         texts.update({f"choice_{i}": c for i, c in enumerate(choices, 1)})
+        if _CHOICE_LABEL.sub("", texts["answer"]) in choices:  # "B:Focal uptake" -> "Focal uptake", as the choices
+            texts["answer"] = _CHOICE_LABEL.sub("", texts["answer"])
     else:
         texts = {layout.task: _text(row, k["text"])}
     rid = _text(row, k["id"])
@@ -701,53 +703,57 @@ def build(
     for f in folders:
         if not f.is_dir():
             raise UserError(f"{f}: image folder not found; pass --image-folder with the folder holding the images")
+    if any(out.resolve() == p.resolve() for p in inputs):
+        raise UserError(f"{out}: --out names an input file; write the output somewhere else")
     out.parent.mkdir(parents=True, exist_ok=True)
     fmt = cfg.out_format or ("json" if out.suffix.lower() == ".json" else "jsonl")
-    image_dir = out.parent / f"{out.stem}_images"
-    rejects_path, report_path = out.with_suffix(".rejects.jsonl"), out.with_suffix(".report.json")
     translator = None
     if cfg.translate:
         translator = Translator(cfg.translate, cfg.translate.cache or out.with_suffix(".translations.sqlite"))
-    state = _BuildState(cfg, out, image_dir, translator)
-    writer = _Writer(out, fmt)
-    rejects_tmp = rejects_path.with_name(rejects_path.name + ".tmp")
-    state.rejects = rejects_tmp.open("w", encoding="utf-8")
-    t0, ok = time.perf_counter(), False
+    t0 = time.perf_counter()
+    state = _BuildState(cfg, out, fmt, translator)
     try:
-        state.writer = writer
         for path, folder in zip(inputs, folders):
             state.run_input(path, folder)
         state.flush()
-        ok = True
-    finally:
-        state.close()
-        writer.close(ok)
-        state.rejects.close()
-        if ok:
-            os.replace(rejects_tmp, rejects_path)
-        else:
-            rejects_tmp.unlink(missing_ok=True)
-        if translator:
-            translator.close()
-    report = state.report(fmt)
-    report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    except BaseException:
+        state.finish(ok=False)
+        raise
+    state.finish(ok=True)
+    report = state.report()
+    out.with_suffix(".report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     log.info("data build: %d records in %.1f s", report["written"], time.perf_counter() - t0)
     return report
 
 
 class _BuildState:
-    def __init__(self, cfg: BuildConfig, out: Path, image_dir: Path, translator: Translator | None):
-        self.cfg, self.out, self.image_dir, self.translator = cfg, out, image_dir, translator
+    """One build run: the steps per row and per chunk, the open output and rejects files, the counts."""
+
+    def __init__(self, cfg: BuildConfig, out: Path, fmt: str, translator: Translator | None):
+        self.cfg, self.out, self.fmt, self.translator = cfg, out, fmt, translator
+        self.image_dir = out.parent / f"{out.stem}_images"
         self.seen: set[str] = set()
         self.dropped: Counter = Counter()
-        self.rows = 0
-        self.missing_files = 0
-        self.composites = 0
+        self.rows = self.missing_files = self.composites = 0
         self.inputs: list[dict] = []
         self.chunk: list[Item] = []
         self.pool: ProcessPoolExecutor | None = None
-        self.writer: _Writer | None = None
-        self.rejects = None
+        self.writer = _Writer(out, fmt)
+        self.rejects_path = out.with_suffix(".rejects.jsonl")
+        self.rejects_tmp = self.rejects_path.with_name(self.rejects_path.name + ".tmp")
+        self.rejects = self.rejects_tmp.open("w", encoding="utf-8")
+
+    def finish(self, ok: bool) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+        if self.translator:
+            self.translator.close()
+        self.writer.close(ok)
+        self.rejects.close()
+        if ok:
+            os.replace(self.rejects_tmp, self.rejects_path)
+        else:
+            self.rejects_tmp.unlink(missing_ok=True)
 
     def reject(self, file: str, line: int | None, rid: str | None, step: str, reason: str) -> None:
         self.dropped[step] += 1
@@ -891,11 +897,7 @@ class _BuildState:
             rec["source_text"] = _source_text(item)
         return rec
 
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
-
-    def report(self, fmt: str) -> dict:
+    def report(self) -> dict:
         steps, remaining = [], self.rows
         for step in STEPS:
             if step == "translate" and self.translator is None:
@@ -903,11 +905,11 @@ class _BuildState:
             remaining -= self.dropped[step]
             steps.append({"step": step, "dropped": self.dropped[step], "kept": remaining})
         rep = {
-            "output": self.out.name, "format": fmt, "images_relative_to": "the output's folder",
+            "output": self.out.name, "format": self.fmt, "images_relative_to": "the output's folder",
             "composite_folder": self.image_dir.name, "seed": self.cfg.seed, "inputs": self.inputs,
-            "rows": self.rows, "steps": steps, "written": self.writer.n if self.writer else 0,
+            "rows": self.rows, "steps": steps, "written": self.writer.n,
             "composites": self.composites, "missing_image_files": self.missing_files,
-            "rejects": self.out.with_suffix(".rejects.jsonl").name,
+            "rejects": self.rejects_path.name,
         }
         if self.translator:
             rep["translation"] = {"model": self.translator.cfg.model, **dict(sorted(self.translator.stats.items()))}

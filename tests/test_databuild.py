@@ -107,10 +107,10 @@ def test_caption_source_every_step_counted(casereport, tmp_path):
     assert "基底节" not in text and "见图" not in text
 
 
-def test_composite_geometry_and_workers(casereport, tmp_path):
+def test_composite_geometry(casereport, tmp_path):
     src, images = casereport
     out = tmp_path / "align.json"  # .json: a JSON list
-    build([src], out, [images], BuildConfig(task="align", workers=2))
+    build([src], out, [images], BuildConfig(task="align", workers=0))
     recs = json.loads(out.read_text(encoding="utf-8"))
     files = sorted((tmp_path / "align_images").iterdir())
     assert [f.name for f in files] == [Path(recs[1]["image"]).name]
@@ -126,7 +126,7 @@ def test_instruct_task_and_choice_prompt_from_pmc_vqa_csv(tmp_path):
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["Figure_path", "Question", "Answer", *(f"Choice {c}" for c in "ABCD"), "Answer_label"])
-        w.writerow(["PMC10_F1.jpg", "该图像的成像方式是什么？", "CT", "A:CT", "B:MRI", "C:超声", "D:X光", "A"])
+        w.writerow(["PMC10_F1.jpg", "该图像的成像方式是什么？", "A:CT", "A:CT", "B:MRI", "C:超声", "D:X光", "A"])
         w.writerow(["PMC11_F2.jpg", "病灶位于哪一侧？", "", "A:左侧", "B:右侧", "", "", ""])  # no answer
         w.writerow(["PMC11_F2.jpg", "哪？", "右侧", "", "", "", "", ""])  # question too short
     out = tmp_path / "tune.jsonl"
@@ -139,6 +139,24 @@ def test_instruct_task_and_choice_prompt_from_pmc_vqa_csv(tmp_path):
     assert report["inputs"][0]["task"] == "vqa"
     reasons = sorted(r["reason"] for r in read_out(out.with_suffix(".rejects.jsonl")))
     assert reasons == ["empty answer", "question has 2 characters, fewer than --min-question-chars 4"]
+
+
+def test_casereport_parquet_as_published_on_the_hub(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    images = tmp_path / "figures"
+    make_images(images, ["PMC7_F1.jpg", "PMC7_F2.jpg"])
+    row = {"PMC_id": "PMC7", "context": CONTEXT, "inline": "头颅CT平扫示右侧低密度影。", "question": "图中显示了什么？",
+           "answer": "低密度影。", "img_ref": "['PMC7_F1.jpg', 'PMC7_F2.jpg']"}
+    pq.write_table(pa.Table.from_pylist([row, dict(row, img_ref="['PMC7_F2.jpg']")]), tmp_path / "train.parquet")
+    out = tmp_path / "inline.jsonl"
+    build([tmp_path / "train.parquet"], out, [images], BuildConfig(task="align", fields=FieldMap(text="inline"),
+                                                                    workers=0))
+    recs = read_out(out)
+    assert [r["task"] for r in recs] == ["caption", "caption"] and recs[0]["id"].startswith("PMC7-")
+    assert recs[0]["image"].startswith("inline_images/") and recs[1]["image"] == "figures/PMC7_F2.jpg"
+    assert recs[0]["conversations"][1]["value"] == "头颅CT平扫示右侧低密度影。"
 
 
 def test_llava_layout_json_list_is_streamed_and_multi_image_collapsed(tmp_path):
@@ -197,9 +215,9 @@ def test_ambiguous_casereport_asks_for_task(casereport, tmp_path):
 def test_same_seed_same_bytes_other_seed_other_prompts(casereport, tmp_path):
     src, images = casereport
     files = {}
-    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+    for name, workers in (("a", 2), ("b", 0)):  # composites in worker processes or in this one
         out = tmp_path / name / "align.jsonl"
-        build([src], out, [images], BuildConfig(task="align", seed=seed, workers=2))
+        build([src], out, [images], BuildConfig(task="align", seed=7, workers=workers))
         files[name] = {p.relative_to(out.parent): p.read_bytes() for p in sorted(out.parent.rglob("*")) if p.is_file()}
     assert files["a"] == files["b"]
     assert len(files["a"]) == 4  # output, rejects, report, one composite
@@ -261,7 +279,7 @@ class Stub:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)  # quick shutdown
 
     def __enter__(self):
         self.thread.start()
@@ -323,7 +341,7 @@ def test_interrupted_translation_resumes_from_cache(tmp_path):
 def test_large_jsonl_is_streamed(tmp_path):
     images = tmp_path / "img"
     make_images(images, ["a.png"])
-    n, caption = 5000, "胸部CT平扫示右肺上叶结节。" * 60  # ~2 KB per row in UTF-8
+    n, caption = 3000, "胸部CT平扫示右肺上叶结节。" * 60  # ~2 KB per row in UTF-8
     src = write_jsonl(tmp_path / "big.jsonl", ({"id": f"r{i}", "image": "a.png", "caption": caption} for i in range(n)))
     size = src.stat().st_size
     tracemalloc.start()
