@@ -161,7 +161,9 @@ _register_extensions()
 def main() -> None:
     _setup_logging()
     try:
-        app(standalone_mode=False)
+        # with standalone_mode=False click returns (not raises) the code of `typer.Exit(n)`
+        rc = app(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)

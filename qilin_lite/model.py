@@ -35,7 +35,7 @@ LLM = "model.language_model"
 
 @dataclass
 class RunInfo:
-    kind: str  # base | align | lora | qlora | full | merged
+    kind: str  # base | align | lora | qlora | full | merged | converted
     base: str | None  # what this run builds on (a Llava directory or hub id); None when self-contained
     template: str
     image_mode: str  # pad | crop

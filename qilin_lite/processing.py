@@ -120,15 +120,22 @@ class ImageLoader:
         self.processor = image_processor
         self.mode = mode
         mean = getattr(image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
-        self.fill = tuple(int(round(x * 255)) for x in mean)
+        self.fill = tuple(int(x * 255) for x in mean)  # truncated, as LLaVA's expand2square: same pixels as the authors
 
     def __call__(self, images) -> torch.Tensor:
+        from PIL import Image
+
         from .images import expand_to_square, load_image
 
         pil = []
         for ref in images:
-            img = ref.open() if isinstance(ref, LazyImage) else load_image(ref)
-            if not isinstance(ref, Path) and img.mode != "RGB":
+            if isinstance(ref, Image.Image):
+                img = ref
+            elif isinstance(ref, LazyImage):
+                img = ref.open()
+            else:
+                img = load_image(ref)
+            if img.mode != "RGB":
                 img = img.convert("RGB")
             if self.mode == "pad":
                 img = expand_to_square(img, self.fill)
