@@ -175,7 +175,8 @@ def main() -> None:
     except Exception as e:  # click usage errors print themselves; anything else is a bug and keeps its traceback
         import click
 
-        if isinstance(e, click.exceptions.ClickException):
+        # typer bundles its own click: its usage errors are not click's classes, so match either
+        if isinstance(e, (click.exceptions.ClickException, getattr(typer, "TyperException", ()))) and hasattr(e, "show"):
             e.show()
             sys.exit(e.exit_code)
         raise

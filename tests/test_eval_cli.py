@@ -267,8 +267,6 @@ def test_cli_user_errors_are_one_line(tmp_path, tiny_data, args, message):
     assert r.stderr.count("\n") == 1 and r.stderr.startswith(message), r.stderr
 
 
-@pytest.mark.xfail(reason="cli.main() catches click's ClickException, but typer 0.29 raises its vendored click's "
-                          "(typer._click): usage errors print a traceback and exit 1 (reported to the lead)")
 def test_cli_bad_flag_is_a_usage_error(tmp_path):
     r = qilin("eval", "run", "--bogus", "1")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "No such option: --bogus" in r.stderr
