@@ -76,7 +76,12 @@ def build_tiny_base(out_dir: Path, texts: list[str], questions: list[tuple[str, 
         hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2, num_hidden_layers=spec.vision_layers,
         num_attention_heads=4, image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=spec.vision_hidden,
     )
-    CLIPVisionModel(vcfg).save_pretrained(vision_dir)
+    vision = CLIPVisionModel(vcfg)
+    # A trained CLIP's patch features say where each patch is; a random one's barely do (position embeddings start
+    # at std 0.02). Larger random position embeddings give the stand-in that property, so "which side" is learnable.
+    with torch.no_grad():
+        vision.embeddings.position_embedding.weight.normal_(0.0, 1.0)
+    vision.save_pretrained(vision_dir)
     CLIPImageProcessor(
         size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size}
     ).save_pretrained(vision_dir)

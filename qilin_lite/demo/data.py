@@ -27,7 +27,8 @@ from qilin_lite.errors import UserError
 SIDES = ("左侧", "右侧")
 MODALITIES = ("CT", "磁共振", "X光")
 COUNTS = ("一个", "两个", "三个")
-CHOICES: dict[str, tuple[str, ...]] = {"side": SIDES, "modality": MODALITIES, "count": COUNTS}
+PRESENCE = ("可见病灶", "未见病灶")
+CHOICES: dict[str, tuple[str, ...]] = {"side": SIDES, "modality": MODALITIES, "count": COUNTS, "presence": PRESENCE}
 TASKS = tuple(CHOICES)
 
 QUESTIONS: dict[str, tuple[str, ...]] = {
@@ -44,6 +45,13 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
         "请判断这是CT、磁共振还是X光图像。",
         "这张图像是用哪种检查方式获得的？",
         "图像属于哪种影像模态？",
+    ),
+    "presence": (
+        "图像中是否可见病灶？",
+        "请判断图中有没有病灶。",
+        "这张图像上能看到病灶吗？",
+        "图像里是否存在病灶？",
+        "有没有发现病灶？",
     ),
     "count": (
         "图中有几个病灶？",
@@ -62,6 +70,16 @@ CAPTIONS = (
     "{modality}检查：{side}见{lesion}。",
     "图像类型为{modality}，{lesion}位于{side}。",
     "{side}发现{lesion}，成像方式为{modality}。",
+)
+
+# images without a lesion (task "presence") are described without one
+NO_LESION_CAPTIONS = (
+    "{modality}图像，未见病灶。",
+    "该{modality}片未见明显病灶。",
+    "这是一张{modality}图像，未见病灶。",
+    "{modality}检查：未见病灶。",
+    "图像类型为{modality}，未见病灶。",
+    "未发现病灶，成像方式为{modality}。",
 )
 
 IMAGE_TOKEN = "<image>"
@@ -100,6 +118,7 @@ class Finding:
     side: str
     modality: str
     count: str = "一个"
+    presence: str = "可见病灶"
 
     def answer(self, task: str) -> str:
         return getattr(self, task)
@@ -170,7 +189,8 @@ def render_image(
     img = img * rng.uniform(0.94, 1.04)  # exposure jitter; the background stays below about 215
 
     r = s * rng.uniform(*lesion_radius)
-    for x, y in _lesion_centres(f, body, r, s, rng):  # the brightest thing in every modality
+    centres = _lesion_centres(f, body, r, s, rng) if f.presence == "可见病灶" else []
+    for x, y in centres:  # the brightest thing in every modality
         blob = _ellipse(yy, xx, x, y, r, r)
         img = img * (1 - blob) + rng.uniform(235, 250) * blob
 
@@ -187,7 +207,8 @@ def image_name(index: int) -> str:
 
 def _findings(spec: DemoDataSpec) -> list[Finding]:
     counts = COUNTS if "count" in spec.tasks else COUNTS[:1]
-    return [Finding(*c) for c in itertools.product(SIDES, MODALITIES, counts)]
+    presence = PRESENCE if "presence" in spec.tasks else PRESENCE[:1]
+    return [Finding(*c) for c in itertools.product(SIDES, MODALITIES, counts, presence)]
 
 
 def _balanced(options: list, n: int, rng: np.random.Generator) -> list:
@@ -198,8 +219,15 @@ def _balanced(options: list, n: int, rng: np.random.Generator) -> list:
 
 
 def _caption(f: Finding, spec: DemoDataSpec, template: str) -> str:
+    if f.presence != "可见病灶":
+        return NO_LESION_CAPTIONS[CAPTIONS.index(template)].format(modality=f.modality)
     lesion = f"{f.count}病灶" if "count" in spec.tasks else "病灶"
     return template.format(modality=f.modality, side=f.side, lesion=lesion)
+
+
+def _askable(f: Finding, task: str) -> bool:
+    """Where or how many lesions makes no sense for an image without one."""
+    return f.presence == "可见病灶" or task not in ("side", "count")
 
 
 def _qa(task: str, f: Finding, rng: np.random.Generator, first: bool) -> list[dict]:
@@ -217,7 +245,8 @@ def _split(split: str, start: int, n: int, spec: DemoDataSpec, images: Path) -> 
     if split == "align":
         plan = [(f, None) for f in _balanced(_findings(spec), n, rng)]
     else:  # balance (task, finding) jointly so each task's answers are balanced too
-        plan = _balanced(list(itertools.product(_findings(spec), tasks)), n, rng)
+        pairs = [(f, t) for f, t in itertools.product(_findings(spec), tasks) if _askable(f, t)]
+        plan = _balanced(pairs, n, rng)
     radius = COUNT_LESION_RADIUS if "count" in spec.tasks else LESION_RADIUS
     two_turn = set(rng.permutation(n)[: round(TWO_TURN_FRACTION * n)].tolist()) if split == "tune" else set()
 
@@ -234,7 +263,7 @@ def _split(split: str, start: int, n: int, spec: DemoDataSpec, images: Path) -> 
         else:
             rec["conversations"] = _qa(task, f, rng, first=True)
             if i in two_turn:
-                others = [t for t in tasks if t != task] or tasks  # with one task, ask it again
+                others = [t for t in tasks if t != task and _askable(f, t)] or [task]  # else ask it again
                 rec["conversations"] += _qa(others[rng.integers(len(others))], f, rng, first=False)
         if split == "heldout":
             rec.update(answer=f.answer(task), task=task, choices=list(CHOICES[task]))
