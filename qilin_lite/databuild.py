@@ -43,7 +43,7 @@ import numpy as np
 
 from .conversation import IMAGE_TOKEN
 from .errors import UserError, where
-from .records import ROLE_NAMES, BadRecord, Reject, read_records, validate_messages
+from .records import ROLE_NAMES, BadRecord, Reject, iter_jsonl, read_records, validate_messages
 
 log = logging.getLogger(__name__)
 
@@ -192,20 +192,7 @@ def iter_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     else:
         with path.open("rb") as f:
             head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-        yield from _iter_json_list(path) if head.startswith(b"[") else _iter_jsonl(path)
-
-
-def _iter_jsonl(path: Path):
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for i, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as e:
-                yield i, None, f"not valid JSON ({e.msg})"
-                continue
-            yield i, row, None if isinstance(row, dict) else "line is not a JSON object"
+        yield from _iter_json_list(path) if head.startswith(b"[") else iter_jsonl(path)
 
 
 def _iter_json_list(path: Path, chunk: int = 1 << 20):

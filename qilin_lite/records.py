@@ -122,14 +122,19 @@ def _iter_json_rows(p: Path) -> Iterator[tuple[int | None, Any, str | None]]:
         for i, row in enumerate(rows, 1):
             yield i, row, None if isinstance(row, dict) else "record is not a JSON object"
         return
-    with p.open(encoding="utf-8", errors="replace") as f:
+    yield from iter_jsonl(p)
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    """Yield (line, row or None, parse_error) for each non-blank line, streaming: one bad line names itself."""
+    with Path(path).open(encoding="utf-8", errors="replace") as f:
         for i, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
             try:
                 row = json.loads(raw)
             except json.JSONDecodeError as e:
-                yield i, {}, f"not valid JSON ({e.msg})"
+                yield i, None, f"not valid JSON ({e.msg})"
                 continue
             yield i, row, None if isinstance(row, dict) else "line is not a JSON object"
 

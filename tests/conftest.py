@@ -27,6 +27,20 @@ def tiny_recipe(stage: str, mode: str, out: Path, data: Path, images: Path, **ex
     return load_recipe(None, None, stage=stage, output_dir=str(out), **fields)
 
 
+def run_cli(args: list[str], monkeypatch) -> int:
+    """The console script's `main` in this process (no interpreter start-up); returns the exit code."""
+    import sys
+
+    from qilin_lite.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["qilin-lite", *args])
+    try:
+        main()
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
 _MEMORY: dict = {}
 
 

@@ -25,6 +25,7 @@ from qilin_lite.chat import DISCLAIMER, ChatSession
 from qilin_lite.errors import UserError
 from qilin_lite.images import composite, load_image
 from qilin_lite.records import LazyImage
+from conftest import run_cli
 
 CLI = str(Path(sys.executable).with_name("qilin-lite"))
 Q1, Q2, Q3 = "病灶位于哪一侧？", "这是什么类型的影像？", "图中有几个病灶？"
@@ -163,16 +164,6 @@ def test_interactive_session_in_a_terminal(lora_run, tiny_data, tmp_path):
 # ---------------------------------------------------------------- one-shot answers
 
 
-def run_cli(args: list[str], monkeypatch) -> int:
-    """The console script's `main` in this process (no interpreter start-up); returns the exit code."""
-    from qilin_lite.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["qilin-lite", *args])
-    try:
-        main()
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def test_prompt_prints_only_the_answer_for_a_dicom(lora_run, tmp_path, capfd, monkeypatch):

@@ -17,19 +17,11 @@ from safetensors.torch import load_file, save_file
 
 from qilin_lite.convert import convert_checkpoint
 from qilin_lite.errors import UserError
+from conftest import run_cli
 
 PRIVATE_TOWER = "/mnt/private/qilin/clip-vit-large-patch14-336"  # what the release's config names
 
 
-def run_cli(args: list[str], monkeypatch) -> int:
-    from qilin_lite.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["qilin-lite", *args])
-    try:
-        main()
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def write_llava_checkpoint(tiny_parts, out: Path, *, projector: str = "mlp2x_gelu", pickle: bool = False) -> dict:

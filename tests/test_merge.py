@@ -16,17 +16,9 @@ from qilin_lite.merge import merge_run
 from qilin_lite.model import PROJECTOR_FILE, RunInfo, load_llava, load_projector, resolve_base, token_layout
 from qilin_lite.processing import Collator, ImageLoader, encode
 from qilin_lite.records import read_records
+from conftest import run_cli
 
 
-def run_cli(args: list[str], monkeypatch) -> int:
-    from qilin_lite.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["qilin-lite", *args])
-    try:
-        main()
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def real_batch(records, tokenizer, image_processor, info: RunInfo, config) -> dict:
