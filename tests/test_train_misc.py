@@ -1,0 +1,90 @@
+"""Resume, attention choice, the added <image> token, length grouping."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_recipe
+from qilin_lite.errors import UserError
+
+
+def test_align_resumed_after_interruption_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_base, tiny_data):
+    import shutil
+
+    from qilin_lite.train import run_stage
+
+    out = tmp_path / "align"
+    kw = {"model.base": str(tiny_base), "train.save_steps": 1, "train.save_total_limit": 5, "train.max_steps": 4}
+    recipe = lambda: tiny_recipe("align", "align", out, tiny_data["align"], tiny_data["images"], **kw)  # noqa: E731
+    run_stage(recipe())
+    # align checkpoints hold the projector, not a copy of the frozen LLM
+    ckpt = out / "checkpoint-2"
+    assert (ckpt / "projector.safetensors").exists() and not list(ckpt.glob("model*.safetensors"))
+    uninterrupted = load_file(str(out / "projector.safetensors"))
+    # an interruption after step 2: later checkpoints and the final outputs never got written
+    for p in ("checkpoint-3", "checkpoint-4", "projector.safetensors", "qilin.json"):
+        shutil.rmtree(out / p) if (out / p).is_dir() else (out / p).unlink()
+    with pytest.raises(UserError, match="--resume"):
+        run_stage(recipe())
+    run_stage(recipe(), resume=True)
+    resumed = load_file(str(out / "projector.safetensors"))
+    for k in uninterrupted:
+        assert torch.allclose(resumed[k], uninterrupted[k], atol=1e-6), k
+    assert not torch.equal(resumed["linear_1.weight"], load_file(str(ckpt / "projector.safetensors"))["linear_1.weight"])
+    logged = [h["step"] for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+    assert logged == [1, 2, 3, 4]
+
+
+def test_attention_choice(monkeypatch):
+    import importlib.util
+
+    from qilin_lite import model as m
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert m.pick_attention("auto") == "sdpa"
+    with pytest.raises(UserError, match="flash"):
+        m.pick_attention("flash_attention_2")
+    assert m.pick_attention("eager") == "eager"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "flash_attn" else real(n, *a))
+    assert m.pick_attention("auto") == "flash_attention_2"
+    assert m.pick_attention("sdpa") == "sdpa"
+
+
+def test_image_token_added_and_embeddings_resized(tiny_parts, tiny_base):
+    from transformers import AutoConfig, AutoTokenizer
+
+    llm_tok = AutoTokenizer.from_pretrained(str(tiny_parts[1]))
+    assert "<image>" not in llm_tok.get_vocab()
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    cfg = AutoConfig.from_pretrained(str(tiny_base))
+    assert tok.convert_tokens_to_ids("<image>") == cfg.image_token_id == len(llm_tok)
+    assert cfg.text_config.vocab_size == len(tok)
+    assert cfg.vision_feature_layer == -2 and cfg.vision_feature_select_strategy == "default"
+    assert cfg.image_seq_length == (32 // 8) ** 2
+
+
+def test_batches_are_grouped_by_length_unless_turned_off(tmp_path, tiny_base, tiny_data):
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from qilin_lite.train import _trainer_class
+
+    trainer = _trainer_class().__new__(_trainer_class())  # only the sampler hook is exercised
+    trainer.sample_lengths = [5, 50, 7, 49, 6, 48, 8, 47]
+
+    class Args:
+        train_batch_size, gradient_accumulation_steps = 2, 1
+
+    trainer.args = Args()
+    sampler = trainer._get_train_sampler(None)
+    assert isinstance(sampler, LengthGroupedSampler)
+    order = list(sampler)
+    batches = [order[i : i + 2] for i in range(0, 8, 2)]
+    lens = [[trainer.sample_lengths[i] for i in b] for b in batches]
+    assert all(max(b) - min(b) <= 3 for b in lens)  # long with long, short with short
