@@ -198,13 +198,24 @@ def train_stage(recipe: Recipe, *, resume: bool = False):
         log.info("packed %d samples into %d rows of at most %d tokens", n_samples, len(dataset), recipe.data.max_length)
     args = sft_config(recipe, out)
     Trainer = _trainer_class()
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=as_hf_dataset(dataset),
-        data_collator=Collator(tokenizer.pad_token_id),
-        processing_class=tokenizer,
-    )
+    # transformers refuses to train a quantized model that has no peft adapter, to stop runs in which nothing can
+    # learn. align with a 4-bit LLM trains the full-precision projector, so that guard does not apply: it is told
+    # the model carries its own trainable part for the duration of the constructor only.
+    quantized_align = bits is not None and tr.mode == "align"
+    if quantized_align:
+        assert any(p.requires_grad for p in model.parameters())
+        model._hf_peft_config_loaded = True
+    try:
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=as_hf_dataset(dataset),
+            data_collator=Collator(tokenizer.pad_token_id),
+            processing_class=tokenizer,
+        )
+    finally:
+        if quantized_align:
+            model._hf_peft_config_loaded = False
     if bits:
         # trl casts every trainable parameter of a quantized model to bf16, the projector included. Keep them in
         # fp32 as peft does by default: autocast still computes in bf16 on GPUs, updates are not lost to bf16

@@ -88,3 +88,24 @@ def test_batches_are_grouped_by_length_unless_turned_off(tmp_path, tiny_base, ti
     batches = [order[i : i + 2] for i in range(0, 8, 2)]
     lens = [[trainer.sample_lengths[i] for i in b] for b in batches]
     assert all(max(b) - min(b) <= 3 for b in lens)  # long with long, short with short
+
+
+def test_align_with_a_4bit_frozen_llm_trains_only_the_projector(tmp_path, tiny_base, tiny_data):
+    import bitsandbytes as bnb
+
+    from qilin_lite.train import train_stage
+
+    out, model = train_stage(tiny_recipe("align", "align", tmp_path / "a4", tiny_data["align"], tiny_data["images"],
+                                         **{"model.base": str(tiny_base), "model.load_4bit": True}))
+    four_bit = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert four_bit and all(".language_model." in n for n in four_bit)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("multi_modal_projector" in n for n in trainable)
+    info = json.loads((Path(out) / "qilin.json").read_text())
+    assert info["kind"] == "align"
+    trained = load_file(str(Path(out) / "projector.safetensors"))
+    base = {}
+    for f in Path(tiny_base).glob("*.safetensors"):
+        base.update(load_file(str(f)))
+    fresh = {k.split("multi_modal_projector.")[1]: v for k, v in base.items() if "multi_modal_projector" in k}
+    assert set(trained) == set(fresh) and all(not torch.equal(trained[k], fresh[k]) for k in trained)
