@@ -80,7 +80,7 @@ def build_tiny_base(out_dir: Path, texts: list[str], questions: list[tuple[str, 
     # A trained CLIP's patch features say where each patch is; a random one's barely do (position embeddings start
     # at std 0.02). Larger random position embeddings give the stand-in that property, so "which side" is learnable.
     with torch.no_grad():
-        vision.embeddings.position_embedding.weight.normal_(0.0, 1.0)
+        vision.embeddings.position_embedding.weight.normal_(0.0, 0.3)
     vision.save_pretrained(vision_dir)
     CLIPImageProcessor(
         size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size}

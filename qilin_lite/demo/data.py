@@ -85,7 +85,7 @@ NO_LESION_CAPTIONS = (
 IMAGE_TOKEN = "<image>"
 TWO_TURN_FRACTION = 0.2  # multi-turn records exercise supervision of a second assistant turn
 CHINESE_NAME_EVERY = 50  # every 50th image gets a Chinese file name: such names must work everywhere
-LESION_RADIUS = (0.075, 0.095)  # fraction of the image size: about 5-6 px at 64 px, most of one 8x8 patch
+LESION_RADIUS = (0.11, 0.14)  # fraction of the image size: 7-9 px at 64 px, so a lesion dominates its 16 px patch
 COUNT_LESION_RADIUS = (0.06, 0.075)  # smaller, so three fit in one half; one size for all counts: area grows with count
 _STREAMS = {"align": 1, "tune": 2, "heldout": 3}  # separate seed streams: held-out never shares draws with training
 
