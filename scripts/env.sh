@@ -12,10 +12,13 @@ VPY=.venv/bin/python
 if ! "$VPY" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
     "$VPY" -m pip install -q "torch>=2.4,<3"
-  elif "$VPY" -m pip install -q --no-index "torch==2.13.0" 2>/dev/null; then
-    :  # a CPU wheel that pip already finds locally (no download)
+  elif probe=$(mktemp -d) && "$VPY" -m pip download -q --no-deps --no-index "torch==2.13.0" -d "$probe" >/dev/null 2>&1; then
+    rm -rf "$probe"
+    "$VPY" -m pip install -q "torch==2.13.0"  # a CPU wheel pip finds locally; its dependencies from the index
   else
-    "$VPY" -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+    rm -rf "$probe"
+    "$VPY" -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu \
+      --extra-index-url https://pypi.org/simple
   fi
 fi
 # installs nothing new once satisfied, so a second run starts in seconds
