@@ -155,6 +155,18 @@ def _trainer_class():
     return QilinTrainer
 
 
+def trainable_to_fp32(model) -> None:
+    """Trained weights live in fp32; frozen ones stay in the load dtype (bf16 on GPUs).
+
+    A bf16 weight updated by AdamW loses every step smaller than its precision (at lr 2e-5 most of them), and the
+    Trainer keeps no fp32 master copy on its own: `bf16=True` only adds autocast, which still computes in bf16.
+    DeepSpeed keeps its own fp32 master weights, so it is left alone there.
+    """
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
 def last_checkpoint(out: Path) -> str | None:
     ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
     return str(ckpts[-1]) if ckpts else None
@@ -189,6 +201,8 @@ def train_stage(recipe: Recipe, *, resume: bool = False):
         load_projector(model, projector)
     lora = LoraSettings(tr.lora_r, tr.lora_alpha, tr.lora_dropout)
     model = configure(model, tr.mode, lora, gradient_checkpointing=tr.gradient_checkpointing)
+    if not tr.deepspeed:
+        trainable_to_fp32(model)
     log.info(trainable_summary(model))
 
     dataset, n_rejected = build_dataset(recipe, tokenizer, image_processor, model.config, out)
@@ -216,13 +230,9 @@ def train_stage(recipe: Recipe, *, resume: bool = False):
     finally:
         if quantized_align:
             model._hf_peft_config_loaded = False
-    if bits:
-        # trl casts every trainable parameter of a quantized model to bf16, the projector included. Keep them in
-        # fp32 as peft does by default: autocast still computes in bf16 on GPUs, updates are not lost to bf16
-        # rounding, and float32 CPU runs do not mix dtypes.
-        for p in trainer.model.parameters():
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
+    if not tr.deepspeed:
+        # again: trl casts every trainable parameter of a quantized model to bf16 in its constructor
+        trainable_to_fp32(trainer.model)
     trainer.sample_lengths = dataset.lengths if recipe.data.group_by_length else None
     trainer.align_only = tr.mode == "align"
     trainer.train(resume_from_checkpoint=last_checkpoint(out) if resume else None)
@@ -261,7 +271,9 @@ def sft_config(recipe: Recipe, out: Path):
         lr_scheduler_type=tr.scheduler,
         warmup_steps=tr.warmup_ratio,  # trl 1.x: a float below 1 is a ratio of the total steps
         weight_decay=tr.weight_decay,
-        bf16=tr.bf16 and (cuda or recipe.model.dtype == "bfloat16"),
+        # bf16 weights beside fp32 trained ones need autocast; fp32 weights get it when the recipe asks, on GPUs
+        bf16=recipe.model.dtype == "bfloat16" or (tr.bf16 and cuda),
+        fp16=recipe.model.dtype == "float16",
         tf32=tr.tf32 if cuda else None,
         activation_checkpointing=tr.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},

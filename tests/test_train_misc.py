@@ -109,3 +109,14 @@ def test_align_with_a_4bit_frozen_llm_trains_only_the_projector(tmp_path, tiny_b
         base.update(load_file(str(f)))
     fresh = {k.split("multi_modal_projector.")[1]: v for k, v in base.items() if "multi_modal_projector" in k}
     assert set(trained) == set(fresh) and all(not torch.equal(trained[k], fresh[k]) for k in trained)
+
+
+def test_trained_weights_are_fp32_frozen_ones_keep_the_load_dtype(tmp_path, tiny_base, tiny_data):
+    """bf16 recipes: AdamW must update fp32 weights, or small updates vanish in bf16 rounding."""
+    from qilin_lite.train import train_stage
+
+    out, model = train_stage(tiny_recipe("align", "align", tmp_path / "bf", tiny_data["align"], tiny_data["images"],
+                                         **{"model.base": str(tiny_base), "model.dtype": "bfloat16", "train.max_steps": 1}))
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "multi_modal_projector" in n)
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if "language_model" in n or "vision_tower" in n)

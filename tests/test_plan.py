@@ -1,0 +1,248 @@
+"""The memory planner: exact parameter counts, LoRA and 4-bit storage as peft and bitsandbytes really make them,
+monotone estimates, the verdict and its suggestion, the CLI's exit codes, and one measured training step."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from qilin_lite.config import REPO_RECIPES
+from qilin_lite.errors import UserError
+from qilin_lite.plan import (
+    CLIP_VIT_L14_336,
+    GiB,
+    LLAMA2_13B,
+    Settings,
+    count_parameters,
+    estimate,
+    llava_config,
+    make_plan,
+    nf4_bytes,
+    parse_memory,
+    plan_recipe,
+    plan_to_dict,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+              patch_size=8, projection_dim=64)
+LLM = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+           vocab_size=600, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_config():
+    return llava_config(VISION, LLM)
+
+
+@pytest.fixture(scope="module")
+def shape13b():
+    return count_parameters(llava_config(CLIP_VIT_L14_336, LLAMA2_13B))
+
+
+def _model(config):
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config)
+
+
+def n(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("projector", ["mlp2x_gelu", "linear"])
+def test_meta_counts_equal_an_instantiated_model_group_by_group(projector):
+    config = llava_config(VISION, LLM, projector)
+    shape = count_parameters(config)
+    m = _model(config)
+    lm = m.model.language_model
+    linear = sum(n(mod) for name, mod in m.named_modules()
+                 if isinstance(mod, torch.nn.Linear) and name.startswith("model.language_model.layers."))
+    assert shape.vision == n(m.model.vision_tower)
+    assert shape.projector == n(m.model.multi_modal_projector)
+    assert shape.decoder_linear == linear
+    assert shape.decoder_other == n(lm.layers) - linear
+    assert (shape.embeddings, shape.final_norm, shape.lm_head) == (n(lm.embed_tokens), n(lm.norm), n(m.lm_head))
+    assert shape.total == n(m)
+    assert shape.vocab == LLM["vocab_size"] + 1 and shape.image_tokens == (32 // 8) ** 2
+    assert shape.kv_dim == 2 * 32 and len(shape.linears) == 7 * LLM["num_hidden_layers"]
+
+
+def test_13b_counts_are_the_known_figures(shape13b):
+    assert shape13b.vision == 303_507_456  # CLIP ViT-L/14-336 vision tower
+    assert shape13b.projector == 1024 * 5120 + 5120 + 5120 * 5120 + 5120
+    assert shape13b.decoder_linear == 40 * (4 * 5120 * 5120 + 3 * 5120 * 13824)
+    assert shape13b.embeddings == shape13b.lm_head == 32001 * 5120
+    assert shape13b.image_tokens == 576 and shape13b.vision_tokens == 577
+
+
+def test_lora_count_equals_peft(tiny_config):
+    from qilin_lite.stages import LoraSettings, configure
+
+    shape = count_parameters(tiny_config)
+    model = configure(_model(tiny_config), "lora", LoraSettings(r=4, alpha=8))
+    lora = sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and "lora_" in name)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert lora == shape.lora_params(4)
+    s = Settings(mode="lora", lora_r=4, per_device_batch=1, global_batch=1, max_length=64, device="cpu")
+    assert estimate(shape, s).trainable == trained  # LoRA + the projector's trained copy
+
+
+def test_nf4_bytes_match_bitsandbytes_storage(tiny_config, tmp_path):
+    from qilin_lite.model import load_llava
+
+    _model(tiny_config).save_pretrained(tmp_path)
+    model = load_llava(str(tmp_path), bits=4, dtype="float32", attn="sdpa")
+    storages: dict[int, int] = {}
+    numels = 0
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if w is None or w.__class__.__name__ != "Params4bit":
+            continue
+        numels += w.quant_state.shape.numel()
+        qs = w.quant_state
+        for t in (w, qs.absmax, qs.code, qs.offset, qs.state2.absmax, qs.state2.code):
+            if torch.is_tensor(t):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    actual = sum(storages.values())
+    shape = count_parameters(tiny_config)
+    assert numels == shape.decoder_linear  # exactly the decoder's linear layers are quantized
+    predicted = sum(nf4_bytes(i * o) for _, i, o, _ in shape.linears)
+    assert abs(predicted / actual - 1) < 0.02, (predicted, actual)
+    # the asymptotic rate: 4 bits + a uint8 absmax per 64 + an fp32 absmax per 256 x 64
+    assert nf4_bytes(64 * 256 * 1000) / (64 * 256 * 1000) == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256), rel=1e-3)
+
+
+def test_checkpointing_lowers_activations_and_zero3_shards_weights(shape13b):
+    s = Settings(mode="full", per_device_batch=16, global_batch=128, max_length=2048, zero_stage=3, gpus=8)
+    on, off = estimate(shape13b, s), estimate(shape13b, replace(s, gradient_checkpointing=False))
+    assert on.activations_checkpointed < on.activations_full and on.total < off.total
+    weights = []
+    for g in (1, 2, 4, 8):
+        est = estimate(shape13b, replace(s, gpus=g, global_batch=16 * g))
+        weights.append(sum(v for k, v in est.components.items() if k.startswith("weights")))
+    assert weights == sorted(weights, reverse=True) and len(set(weights)) == 4
+    assert weights[0] / weights[3] == pytest.approx(8, rel=1e-3)
+    # ZeRO-2 leaves the weights whole but shards the optimizer
+    z2 = estimate(shape13b, replace(s, zero_stage=2))
+    assert z2.components["optimizer: AdamW m, v"] == on.components["optimizer: AdamW m, v"]
+    assert sum(v for k, v in z2.components.items() if k.startswith("weights")) == weights[0]
+    # fewer tokens, less memory (the peak is in the backward at this batch)
+    assert on.peak_phase != "optimizer step"
+    assert estimate(shape13b, replace(s, max_length=1024)).total < on.total
+
+
+def test_verdict_and_smallest_change(shape13b):
+    paper_full = Settings(mode="full", gpus=8, gpu_memory_gib=80, per_device_batch=16, global_batch=128,
+                          max_length=2048, zero_stage=3)
+    assert make_plan(shape13b, paper_full).fits
+
+    # checkpointing off: too big; a lower batch (global batch kept) is enough, and comes first
+    p = make_plan(shape13b, replace(paper_full, gradient_checkpointing=False))
+    assert not p.fits and p.suggestion is not None
+    sug = p.suggestion
+    assert sug.change.startswith("lower the per-device batch")
+    assert sug.settings.per_device_batch < 16 and not sug.settings.gradient_checkpointing
+    assert sug.settings.per_device_batch * sug.settings.accumulation * 8 == 128
+    assert sug.flags == [f"--set train.per_device_batch={sug.settings.per_device_batch}"]
+    assert sug.estimate.total <= 80 * GiB
+
+    # bf16 LoRA of a 13B does not fit 24 GiB at any batch: 4-bit does
+    lora = Settings(mode="lora", gpus=1, gpu_memory_gib=24, per_device_batch=2, global_batch=128, max_length=2048)
+    p = make_plan(shape13b, lora)
+    assert not p.fits and p.suggestion.flags[0] == "--qlora" and p.suggestion.settings.mode == "qlora"
+
+    # full fine-tuning on one 80 GiB GPU: ZeRO-3 on more GPUs only comes after 4-bit
+    p = make_plan(shape13b, replace(paper_full, gpus=1, zero_stage=0, global_batch=16))
+    assert not p.fits and p.suggestion.settings.mode == "qlora"
+
+    # 8k tokens without checkpointing: no batch is small enough, checkpointing (tried before ZeRO-3 and 4-bit) is
+    p = make_plan(shape13b, replace(paper_full, max_length=8192, gradient_checkpointing=False))
+    sug = p.suggestion
+    assert not p.fits and sug.settings.gradient_checkpointing and sug.settings.mode == "full"
+    assert "--set train.gradient_checkpointing=true" in sug.flags and sug.settings.zero_stage == 3
+    assert sug.change.startswith("turn on gradient checkpointing")
+
+    # nothing fits a 2 GiB GPU
+    p = make_plan(shape13b, replace(lora, gpu_memory_gib=2, global_batch=2))
+    assert not p.fits and p.suggestion is None
+
+
+def test_settings_and_memory_sizes_are_checked():
+    assert parse_memory("24GiB") == parse_memory("24GB") == parse_memory("24") == 24
+    assert parse_memory("512MiB") == 0.5
+    with pytest.raises(UserError, match="not a size"):
+        parse_memory("lots")
+    with pytest.raises(UserError, match="not a multiple"):
+        Settings(per_device_batch=3, global_batch=128).accumulation
+    with pytest.raises(UserError, match="mode"):
+        Settings(mode="dpo")
+
+
+def test_paper_recipes_plan_from_configs_alone():
+    a = plan_recipe(REPO_RECIPES / "qilin-med-vl/align.yaml", gpus=8)
+    f = plan_recipe(REPO_RECIPES / "qilin-med-vl/tune-full.yaml", gpus=8)
+    q = plan_recipe(REPO_RECIPES / "qilin-med-vl/tune-qlora.yaml", gpu_memory="24GiB")
+    assert (a.settings.zero_stage, f.settings.zero_stage, q.settings.zero_stage) == (2, 3, 0)
+    assert a.fits and f.fits and q.fits
+    d = plan_to_dict(q)
+    assert d["parameters"]["total"] == q.shape.total and d["fits"] and d["suggestion"] is None
+    assert d["total_gib"] == pytest.approx(sum(d["memory_gib"].values()), abs=0.05)
+    assert d["settings"]["accumulation"] == 64
+
+
+def _cli(monkeypatch, capsys, *args) -> tuple[int, str]:
+    from qilin_lite import cli
+
+    monkeypatch.setattr(sys, "argv", ["qilin-lite", "plan", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    out = capsys.readouterr()
+    return e.value.code, out.out + out.err
+
+
+def test_cli_exit_codes(monkeypatch, capsys, tmp_path, tiny_config):
+    qlora = REPO_RECIPES / "qilin-med-vl/tune-qlora.yaml"
+    code, out = _cli(monkeypatch, capsys, qlora, "--gpu-memory", "24GiB")
+    assert code == 0 and "verdict: fits" in out and "LoRA adapters (r=64)" in out
+
+    code, out = _cli(monkeypatch, capsys, qlora, "--gpu-memory", "24GiB", "--mode", "lora", "--json")
+    d = json.loads(out)
+    assert code == 1 and not d["fits"] and d["suggestion"]["flags"][0] == "--qlora"
+    assert d["settings"]["mode"] == "lora"
+
+    code, out = _cli(monkeypatch, capsys, qlora, "--gpu-memory", "lots")
+    assert code == 2 and out.strip() == "error: GPU memory 'lots' is not a size; write e.g. 24GiB or 80GB"
+    code, out = _cli(monkeypatch, capsys, qlora, "--batch", "3")
+    assert code == 2 and "not a multiple" in out
+
+    # a local Llava directory as the base: read from its config.json
+    tiny_config.save_pretrained(tmp_path / "base")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"stage: tune\nmodel: {{base: {tmp_path / 'base'}}}\ndata: {{max_length: 64}}\n"
+                      "train: {mode: lora, global_batch: 4, per_device_batch: 2}\n", encoding="utf-8")
+    code, out = _cli(monkeypatch, capsys, recipe, "--gpu-memory", "2GiB", "--json")
+    d = json.loads(out)
+    assert code == 0 and d["parameters"]["total"] == count_parameters(tiny_config).total
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("plan_accuracy", ROOT / "benchmarks" / "plan_accuracy.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_predicted_peak_matches_a_measured_training_step():
+    """A small LoRA run with checkpointing, measured in this process (see benchmarks/plan_accuracy.py for how)."""
+    bench = _benchmark()
+    r = bench.one("test-lora-ckpt")
+    assert 0.85 < r["ratio"] < 1.15, r
