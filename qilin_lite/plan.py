@@ -15,7 +15,8 @@ What is modelled is this repository's training path, tensor by tensor (see `laye
   stream runs in fp32 too;
 - trl >= 1's SFTTrainer loss: a chunked LM head (4096 tokens x 32768 vocabulary tiles), so the b x s x vocab logits
   are never materialised (`fused_lm_head=False` models the classic fp32-logits cross-entropy instead);
-- torch fused AdamW (the Trainer's default): m and v in the parameter's dtype, no fp32 master copy; DeepSpeed ZeRO:
+- torch fused AdamW (the Trainer's default): m and v in the parameter's dtype; outside DeepSpeed train.py keeps every
+  trained parameter in fp32 (frozen ones in the load dtype) and autocast computes in bf16; DeepSpeed ZeRO:
   bf16 weights and gradients, fp32 master + m + v (12 bytes per trained parameter) sharded over the GPUs from stage 1,
   gradients from stage 2, weights from stage 3 (which then gathers two decoder layers at a time);
 - peak = persistent state (weights, optimizer, persistent gradients) + the largest of: start of backward (all saved
@@ -447,9 +448,13 @@ def estimate(shape: Shape, s: Settings) -> Estimate:
         lin_fmt = "int8"
     else:
         lin, lin_fmt = shape.decoder_linear * z.w, _name(z.w, s)
-    proj_w = 4 if (s.bits and not ds and s.mode in ("align", "qlora")) else z.w  # train.py keeps these in fp32
+    # train.py keeps every trained weight in fp32 outside DeepSpeed (AdamW on bf16 weights loses small updates)
+    proj_w = 4 if not ds else z.w
+    full_w = 4 if (s.mode == "full" and not ds) else None  # the whole LLM is trained: fp32 too
     proj_copy = s.mode in ("lora", "qlora")  # peft modules_to_save: a trained copy beside the frozen original
-    llm_other = (shape.decoder_other + shape.embeddings + shape.final_norm + shape.lm_head) * other_w
+    llm_other = (shape.decoder_other + shape.embeddings + shape.final_norm + shape.lm_head) * (full_w or other_w)
+    if full_w:
+        lin, lin_fmt = shape.decoder_linear * full_w, "fp32 (trained)"
     weights = {
         "weights: vision tower": shape.vision * other_w,
         "weights: projector": shape.projector * ((other_w + proj_w) if proj_copy else proj_w),
@@ -469,7 +474,7 @@ def estimate(shape: Shape, s: Settings) -> Estimate:
     elif s.mode in ("lora", "qlora"):
         trained = [(lora, z.adapter), (shape.projector, proj_w)]
     else:
-        trained = [(shape.llm, z.w), (shape.projector, z.w)]
+        trained = [(shape.llm, full_w or z.w), (shape.projector, proj_w)]
     P = sum(n for n, _ in trained)
     comp: dict[str, int] = dict(weights)
     if ds:
