@@ -1,0 +1,75 @@
+"""The benchmark's measuring code, on small inputs: no timings here (speed goals live in benchmarks/, never in tests)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks/`
+
+from benchmarks import lengths as L  # noqa: E402
+
+
+def test_length_fit_matches_published_quartiles():
+    rng = np.random.default_rng(0)
+    for stat in (L.CAPTION, L.CONTEXT, L.QUESTION, L.ANSWER):
+        q1, med, q3 = L.quartiles(stat.sample(rng, 20_000))
+        assert abs(med - stat.median) <= max(1, 0.03 * stat.median)
+        assert abs(q1 - stat.q1) <= max(1, 0.05 * stat.q1) and abs(q3 - stat.q3) <= max(1, 0.05 * stat.q3)
+        assert stat.sample(rng, 20_000).max() <= stat.max
+
+
+def test_real_token_fraction_counts_padding():
+    lengths = np.array([10, 10, 5, 1])
+    assert L.real_fraction(lengths, [np.array([0, 1]), np.array([2, 3])]) == pytest.approx(26 / 30)
+    assert L.real_fraction(lengths, [np.array([0, 3]), np.array([1, 2])]) == pytest.approx(26 / 40)
+
+
+@pytest.mark.parametrize("stage", ["align", "tune"])
+def test_length_grouping_pads_less_than_random_order(stage):
+    lens = L.real_model_lengths(stage, 2_000, seed=1)
+    assert lens.min() > L.REAL_IMAGE_TOKENS and lens.max() <= L.MAX_LENGTH
+    f = L.fractions(lens, batch=16, seed=1)
+    assert f["grouped"] > f["random"]
+    assert f["packed"] > f["random"]
+    # every sample lands in exactly one batch, in both orders
+    for batches in (L.grouped_batches(lens, 16, seed=1), L.random_batches(len(lens), 16, seed=1)):
+        assert sorted(np.concatenate(batches).tolist()) == list(range(len(lens)))
+
+
+def test_quick_mode_parses_to_a_small_plan():
+    from benchmarks import run
+
+    args = run.parse_args(["--quick", "--skip", "speed", "memory", "--no-write"])
+    plan = run.plan_for(args)
+    assert args.quick and args.no_write and set(args.skip) == {"speed", "memory"}
+    assert plan.rounds == 1 and not plan.profile
+    assert plan.fraction_samples < run.FULL.fraction_samples
+    assert run.plan_for(run.parse_args(["--rounds", "5"])).rounds == 5
+    with pytest.raises(SystemExit):
+        run.parse_args(["--rounds", "0"])
+
+
+def test_readme_section_replaces_only_its_own_part(tmp_path):
+    from benchmarks import run
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# Benchmarks\n\n## Memory planner\nkeep me\n", encoding="utf-8")
+    run.write_readme(f"{run.README_START}\nfirst\n{run.README_END}", readme)
+    run.write_readme(f"{run.README_START}\nsecond\n{run.README_END}", readme)
+    text = readme.read_text(encoding="utf-8")
+    assert "keep me" in text and "second" in text and "first" not in text
+    assert text.count(run.README_START) == 1
+
+
+def test_fraction_part_of_the_benchmark_runs_on_the_quick_plan():
+    from benchmarks import run
+
+    out = run.part_fraction(run.QUICK, echo=lambda *a: None)
+    assert {r["stage"] for r in out["rows"]} == {"align", "tune"}
+    for r in out["rows"]:
+        assert r["random"] < r["grouped"] <= 1 and r["random"] < r["packed"] <= 1
+    assert all(isinstance(g["met"], bool) for g in out["goals"])
