@@ -223,7 +223,7 @@ class PackedDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, ds: VisionTextDataset, max_length: int):
-        self.ds = ds
+        self.ds, self.max_length = ds, max_length
         self.rows = pack(ds.lengths, max_length)
         self.lengths = np.array([sum(int(ds.lengths[i]) for i in r) for r in self.rows], dtype=np.int64)
 
@@ -231,7 +231,15 @@ class PackedDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, r: int) -> dict:
-        items = [self.ds[i] for i in self.rows[r]]
+        items, used = [], 0
+        for i in self.rows[r]:
+            it = self.ds[i]
+            # a sample that failed to load is replaced by another, maybe longer, one: never overflow the row
+            if used + len(it["input_ids"]) > self.max_length:
+                log.warning("packed row %d: a substituted sample does not fit; it is left out of this row", r)
+                continue
+            items.append(it)
+            used += len(it["input_ids"])
         out = {
             "input_ids": torch.cat([it["input_ids"] for it in items]),
             "labels": torch.cat([it["labels"] for it in items]),
@@ -252,7 +260,8 @@ def as_hf_dataset(ds: VisionTextDataset | PackedDataset):
     def transform(batch: dict) -> dict:
         items = [ds[i] for i in batch["index"]]
         keys = ("input_ids", "labels", "pixel_values", "position_ids")
-        return {k: [it.get(k) for it in items] for k in keys if k in items[0]}
+        # any item, not the first: a text-only first item must not drop the images of the rest
+        return {k: [it.get(k) for it in items] for k in keys if any(k in it for it in items)}
 
     hf.set_transform(transform)
     return hf

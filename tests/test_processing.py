@@ -143,3 +143,22 @@ def test_collator_pads_labels_with_ignore_and_keeps_images_in_row_order():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["pixel_values"].shape[0] == 2
     assert batch["pixel_values"][0].sum() == 0 and batch["pixel_values"][1].sum() > 0
+
+
+def test_hf_wrapper_keeps_images_when_the_first_item_is_text_only():
+    from qilin_lite.processing import as_hf_dataset
+
+    class Two:
+        lengths = np.array([3, 3])
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            item = {"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor([IGNORE, 2, 3])}
+            if i == 1:
+                item["pixel_values"] = torch.ones(1, 3, 4, 4)
+            return item
+
+    batch = as_hf_dataset(Two())[[0, 1]]
+    assert batch["pixel_values"][0] is None and batch["pixel_values"][1].shape == (1, 3, 4, 4)
