@@ -37,8 +37,15 @@ def run_cli(args: list[str], monkeypatch) -> int:
     try:
         main()
     except SystemExit as e:
-        return e.code
+        return e.code if isinstance(e.code, int) else 0
     return 0
+
+
+def run_cli_captured(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """`run_cli` plus what the command printed: (exit code, stdout, stderr)."""
+    code = run_cli([str(a) for a in args], monkeypatch)
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 _MEMORY: dict = {}
@@ -94,22 +101,22 @@ def align_run(tmp_path_factory, tiny_base, tiny_data):
                                  **{"model.base": str(tiny_base)}))
 
 
+def _tune_run(tmp_path_factory, mode: str, align_run, tiny_data):
+    out = tmp_path_factory.mktemp("runs") / mode
+    return _train(tiny_recipe("tune", mode, out, tiny_data["tune"], tiny_data["images"],
+                              **{"model.from_run": str(align_run)}))
+
+
 @pytest.fixture(scope="session")
 def qlora_run(tmp_path_factory, align_run, tiny_data):
-    out = tmp_path_factory.mktemp("runs") / "qlora"
-    return _train(tiny_recipe("tune", "qlora", out, tiny_data["tune"], tiny_data["images"],
-                                 **{"model.from_run": str(align_run)}))
+    return _tune_run(tmp_path_factory, "qlora", align_run, tiny_data)
 
 
 @pytest.fixture(scope="session")
 def lora_run(tmp_path_factory, align_run, tiny_data):
-    out = tmp_path_factory.mktemp("runs") / "lora"
-    return _train(tiny_recipe("tune", "lora", out, tiny_data["tune"], tiny_data["images"],
-                                 **{"model.from_run": str(align_run)}))
+    return _tune_run(tmp_path_factory, "lora", align_run, tiny_data)
 
 
 @pytest.fixture(scope="session")
 def full_run(tmp_path_factory, align_run, tiny_data):
-    out = tmp_path_factory.mktemp("runs") / "full"
-    return _train(tiny_recipe("tune", "full", out, tiny_data["tune"], tiny_data["images"],
-                                 **{"model.from_run": str(align_run)}))
+    return _tune_run(tmp_path_factory, "full", align_run, tiny_data)

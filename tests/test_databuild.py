@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 import threading
 import tracemalloc
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,6 +16,7 @@ from PIL import Image
 from qilin_lite.databuild import PROMPTS, BuildConfig, FieldMap, TranslateConfig, build, iter_rows
 from qilin_lite.errors import UserError
 from qilin_lite.records import read_records
+from conftest import run_cli_captured as run_cli
 
 CONTEXT = "患者女性，73岁，因左侧肢体无力入院，头颅CT显示右侧基底节区低密度影。"  # 35 characters
 
@@ -36,19 +36,6 @@ def make_images(folder: Path, names, size=(40, 30)) -> None:
 
 def read_out(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    from qilin_lite import cli
-
-    monkeypatch.setattr(sys, "argv", ["qilin-lite", *map(str, args)])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture

@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from qilin_lite.databuild import BuildConfig, build, check_data
+from conftest import run_cli_captured as run_cli
 
 
 def turn(who, value):
@@ -56,19 +56,6 @@ EXPECTED = {  # problem -> (line, id) planted
     "empty text": "train.jsonl:7 (empty)",
     "too long": "train.jsonl:8 (long)",
 }
-
-
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    from qilin_lite import cli
-
-    monkeypatch.setattr(sys, "argv", ["qilin-lite", *map(str, args)])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_every_planted_problem_with_its_line(planted, tiny_base):
