@@ -40,6 +40,11 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+def _main_process() -> bool:
+    """Under torchrun every process runs the command; one of them reports."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _fields(**kw) -> dict:
     return {k: v for k, v in kw.items() if v is not None and v is not False}
 
@@ -73,7 +78,8 @@ def align(
         "data.packing": packing,
     }))
     done = run_stage(r, resume=resume)
-    typer.echo(f"align done: {done}  (next: qilin-lite tune --from {done} --qlora ...)")
+    if _main_process():
+        typer.echo(f"align done: {done}  (next: qilin-lite tune --from {done} --qlora ...)")
 
 
 @app.command()
@@ -108,7 +114,8 @@ def tune(
         "data.packing": packing,
     }))
     done = run_stage(r, resume=resume)
-    typer.echo(f"tune done: {done}  (next: qilin-lite chat IMAGE --model {done})")
+    if _main_process():
+        typer.echo(f"tune done: {done}  (next: qilin-lite chat IMAGE --model {done})")
 
 
 @app.command()

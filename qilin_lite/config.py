@@ -85,6 +85,7 @@ class TrainSection:
     save_steps: int = 500
     save_total_limit: int = 2
     deepspeed: str | None = None  # a DeepSpeed JSON (paper: ZeRO-2 for align, ZeRO-3 for tune)
+    fsdp: str | None = None  # instead of DeepSpeed: full_shard (like ZeRO-3) | shard_grad_op (like ZeRO-2), "+ offload"
 
     def __post_init__(self):
         if self.mode not in ("align", "lora", "qlora", "full"):
@@ -95,6 +96,18 @@ class TrainSection:
             raise UserError(f"train.warmup_ratio must be in [0, 1), not {self.warmup_ratio}")
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise UserError(f"train.lr must be positive, not {self.lr}")
+        self.fsdp_options  # noqa: B018 (raises on a bad value)
+
+    @property
+    def fsdp_options(self) -> tuple[bool, bool] | None:
+        """(reshard after forward, offload to CPU) from `fsdp`, or None when FSDP is off."""
+        if not self.fsdp:
+            return None
+        words = set(self.fsdp.replace("+", " ").replace(",", " ").split())
+        strategies = words & {"full_shard", "shard_grad_op"}
+        if len(strategies) != 1 or words - {"full_shard", "shard_grad_op", "offload"}:
+            raise UserError(f"train.fsdp must be full_shard or shard_grad_op, optionally with offload, not '{self.fsdp}'")
+        return "full_shard" in strategies, "offload" in words
 
     def grad_accum(self, world_size: int) -> int:
         """Accumulation that keeps the global batch (and so the learning rate) the recipe's on any GPU count."""
@@ -139,6 +152,12 @@ class Recipe:
             raise UserError("stage tune needs a mode: pass --lora, --qlora or --full")
         if self.model.load_4bit and self.stage != "align":
             raise UserError("model.load_4bit is for align; for tuning use --qlora")
+        if self.train.fsdp:
+            if self.train.deepspeed:
+                raise UserError("train.fsdp and train.deepspeed both set; pick one way to shard the model")
+            if self.train.mode == "qlora" or self.model.load_4bit:
+                raise UserError("train.fsdp does not shard 4-bit weights here; QLoRA fits one GPU (drop train.fsdp) "
+                                "or use --lora / --full with FSDP")
         if not self.data.train:
             raise UserError("no training data: pass --data FILE (LLaVA JSON/JSONL) or set data.train in the recipe")
         if not self.output_dir:

@@ -295,10 +295,23 @@ def projector_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in proj.state_dict().items()}
 
 
-def save_projector(model, path: Path) -> None:
+def projector_from_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The projector's entries of a whole-model state dict (as FSDP / ZeRO-3 gather it), named as in the module."""
+    marker = "multi_modal_projector."
+    found = {k.split(marker, 1)[1]: v.detach().to("cpu", copy=True) for k, v in state.items() if marker in k}
+    if not found:
+        raise RuntimeError("the gathered state dict holds no multi_modal_projector weights")
+    return found
+
+
+def save_projector_state(state: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    save_file(projector_state(model), str(path), metadata={"format": "pt"})
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def save_projector(model, path: Path) -> None:
+    save_projector_state(projector_state(model), path)
 
 
 def load_projector(model, path: Path) -> None:

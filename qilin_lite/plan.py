@@ -267,6 +267,7 @@ class Settings:
     gradient_checkpointing: bool = True
     zero_stage: int = 0  # 0: no DeepSpeed
     reduce_bucket: int | None = None  # DeepSpeed reduce_bucket_size (elements); None: "auto" = hidden^2
+    fsdp: bool = False  # sharded by FSDP instead: planned as the ZeRO stage with the same bytes per parameter
     dtype: str = "bfloat16"  # the weights' dtype as loaded (model.dtype)
     mixed_precision: bool = True  # Trainer bf16/fp16: autocast (not under DeepSpeed, which casts the model instead)
     load_4bit: bool = False  # align only: the frozen decoder in NF4
@@ -321,6 +322,11 @@ def settings_from_recipe(recipe, **overrides) -> Settings:
         mixed_precision=tr.bf16, load_4bit=m.load_4bit, lora_r=tr.lora_r, lora_dropout=tr.lora_dropout, attn=m.attn,
     )
     values.update(_deepspeed(tr.deepspeed))
+    if tr.fsdp_options is not None:
+        # fp32 trained weights + fp32 gradients + AdamW = 16 bytes per trained parameter sharded, the same as ZeRO's
+        # bf16 weights + gradients + fp32 master and AdamW; full_shard frees weights after use as ZeRO-3 does.
+        # train.py computes the loss without trl's fused head under FSDP, so the full logits are counted.
+        values.update(fsdp=True, zero_stage=3 if tr.fsdp_options[0] else 2, fused_lm_head=False)
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values["mode"] != "align":
         values["load_4bit"] = False
@@ -545,7 +551,11 @@ def estimate(shape: Shape, s: Settings) -> Estimate:
     if ds:
         what = {1: "optimizer states", 2: "optimizer states and gradients",
                 3: "weights, gradients and optimizer states"}[ds]
-        notes.append(f"ZeRO-{ds}: {what} are 1/{N} per GPU; DeepSpeed keeps fp32 master weights")
+        if s.fsdp:
+            notes.append(f"FSDP ({'full_shard' if ds == 3 else 'shard_grad_op'}) planned as ZeRO-{ds}: {what} are "
+                         f"1/{N} per GPU; the FSDP figures have not been measured on GPUs")
+        else:
+            notes.append(f"ZeRO-{ds}: {what} are 1/{N} per GPU; DeepSpeed keeps fp32 master weights")
     if s.attn in ("auto", "sdpa") and s.padding:
         notes.append("attention planned as sdpa (memory-efficient kernel: no s x s scores) with padding, so every "
                      "layer keeps a b x s x s mask bias; --set model.attn=flash_attention_2 drops it")
@@ -715,7 +725,9 @@ def _flags(old: Settings, new: Settings) -> list[str]:
         flags.append(f"--set train.per_device_batch={new.per_device_batch}")
     if new.gradient_checkpointing != old.gradient_checkpointing:
         flags.append("--set train.gradient_checkpointing=true")
-    if new.zero_stage != old.zero_stage:
+    if new.zero_stage != old.zero_stage and old.fsdp:
+        flags.append(f"--set train.fsdp={'full_shard' if new.zero_stage == 3 else 'shard_grad_op'}")
+    elif new.zero_stage != old.zero_stage:
         flags.append(f"--set train.deepspeed=recipes/deepspeed/zero{new.zero_stage}.json")
     return flags
 

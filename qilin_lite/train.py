@@ -26,9 +26,11 @@ from .model import (
     load_llava,
     load_projector,
     load_tokenizer_and_processor,
+    projector_from_state_dict,
     resolve_base,
     save_processor,
     save_projector,
+    save_projector_state,
     token_layout,
 )
 from .processing import Collator, ImageLoader, PackedDataset, VisionTextDataset, as_hf_dataset, sample_lengths
@@ -140,12 +142,46 @@ def _trainer_class():
                 return LengthGroupedSampler(batch, lengths=[int(x) for x in self.sample_lengths])
             return super()._get_train_sampler(train_dataset)
 
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            from accelerate.state import PartialState
+            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+            # accelerate turns FSDP on only for accelerator devices: with CPU processes it silently wraps the model
+            # in DDP instead, every process holding everything. torch's FSDP2 itself shards over gloo, so the state
+            # is put into FSDP mode here; on GPUs accelerate does this itself and this branch never runs.
+            state = self.accelerator.state
+            if self.args.fsdp_plugin_args is not None and state.distributed_type == DistributedType.MULTI_CPU:
+                # both shared states, as accelerate does: a later AcceleratorState() copies the partial one over
+                state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+                state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+                if state.mixed_precision != "no":  # bf16 compute through FSDP's own policy, as accelerate sets it
+                    state.fsdp_plugin.set_mixed_precision(state.mixed_precision)
+                self.is_fsdp_enabled = True
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not self.is_fsdp_enabled:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            # trl's fused LM head reads lm_head.weight outside lm_head's forward. accelerate's FSDP2 shards
+            # [final norm, lm_head] as a unit of their own, so that weight is still a sharded DTensor there, and its
+            # gradient comes from this process's batch alone (measured on 2 processes: the lm_head gradient 40% off
+            # the single-process one, every other parameter exact). The model's own forward calls lm_head as a
+            # module, so FSDP gathers it and reduces its gradient; it costs the full logits in memory.
+            from transformers import Trainer
+
+            return Trainer.compute_loss(self, model, {**inputs, "use_cache": False}, return_outputs, num_items_in_batch)
+
         def _save(self, output_dir=None, state_dict=None):
             if not self.align_only:
                 return super()._save(output_dir, state_dict)
+            if not self.args.should_save:
+                return
             output_dir = output_dir or self.args.output_dir
             os.makedirs(output_dir, exist_ok=True)
-            save_projector(self.accelerator.unwrap_model(self.model), Path(output_dir) / PROJECTOR_FILE)
+            if state_dict is None:  # unsharded: read the projector from the model
+                save_projector(self.accelerator.unwrap_model(self.model), Path(output_dir) / PROJECTOR_FILE)
+            else:  # FSDP / ZeRO-3: the trainer gathered the full state dict on every process for this call
+                save_projector_state(projector_from_state_dict(state_dict), Path(output_dir) / PROJECTOR_FILE)
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             if not self.align_only:
@@ -153,6 +189,17 @@ def _trainer_class():
             load_projector(model or self.model, Path(resume_from_checkpoint) / PROJECTOR_FILE)
 
     return QilinTrainer
+
+
+def sharded_fraction(model) -> float:
+    """Fraction of parameter elements held as FSDP shards (DTensors): 0 when a run silently fell back to DDP."""
+    from torch.distributed.tensor import DTensor
+
+    total = sharded = 0
+    for p in model.parameters():
+        total += p.numel()
+        sharded += p.numel() if isinstance(p, DTensor) else 0
+    return sharded / max(total, 1)
 
 
 def trainable_to_fp32(model) -> None:
@@ -199,6 +246,11 @@ def train_stage(recipe: Recipe, *, resume: bool = False):
     tokenizer, image_processor = load_tokenizer_and_processor(base)
     if projector is not None:
         load_projector(model, projector)
+    # LoRA's A matrices are drawn here, before the Trainer seeds anything: seed now, so a run is reproducible and
+    # every process draws the same adapter (FSDP keeps each process's own shard as it finds it, unsynchronised)
+    from transformers import set_seed
+
+    set_seed(tr.seed)
     lora = LoraSettings(tr.lora_r, tr.lora_alpha, tr.lora_dropout)
     model = configure(model, tr.mode, lora, gradient_checkpointing=tr.gradient_checkpointing)
     if not tr.deepspeed:
@@ -210,7 +262,7 @@ def train_stage(recipe: Recipe, *, resume: bool = False):
     if recipe.data.packing:
         dataset = PackedDataset(dataset, recipe.data.max_length)
         log.info("packed %d samples into %d rows of at most %d tokens", n_samples, len(dataset), recipe.data.max_length)
-    args = sft_config(recipe, out)
+    args = sft_config(recipe, out, wrap=fsdp_units(model) if tr.fsdp else None)
     Trainer = _trainer_class()
     # transformers refuses to train a quantized model that has no peft adapter, to stop runs in which nothing can
     # learn. align with a 4-bit LLM trains the full-precision projector, so that guard does not apply: it is told
@@ -237,20 +289,26 @@ def train_stage(recipe: Recipe, *, resume: bool = False):
     trainer.align_only = tr.mode == "align"
     trainer.train(resume_from_checkpoint=last_checkpoint(out) if resume else None)
 
-    save_outputs(trainer.model, recipe, out, base, tokenizer, image_processor)
-    history = trainer.state.log_history
-    (out / "log_history.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
-    write_loss_curve(history, out / "loss.png", title=f"{recipe.stage} ({tr.mode})")
-    summary = {
-        "stage": recipe.stage, "mode": tr.mode, "samples": n_samples, "rows": len(dataset), "rejected": n_rejected,
-        "steps": trainer.state.global_step, "seconds": round(time.time() - t0, 1),
-        "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
-    }
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    sharded = sharded_fraction(trainer.model) if tr.fsdp else None
+    if sharded is not None:
+        log.info("FSDP held %.0f%% of the parameters sharded across %d processes", 100 * sharded, world_size())
+    save_outputs(trainer, recipe, out, base, tokenizer, image_processor)
+    if trainer.args.should_save:  # one writer when several processes train
+        history = trainer.state.log_history
+        (out / "log_history.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
+        write_loss_curve(history, out / "loss.png", title=f"{recipe.stage} ({tr.mode})")
+        summary = {
+            "stage": recipe.stage, "mode": tr.mode, "samples": n_samples, "rows": len(dataset),
+            "rejected": n_rejected, "steps": trainer.state.global_step, "seconds": round(time.time() - t0, 1),
+            "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
+        }
+        if sharded is not None:
+            summary["fsdp_sharded_fraction"] = round(sharded, 4)
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return out, trainer.model
 
 
-def sft_config(recipe: Recipe, out: Path):
+def sft_config(recipe: Recipe, out: Path, wrap: list[str] | None = None):
     from trl import SFTConfig
 
     tr = recipe.train
@@ -275,13 +333,15 @@ def sft_config(recipe: Recipe, out: Path):
         bf16=recipe.model.dtype == "bfloat16" or (tr.bf16 and cuda),
         fp16=recipe.model.dtype == "float16",
         tf32=tr.tf32 if cuda else None,
-        activation_checkpointing=tr.gradient_checkpointing,
+        # under FSDP its own checkpointing wraps the layers (fsdp_config); both at once is refused by transformers
+        activation_checkpointing=tr.gradient_checkpointing and not tr.fsdp,
         activation_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=tr.logging_steps,
         save_steps=tr.save_steps,
         save_total_limit=tr.save_total_limit,
         seed=tr.seed,
         deepspeed=_deepspeed_path(tr.deepspeed),
+        **_fsdp_args(tr, wrap),
         report_to=report,
         dataloader_num_workers=recipe.data.num_workers,
         remove_unused_columns=False,  # our collator needs every field; nothing unused reaches it
@@ -289,6 +349,27 @@ def sft_config(recipe: Recipe, out: Path):
         max_length=None,
         use_cpu=not cuda,
     )
+
+
+def fsdp_units(model) -> list[str]:
+    """Layer classes FSDP wraps one by one: the model's no-split blocks that it really contains (Llava lists
+    CLIP text classes too, which accelerate would fail to find)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in names})
+
+
+def _fsdp_args(tr, wrap: list[str] | None) -> dict:
+    """FSDP2 through accelerate, each decoder / vision layer its own unit, and a full state dict gathered at save
+    time so the output directory is the same as a single-GPU run's."""
+    options = tr.fsdp_options
+    if options is None:
+        return {}
+    reshard, offload = options
+    return {"fsdp": True, "fsdp_config": {
+        "version": 2, "reshard_after_forward": reshard, "cpu_offload": offload,
+        "transformer_layer_cls_to_wrap": wrap or None,
+        "state_dict_type": "FULL_STATE_DICT", "activation_checkpointing": tr.gradient_checkpointing,
+    }}
 
 
 def _deepspeed_path(name: str | None) -> str | None:
@@ -303,17 +384,19 @@ def _deepspeed_path(name: str | None) -> str | None:
     raise UserError(f"{name}: DeepSpeed config not found; give a path that exists (shipped: recipes/deepspeed/)")
 
 
-def save_outputs(model, recipe: Recipe, out: Path, base: str, tokenizer, image_processor) -> None:
+def save_outputs(trainer, recipe: Recipe, out: Path, base: str, tokenizer, image_processor) -> None:
+    """Weights through the trainer (it gathers FSDP / ZeRO-3 shards on every process and writes on the main one),
+    then the files later commands read, from the main process only."""
     mode = recipe.train.mode
-    if mode == "align":
-        save_projector(model, out / PROJECTOR_FILE)
-        RunInfo("align", _portable(base, out), recipe.template, recipe.image_mode).save(out)
-    elif mode in ("lora", "qlora"):
-        model.save_pretrained(str(out))  # adapter_model.safetensors, with the projector (modules_to_save)
-        RunInfo(mode, _portable(base, out), recipe.template, recipe.image_mode).save(out)
-    else:
-        model.save_pretrained(str(out))
-        RunInfo("full", None, recipe.template, recipe.image_mode).save(out)
+    # align: the trainer's _save writes the projector only; lora/qlora: a peft adapter that also holds the trained
+    # projector (modules_to_save); full: a complete Llava directory
+    trainer.save_model(str(out))
+    if not trainer.args.should_save:
+        return
+    (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; recipe.yaml already records every setting
+    kind = "full" if mode == "full" else mode
+    RunInfo(kind, None if mode == "full" else _portable(base, out), recipe.template, recipe.image_mode).save(out)
+    model = trainer.accelerator.unwrap_model(trainer.model)
     save_processor(out, tokenizer, image_processor, model.config, recipe.template)
 
 

@@ -198,6 +198,19 @@ def test_paper_recipes_plan_from_configs_alone():
     assert d["settings"]["accumulation"] == 64
 
 
+def test_fsdp_recipe_plans_as_the_matching_zero_stage_with_full_logits():
+    full = REPO_RECIPES / "qilin-med-vl/tune-full.yaml"
+    zero3 = plan_recipe(full, gpus=8)
+    fsdp = plan_recipe(full, ["train.deepspeed=null", "train.fsdp=full_shard"], gpus=8)
+    grad_op = plan_recipe(full, ["train.deepspeed=null", "train.fsdp=shard_grad_op"], gpus=8)
+    assert (fsdp.settings.zero_stage, grad_op.settings.zero_stage) == (3, 2)
+    assert fsdp.settings.fsdp and not fsdp.settings.fused_lm_head  # train.py leaves trl's fused head under FSDP
+    # same sharded weights and optimizer as ZeRO-3, plus the logits the unfused loss holds
+    assert fsdp.estimate.total > zero3.estimate.total
+    assert grad_op.estimate.total > fsdp.estimate.total  # weights gathered whole between forward and backward
+    assert any(note.startswith("FSDP (full_shard) planned as ZeRO-3") for note in fsdp.estimate.notes)
+
+
 def _cli(monkeypatch, capsys, *args) -> tuple[int, str]:
     from qilin_lite import cli
 

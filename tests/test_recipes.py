@@ -59,3 +59,19 @@ def test_flags_override_recipe_fields():
     r = load_recipe(REPO_RECIPES / "qilin-med-vl/tune-qlora.yaml", ["train.lr=1e-4", "data.max_length=1024"],
                     **{"train.mode": "lora"})
     assert (r.train.lr, r.data.max_length, r.train.mode) == (1e-4, 1024, "lora")
+
+
+def test_fsdp_setting_is_checked():
+    from qilin_lite.errors import UserError
+
+    full = REPO_RECIPES / "qilin-med-vl/tune-full.yaml"
+    ok = load_recipe(full, ["train.deepspeed=null", "train.fsdp=full_shard+offload"], output_dir="o", **{"data.train": "d.jsonl"})
+    assert ok.train.fsdp_options == (True, True)
+    assert load_recipe(full, ["train.fsdp=shard_grad_op"]).train.fsdp_options == (False, False)
+    with pytest.raises(UserError, match="full_shard or shard_grad_op"):
+        load_recipe(full, ["train.fsdp=zero3"])
+    with pytest.raises(UserError, match="pick one way to shard"):
+        load_recipe(full, ["train.fsdp=full_shard"], output_dir="o", **{"data.train": "d.jsonl"}).check()
+    with pytest.raises(UserError, match="does not shard 4-bit weights"):
+        load_recipe(REPO_RECIPES / "qilin-med-vl/tune-qlora.yaml", ["train.fsdp=full_shard"], output_dir="o", **{"data.train": "d.jsonl"}).check()
+    ok.check()

@@ -120,3 +120,19 @@ def test_trained_weights_are_fp32_frozen_ones_keep_the_load_dtype(tmp_path, tiny
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     assert all(d == torch.float32 for n, d in dtypes.items() if "multi_modal_projector" in n)
     assert all(d == torch.bfloat16 for n, d in dtypes.items() if "language_model" in n or "vision_tower" in n)
+
+
+def test_lora_init_follows_the_recipe_seed(tmp_path, align_run, tiny_data):
+    """LoRA's A matrices are drawn before the Trainer seeds: the same seed must give the same run (and every
+    process of a sharded run the same adapter), another seed another one."""
+    from qilin_lite.train import run_stage
+
+    def adapter(name: str, seed: int) -> dict:
+        r = tiny_recipe("tune", "lora", tmp_path / name, tiny_data["tune"], tiny_data["images"],
+                        **{"model.from_run": str(align_run), "train.max_steps": 1, "train.seed": seed})
+        return load_file(str(run_stage(r) / "adapter_model.safetensors"))
+
+    a, b, c = adapter("a", 7), adapter("b", 7), adapter("c", 8)
+    lora_a = [k for k in a if "lora_A" in k]
+    assert lora_a and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(torch.equal(a[k], c[k]) for k in lora_a)
