@@ -16,7 +16,14 @@ import yaml
 
 from .errors import UserError
 
-REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+def _recipes_dir() -> Path:
+    """The recipes shipped inside an installed package (qilin_lite/recipes), else the clone's top-level recipes/."""
+    here = Path(__file__).resolve().parent
+    shipped = here / "recipes"
+    return shipped if shipped.is_dir() else here.parent / "recipes"
+
+
+REPO_RECIPES = _recipes_dir()
 
 
 @dataclass

@@ -11,8 +11,8 @@ What is modelled is this repository's training path, tensor by tensor (see `laye
   fp32 copy of its input), SwiGLU and flash / memory-efficient attention (q, k, v, output and log-sum-exp only: no
   s x s scores; sdpa with a padding mask keeps one b x s x s bias per layer; eager keeps the fp32 scores);
 - peft LoRA (fp32 adapters; dropout keeps a mask and the adapter's input), bitsandbytes NF4 (no activations saved),
-  and `prepare_model_for_kbit_training`, which upcasts every non-4-bit weight to fp32 for QLoRA, so the residual
-  stream runs in fp32 too;
+  and QLoRA's fp32 norms (`stages.norms_to_fp32`): their fp32 outputs make the residual stream fp32 from the first
+  layer on, while the vision tower, embeddings and lm_head stay in the load dtype;
 - trl >= 1's SFTTrainer loss: a chunked LM head (4096 tokens x 32768 vocabulary tiles), so the b x s x vocab logits
   are never materialised (`fused_lm_head=False` models the classic fp32-logits cross-entropy instead);
 - torch fused AdamW (the Trainer's default): m and v in the parameter's dtype; outside DeepSpeed train.py keeps every
@@ -373,7 +373,7 @@ class _Sizes:
 
     w: int  # frozen weights' dtype
     e: int  # compute dtype of matmuls (autocast) / activations
-    stream: int  # residual stream (fp32 in QLoRA: its embeddings are upcast)
+    stream: int  # residual stream (fp32 in QLoRA: its fp32 norms' outputs promote it)
     attn: int  # q, k, v, attention output as saved by the attention kernel
     mlp: int  # gate / up outputs (bitsandbytes casts its output back to the input's dtype)
     adapter: int  # LoRA A/B and their inputs' dtype
@@ -442,8 +442,8 @@ def estimate(shape: Shape, s: Settings) -> Estimate:
     lora = shape.lora_params(s.lora_r) if s.mode in ("lora", "qlora") else 0
 
     # ---- weights
-    frozen_up = s.mode == "qlora" and not ds  # prepare_model_for_kbit_training: every non-4-bit weight to fp32
-    other_w = 4 if frozen_up else z.w
+    other_w = z.w  # unquantized frozen weights keep the load dtype, in QLoRA too ...
+    norm_w = 4 if (s.mode == "qlora" and not ds) else other_w  # ... but its norms are fp32 (stages.norms_to_fp32)
     if s.bits == 4:
         lin = sum(nf4_bytes(i * o) + (o * other_w if bias else 0) for _, i, o, bias in shape.linears)
         lin += (shape.decoder_linear - sum(i * o + (o if bias else 0) for _, i, o, bias in shape.linears)) * other_w
@@ -458,7 +458,8 @@ def estimate(shape: Shape, s: Settings) -> Estimate:
     proj_w = 4 if not ds else z.w
     full_w = 4 if (s.mode == "full" and not ds) else None  # the whole LLM is trained: fp32 too
     proj_copy = s.mode in ("lora", "qlora")  # peft modules_to_save: a trained copy beside the frozen original
-    llm_other = (shape.decoder_other + shape.embeddings + shape.final_norm + shape.lm_head) * (full_w or other_w)
+    llm_other = ((shape.decoder_other + shape.final_norm) * (full_w or norm_w)
+                 + (shape.embeddings + shape.lm_head) * (full_w or other_w))
     if full_w:
         lin, lin_fmt = shape.decoder_linear * full_w, "fp32 (trained)"
     weights = {

@@ -102,6 +102,32 @@ def test_qlora_quantizes_only_llm_decoder_layers(qlora_run):
     assert not any("multi_modal_projector" in n or "vision_tower" in n or "lm_head" in n for n in four_bit)
 
 
+def test_qlora_keeps_frozen_weights_in_the_load_dtype_and_norms_in_fp32(tiny_base):
+    """peft's prepare_model_for_kbit_training would hold the vision tower, embeddings and lm_head in fp32 (2.7 GiB
+    at 13B); QLoRA's layout keeps only the norms there. Trained weights are fp32 (train.py)."""
+    from qilin_lite.stages import LoraSettings, configure
+    from qilin_lite.train import trainable_to_fp32
+
+    model = load_llava(str(tiny_base), bits=4, dtype="bfloat16", attn="sdpa")
+    model = configure(model, "qlora", LoraSettings(r=4, alpha=8))
+    trainable_to_fp32(model)
+    by_kind: dict[str, set] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            kind = "trained"
+        elif type(p).__name__ == "Params4bit":
+            kind = "4-bit"
+        elif "norm" in name:
+            kind = "norm"
+        else:
+            kind = "frozen"
+        by_kind.setdefault(kind, set()).add(p.dtype)
+    assert by_kind["trained"] == {torch.float32}
+    assert by_kind["norm"] == {torch.float32}
+    assert by_kind["frozen"] == {torch.bfloat16}  # vision tower, embeddings, lm_head, the projector's frozen original
+    assert by_kind["4-bit"] == {torch.uint8}
+
+
 def test_full_trains_llm_and_projector_never_the_vision_tower(tiny_base, full_run, in_memory):
     before = base_state(tiny_base)
     after = in_memory[str(full_run)].state_dict()

@@ -67,7 +67,12 @@ def chat_texts(spec_texts: dict, n: int, seed: int) -> list[str]:
 
 def build_tiny_base(out_dir: Path, texts: list[str], questions: list[tuple[str, list[str]]], spec: TinySpec = TinySpec()):
     """Write `out_dir/vision` and `out_dir/llm`; return their paths."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    try:  # the PIL processor by name: `CLIPImageProcessor` means the torchvision one, and warns without torchvision
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:  # transformers before the backend split
+        from transformers import CLIPImageProcessor
 
     torch.manual_seed(spec.seed)
     out_dir = Path(out_dir)
