@@ -1,4 +1,4 @@
-"""`qilin-lite data build | check | stats`: thin commands over databuild.py (added to the CLI by cli.py)."""
+"""`qilin-lite data build | check | stats`: thin commands over databuild.py, datacheck.py and datastats.py (added to the CLI by cli.py)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def check_cmd(
     workers: Annotated[Optional[int], typer.Option("--workers", help="threads decoding images")] = None,
 ):
     """Validate every record as training would; exit 1 when any record fails."""
-    from .databuild import check_data
+    from .datacheck import check_data
 
     result = check_data(file, image_folder, model=model, max_length=max_length, template=template,
                         examples=examples, decode=decode, workers=workers)
@@ -98,6 +98,6 @@ def stats_cmd(
     out: Annotated[Path, typer.Option("--out", help="PNG of the length histograms (numbers in the .json beside it)")] = Path("stats.png"),
 ):
     """Pairs, tokens, max, median (Q1, Q3) per text field and source (the paper's Table 1/2), image sizes."""
-    from .databuild import data_stats, format_stats
+    from .datastats import data_stats, format_stats
 
     typer.echo(format_stats(data_stats(file, model=model, image_folder=image_folder, out=out)))

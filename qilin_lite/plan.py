@@ -436,7 +436,7 @@ def estimate(shape: Shape, s: Settings) -> Estimate:
     if seq <= shape.image_tokens:
         raise UserError(f"max length {seq} leaves no room for text after the {shape.image_tokens} image tokens")
     T = b * seq
-    h, V, L = shape.hidden, shape.vocab, shape.layers
+    h, L = shape.hidden, shape.layers
     N = s.gpus
     ds = s.zero_stage
     lora = shape.lora_params(s.lora_r) if s.mode in ("lora", "qlora") else 0

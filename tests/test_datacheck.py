@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from qilin_lite.databuild import BuildConfig, build, check_data
+from qilin_lite.databuild import BuildConfig, build
+from qilin_lite.datacheck import check_data
 from conftest import run_cli_captured as run_cli
 
 

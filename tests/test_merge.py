@@ -4,7 +4,6 @@ no merge, and occupied output directories, are refused with one line."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest

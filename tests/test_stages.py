@@ -143,7 +143,6 @@ def _batch(run_dir, tiny_data):
     from qilin_lite.conversation import get_template
     from qilin_lite.model import RunInfo, load_tokenizer_and_processor, token_layout
     from qilin_lite.processing import Collator, ImageLoader, encode
-    from qilin_lite.images import load_image
     from transformers import AutoConfig
 
     info = RunInfo.load(Path(run_dir))
