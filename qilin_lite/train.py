@@ -184,7 +184,9 @@ def _trainer_class():
                 save_projector_state(projector_from_state_dict(state_dict), Path(output_dir) / PROJECTOR_FILE)
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            if not self.align_only:
+            # under FSDP the trainer also checkpoints the whole sharded model (pytorch_model_fsdp.bin) and loads it
+            # into the shards itself; the projector file cannot be loaded into DTensor parameters directly
+            if not self.align_only or self.is_fsdp_enabled:
                 return super()._load_from_checkpoint(resume_from_checkpoint, model)
             load_projector(model or self.model, Path(resume_from_checkpoint) / PROJECTOR_FILE)
 

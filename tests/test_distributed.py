@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,7 +66,8 @@ def max_diff(a: dict, b: dict) -> float:
 
 @pytest.mark.slow
 def test_fsdp_shards_and_trains_like_one_process(tmp_path, tiny_base, tiny_data):
-    """FSDP2 over two gloo processes: align, tune --full and tune --lora end with the single-process weights.
+    """FSDP2 over two gloo processes: align, tune --full and tune --lora end with the single-process weights, and
+    an interrupted align resumes from its sharded checkpoint.
 
     Without our shim accelerate would have run these as DDP (every process holding everything); the summary's
     sharded fraction tells the two apart. The full fine-tune also guards the lm_head gradient, which trl's fused head
@@ -77,9 +79,22 @@ def test_fsdp_shards_and_trains_like_one_process(tmp_path, tiny_base, tiny_data)
     for n in (1, 2):
         extra = fsdp if n == 2 else []
         a = tmp_path / f"align{n}"
-        r = launch(n, "align", "--model", str(tiny_base), "--data", str(tiny_data["align"]), *data, "--out", str(a),
-                   *COMMON, *extra)
+        align = ["align", "--model", str(tiny_base), "--data", str(tiny_data["align"]), *data, "--out", str(a), *COMMON,
+                 *extra, "--set", "train.save_steps=1"]
+        r = launch(n, *align)
         assert r.returncode == 0, r.stderr[-3000:]
+        if n == 2:  # interrupted after step 1, then resumed: the sharded checkpoint brings it to the same end
+            uninterrupted = weights(a / "projector.safetensors")
+            shutil.rmtree(a / "checkpoint-2")
+            (a / "projector.safetensors").unlink()
+            # a marker in the checkpoint's history: it is carried over only if step 1 is resumed, not retrained
+            state = json.loads((a / "checkpoint-1" / "trainer_state.json").read_text())
+            state["log_history"][0]["loss"] = 123.0
+            (a / "checkpoint-1" / "trainer_state.json").write_text(json.dumps(state))
+            r = launch(n, *align, "--resume")
+            assert r.returncode == 0, r.stderr[-3000:]
+            assert first_loss(a) == 123.0
+            assert max_diff(weights(a / "projector.safetensors"), uninterrupted) < 1e-6
         for mode in ("full", "lora"):
             t = tmp_path / f"{mode}{n}"
             r = launch(n, "tune", f"--{mode}", "--from", str(tmp_path / "align1"), "--data", str(tiny_data["tune"]),
