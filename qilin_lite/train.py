@@ -44,6 +44,22 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def gather_dicts(local: dict) -> dict:
+    """The union of every process's `local` (itself when there is one process), the same on every process."""
+    if world_size() == 1:
+        return local
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    PartialState()  # joins the process group torchrun prepared (the Trainer would, a little later)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    merged: dict = {}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
 def resolve_base_for(recipe: Recipe, out: Path) -> tuple[str, Path | None]:
     """(base model to load, projector file to start from)."""
     m = recipe.model
@@ -81,10 +97,15 @@ def verify_images(records: list[Record], rejects: list[Reject], skip_bad: bool, 
         except UserError as e:
             return str(e)
 
+    # each process decodes its share (8 GPUs: an eighth each, not eight times everything) and all learn every
+    # verdict, so every process drops the same records and the ranks' datasets stay identical
+    mine = range(int(os.environ.get("RANK", "0")), len(records), world_size())
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        problems = list(pool.map(check, records))
+        found = {i: problem for i, problem in zip(mine, pool.map(check, [records[i] for i in mine])) if problem}
+    found = gather_dicts(found)
     kept = []
-    for rec, problem in zip(records, problems):
+    for i, rec in enumerate(records):
+        problem = found.get(i)
         if problem is None:
             kept.append(rec)
         elif skip_bad:
@@ -94,13 +115,24 @@ def verify_images(records: list[Record], rejects: list[Reject], skip_bad: bool, 
     return kept
 
 
+def _write_rejects_once(rejects: list[Reject], out: Path) -> Path:
+    """Every process finds the same records bad before training; one of them writes the list."""
+    if rejects and os.environ.get("RANK", "0") == "0":
+        write_rejects(rejects, out)
+    return out / "rejects.jsonl"
+
+
 def build_dataset(recipe: Recipe, tokenizer, image_processor, model_config, out: Path):
     d = recipe.data
     rejects: list[Reject] = []
-    records = read_records(
-        d.train, d.image_folder, skip_bad=d.skip_bad, rejects=rejects, split=d.split,
-        image_column=d.image_column, messages_column=d.messages_column,
-    )
+    try:
+        records = read_records(
+            d.train, d.image_folder, skip_bad=d.skip_bad, rejects=rejects, split=d.split,
+            image_column=d.image_column, messages_column=d.messages_column,
+        )
+    except UserError:
+        _write_rejects_once(rejects, out)  # "no usable records ... see rejects.jsonl": make it exist
+        raise
     if d.verify_images:
         records = verify_images(records, rejects, d.skip_bad, workers=max(1, d.num_workers * 2))
     template = get_template(recipe.template)
@@ -113,11 +145,10 @@ def build_dataset(recipe: Recipe, tokenizer, image_processor, model_config, out:
         rejects += [Reject(records[i].source, records[i].line, records[i].id, bad[i]) for i in sorted(bad)]
         keep = [i for i in range(len(records)) if i not in bad]
         records, lengths = [records[i] for i in keep], lengths[keep]
+    if rejects:
+        log.warning("%d record(s) set aside, listed in %s", len(rejects), _write_rejects_once(rejects, out))
     if not records:
         raise UserError(f"{d.train}: every record was rejected; see {out / 'rejects.jsonl'}")
-    if rejects:
-        path = write_rejects(rejects, out)
-        log.warning("%d record(s) set aside, listed in %s", len(rejects), path)
     dataset = VisionTextDataset(
         records, tokenizer, ImageLoader(image_processor, recipe.image_mode), template, layout, lengths,
         rejects_path=out / "rejects.jsonl",

@@ -144,3 +144,22 @@ def test_cli_user_errors_are_one_line_without_traceback(folder, tiny_base):
     assert len(err) == 1 and f"{data}:2 (b2)" in err[0] and "not found" in err[0]
     r = run_cli("tune", "--full", "--lora", "--data", str(data), "--out", str(folder / "o"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "choose one of" in r.stderr
+
+
+@pytest.mark.parametrize("bad", ["records", "images"])
+def test_when_every_record_is_rejected_the_rejects_file_it_names_exists(bad, folder, tiny_base, tmp_path):
+    from conftest import tiny_recipe
+    from qilin_lite.train import run_stage
+
+    if bad == "records":  # rejected while reading
+        rows = [variant(id=f"r{i}", image="nope.png") for i in range(3)]
+    else:  # read fine, rejected when the images are decoded
+        (folder / "bad.png").write_bytes((folder / "x.png").read_bytes()[:40])
+        rows = [variant(id=f"r{i}", image="bad.png") for i in range(3)]
+    data = write_jsonl(folder / "d.jsonl", rows)
+    out = tmp_path / "run"
+    recipe = tiny_recipe("tune", "lora", out, data, folder, **{"model.base": str(tiny_base), "data.skip_bad": True})
+    with pytest.raises(UserError, match="rejects.jsonl"):
+        run_stage(recipe)
+    listed = [json.loads(line)["id"] for line in (out / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert listed == ["r0", "r1", "r2"]

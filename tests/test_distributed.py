@@ -111,3 +111,32 @@ def test_fsdp_shards_and_trains_like_one_process(tmp_path, tiny_base, tiny_data)
         if base is not None:  # the comparison means something only if training moved the weights
             assert max_diff({k: one[k] for k in base}, base) > 1e-3
         assert max_diff(one, two) < 1e-4, stage
+
+
+@pytest.mark.slow
+def test_processes_share_image_checks_and_drop_the_same_records(tmp_path, tiny_base, tiny_data):
+    """Each process decodes its share of the images; all drop the same corrupt ones (or training would hang on
+    mismatched datasets), one writes rejects.jsonl, and without --skip-bad all stop with the one-line error."""
+    images = tmp_path / "images"
+    shutil.copytree(tiny_data["images"], images)
+    first = sorted(images.iterdir())[0]
+    (images / "坏图.png").write_bytes(first.read_bytes()[:40])  # a truncated PNG
+    rows = json.loads(Path(tiny_data["align"]).read_text(encoding="utf-8"))
+    rows[5] = dict(rows[5], id="bad-5", image="坏图.png")
+    rows[10] = dict(rows[10], id="bad-10", image="坏图.png")
+    data = tmp_path / "align.json"
+    data.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    args = ["align", "--model", str(tiny_base), "--data", str(data), "--image-folder", str(images), *COMMON]
+
+    r = launch(2, *args, "--out", str(tmp_path / "strict"))
+    assert r.returncode != 0
+    assert f"error: {data}:6 (bad-5)" in r.stderr
+    # the only traceback is torchrun's own failure report, none through our code
+    assert f'File "{Path(__file__).resolve().parents[1] / "qilin_lite"}' not in r.stderr
+
+    out = tmp_path / "skip"
+    r = launch(2, *args, "--out", str(out), "--skip-bad")
+    assert r.returncode == 0, r.stderr[-3000:]
+    listed = [json.loads(line)["id"] for line in (out / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert listed == ["bad-5", "bad-10"]  # once each, though two processes found them
+    assert json.loads((out / "train_summary.json").read_text())["samples"] == len(rows) - 2
