@@ -35,7 +35,9 @@ Attn = Annotated[Optional[str], typer.Option("--attn", help="auto (flash-attn on
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=os.environ.get("QILIN_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    # under torchrun every process would log the same progress; the others keep warnings and errors
+    level = os.environ.get("QILIN_LOG", "INFO") if _main_process() else "WARNING"
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("bitsandbytes", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
