@@ -28,6 +28,7 @@ Images = Annotated[Optional[Path], typer.Option("--image-folder", help="folder t
 Out = Annotated[Optional[Path], typer.Option("--out", help="output directory (the contract later commands read)")]
 Sets = Annotated[Optional[list[str]], typer.Option("--set", help="override any recipe field: section.key=value")]
 Resume = Annotated[bool, typer.Option("--resume", help="continue an interrupted run from its last checkpoint")]
+EvalData = Annotated[Optional[str], typer.Option("--eval-data", help="held-out file (same format and image folder): eval loss while training")]
 SkipBad = Annotated[bool, typer.Option("--skip-bad", help="set bad records aside in OUT/rejects.jsonl instead of stopping")]
 MaxLen = Annotated[Optional[int], typer.Option("--max-length", help="tokens per sample, image tokens included")]
 Packing = Annotated[bool, typer.Option("--packing", help="pack several samples per row, no padding (batch counts rows)")]
@@ -57,6 +58,7 @@ def align(
     data: Data = None,
     image_folder: Images = None,
     out: Out = None,
+    eval_data: EvalData = None,
     model: Annotated[Optional[str], typer.Option("--model", help="an existing Llava base (directory or hub id)")] = None,
     vision: Annotated[Optional[str], typer.Option("--vision", help="vision encoder to join (default CLIP ViT-L/14-336)")] = None,
     llm: Annotated[Optional[str], typer.Option("--llm", help="LLM to join (default FlagAlpha/Llama2-Chinese-13b-Chat)")] = None,
@@ -77,7 +79,7 @@ def align(
         "data.train": data, "data.image_folder": str(image_folder) if image_folder else None,
         "model.base": model, "model.vision": vision, "model.llm": llm, "model.projector": projector,
         "model.load_4bit": load_4bit, "data.max_length": max_length, "model.attn": attn, "data.skip_bad": skip_bad,
-        "data.packing": packing,
+        "data.packing": packing, "data.eval": eval_data,
     }))
     done = run_stage(r, resume=resume)
     if _main_process():
@@ -94,6 +96,7 @@ def tune(
     data: Data = None,
     image_folder: Images = None,
     out: Out = None,
+    eval_data: EvalData = None,
     model: Annotated[Optional[str], typer.Option("--model", help="a Llava base to tune without an align run")] = None,
     max_length: MaxLen = None,
     attn: Attn = None,
@@ -113,7 +116,7 @@ def tune(
         "train.mode": modes[0] if modes else None, "model.from_run": str(from_run) if from_run else None,
         "data.train": data, "data.image_folder": str(image_folder) if image_folder else None,
         "model.base": model, "data.max_length": max_length, "model.attn": attn, "data.skip_bad": skip_bad,
-        "data.packing": packing,
+        "data.packing": packing, "data.eval": eval_data,
     }))
     done = run_stage(r, resume=resume)
     if _main_process():

@@ -50,6 +50,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     train: str | None = None  # LLaVA JSON/JSONL file, or a Hugging Face dataset name/path
+    eval: str | None = None  # held-out file in the same format (same image folder): eval loss while training
     image_folder: str | None = None
     template: str | None = None  # default: plain (align), vicuna_v1 (tune)
     image_mode: str | None = None  # default: crop (align), pad (tune), as the paper's scripts
@@ -90,6 +91,7 @@ class TrainSection:
     seed: int = 42
     logging_steps: int = 1
     save_steps: int = 500
+    eval_steps: int = 0  # with data.eval: evaluate every N steps; 0: at the end of each epoch
     save_total_limit: int = 2
     deepspeed: str | None = None  # a DeepSpeed JSON (paper: ZeRO-2 for align, ZeRO-3 for tune)
     fsdp: str | None = None  # instead of DeepSpeed: full_shard (like ZeRO-3) | shard_grad_op (like ZeRO-2), "+ offload"
@@ -104,6 +106,8 @@ class TrainSection:
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise UserError(f"train.lr must be positive, not {self.lr}")
         self.fsdp_options  # noqa: B018 (raises on a bad value)
+        if self.eval_steps < 0:
+            raise UserError(f"train.eval_steps must be 0 (every epoch) or positive, not {self.eval_steps}")
 
     @property
     def fsdp_options(self) -> tuple[bool, bool] | None:

@@ -122,12 +122,14 @@ def _write_rejects_once(rejects: list[Reject], out: Path) -> Path:
     return out / "rejects.jsonl"
 
 
-def build_dataset(recipe: Recipe, tokenizer, image_processor, model_config, out: Path):
+def build_dataset(recipe: Recipe, tokenizer, image_processor, model_config, out: Path, source: str | None = None):
+    """The training set (or `source`, e.g. the eval file) under the same rules: records, images, lengths."""
     d = recipe.data
+    source = source or d.train
     rejects: list[Reject] = []
     try:
         records = read_records(
-            d.train, d.image_folder, skip_bad=d.skip_bad, rejects=rejects, split=d.split,
+            source, d.image_folder, skip_bad=d.skip_bad, rejects=rejects, split=d.split,
             image_column=d.image_column, messages_column=d.messages_column,
         )
     except UserError:
@@ -148,7 +150,7 @@ def build_dataset(recipe: Recipe, tokenizer, image_processor, model_config, out:
     if rejects:
         log.warning("%d record(s) set aside, listed in %s", len(rejects), _write_rejects_once(rejects, out))
     if not records:
-        raise UserError(f"{d.train}: every record was rejected; see {out / 'rejects.jsonl'}")
+        raise UserError(f"{source}: every record was rejected; see {out / 'rejects.jsonl'}")
     dataset = VisionTextDataset(
         records, tokenizer, ImageLoader(image_processor, recipe.image_mode), template, layout, lengths,
         rejects_path=out / "rejects.jsonl",
@@ -292,6 +294,9 @@ def train_stage(recipe: Recipe, *, resume: bool = False):
 
     dataset, n_rejected = build_dataset(recipe, tokenizer, image_processor, model.config, out)
     n_samples = len(dataset)
+    # eval rows are never packed: each sample's loss counts as it would alone
+    eval_set = (build_dataset(recipe, tokenizer, image_processor, model.config, out, source=recipe.data.eval)[0]
+                if recipe.data.eval else None)
     if recipe.data.packing:
         dataset = PackedDataset(dataset, recipe.data.max_length)
         log.info("packed %d samples into %d rows of at most %d tokens", n_samples, len(dataset), recipe.data.max_length)
@@ -309,6 +314,7 @@ def train_stage(recipe: Recipe, *, resume: bool = False):
             model=model,
             args=args,
             train_dataset=as_hf_dataset(dataset),
+            eval_dataset=as_hf_dataset(eval_set) if eval_set is not None else None,
             data_collator=Collator(tokenizer.pad_token_id),
             processing_class=tokenizer,
         )
@@ -335,6 +341,9 @@ def train_stage(recipe: Recipe, *, resume: bool = False):
             "rejected": n_rejected, "steps": trainer.state.global_step, "seconds": round(time.time() - t0, 1),
             "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
         }
+        evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+        if evals:
+            summary["eval_samples"], summary["final_eval_loss"] = len(eval_set), evals[-1]
         if sharded is not None:
             summary["fsdp_sharded_fraction"] = round(sharded, 4)
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
@@ -370,6 +379,9 @@ def sft_config(recipe: Recipe, out: Path, wrap: list[str] | None = None):
         activation_checkpointing=tr.gradient_checkpointing and not tr.fsdp,
         activation_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=tr.logging_steps,
+        eval_strategy=("steps" if tr.eval_steps else "epoch") if recipe.data.eval else "no",
+        eval_steps=tr.eval_steps or None,
+        per_device_eval_batch_size=tr.per_device_batch,
         save_steps=tr.save_steps,
         save_total_limit=tr.save_total_limit,
         seed=tr.seed,
@@ -452,12 +464,16 @@ def write_loss_curve(history: list[dict], path: Path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     pts = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
     if not pts:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([p[0] for p in pts], [p[1] for p in pts])
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], label="training")
+    if evals:
+        ax.plot([p[0] for p in evals], [p[1] for p in evals], "o-", label="eval (held out)")
+        ax.legend()
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -136,3 +136,35 @@ def test_lora_init_follows_the_recipe_seed(tmp_path, align_run, tiny_data):
     lora_a = [k for k in a if "lora_A" in k]
     assert lora_a and all(torch.equal(a[k], b[k]) for k in a)
     assert not any(torch.equal(a[k], c[k]) for k in lora_a)
+
+
+def test_eval_loss_is_the_held_out_supervised_token_loss(tmp_path, align_run, tiny_data):
+    """--eval-data: the logged eval loss is the mean loss over exactly the held-out replies' tokens, evaluated with
+    the weights of that step (here the final ones), and it is in the summary and the curve."""
+    from qilin_lite.processing import Collator
+    from qilin_lite.train import build_dataset, train_stage
+
+    rows = json.loads(Path(tiny_data["tune"]).read_text(encoding="utf-8"))
+    held = tmp_path / "留出集.json"
+    held.write_text(json.dumps(rows[:4], ensure_ascii=False), encoding="utf-8")
+    recipe = tiny_recipe("tune", "lora", tmp_path / "run", tiny_data["tune"], tiny_data["images"],
+                         **{"model.from_run": str(align_run), "data.eval": str(held), "train.eval_steps": 1})
+    out, model = train_stage(recipe)
+    history = json.loads((out / "log_history.json").read_text())
+    evals = {h["step"]: h["eval_loss"] for h in history if "eval_loss" in h}
+    assert sorted(evals) == [1, 2]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["eval_samples"] == 4 and summary["final_eval_loss"] == evals[2]
+
+    from qilin_lite.model import load_tokenizer_and_processor
+
+    tok, ip = load_tokenizer_and_processor(str(out))
+    held_set, _ = build_dataset(recipe, tok, ip, model.config, tmp_path / "check", source=str(held))
+    batch = Collator(tok.pad_token_id)([held_set[i] for i in range(4)])
+    model.eval()
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1][mask], labels[mask])
+    assert abs(nll.item() - evals[2]) < 1e-4, (nll.item(), evals[2])
