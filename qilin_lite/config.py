@@ -93,6 +93,7 @@ class TrainSection:
     save_steps: int = 500
     eval_steps: int = 0  # with data.eval: evaluate every N steps; 0: at the end of each epoch
     save_total_limit: int = 2
+    report_to: str = "auto"  # auto: TensorBoard when installed; none; or wandb, swanlab, tensorboard, ... (comma list)
     deepspeed: str | None = None  # a DeepSpeed JSON (paper: ZeRO-2 for align, ZeRO-3 for tune)
     fsdp: str | None = None  # instead of DeepSpeed: full_shard (like ZeRO-3) | shard_grad_op (like ZeRO-2), "+ offload"
 

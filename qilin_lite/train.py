@@ -262,6 +262,7 @@ def run_stage(recipe: Recipe, *, resume: bool = False) -> Path:
 def train_stage(recipe: Recipe, *, resume: bool = False):
     """Train one stage; return (output directory, the trained model as it is in memory)."""
     recipe.check()
+    report_targets(recipe.train.report_to)  # a missing tracker fails now, not after minutes of data checks
     out = Path(recipe.output_dir)
     t0 = time.time()
     if out.exists() and any(out.glob("checkpoint-*")) and not resume:
@@ -355,12 +356,7 @@ def sft_config(recipe: Recipe, out: Path, wrap: list[str] | None = None):
 
     tr = recipe.train
     cuda = torch.cuda.is_available()
-    try:
-        import tensorboard  # noqa: F401
-
-        report = ["tensorboard"]
-    except ImportError:
-        report = "none"
+    report = report_targets(tr.report_to)
     return SFTConfig(
         output_dir=str(out),
         per_device_train_batch_size=tr.per_device_batch,
@@ -401,6 +397,27 @@ def fsdp_units(model) -> list[str]:
     CLIP text classes too, which accelerate would fail to find)."""
     names = set(getattr(model, "_no_split_modules", None) or [])
     return sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in names})
+
+
+def report_targets(setting: str) -> list[str] | str:
+    """train.report_to -> the Trainer's report_to, checked here so a missing tracker is one line, not a traceback
+    at the first logging step."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    available = get_available_reporting_integrations()
+    if setting == "auto":
+        return ["tensorboard"] if "tensorboard" in available else "none"
+    wanted = [w.strip() for w in setting.split(",") if w.strip()]
+    if wanted in ([], ["none"]):
+        return "none"
+    for w in wanted:
+        if w not in INTEGRATION_TO_CALLBACK:
+            raise UserError(f"train.report_to: unknown tracker '{w}'; choose from auto, none, "
+                            f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
+        if w not in available:
+            raise UserError(f"train.report_to: {w} is not installed; pip install {w} (or set train.report_to=none)")
+    return wanted
 
 
 def _fsdp_args(tr, wrap: list[str] | None) -> dict:

@@ -74,3 +74,19 @@ def test_fsdp_setting_is_checked():
     with pytest.raises(UserError, match="does not shard 4-bit weights"):
         load_recipe(REPO_RECIPES / "qilin-med-vl/tune-qlora.yaml", ["train.fsdp=full_shard"], output_dir="o", **{"data.train": "d.jsonl"}).check()
     ok.check()
+
+
+def test_report_to_is_checked_before_training():
+    from transformers.integrations import get_available_reporting_integrations
+
+    from qilin_lite.errors import UserError
+    from qilin_lite.train import report_targets
+
+    assert report_targets("none") == "none"
+    installed = get_available_reporting_integrations()
+    assert report_targets("auto") == (["tensorboard"] if "tensorboard" in installed else "none")
+    with pytest.raises(UserError, match="unknown tracker 'weights-and-biases'"):
+        report_targets("weights-and-biases")
+    missing = next(t for t in ("swanlab", "wandb", "trackio", "mlflow") if t not in installed)
+    with pytest.raises(UserError, match=f"{missing} is not installed; pip install {missing}"):
+        report_targets(f" {missing} ")
