@@ -478,7 +478,10 @@ def main(argv=None) -> dict:
     for c in real_model_caveats(results):
         echo(f"\nCAVEAT {c}")
     missed = [g["goal"] for part in ("fraction", "speed") for g in results.get(part, {}).get("goals", []) if not g["met"]]
-    echo(f"\n{len(missed)} goal(s) MISSED" + "".join(f"\n  MISSED {g}" for g in missed) if missed else "\nall goals met")
+    if args.quick:  # toy sizes: nothing is compute-bound, so the ratios say nothing about the goals
+        echo("\n--quick: the code path ran; goals are judged only by the full run (python benchmarks/run.py)")
+    else:
+        echo(f"\n{len(missed)} goal(s) MISSED" + "".join(f"\n  MISSED {g}" for g in missed) if missed else "\nall goals met")
     echo(f"({results['seconds']} s)")
     if not args.no_write and not args.quick:
         (HERE / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
