@@ -779,6 +779,8 @@ def _gib(n: int) -> float:
 
 def _describe(s: Settings, shape: Shape) -> list[str]:
     ds = f"DeepSpeed ZeRO-{s.zero_stage}" if s.zero_stage else "no DeepSpeed"
+    if s.fsdp:
+        ds = f"FSDP {'full_shard' if s.zero_stage == 3 else 'shard_grad_op'} (planned as ZeRO-{s.zero_stage})"
     attn = "sdpa" if s.attn == "auto" else s.attn
     return [
         f"mode {s.mode} | {s.gpus} GPU{'s' if s.gpus > 1 else ''} x {s.gpu_memory_gib:g} GiB | batch {s.per_device_batch} x "

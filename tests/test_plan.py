@@ -209,6 +209,9 @@ def test_fsdp_recipe_plans_as_the_matching_zero_stage_with_full_logits():
     assert fsdp.estimate.total > zero3.estimate.total
     assert grad_op.estimate.total > fsdp.estimate.total  # weights gathered whole between forward and backward
     assert any(note.startswith("FSDP (full_shard) planned as ZeRO-3") for note in fsdp.estimate.notes)
+    from qilin_lite.plan import format_plan
+
+    assert "FSDP full_shard (planned as ZeRO-3)" in format_plan(fsdp)
 
 
 def _cli(monkeypatch, capsys, *args) -> tuple[int, str]:
