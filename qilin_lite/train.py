@@ -191,6 +191,13 @@ def _trainer_class():
                 if state.mixed_precision != "no":  # bf16 compute through FSDP's own policy, as accelerate sets it
                     state.fsdp_plugin.set_mixed_precision(state.mixed_precision)
                 self.is_fsdp_enabled = True
+            if self.is_fsdp_enabled and state.mixed_precision == "bf16":
+                # accelerate's policy also reduces gradients in bf16 (8 mantissa bits for a sum over every GPU);
+                # compute stays bf16 and the reduction goes to fp32, torchtitan's default and torch's advice
+                from torch.distributed.fsdp import MixedPrecisionPolicy
+
+                state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
+                    param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.bfloat16)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if not self.is_fsdp_enabled:
@@ -347,6 +354,10 @@ def train_stage(recipe: Recipe, *, resume: bool = False):
             summary["eval_samples"], summary["final_eval_loss"] = len(eval_set), evals[-1]
         if sharded is not None:
             summary["fsdp_sharded_fraction"] = round(sharded, 4)
+            policy = trainer.accelerator.state.fsdp_plugin.mixed_precision_policy
+            if policy is not None:  # bf16: what FSDP computed in and what it reduced gradients in
+                summary["fsdp_dtypes"] = {k: str(getattr(policy, f"{k}_dtype")).replace("torch.", "")
+                                          for k in ("param", "reduce")}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return out, trainer.model
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -140,3 +141,16 @@ def test_processes_share_image_checks_and_drop_the_same_records(tmp_path, tiny_b
     listed = [json.loads(line)["id"] for line in (out / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
     assert listed == ["bad-5", "bad-10"]  # once each, though two processes found them
     assert json.loads((out / "train_summary.json").read_text())["samples"] == len(rows) - 2
+
+
+@pytest.mark.slow
+def test_fsdp_with_bf16_computes_in_bf16_and_reduces_gradients_in_fp32(tmp_path, align_run, tiny_data):
+    out = tmp_path / "bf16"
+    r = launch(2, "tune", "--lora", "--from", str(align_run), "--data", str(tiny_data["tune"]), "--image-folder",
+               str(tiny_data["images"]), "--out", str(out), *COMMON, "--set", "train.fsdp=full_shard",
+               "--set", "model.dtype=bfloat16")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["fsdp_sharded_fraction"] > 0.99
+    assert summary["fsdp_dtypes"] == {"param": "bfloat16", "reduce": "float32"}
+    assert math.isfinite(summary["final_loss"])
