@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import Recipe, save_recipe
@@ -84,6 +85,18 @@ def resolve_base_for(recipe: Recipe, out: Path) -> tuple[str, Path | None]:
     return str(base_dir), None
 
 
+def shared_lengths(records: list[Record], template, tokenizer, layout):
+    """`sample_lengths`, each process tokenizing its share and all getting every result (as `verify_images`)."""
+    world = world_size()
+    if world == 1:
+        return sample_lengths(records, template, tokenizer, layout)
+    mine = list(range(int(os.environ.get("RANK", "0")), len(records), world))
+    part, part_bad = sample_lengths([records[i] for i in mine], template, tokenizer, layout)
+    found = gather_dicts({i: int(n) for i, n in zip(mine, part)})
+    bad = gather_dicts({mine[j]: reason for j, reason in part_bad.items()})
+    return np.array([found[i] for i in range(len(records))], dtype=np.int64), bad
+
+
 def verify_images(records: list[Record], rejects: list[Reject], skip_bad: bool, workers: int = 4) -> list[Record]:
     """Decode every image once so a corrupt file is reported before training, not hours into it."""
     from .images import load_image
@@ -139,7 +152,7 @@ def build_dataset(recipe: Recipe, tokenizer, image_processor, model_config, out:
         records = verify_images(records, rejects, d.skip_bad, workers=max(1, d.num_workers * 2))
     template = get_template(recipe.template)
     layout = token_layout(model_config, d.max_length)
-    lengths, bad = sample_lengths(records, template, tokenizer, layout)
+    lengths, bad = shared_lengths(records, template, tokenizer, layout)
     if bad:
         first = min(bad)
         if not d.skip_bad:

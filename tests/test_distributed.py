@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,59 @@ def test_fsdp_with_bf16_computes_in_bf16_and_reduces_gradients_in_fp32(tmp_path,
     assert summary["fsdp_sharded_fraction"] > 0.99
     assert summary["fsdp_dtypes"] == {"param": "bfloat16", "reduce": "float32"}
     assert math.isfinite(summary["final_loss"])
+
+
+SHARE_PROBE = """
+import json, sys
+from transformers import AutoConfig
+from qilin_lite.conversation import get_template
+from qilin_lite.model import load_tokenizer_and_processor, token_layout
+from qilin_lite.records import read_records
+from qilin_lite.train import shared_lengths
+base, data, images, out = sys.argv[1:5]
+records = read_records(data, images)
+tok, _ = load_tokenizer_and_processor(base)
+layout = token_layout(AutoConfig.from_pretrained(base), int(sys.argv[5]))
+lengths, bad = shared_lengths(records, get_template("vicuna_v1"), tok, layout)
+json.dump({"lengths": lengths.tolist(), "bad": {str(k): v for k, v in bad.items()}}, open(out, "w"))
+"""
+
+
+@pytest.mark.slow
+def test_processes_split_the_length_count_and_all_get_every_length(tmp_path, tiny_base, tiny_data):
+    """Each process tokenizes 1/N of the records; every process ends with all the lengths and reasons, the same as
+    one process computing them all."""
+    from transformers import AutoConfig
+
+    from qilin_lite.conversation import get_template
+    from qilin_lite.model import load_tokenizer_and_processor, token_layout
+    from qilin_lite.processing import sample_lengths
+    from qilin_lite.records import read_records
+
+    rows = json.loads(Path(tiny_data["tune"]).read_text(encoding="utf-8"))
+    rows[3]["conversations"][0]["value"] += "很长的问题" * 60  # its reply no longer fits: a reason, not a length
+    data = tmp_path / "tune.json"
+    data.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    max_length = 160
+    records = read_records(data, tiny_data["images"])
+    tok, _ = load_tokenizer_and_processor(str(tiny_base))
+    expected, expected_bad = sample_lengths(records, get_template("vicuna_v1"), tok,
+                                            token_layout(AutoConfig.from_pretrained(tiny_base), max_length))
+    assert 3 in expected_bad and len(set(expected.tolist())) > 3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", SHARE_PROBE, str(tiny_base), str(data),
+                                       str(tiny_data["images"]), str(tmp_path / f"r{rank}.json"), str(max_length)],
+                                      env=env, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
+    for rank in range(2):
+        got = json.loads((tmp_path / f"r{rank}.json").read_text())
+        assert got["lengths"] == expected.tolist()
+        assert got["bad"] == {str(k): v for k, v in expected_bad.items()}
