@@ -342,6 +342,8 @@ def train_stage(recipe: Recipe, *, resume: bool = False):
     finally:
         if quantized_align:
             model._hf_peft_config_loaded = False
+    if trainer.is_fsdp_enabled and bits:  # FSDP from an accelerate config, where recipe.check() cannot see it
+        raise UserError("FSDP does not shard 4-bit weights here; launch QLoRA / --load-4bit without FSDP")
     if not tr.deepspeed:
         # again: trl casts every trainable parameter of a quantized model to bf16 in its constructor
         trainable_to_fp32(trainer.model)
@@ -349,7 +351,7 @@ def train_stage(recipe: Recipe, *, resume: bool = False):
     trainer.align_only = tr.mode == "align"
     trainer.train(resume_from_checkpoint=last_checkpoint(out) if resume else None)
 
-    sharded = sharded_fraction(trainer.model) if tr.fsdp else None
+    sharded = sharded_fraction(trainer.model) if trainer.is_fsdp_enabled else None
     if sharded is not None:
         log.info("FSDP held %.0f%% of the parameters sharded across %d processes", 100 * sharded, world_size())
     save_outputs(trainer, recipe, out, base, tokenizer, image_processor)
