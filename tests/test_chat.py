@@ -308,3 +308,26 @@ def test_bad_image_is_one_line_and_exit_2(kind, tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and path.name in lines[0], out.stderr
     assert "Traceback" not in out.stderr and "DOE" not in out.stderr
+
+
+def test_image_command_writes_what_training_saw_for_servers(lora_run, tmp_path, monkeypatch, capsys):
+    """A server gives the PNG to the HF processor alone (resize + centre crop); that must equal what training fed
+    the model from the original non-square DICOM (windowed, padded to a square). No header value goes along."""
+    from conftest import run_cli_captured
+    from qilin_lite.model import load_tokenizer_and_processor
+    from qilin_lite.processing import ImageLoader
+
+    dcm = write_dicom(tmp_path / "ct.dcm", rows=48, cols=40)
+    out = tmp_path / "给服务器" / "ct.png"
+    code, stdout, _ = run_cli_captured(monkeypatch, capsys, "image", dcm, "--model", lora_run, "--out", out)
+    assert code == 0 and stdout.strip() == str(out)
+    png = Image.open(out)
+    assert png.size == (48, 48) and png.mode == "RGB"
+    _, ip = load_tokenizer_and_processor(str(lora_run))
+    served = ip(images=[png], return_tensors="pt")["pixel_values"]
+    trained = ImageLoader(ip, "pad")([dcm])
+    assert torch.equal(served, trained)
+    assert b"DOE" not in out.read_bytes() and not png.info.get("text")
+
+    code, _, err = run_cli_captured(monkeypatch, capsys, "image", dcm, "--out", tmp_path / "ct.jpg")
+    assert code == 2 and err.strip().startswith("error:") and ".png" in err and "\n" not in err.strip()
