@@ -236,11 +236,31 @@ def _trainer_class():
             else:  # FSDP / ZeRO-3: the trainer gathered the full state dict on every process for this call
                 save_projector_state(projector_from_state_dict(state_dict), Path(output_dir) / PROJECTOR_FILE)
 
+        def _save_optimizer_and_scheduler(self, output_dir):
+            if not (self.align_only and self.is_fsdp_enabled):
+                return super()._save_optimizer_and_scheduler(output_dir)
+            # under FSDP the trainer would also write the whole frozen model (pytorch_model_fsdp.bin, 26 GB at 13B)
+            # into every align checkpoint; the projector is already there, so that one write is skipped
+            import transformers.trainer as hf_trainer
+
+            real = hf_trainer.save_fsdp_model
+            hf_trainer.save_fsdp_model = lambda *args, **kwargs: None
+            try:
+                return super()._save_optimizer_and_scheduler(output_dir)
+            finally:
+                hf_trainer.save_fsdp_model = real
+
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            # under FSDP the trainer also checkpoints the whole sharded model (pytorch_model_fsdp.bin) and loads it
-            # into the shards itself; the projector file cannot be loaded into DTensor parameters directly
-            if not self.align_only or self.is_fsdp_enabled:
+            if not self.align_only:
                 return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            if self.is_fsdp_enabled:  # the parameters are DTensor shards: load the full projector into them
+                from safetensors.torch import load_file
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+                state = load_file(str(Path(resume_from_checkpoint) / PROJECTOR_FILE))
+                set_model_state_dict(model or self.model, {f"model.multi_modal_projector.{k}": v for k, v in state.items()},
+                                     options=StateDictOptions(full_state_dict=True, strict=False))
+                return
             load_projector(model or self.model, Path(resume_from_checkpoint) / PROJECTOR_FILE)
 
     return QilinTrainer

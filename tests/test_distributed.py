@@ -87,6 +87,9 @@ def test_fsdp_shards_and_trains_like_one_process(tmp_path, tiny_base, tiny_data)
         assert r.returncode == 0, r.stderr[-3000:]
         if n == 2:  # interrupted after step 1, then resumed: the sharded checkpoint brings it to the same end
             uninterrupted = weights(a / "projector.safetensors")
+            # the checkpoint holds the projector and its optimizer state, not a copy of the frozen model
+            assert (a / "checkpoint-1" / "projector.safetensors").exists()
+            assert not list((a / "checkpoint-1").glob("pytorch_model_fsdp*"))
             shutil.rmtree(a / "checkpoint-2")
             (a / "projector.safetensors").unlink()
             # a marker in the checkpoint's history: it is carried over only if step 1 is resumed, not retrained
