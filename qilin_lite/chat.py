@@ -439,13 +439,13 @@ def prepare_image(paths, out: str | Path, *, model: str | None = None, window: t
     Pixels only: the PNG carries no metadata, so no DICOM header value leaves the input file this way."""
     from .images import expand_to_square
     from .model import RunInfo, load_tokenizer_and_processor
-    from .processing import ImageLoader
+    from .processing import ImageLoader, pad_fill
 
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise UserError(f"{out}: the output must be a .png (lossless); JPEG would change the pixels again")
     image = load_chat_image(paths, window=window, frame=frame)
-    mode, fill = "pad", tuple(int(x * 255) for x in CLIP_MEAN)
+    mode, fill = "pad", pad_fill(CLIP_MEAN)
     if model is not None:
         info = RunInfo.load(Path(model)) if Path(model).is_dir() else None
         loader = ImageLoader(load_tokenizer_and_processor(str(model))[1], info.image_mode if info else "pad")

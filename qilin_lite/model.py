@@ -322,7 +322,15 @@ def load_projector(model, path: Path) -> None:
     proj = _llava(model).model.multi_modal_projector
     state = load_file(str(path))
     dtype = next(proj.parameters()).dtype
-    proj.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+    state = {k: v.to(dtype) for k, v in state.items()}
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(next(proj.parameters()), DTensor):  # FSDP shards: each process keeps its slice of the full weights
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(proj, state, options=StateDictOptions(full_state_dict=True))
+        return
+    proj.load_state_dict(state)
 
 
 def _llava(model):

@@ -107,6 +107,11 @@ def sample_lengths(records: list[Record], template: Template, tokenizer, layout:
     return lengths, bad
 
 
+def pad_fill(image_mean) -> tuple[int, int, int]:
+    """The padding colour for a processor's mean, truncated as LLaVA's expand2square: the authors' exact pixels."""
+    return tuple(int(x * 255) for x in image_mean)
+
+
 class ImageLoader:
     """Record images -> one processed `pixel_values` tensor per image, with the stage's squaring rule.
 
@@ -120,7 +125,7 @@ class ImageLoader:
         self.processor = image_processor
         self.mode = mode
         mean = getattr(image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
-        self.fill = tuple(int(x * 255) for x in mean)  # truncated, as LLaVA's expand2square: same pixels as the authors
+        self.fill = pad_fill(mean)
 
     def __call__(self, images) -> torch.Tensor:
         from PIL import Image

@@ -45,6 +45,15 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def my_share(n: int) -> range:
+    """The indices of n items this process works on when each takes every world_size()-th one."""
+    return range(rank(), n, world_size())
+
+
 def gather_dicts(local: dict) -> dict:
     """The union of every process's `local` (itself when there is one process), the same on every process."""
     if world_size() == 1:
@@ -87,10 +96,9 @@ def resolve_base_for(recipe: Recipe, out: Path) -> tuple[str, Path | None]:
 
 def shared_lengths(records: list[Record], template, tokenizer, layout):
     """`sample_lengths`, each process tokenizing its share and all getting every result (as `verify_images`)."""
-    world = world_size()
-    if world == 1:
+    if world_size() == 1:
         return sample_lengths(records, template, tokenizer, layout)
-    mine = list(range(int(os.environ.get("RANK", "0")), len(records), world))
+    mine = list(my_share(len(records)))
     part, part_bad = sample_lengths([records[i] for i in mine], template, tokenizer, layout)
     found = gather_dicts({i: int(n) for i, n in zip(mine, part)})
     bad = gather_dicts({mine[j]: reason for j, reason in part_bad.items()})
@@ -112,7 +120,7 @@ def verify_images(records: list[Record], rejects: list[Reject], skip_bad: bool, 
 
     # each process decodes its share (8 GPUs: an eighth each, not eight times everything) and all learn every
     # verdict, so every process drops the same records and the ranks' datasets stay identical
-    mine = range(int(os.environ.get("RANK", "0")), len(records), world_size())
+    mine = my_share(len(records))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         found = {i: problem for i, problem in zip(mine, pool.map(check, [records[i] for i in mine])) if problem}
     found = gather_dicts(found)
@@ -130,7 +138,7 @@ def verify_images(records: list[Record], rejects: list[Reject], skip_bad: bool, 
 
 def _write_rejects_once(rejects: list[Reject], out: Path) -> Path:
     """Every process finds the same records bad before training; one of them writes the list."""
-    if rejects and os.environ.get("RANK", "0") == "0":
+    if rejects and rank() == 0:
         write_rejects(rejects, out)
     return out / "rejects.jsonl"
 
@@ -253,14 +261,6 @@ def _trainer_class():
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             if not self.align_only:
                 return super()._load_from_checkpoint(resume_from_checkpoint, model)
-            if self.is_fsdp_enabled:  # the parameters are DTensor shards: load the full projector into them
-                from safetensors.torch import load_file
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-                state = load_file(str(Path(resume_from_checkpoint) / PROJECTOR_FILE))
-                set_model_state_dict(model or self.model, {f"model.multi_modal_projector.{k}": v for k, v in state.items()},
-                                     options=StateDictOptions(full_state_dict=True, strict=False))
-                return
             load_projector(model or self.model, Path(resume_from_checkpoint) / PROJECTOR_FILE)
 
     return QilinTrainer

@@ -48,6 +48,15 @@ def run_cli_captured(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now (for servers and process groups the tests start)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 _MEMORY: dict = {}
 
 

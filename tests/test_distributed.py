@@ -6,12 +6,13 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import free_port
 
 
 def first_loss(run: Path) -> float:
@@ -198,9 +199,7 @@ def test_processes_split_the_length_count_and_all_get_every_length(tmp_path, tin
                                             token_layout(AutoConfig.from_pretrained(tiny_base), max_length))
     assert 3 in expected_bad and len(set(expected.tolist())) > 3
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",

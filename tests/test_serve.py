@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,14 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
+
 QUESTION = "病灶位于哪一侧？"
 SEED = 1234
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body: dict) -> dict:
@@ -48,7 +43,7 @@ def test_transformers_serve_answers_like_qilin_chat(full_run, tiny_data, tmp_pat
                                  do_sample=True, temperature=1.0, top_k=50, top_p=1.0, max_new_tokens=12)
     sampled = gen.tokenizer.decode(sampled[0, prompt.shape[1]:], skip_special_tokens=True).strip()
 
-    port = _free_port()
+    port = free_port()
     cli = Path(sys.executable).parent / "transformers"
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen([str(cli), "serve", str(full_run), "--device", "cpu", "--host", "127.0.0.1",
