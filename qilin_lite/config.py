@@ -55,6 +55,9 @@ class DataSection:
     template: str | None = None  # default: plain (align), vicuna_v1 (tune)
     image_mode: str | None = None  # default: crop (align), pad (tune), as the paper's scripts
     max_length: int = 2048
+    # text: max_length counts text ids, an image as one (the authors' cut; sequences reach max_length + 575 at 336 px)
+    # total: every position counts, image tokens included (a hard cap on memory)
+    length_mode: str = "text"
     group_by_length: bool = True  # batches of similar length: less padding
     packing: bool = False  # several samples per row, no padding between them (batch counts rows, not samples)
     skip_bad: bool = False  # set bad records aside in rejects.jsonl instead of stopping
@@ -67,6 +70,8 @@ class DataSection:
     def __post_init__(self):
         if self.max_length < 16:
             raise UserError(f"data.max_length {self.max_length} is too small to hold an image and a reply")
+        if self.length_mode not in ("text", "total"):
+            raise UserError(f"data.length_mode must be text (the authors' cut) or total, not '{self.length_mode}'")
         if self.image_mode not in (None, "pad", "crop"):
             raise UserError(f"data.image_mode must be pad or crop, not '{self.image_mode}'")
 

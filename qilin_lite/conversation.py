@@ -10,6 +10,10 @@ Templates follow LLaVA's conversation formats (see ../shared/REFERENCE.md):
 - `vicuna_v1` (stage 2): `SYSTEM USER: <image>\nq ASSISTANT: a</s>USER: q2 ASSISTANT: a2</s>`; each reply, the
   space that precedes it and its `</s>` are supervised. The space is supervised because at inference the prompt
   ends at `ASSISTANT:`, so the model itself must produce the separator.
+
+Both are the authors' formats, so both follow their `preprocess_multimodal` (`place_image`): a record's single
+`<image>` moves to the front of its turn, followed by a newline (`问题\n<image>` -> `<image>\n问题`), and `plain`
+takes exactly one caption per record.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class Template:
     user_end: str = " "
     reply_end: str = "</s>"
     plain: bool = False  # LLaVA "plain": no roles, no system, one caption per image
+    llava: bool = False  # the authors' LLaVA rules: image first, text tokenized between images (processing.py)
 
 
 @dataclass
@@ -43,8 +48,8 @@ class Rendered:
 
 
 TEMPLATES: dict[str, Template] = {
-    "plain": Template(name="plain", reply_end="\n", plain=True),
-    "vicuna_v1": Template(name="vicuna_v1", system=VICUNA_SYSTEM),
+    "plain": Template(name="plain", reply_end="\n", plain=True, llava=True),
+    "vicuna_v1": Template(name="vicuna_v1", system=VICUNA_SYSTEM, llava=True),
 }
 
 
@@ -68,6 +73,35 @@ def check_roles(messages: list[dict]) -> None:
             raise ValueError(f"turn {i + 1} is '{m['role']}' where '{want}' was expected (roles must alternate)")
     if body[-1]["role"] != "assistant":
         raise ValueError("the last turn is a user turn with no reply to learn from")
+
+
+def place_image(messages: list[dict], template: Template) -> list[dict]:
+    """The authors' `preprocess_multimodal` for their templates: a conversation's one `<image>` goes to the front of
+    the turn that holds it, then a newline, and that turn's text is stripped. Records with several images (a
+    qilin-lite extension) keep their placement: the authors' code has no rule for them."""
+    if not template.llava or sum(m["content"].count(IMAGE_TOKEN) for m in messages) != 1:
+        return messages
+    out = []
+    for m in messages:
+        if IMAGE_TOKEN in m["content"]:
+            text = m["content"].replace(IMAGE_TOKEN, "").strip()
+            m = {**m, "content": (IMAGE_TOKEN + "\n" + text).strip()}
+        out.append(m)
+    return out
+
+
+def check_plain(messages: list[dict]) -> None:
+    """`plain` is image -> one caption: exactly one user turn holding the image and one reply (ValueError)."""
+    body = [m for m in messages if m["role"] != "system"]
+    replies = sum(m["role"] == "assistant" for m in body)
+    if replies != 1 or len(body) != 2:
+        raise ValueError(
+            f"the plain (align) template takes one caption per record, this one has {replies} replies; "
+            "split it into one record per caption, or train it with --template vicuna_v1"
+        )
+    if IMAGE_TOKEN not in body[0]["content"]:
+        raise ValueError("the plain (align) template captions an image, and this record has none; "
+                         "add its image or leave it out of the align data")
 
 
 def render(messages: list[dict], template: Template, *, add_generation_prompt: bool = False) -> Rendered:

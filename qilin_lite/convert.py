@@ -245,10 +245,10 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, vision_tower: str | 
 
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel, GenerationConfig, LlavaConfig
+    from transformers import CLIPVisionModel, GenerationConfig, LlavaConfig
 
     from .conversation import IMAGE_TOKEN
-    from .model import RunInfo, _friendly_load, save_processor, torch_dtype
+    from .model import RunInfo, _friendly_load, load_image_processor, load_tokenizer, save_processor, torch_dtype
 
     vision = vision_tower or cfg.get("mm_vision_tower")
     if not vision:
@@ -271,11 +271,11 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, vision_tower: str | 
 
     vision_model = _friendly_load(CLIPVisionModel.from_pretrained, vision, "vision tower (CLIP)", dtype=dt,
                                   use_safetensors=None if allow_pickle else True)
-    image_processor = _friendly_load(AutoImageProcessor.from_pretrained, vision, "image processor")
+    image_processor = load_image_processor(vision)
     if vision_model.config.hidden_size != cfg["mm_hidden_size"]:
         raise UserError(f"{vision}: hidden size {vision_model.config.hidden_size} != the checkpoint's mm_hidden_size "
                         f"{cfg['mm_hidden_size']}; pass the vision tower it was trained with (--vision-tower)")
-    tok = _friendly_load(AutoTokenizer.from_pretrained, str(src_dir), "tokenizer")
+    tok = load_tokenizer(str(src_dir))
     if IMAGE_TOKEN not in tok.get_vocab():
         tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tok.pad_token is None:

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .conversation import Template, render
-from .processing import ImageLoader, TokenLayout, _expand_images
+from .conversation import Template, place_image, render
+from .processing import ImageLoader, TokenLayout, _expand_images, text_ids
 
 
 @dataclass
@@ -27,9 +27,13 @@ class Generator:
     temperature: float = 0.0  # 0 = greedy
     extra: dict = field(default_factory=dict)
 
+    last_prompt_ids: list[int] = field(default_factory=list)  # the ids of the latest prompt (images expanded)
+
     def prompt_ids(self, messages: list[dict]) -> np.ndarray:
-        text = render(messages, self.template, add_generation_prompt=True).text
-        ids = np.asarray(self.tokenizer(text, add_special_tokens=True)["input_ids"], dtype=np.int64)
+        """The prompt as training encoded it (image placement, the authors' tokenization for their templates on
+        LLaMA SentencePiece tokenizers), ending where the assistant speaks; images expanded."""
+        text = render(place_image(messages, self.template), self.template, add_generation_prompt=True).text
+        ids = np.asarray(text_ids(text, self.tokenizer, self.template, self.layout.image_token_id), dtype=np.int64)
         ids, _ = _expand_images(ids, np.zeros_like(ids), self.layout)
         return ids
 
@@ -37,6 +41,7 @@ class Generator:
     def generate(self, conversations: list[list[dict]], images: list[list], streamer=None) -> list[str]:
         """One answer per conversation (each ending with a user turn); `images[i]` are that conversation's images."""
         prompts = [self.prompt_ids(m) for m in conversations]
+        self.last_prompt_ids = prompts[-1].tolist()
         longest = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(prompts), longest), pad, dtype=torch.long)

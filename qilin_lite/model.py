@@ -21,6 +21,7 @@ import torch
 from .conversation import IMAGE_TOKEN, chat_template_jinja, get_template
 from .errors import UserError
 from .processing import TokenLayout
+from .tokens import attach, keep_sentencepiece, slow_llama
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,8 @@ def num_image_tokens(config) -> int:
     return n + (1 if config.vision_feature_select_strategy == "full" else 0)
 
 
-def token_layout(config, max_length: int) -> TokenLayout:
-    return TokenLayout(config.image_token_id, num_image_tokens(config), max_length)
+def token_layout(config, max_length: int, length_mode: str = "text") -> TokenLayout:
+    return TokenLayout(config.image_token_id, num_image_tokens(config), max_length, length_mode)
 
 
 def _pretrained_kwargs(trust_remote_code: bool, allow_pickle: bool) -> dict:
@@ -146,9 +147,7 @@ def assemble_base(
     `from_pretrained`, quantized or not, exactly as users of transformers and peft would.
     """
     from transformers import (
-        AutoImageProcessor,
         AutoModelForCausalLM,
-        AutoTokenizer,
         CLIPVisionModel,
         LlavaConfig,
         LlavaForConditionalGeneration,
@@ -158,8 +157,8 @@ def assemble_base(
         raise UserError(f"projector must be one of {PROJECTOR_TYPES}, not '{projector}'")
     kw = _pretrained_kwargs(trust_remote_code, allow_pickle)
     dt = torch_dtype(dtype)
-    tok = _friendly_load(AutoTokenizer.from_pretrained, llm, "LLM tokenizer", trust_remote_code=trust_remote_code)
-    image_processor = _friendly_load(AutoImageProcessor.from_pretrained, vision, "image processor")
+    tok = load_tokenizer(llm, "LLM tokenizer", trust_remote_code=trust_remote_code)
+    image_processor = load_image_processor(vision)
     vision_model = _friendly_load(CLIPVisionModel.from_pretrained, vision, "vision encoder", dtype=dt, **kw)
     lm = _friendly_load(AutoModelForCausalLM.from_pretrained, llm, "LLM", dtype=dt, **kw)
 
@@ -219,13 +218,38 @@ def save_processor(out_dir: Path, tokenizer, image_processor, config, template: 
         image_token=IMAGE_TOKEN,
     )
     proc.save_pretrained(out_dir)
+    keep_sentencepiece(slow_llama(tokenizer), Path(out_dir))
+
+
+def load_tokenizer(source: str, what: str = "tokenizer", trust_remote_code: bool = False):
+    """AutoTokenizer, plus the authors' slow-tokenizer encoder for LLaMA SentencePiece tokenizers (tokens.py).
+
+    Any failure is one line: a tokenizer that cannot load stops every later step anyway, and transformers' own
+    message for a SentencePiece file without its library is a traceback about tiktoken."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, ImportError ...: all end the same way
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise UserError(
+            f"{source}: cannot load the {what} ({type(e).__name__}: {msg}); check the id or path, that it holds "
+            "tokenizer.json or a SentencePiece tokenizer.model, and that `pip install sentencepiece protobuf` is done"
+        ) from None
+    return attach(tok, str(source))
+
+
+def load_image_processor(source: str):
+    """The PIL-backed image processor, whatever else is installed: with torchvision present transformers 5 picks a
+    torchvision one whose resizing gives other pixels; the authors' (and so the released weights') are PIL's."""
+    from transformers import AutoImageProcessor
+
+    return _friendly_load(AutoImageProcessor.from_pretrained, str(source), "image processor", backend="pil")
 
 
 def load_tokenizer_and_processor(path: str, trust_remote_code: bool = False):
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    tok = _friendly_load(AutoTokenizer.from_pretrained, str(path), "tokenizer", trust_remote_code=trust_remote_code)
-    ip = _friendly_load(AutoImageProcessor.from_pretrained, str(path), "image processor")
+    tok = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
+    ip = load_image_processor(str(path))
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token
     return tok, ip

@@ -3,10 +3,18 @@
 In:  `Record`s (records.py), a tokenizer, an image processor, a `Template` (conversation.py).
 Out: per sample `{"input_ids", "labels", "pixel_values"}`; per batch the same, padded, plus `attention_mask`.
 
-The one rule that matters: a token is supervised (label != -100) only when it starts inside a span that
-`conversation.render` marked (assistant replies and their end token). Everything else, the system prompt, user
-text, the image placeholder tokens, BOS and padding, gets -100. Image tokens are never truncated: text after the
-last image is cut to `max_length`; a sample whose image tokens alone do not fit is rejected before training.
+The one rule that matters: only the assistant replies and the end token that closes each are supervised (label !=
+-100). Everything else, the system prompt, user text, the image placeholder tokens, BOS and padding, gets -100.
+
+Two encodings, one result shape:
+- the authors' (their templates on a LLaMA SentencePiece tokenizer, as Qilin-Med-VL trained): text tokenized piece
+  by piece between images with transformers 4.31's slow-tokenizer rules (tokens.py), labels from their round-by-round
+  token counts (`preprocess_plain` / `preprocess_v1`). Equal, id for id, to their code (tests/test_paper_fidelity.py);
+- any other tokenizer: the whole prompt tokenized at once, a token supervised when it starts inside a reply span
+  that `conversation.render` marked.
+Cut (`cut`): by default the authors' rule, `max_length` text ids with each image counting as one (so a 2048 cut
+holds up to 2048 + 575 positions); `length_mode: total` caps every position instead. Image tokens are never cut in
+part; a sample with no supervised token left is rejected before training.
 """
 
 from __future__ import annotations
@@ -19,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .conversation import Template, render
+from .conversation import IMAGE_TOKEN, Template, check_plain, place_image, render
 from .records import BadRecord, LazyImage, Record
+from .tokens import image_split_ids, slow_llama
 
 IGNORE = -100
 log = logging.getLogger(__name__)
@@ -28,11 +37,28 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """What the tokenizer and the model agree on about images."""
+    """What the tokenizer and the model agree on about images, and where sequences are cut."""
 
     image_token_id: int
     num_image_tokens: int  # tokens one image expands to (patches; CLS dropped)
     max_length: int
+    # "text": max_length counts text ids with each image as one (the authors' cut: 2048 + 575 positions at most);
+    # "total": every position counts, image tokens included (a hard cap for memory-bound runs)
+    length_mode: str = "text"
+
+    def __post_init__(self):
+        if self.length_mode not in ("text", "total"):
+            raise ValueError(f"length_mode must be text or total, not {self.length_mode!r}")
+
+
+@dataclass
+class Encoded:
+    """One conversation as the model receives it, and what truncation did to it (for `data inspect`)."""
+
+    input_ids: np.ndarray  # image tokens expanded
+    labels: np.ndarray  # IGNORE where not supervised
+    full_length: int  # positions before the cut
+    cut: str | None = None  # why and where the sequence was cut, or None
 
 
 def _labels_from_offsets(ids: list[int], offsets: list[tuple[int, int]], spans) -> np.ndarray:
@@ -58,50 +84,153 @@ def _expand_images(ids: np.ndarray, labels: np.ndarray, layout: TokenLayout) -> 
     return ids, labels
 
 
-def encode(messages: list[dict], template: Template, tokenizer, layout: TokenLayout) -> tuple[np.ndarray, np.ndarray]:
-    """One conversation -> (input_ids, labels), image tokens expanded, truncated after the last image.
+def uses_authors_encoding(tokenizer, template: Template) -> bool:
+    """The authors' piecewise tokenization applies to their templates on a LLaMA SentencePiece tokenizer."""
+    return template.llava and slow_llama(tokenizer) is not None
 
-    Raises BadRecord when the image tokens do not fit or no supervised token is left after truncation.
-    """
+
+def text_ids(text: str, tokenizer, template: Template, image_token_id: int) -> list[int]:
+    """A rendered prompt -> ids with one image id per `<image>` (not yet expanded)."""
+    sp = slow_llama(tokenizer) if template.llava else None
+    if sp is None:
+        return tokenizer(text, add_special_tokens=True)["input_ids"]
+    return image_split_ids(text, sp, image_token_id, sp.bos_id)
+
+
+def _authors_labels(text: str, template: Template, tokenizer, image_token_id: int, max_length: int):
+    """(ids, labels) as the authors' `preprocess_plain` / `preprocess_v1` compute them: ids tokenized between images,
+    labels masked by the token counts of each round tokenized on its own. Raises BadRecord where their count does
+    not match the whole (their code then masks the whole record and trains on nothing)."""
+    sp = slow_llama(tokenizer)
+    enc = lambda t: image_split_ids(t, sp, image_token_id, sp.bos_id)  # noqa: E731
+    ids = np.asarray(enc(text), dtype=np.int64)
+    labels = ids.copy()
+    if template.plain:  # the prompt is the image alone; the caption and its newline are the target
+        labels[: len(enc(IMAGE_TOKEN))] = IGNORE
+        return ids, labels
+    sep = template.user_end + template.assistant + ": "
+    cur = 1  # BOS
+    labels[:cur] = IGNORE
+    for rnd in text.split(template.reply_end):
+        parts = rnd.split(sep)
+        if rnd == "" or len(parts) != 2:
+            break
+        # the instruction's own trailing space token and BOS are not in the whole: hence -2
+        instruction = len(enc(parts[0] + sep)) - 2
+        labels[cur : cur + instruction] = IGNORE
+        cur += len(enc(rnd))  # BOS of the round stands for the `</s>` that ends it in the whole
+    labels[cur:] = IGNORE
+    unk = sp._sp.unk_id()  # the authors pad with <unk> and count the non-pad ids
+    total = int((ids != unk).sum())
+    if cur < max_length and cur != total:
+        raise BadRecord(
+            f"its turns tokenize to {cur} ids one by one but {total} as a whole (the authors' code masks such a "
+            "record and trains nothing on it); usually text that runs into '</s>', a reply containing "
+            f"'{sep.strip()}', or characters outside the tokenizer; fix the text or drop the record"
+        )
+    return ids, labels
+
+
+def encode_detail(messages: list[dict], template: Template, tokenizer, layout: TokenLayout) -> Encoded:
+    """One conversation -> `Encoded`: ids and labels as training builds them (images expanded), cut to max_length.
+
+    Raises BadRecord when the template cannot express the record, an image does not fit, or no supervised token is
+    left after the cut."""
+    messages = place_image(messages, template)
+    if template.plain:
+        try:
+            check_plain(messages)
+        except ValueError as e:
+            raise BadRecord(str(e)) from None
     r = render(messages, template)
-    enc = tokenizer(r.text, add_special_tokens=True, return_offsets_mapping=True)
-    labels = _labels_from_offsets(enc["input_ids"], enc["offset_mapping"], r.supervised)
-    ids, labels = _expand_images(np.asarray(enc["input_ids"], dtype=np.int64), labels, layout)
-    return truncate(ids, labels, layout)
+    if uses_authors_encoding(tokenizer, template):
+        ids, labels = _authors_labels(r.text, template, tokenizer, layout.image_token_id, layout.max_length)
+    else:
+        enc = tokenizer(r.text, add_special_tokens=True, return_offsets_mapping=True)
+        ids = np.asarray(enc["input_ids"], dtype=np.int64)
+        labels = _labels_from_offsets(enc["input_ids"], enc["offset_mapping"], r.supervised)
+    return cut(ids, labels, layout)
+
+
+def encode(messages: list[dict], template: Template, tokenizer, layout: TokenLayout) -> tuple[np.ndarray, np.ndarray]:
+    """One conversation -> (input_ids, labels), image tokens expanded, cut to max_length (see `encode_detail`)."""
+    e = encode_detail(messages, template, tokenizer, layout)
+    return e.input_ids, e.labels
+
+
+def cut(ids: np.ndarray, labels: np.ndarray, layout: TokenLayout) -> Encoded:
+    """Cut where the length mode says and expand images; an image is never cut in part."""
+    n = layout.max_length
+    img = np.flatnonzero(ids == layout.image_token_id)
+    if layout.length_mode == "text":  # the authors' collator: the first max_length text ids, an image counting one
+        full = len(ids) + len(img) * (layout.num_image_tokens - 1)
+        if len(img) and img[-1] >= n:
+            raise BadRecord(
+                f"an image sits at text position {img[-1] + 1}, past max_length {n}; raise data.max_length or "
+                "shorten the text before the image"
+            )
+        why = f"cut at {n} text ids (images count one each) from {len(ids)}" if len(ids) > n else None
+        ids, labels = _expand_images(ids[:n], labels[:n], layout)
+    else:
+        ids, labels = _expand_images(ids, labels, layout)
+        full = len(ids)
+        img = np.flatnonzero(ids == layout.image_token_id)
+        if len(img) and img[-1] >= n:
+            raise BadRecord(
+                f"the image tokens end at position {img[-1] + 1} but max_length is {n} (counting image tokens); "
+                "raise data.max_length or shorten the text before the image"
+            )
+        why = f"cut at {n} positions (image tokens included) from {full}" if full > n else None
+        ids, labels = ids[:n], labels[:n]
+    if not (labels != IGNORE).any():
+        raise BadRecord(
+            f"no reply token is left to learn from{' after the ' + why if why else ''}; raise data.max_length, "
+            "shorten the question, or drop the record"
+        )
+    return Encoded(ids, labels, full, why)
 
 
 def truncate(ids: np.ndarray, labels: np.ndarray, layout: TokenLayout) -> tuple[np.ndarray, np.ndarray]:
-    img = np.flatnonzero(ids == layout.image_token_id)
-    if len(img) and img[-1] >= layout.max_length:
-        raise BadRecord(
-            f"the image tokens end at position {img[-1] + 1} but max_length is {layout.max_length}; "
-            "raise max_length or shorten the text before the image"
-        )
-    ids, labels = ids[: layout.max_length], labels[: layout.max_length]
-    if not (labels != IGNORE).any():
-        raise BadRecord(
-            f"no reply token fits in max_length {layout.max_length}; raise max_length or shorten the question"
-        )
-    return ids, labels
+    """(ids, labels) with images not yet expanded -> cut and expanded (see `cut`)."""
+    e = cut(ids, labels, layout)
+    return e.input_ids, e.labels
 
 
 def sample_lengths(records: list[Record], template: Template, tokenizer, layout: TokenLayout, batch: int = 512):
     """Token length of every record (for length grouping and packing) and the reason each bad one fails.
 
-    Tokenizes in batches without expanding images, so it is cheap enough to run over 500k records up front.
+    Tokenizes in batches where transformers' tokenizer is used; cheap enough to run over 500k records up front.
     """
     lengths = np.zeros(len(records), dtype=np.int64)
     bad: dict[int, str] = {}
+    if uses_authors_encoding(tokenizer, template):  # sentencepiece in C++ per piece: no batching needed
+        for i, rec in enumerate(records):
+            try:
+                lengths[i] = len(encode(rec.messages, template, tokenizer, layout)[0])
+            except BadRecord as e:
+                bad[i] = str(e)
+        return lengths, bad
     for lo in range(0, len(records), batch):
         chunk = records[lo : lo + batch]
-        rendered = [render(r.messages, template) for r in chunk]
-        enc = tokenizer([x.text for x in rendered], add_special_tokens=True, return_offsets_mapping=True)
+        rendered = []
+        for j, rec in enumerate(chunk):
+            msgs = place_image(rec.messages, template)
+            if template.plain:
+                try:
+                    check_plain(msgs)
+                except ValueError as e:
+                    bad[lo + j] = str(e)
+                    rendered.append(None)
+                    continue
+            rendered.append(render(msgs, template))
+        texts = [x.text if x is not None else "" for x in rendered]
+        enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
         for j, (ids, off, x) in enumerate(zip(enc["input_ids"], enc["offset_mapping"], rendered)):
+            if x is None:
+                continue
             labels = _labels_from_offsets(ids, off, x.supervised)
-            full_ids, full_labels = _expand_images(np.asarray(ids, dtype=np.int64), labels, layout)
             try:
-                cut, _ = truncate(full_ids, full_labels, layout)
-                lengths[lo + j] = len(cut)
+                lengths[lo + j] = len(cut(np.asarray(ids, dtype=np.int64), labels, layout).input_ids)
             except BadRecord as e:
                 bad[lo + j] = str(e)
     return lengths, bad

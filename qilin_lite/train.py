@@ -159,7 +159,7 @@ def build_dataset(recipe: Recipe, tokenizer, image_processor, model_config, out:
     if d.verify_images:
         records = verify_images(records, rejects, d.skip_bad, workers=max(1, d.num_workers * 2))
     template = get_template(recipe.template)
-    layout = token_layout(model_config, d.max_length)
+    layout = token_layout(model_config, d.max_length, d.length_mode)
     lengths, bad = shared_lengths(records, template, tokenizer, layout)
     if bad:
         first = min(bad)

@@ -54,6 +54,37 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 600):
     return fast
 
 
+def train_sentencepiece(texts: list[str], out_dir: Path, vocab_size: int = 600, legacy: bool | None = None):
+    """A SentencePiece `tokenizer.model` trained with LLaMA's settings (BPE, byte fallback, dummy prefix space,
+    digits split, no normalisation), saved as LLaMA checkpoints ship it: `tokenizer.model` + a config and no
+    `tokenizer.json`. `legacy=None` leaves the key out, as many LLaMA fine-tunes do (transformers 4.31 read that as
+    true). Lets tests and users' checks exercise the authors' slow-tokenizer encoding without LLaMA's own file."""
+    import io
+    import json
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", allow_whitespace_only_pieces=True, split_by_unicode_script=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=0.98, num_threads=1, minloglevel=2,
+        hard_vocab_limit=False,
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "tokenizer.model").write_bytes(buf.getvalue())
+    cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+           "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False}
+    if legacy is not None:
+        cfg["legacy"] = legacy
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(out_dir))
+
+
 def chat_texts(spec_texts: dict, n: int, seed: int) -> list[str]:
     """Text-only dialogs in the vicuna_v1 format with random answers: format knowledge, no image knowledge."""
     rng = random.Random(seed)
