@@ -32,6 +32,7 @@ class ModelSection:
     vision: str = "openai/clip-vit-large-patch14-336"
     llm: str = "FlagAlpha/Llama2-Chinese-13b-Chat"
     projector: str = "mlp2x_gelu"  # released weights; "linear" is the paper's text
+    projector_init: str = "torch"  # torch: nn.Linear's own init (the authors'); normal: N(0, 0.02), zero bias
     vision_feature_layer: int = -2
     from_run: str | None = None  # tune: the align output directory whose projector to start from
     dtype: str = "bfloat16"
@@ -43,6 +44,8 @@ class ModelSection:
     def __post_init__(self):
         if self.projector not in ("mlp2x_gelu", "linear"):
             raise UserError(f"model.projector must be mlp2x_gelu or linear, not '{self.projector}'")
+        if self.projector_init not in ("torch", "normal"):
+            raise UserError(f"model.projector_init must be torch or normal, not '{self.projector_init}'")
         if self.attn not in ("auto", "flash_attention_2", "sdpa", "eager"):
             raise UserError(f"model.attn must be auto, flash_attention_2, sdpa or eager, not '{self.attn}'")
 
@@ -82,6 +85,11 @@ class TrainSection:
     global_batch: int = 256  # the batch the recipe reproduces; accumulation is derived from it
     per_device_batch: int = 32
     lr: float = 1e-3
+    projector_lr: float | None = None  # lora/qlora/full: the projector's own rate (LLaVA-1.5's mm_projector_lr)
+    optim: str = "adamw_torch_fused"  # the authors': adamw_torch (same maths, unfused kernels)
+    max_grad_norm: float = 1.0  # 0: no clipping (the authors' DeepSpeed configs set none)
+    loss_average: str = "tokens"  # tokens: mean over every supervised token of the step (all GPUs, accumulation);
+    # batch: mean over each micro-batch's tokens, then averaged over GPUs and accumulation (the authors')
     epochs: float = 1.0
     max_steps: int = -1  # > 0 stops early (smoke runs)
     warmup_ratio: float = 0.03
@@ -90,6 +98,7 @@ class TrainSection:
     bf16: bool = True
     tf32: bool = True
     gradient_checkpointing: bool = True
+    reentrant_checkpointing: bool = False  # torch's reentrant checkpoint, as the authors' transformers 4.31 used
     lora_r: int = 64  # higher: more capacity and memory
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -111,6 +120,12 @@ class TrainSection:
             raise UserError(f"train.warmup_ratio must be in [0, 1), not {self.warmup_ratio}")
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise UserError(f"train.lr must be positive, not {self.lr}")
+        if self.projector_lr is not None and (self.projector_lr <= 0 or not math.isfinite(self.projector_lr)):
+            raise UserError(f"train.projector_lr must be positive (or none: the same as train.lr), not {self.projector_lr}")
+        if self.loss_average not in ("tokens", "batch"):
+            raise UserError(f"train.loss_average must be tokens or batch (the authors'), not '{self.loss_average}'")
+        if self.max_grad_norm < 0:
+            raise UserError(f"train.max_grad_norm must be 0 (no clipping) or positive, not {self.max_grad_norm}")
         self.fsdp_options  # noqa: B018 (raises on a bad value)
         if self.eval_steps < 0:
             raise UserError(f"train.eval_steps must be 0 (every epoch) or positive, not {self.eval_steps}")
@@ -207,6 +222,8 @@ def _coerce(f: dataclasses.Field, value: Any, source: str, key: str):
     t = str(f.type)
     if value is None:
         return None
+    if "None" in t and isinstance(value, str) and value.strip().lower() in ("none", "null", "off", ""):
+        return None  # an optional setting switched off on the command line (--set train.deepspeed=none)
     try:
         if t.startswith("bool"):
             if not isinstance(value, bool):

@@ -139,6 +139,7 @@ def assemble_base(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     seed: int = 0,
+    projector_init: str = "torch",
 ) -> Path:
     """Join a CLIP vision encoder and a causal LLM into one Llava directory with a fresh projector.
 
@@ -183,14 +184,20 @@ def assemble_base(
     model.model.language_model = lm.model
     model.lm_head = lm.lm_head
     torch.manual_seed(seed)
-    model.model.multi_modal_projector = type(model.model.multi_modal_projector)(config).to(dt)
-    proj = model.model.multi_modal_projector
-    for layer in (proj.linear_1, proj.linear_2):
-        torch.nn.init.normal_(layer.weight, std=0.02)
-        torch.nn.init.zeros_(layer.bias)
+    # built off the meta device, so nn.Linear's own initialisation runs: the authors' (LLaVA builds nn.Linear and
+    # never re-initialises it)
+    proj = type(model.model.multi_modal_projector)(config)
+    if projector_init == "normal":
+        for layer in (proj.linear_1, proj.linear_2):
+            torch.nn.init.normal_(layer.weight, std=0.02)
+            torch.nn.init.zeros_(layer.bias)
+    elif projector_init != "torch":
+        raise UserError(f"projector_init must be torch or normal, not '{projector_init}'")
     if projector == "linear":
         # the paper's single linear layer: identity second layer, so linear_2 . linear_1 is one linear map
         torch.nn.init.eye_(proj.linear_2.weight)
+        torch.nn.init.zeros_(proj.linear_2.bias)
+    model.model.multi_modal_projector = proj.to(dt)
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tok), mean_resizing=True)
     model.config.text_config.vocab_size = model.get_input_embeddings().weight.shape[0]

@@ -88,7 +88,7 @@ def resolve_base_for(recipe: Recipe, out: Path) -> tuple[str, Path | None]:
         log.info("joining %s and %s into %s", m.vision, m.llm, base_dir)
         assemble_base(
             m.vision, m.llm, base_dir, projector=m.projector, vision_feature_layer=m.vision_feature_layer,
-            dtype=m.dtype, template=recipe.template, trust_remote_code=m.trust_remote_code,
+            dtype=m.dtype, template=recipe.template, trust_remote_code=m.trust_remote_code, projector_init=m.projector_init,
             allow_pickle=m.allow_pickle, seed=recipe.train.seed,
         )
     return str(base_dir), None
@@ -189,6 +189,29 @@ def _trainer_class():
 
         sample_lengths = None  # set by run_stage: enables length grouping
         align_only = False
+        loss_average = "tokens"  # "batch": each micro-batch's own mean, as the authors' transformers 4.31 Trainer
+        projector_lr = None
+
+        def create_optimizer(self, model=None):
+            # the projector at its own rate beside the LLM (LLaVA-1.5's mm_projector_lr); decay rules as the Trainer's
+            if self.projector_lr is None or self.optimizer is not None:
+                return super().create_optimizer(model)
+            from transformers import Trainer
+
+            opt_model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(opt_model))
+            groups: dict[tuple[bool, bool], list] = {}
+            for name, p in opt_model.named_parameters():
+                if p.requires_grad:
+                    groups.setdefault(("multi_modal_projector" in name, name in decay), []).append(p)
+            param_groups = [
+                {"params": ps, "weight_decay": self.args.weight_decay if dec else 0.0,
+                 **({"lr": self.projector_lr} if proj else {})}
+                for (proj, dec), ps in sorted(groups.items())
+            ]
+            cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = cls(param_groups, **kwargs)
+            return self.optimizer
 
         def _get_train_sampler(self, train_dataset=None):
             if self.sample_lengths is not None:
@@ -221,6 +244,11 @@ def _trainer_class():
                     param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.bfloat16)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.loss_average == "batch":
+                # no global token count: trl takes this micro-batch's mean, the Trainer divides by the accumulation
+                # steps (loss_is_scaled_for_ga is False) and DDP / DeepSpeed average over GPUs, which is what the
+                # authors' LLaVA loss did. Long answers then weigh less per token than under "tokens".
+                num_items_in_batch = None
             if not self.is_fsdp_enabled:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             # trl's fused LM head reads lm_head.weight outside lm_head's forward. accelerate's FSDP2 shards
@@ -369,6 +397,10 @@ def train_stage(recipe: Recipe, *, resume: bool = False):
         trainable_to_fp32(trainer.model)
     trainer.sample_lengths = dataset.lengths if recipe.data.group_by_length else None
     trainer.align_only = tr.mode == "align"
+    trainer.loss_average = tr.loss_average
+    if tr.loss_average == "batch":
+        trainer.loss_is_scaled_for_ga = False  # the Trainer then divides each micro-batch's mean by the accumulation
+    trainer.projector_lr = tr.projector_lr if tr.mode != "align" else None
     trainer.train(resume_from_checkpoint=last_checkpoint(out) if resume else None)
 
     sharded = sharded_fraction(trainer.model) if trainer.is_fsdp_enabled else None
@@ -408,6 +440,8 @@ def sft_config(recipe: Recipe, out: Path, wrap: list[str] | None = None):
         per_device_train_batch_size=tr.per_device_batch,
         gradient_accumulation_steps=tr.grad_accum(world_size()),
         learning_rate=tr.lr,
+        optim=tr.optim,
+        max_grad_norm=tr.max_grad_norm,
         num_train_epochs=tr.epochs,
         max_steps=tr.max_steps,
         lr_scheduler_type=tr.scheduler,
@@ -419,7 +453,7 @@ def sft_config(recipe: Recipe, out: Path, wrap: list[str] | None = None):
         tf32=tr.tf32 if cuda else None,
         # under FSDP its own checkpointing wraps the layers (fsdp_config); both at once is refused by transformers
         activation_checkpointing=tr.gradient_checkpointing and not tr.fsdp,
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing_kwargs={"use_reentrant": tr.reentrant_checkpointing},
         logging_steps=tr.logging_steps,
         eval_strategy=("steps" if tr.eval_steps else "epoch") if recipe.data.eval else "no",
         eval_steps=tr.eval_steps or None,
@@ -484,8 +518,13 @@ def _deepspeed_path(name: str | None) -> str | None:
     """Recipes name DeepSpeed files relative to the repository; accept that from any working directory."""
     if not name:
         return None
+    import importlib.util
+
     from .config import REPO_RECIPES
 
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserError(f"train.deepspeed names {name} but DeepSpeed is not installed; pip install deepspeed "
+                        "(multi-GPU), or train without it: --set train.deepspeed=none")
     for p in (Path(name), REPO_RECIPES.parent / name):
         if p.is_file():
             return str(p)

@@ -105,11 +105,16 @@ def test_truncation_cuts_text_after_the_image_never_image_tokens(tok_layout):
     long = [{"role": "user", "content": "<image>\n" + "病灶位于哪一侧？" * 3}, {"role": "assistant", "content": "左侧" * 200}]
     full_ids, _ = encode(long, V1, tok, layout)
     img_end = int(np.flatnonzero(full_ids == layout.image_token_id)[-1]) + 1
-    short = TokenLayout(layout.image_token_id, layout.num_image_tokens, img_end + 30)
+    # total: every position counts
+    short = TokenLayout(layout.image_token_id, layout.num_image_tokens, img_end + 30, "total")
     ids, labels = encode(long, V1, tok, short)
     assert len(ids) == img_end + 30
     assert (ids == layout.image_token_id).sum() == layout.num_image_tokens
     assert (labels != IGNORE).any()
+    # text (the authors'): max_length counts text ids, the image as one, so the image's other tokens come on top
+    ids_t, labels_t = encode(long, V1, tok, TokenLayout(layout.image_token_id, layout.num_image_tokens, img_end + 30))
+    assert len(ids_t) == img_end + 30 + layout.num_image_tokens - 1
+    assert (ids_t[: len(ids)] == ids).all() and (labels_t[: len(ids)] == labels).all()
 
 
 def test_sample_whose_image_tokens_do_not_fit_is_rejected(tok_layout):
@@ -118,7 +123,11 @@ def test_sample_whose_image_tokens_do_not_fit_is_rejected(tok_layout):
 
     msgs = [{"role": "user", "content": "<image>\n问题"}, {"role": "assistant", "content": "左侧"}]
     with pytest.raises(BadRecord, match="image tokens end at position"):
-        encode(msgs, V1, tok, TokenLayout(layout.image_token_id, layout.num_image_tokens, layout.num_image_tokens - 1))
+        encode(msgs, V1, tok, TokenLayout(layout.image_token_id, layout.num_image_tokens, layout.num_image_tokens - 1,
+                                          "total"))
+    before = len(tok(V1.system + " USER: ")["input_ids"])  # text ids before the image
+    with pytest.raises(BadRecord, match="an image sits at text position"):
+        encode(msgs, V1, tok, TokenLayout(layout.image_token_id, layout.num_image_tokens, before - 1))
 
 
 def test_sample_with_no_reply_left_after_truncation_is_rejected(tok_layout):
@@ -128,8 +137,10 @@ def test_sample_with_no_reply_left_after_truncation_is_rejected(tok_layout):
     msgs = [{"role": "user", "content": "<image>\n" + "病灶位于哪一侧？" * 40}, {"role": "assistant", "content": "左侧"}]
     full_ids, _ = encode(msgs, V1, tok, layout)
     img_end = int(np.flatnonzero(full_ids == layout.image_token_id)[-1]) + 1
-    with pytest.raises(BadRecord, match="no reply token fits"):
-        encode(msgs, V1, tok, TokenLayout(layout.image_token_id, layout.num_image_tokens, img_end + 5))
+    with pytest.raises(BadRecord, match="no reply token is left to learn from after the cut"):
+        encode(msgs, V1, tok, TokenLayout(layout.image_token_id, layout.num_image_tokens, img_end + 5, "total"))
+    with pytest.raises(BadRecord, match="no reply token is left to learn from after the cut at"):
+        encode(msgs, V1, tok, TokenLayout(layout.image_token_id, layout.num_image_tokens, img_end + 5 - 15))
 
 
 def test_collator_pads_labels_with_ignore_and_keeps_images_in_row_order():
