@@ -104,6 +104,17 @@ def tiny_base(tmp_path_factory, tiny_parts):
 
 
 @pytest.fixture(scope="session")
+def tok_layout(tiny_base):
+    """The tiny base's tokenizer (transformers' BPE, not SentencePiece) and its token layout at max_length 512."""
+    from transformers import AutoConfig
+
+    from qilin_lite.model import load_tokenizer_and_processor, token_layout
+
+    tok, _ = load_tokenizer_and_processor(str(tiny_base))
+    return tok, token_layout(AutoConfig.from_pretrained(tiny_base), max_length=512)
+
+
+@pytest.fixture(scope="session")
 def align_run(tmp_path_factory, tiny_base, tiny_data):
     out = tmp_path_factory.mktemp("runs") / "align"
     return _train(tiny_recipe("align", "align", out, tiny_data["align"], tiny_data["images"],

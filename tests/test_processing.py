@@ -15,14 +15,6 @@ V1 = TEMPLATES["vicuna_v1"]
 PLAIN = TEMPLATES["plain"]
 
 
-@pytest.fixture(scope="module")
-def tok_layout(tiny_base):
-    from transformers import AutoConfig
-
-    tok, _ = load_tokenizer_and_processor(str(tiny_base))
-    return tok, token_layout(AutoConfig.from_pretrained(tiny_base), max_length=512)
-
-
 def two_turns():
     return [
         {"role": "user", "content": "<image>\n病灶位于哪一侧？"},

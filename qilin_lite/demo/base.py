@@ -80,9 +80,9 @@ def train_sentencepiece(texts: list[str], out_dir: Path, vocab_size: int = 600, 
     if legacy is not None:
         cfg["legacy"] = legacy
     (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
-    from transformers import AutoTokenizer
+    from ..model import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(str(out_dir))
+    return load_tokenizer(str(out_dir))
 
 
 def chat_texts(spec_texts: dict, n: int, seed: int) -> list[str]:
