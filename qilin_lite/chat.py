@@ -4,7 +4,7 @@ In:  1-4 image files (JPEG/PNG/TIFF/... or DICOM; several become ONE composite, 
      directory qilin-lite accepts (base, align, lora, qlora, full, merged or converted run, or a hub id), optionally
      a peft adapter on top.
 Out: answers streamed to stdout, turn after turn; with `--prompt`, one answer (stdout holds only the answer, or
-     `{"answer", "model", "tokens", "seconds"}` with `--json`).
+     `{"answer", "model", "tokens", "seconds", "prompt_ids"}` with `--json`).
 
 `ChatSession` is the plain-Python core (load_image / ask / reset); the typer command is a thin layer over it.
 The prompt is built by `Generator` with the template saved in the model directory, so chat prompts the model
@@ -420,8 +420,8 @@ def chat(
         answer = session.ask(prompt)
     r = session.last
     if as_json:
-        print(json.dumps({"answer": answer, "model": str(model), "tokens": r.tokens, "seconds": round(r.seconds, 3)},
-                         ensure_ascii=False))
+        print(json.dumps({"answer": answer, "model": str(model), "tokens": r.tokens, "seconds": round(r.seconds, 3),
+                          "prompt_ids": session.generator.last_prompt_ids}, ensure_ascii=False))
     if verbose:
         print(f"[{r.tokens} tokens in {r.seconds:.2f} s, {r.tokens_per_second:.1f} tokens/s]", file=sys.stderr)
     sys.stdout.flush()
@@ -479,7 +479,7 @@ def register(app: typer.Typer) -> None:
         temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy")] = 0.2,
         max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 512,
         prompt: Annotated[Optional[str], typer.Option("--prompt", help="answer this once and exit (stdout = the answer)")] = None,
-        as_json: Annotated[bool, typer.Option("--json", help="with --prompt: print {answer, model, tokens, seconds}")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="with --prompt: print {answer, model, tokens, seconds, prompt_ids} (prompt_ids: the ids the model was given, images expanded)")] = False,
         verbose: Annotated[bool, typer.Option("--verbose", help="loading messages and tokens/s")] = False,
         window: Annotated[Optional[str], typer.Option("--window", help="CENTER,WIDTH for DICOM / 16-bit images, e.g. 40,400")] = None,
         frame: Annotated[Optional[int], typer.Option("--frame", help="frame of a multi-frame file (DICOM default: middle)")] = None,

@@ -88,6 +88,7 @@ def check_data(
     examples: int = 5,
     decode: bool = True,
     workers: int | None = None,
+    length_mode: str = "text",
 ) -> CheckResult:
     """Every record against what training needs; the same rules as `align`/`tune` (records.py, processing.py)."""
     from .conversation import get_template
@@ -133,13 +134,17 @@ def check_data(
         # sample_lengths reports the length after truncation; an unbounded layout gives the full length to compare
         lengths, bad = sample_lengths(records, tpl, tok, TokenLayout(image_token_id, per_image, 1 << 40))
         for i, rec in enumerate(records):
+            image_tokens = per_image * len(rec.images)
+            # "text" (the authors' cut) counts an image as one id; "total" counts every position
+            counted = lengths[i] - image_tokens + len(rec.images) if length_mode == "text" else lengths[i]
             if i in bad:
-                note(rec, "too long", bad[i])
-            elif lengths[i] > max_length:
+                note(rec, "cannot be encoded", bad[i])
+            elif counted > max_length:
+                unit = "text ids (images count one)" if length_mode == "text" else \
+                    f"tokens ({image_tokens} of them image tokens)"
                 note(rec, "too long", (
-                    f"{lengths[i]} tokens ({per_image * len(rec.images)} of them image tokens) "
-                    f"> max_length {max_length}; "
-                    "training would cut the text past it: shorten the text or raise --max-length"))
+                    f"{counted} {unit} > max_length {max_length}; training would cut the text past it: "
+                    "shorten the text or raise --max-length (qilin-lite data inspect shows where)"))
     counts: Counter = Counter()
     shown: dict[str, list[str]] = defaultdict(list)
     for _, kind, w, problem in sorted(problems, key=lambda p: p[0]):

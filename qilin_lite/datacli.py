@@ -1,4 +1,5 @@
-"""`qilin-lite data build | check | stats`: thin commands over databuild.py, datacheck.py and datastats.py (added to the CLI by cli.py)."""
+"""`qilin-lite data build | check | inspect | stats`: thin commands over databuild.py, datacheck.py, datainspect.py and
+datastats.py (added to the CLI by cli.py)."""
 
 from __future__ import annotations
 
@@ -72,7 +73,8 @@ def check_cmd(
     file: Annotated[Path, typer.Argument(help="LLaVA JSON/JSONL training file")],
     image_folder: Annotated[Optional[Path], typer.Option("--image-folder", help="default: the file's folder")] = None,
     model: Model = None,
-    max_length: Annotated[int, typer.Option("--max-length", help="tokens per sample, image tokens included")] = 2048,
+    max_length: Annotated[int, typer.Option("--max-length", help="the training cut (see --length-mode)")] = 2048,
+    length_mode: Annotated[str, typer.Option("--length-mode", help="text: text ids, an image counting one (the authors') | total: every position")] = "text",
     template: Annotated[Optional[str], typer.Option("--template", help="plain | vicuna_v1 (default: the model's run template, else vicuna_v1)")] = None,
     examples: Annotated[int, typer.Option("--examples", help="examples shown per problem")] = 5,
     decode: Annotated[bool, typer.Option("--decode/--no-decode", help="decode every image (slowest part)")] = True,
@@ -80,14 +82,37 @@ def check_cmd(
 ):
     """Validate every record as training would; exit 1 when any record fails."""
     from .datacheck import check_data
+    from .errors import UserError
 
+    if length_mode not in ("text", "total"):
+        raise UserError(f"--length-mode must be text or total, not '{length_mode}'")
     result = check_data(file, image_folder, model=model, max_length=max_length, template=template,
-                        examples=examples, decode=decode, workers=workers)
+                        examples=examples, decode=decode, workers=workers, length_mode=length_mode)
     typer.echo(result.format())
     if not result.ok:
         # SystemExit, not typer.Exit: cli.main runs the app with standalone_mode=False, which turns Exit into a
         # return value and would exit 0
         raise SystemExit(1)
+
+
+@data_app.command("inspect")
+def inspect_cmd(
+    file: Annotated[Path, typer.Argument(help="LLaVA JSON/JSONL training file (or a dataset, as training takes)")],
+    model: Annotated[str, typer.Option("--model", help="base, Llava or run directory (or hub id) whose tokenizer trains")],
+    image_folder: Annotated[Optional[Path], typer.Option("--image-folder", help="default: the file's folder")] = None,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", help="take template and max length from this recipe")] = None,
+    template: Annotated[Optional[str], typer.Option("--template", help="plain | vicuna_v1 (default: the run's or recipe's)")] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="default: the run's or recipe's, else 2048")] = None,
+    length_mode: Annotated[Optional[str], typer.Option("--length-mode", help="text | total (default: the run's or recipe's, else text)")] = None,
+    n: Annotated[int, typer.Option("-n", "--n", help="records shown (from the start of the file)")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per record: id, input_ids, labels as the model gets them")] = False,
+    color: Annotated[Optional[bool], typer.Option("--color/--no-color", help="default: colour on a terminal, [brackets] otherwise")] = None,
+):
+    """Show records as training tokenizes them: supervised tokens marked, counts, where and why the cut fell."""
+    from .datainspect import inspect_records
+
+    inspect_records(file, model, image_folder=image_folder, recipe=recipe, template=template, max_length=max_length,
+                    length_mode=length_mode, n=n, as_json=as_json, color=color)
 
 
 @data_app.command("stats")
