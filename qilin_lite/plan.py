@@ -264,6 +264,9 @@ class Settings:
     per_device_batch: int = 1
     global_batch: int = 1
     max_length: int = 2048
+    # text: max_length counts text ids with an image as one (the authors' cut), so a sequence holds up to
+    # max_length + image tokens - 1 positions, and that is what is planned; total: max_length positions
+    length_mode: str = "total"
     gradient_checkpointing: bool = True
     zero_stage: int = 0  # 0: no DeepSpeed
     reduce_bucket: int | None = None  # DeepSpeed reduce_bucket_size (elements); None: "auto" = hidden^2
@@ -318,7 +321,7 @@ def settings_from_recipe(recipe, **overrides) -> Settings:
     tr, m = recipe.train, recipe.model
     values = dict(
         mode=tr.mode, per_device_batch=tr.per_device_batch, global_batch=tr.global_batch,
-        max_length=recipe.data.max_length, gradient_checkpointing=tr.gradient_checkpointing, dtype=m.dtype,
+        max_length=recipe.data.max_length, length_mode=recipe.data.length_mode, gradient_checkpointing=tr.gradient_checkpointing, dtype=m.dtype,
         mixed_precision=tr.bf16, load_4bit=m.load_4bit, lora_r=tr.lora_r, lora_dropout=tr.lora_dropout, attn=m.attn,
     )
     values.update(_deepspeed(tr.deepspeed))
@@ -664,7 +667,16 @@ def fits(est: Estimate, s: Settings) -> bool:
     return est.total <= s.gpu_memory_gib * GiB
 
 
+def positions(shape: Shape, s: Settings) -> Settings:
+    """The settings with max_length in positions: under the authors' text cut, a sequence is the text ids plus
+    each image's tokens but one (2048 + 575 at 336 px), and memory is spent on positions."""
+    if s.length_mode != "text":
+        return s
+    return replace(s, max_length=s.max_length + shape.image_tokens - 1, length_mode="total")
+
+
 def make_plan(shape: Shape, s: Settings, recipe: str = "") -> Plan:
+    s = positions(shape, s)
     est = estimate(shape, s)
     ok = fits(est, s)
     return Plan(recipe, shape, s, est, ok, None if ok else suggest(shape, s))
@@ -784,7 +796,7 @@ def _describe(s: Settings, shape: Shape) -> list[str]:
     attn = "sdpa" if s.attn == "auto" else s.attn
     return [
         f"mode {s.mode} | {s.gpus} GPU{'s' if s.gpus > 1 else ''} x {s.gpu_memory_gib:g} GiB | batch {s.per_device_batch} x "
-        f"accumulation {s.accumulation} x {s.gpus} = {s.global_batch} | {s.max_length} tokens ({shape.image_tokens} image)",
+        f"accumulation {s.accumulation} x {s.gpus} = {s.global_batch} | {s.max_length} positions ({shape.image_tokens} image)",
         f"checkpointing {'on' if s.gradient_checkpointing else 'off'} | {ds} | attention {attn} | {s.dtype}"
         f"{' + autocast' if s.mixed_precision and not s.zero_stage else ''} | {s.device}",
     ]
@@ -882,7 +894,7 @@ def register(app: typer.Typer) -> None:
         gpus: Annotated[int, typer.Option("--gpus", help="GPUs the run is launched on")] = 1,
         gpu_memory: Annotated[str, typer.Option("--gpu-memory", help="memory per GPU: 24GiB, 80GB (a GPU's GB are GiB)")] = "80GiB",
         batch: Annotated[Optional[int], typer.Option("--batch", help="per-device batch (default: the recipe's)")] = None,
-        max_length: Annotated[Optional[int], typer.Option("--max-length", help="tokens per sample, image tokens included")] = None,
+        max_length: Annotated[Optional[int], typer.Option("--max-length", help="the recipe's cut: text ids with an image as one (length_mode text, planned as + image tokens - 1 positions) or positions (total)")] = None,
         mode: Annotated[Optional[str], typer.Option("--mode", help="align | lora | qlora | full (default: the recipe's)")] = None,
         dtype: Annotated[Optional[str], typer.Option("--dtype", help="weights' dtype: bfloat16 | float16 | float32")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,

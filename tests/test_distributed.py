@@ -189,7 +189,9 @@ def test_processes_split_the_length_count_and_all_get_every_length(tmp_path, tin
     from qilin_lite.records import read_records
 
     rows = json.loads(Path(tiny_data["tune"]).read_text(encoding="utf-8"))
-    rows[3]["conversations"][0]["value"] += "很长的问题" * 60  # its reply no longer fits: a reason, not a length
+    question = rows[3]["conversations"][0]["value"]
+    rows[3]["conversations"][0]["value"] = question + question.replace("<image>", "") * 80  # its reply no longer
+    # fits: a reason, not a length (the demo's own words, which its tokenizer knows, so they are many tokens)
     data = tmp_path / "tune.json"
     data.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
     max_length = 160
