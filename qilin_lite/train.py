@@ -331,6 +331,7 @@ def train_stage(recipe: Recipe, *, resume: bool = False):
     """Train one stage; return (output directory, the trained model as it is in memory)."""
     recipe.check()
     report_targets(recipe.train.report_to)  # a missing tracker fails now, not after minutes of data checks
+    _check_deepspeed(recipe.train.deepspeed)  # so does a DeepSpeed config without DeepSpeed
     out = Path(recipe.output_dir)
     t0 = time.time()
     if out.exists() and any(out.glob("checkpoint-*")) and not resume:
@@ -514,17 +515,22 @@ def _fsdp_args(tr, wrap: list[str] | None) -> dict:
     }}
 
 
+def _check_deepspeed(name: str | None) -> None:
+    """A recipe naming DeepSpeed where it is not installed: one line with both ways out."""
+    import importlib.util
+
+    _deepspeed_path(name)
+    if name and importlib.util.find_spec("deepspeed") is None:
+        raise UserError(f"train.deepspeed names {name} but DeepSpeed is not installed; pip install deepspeed "
+                        "(multi-GPU), or train without it: --set train.deepspeed=none")
+
+
 def _deepspeed_path(name: str | None) -> str | None:
     """Recipes name DeepSpeed files relative to the repository; accept that from any working directory."""
     if not name:
         return None
-    import importlib.util
-
     from .config import REPO_RECIPES
 
-    if importlib.util.find_spec("deepspeed") is None:
-        raise UserError(f"train.deepspeed names {name} but DeepSpeed is not installed; pip install deepspeed "
-                        "(multi-GPU), or train without it: --set train.deepspeed=none")
     for p in (Path(name), REPO_RECIPES.parent / name):
         if p.is_file():
             return str(p)

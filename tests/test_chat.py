@@ -184,8 +184,15 @@ def test_json_answer_for_a_composite(qlora_run, tiny_data):
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("\n") == 1  # one JSON line and nothing else
     reply = json.loads(out.stdout)
-    assert set(reply) == {"answer", "model", "tokens", "seconds"}
+    assert set(reply) == {"answer", "model", "tokens", "seconds", "prompt_ids"}
     assert reply["answer"] == answer and reply["model"] == str(qlora_run)
+    # the ids the model was given: the composite is one image, expanded; the prompt ends where the answer starts
+    from qilin_lite.chat import build_generator
+
+    gen, _ = build_generator(str(qlora_run), temperature=0)
+    msgs = [{"role": "user", "content": f"<image>\n{Q1}"}]
+    assert reply["prompt_ids"] == gen.prompt_ids(msgs).tolist()
+    assert reply["prompt_ids"].count(gen.layout.image_token_id) == gen.layout.num_image_tokens
     assert 0 < reply["tokens"] <= 8 and reply["seconds"] > 0
     assert "\\u" not in out.stdout  # ensure_ascii=False: Chinese stays readable
 

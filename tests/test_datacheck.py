@@ -67,7 +67,9 @@ def test_every_planted_problem_with_its_line(planted, tiny_base):
         [example] = result.examples[kind]
         assert example.startswith(str(path.parent / at) + ": "), example
     assert "> max_length 64" in result.examples["too long"][0]
-    assert "16 of them image tokens" in result.examples["too long"][0]  # 32 px / patch 8 = 16 tokens per image
+    assert "text ids (images count one) > max_length 64" in result.examples["too long"][0]  # the authors' cut
+    total = check_data(path, folder, model=tiny_base, max_length=64, template="vicuna_v1", length_mode="total")
+    assert "16 of them image tokens" in total.examples["too long"][0]  # 32 px / patch 8 = 16 tokens per image
     text = result.format()
     assert "9 records, 2 ok, 7 with problems" in text and "records/s" in text
 
