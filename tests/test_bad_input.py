@@ -163,3 +163,36 @@ def test_when_every_record_is_rejected_the_rejects_file_it_names_exists(bad, fol
         run_stage(recipe)
     listed = [json.loads(line)["id"] for line in (out / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
     assert listed == ["r0", "r1", "r2"]
+
+
+@pytest.mark.parametrize("bad", ["two captions", "cut to nothing"])
+def test_a_record_the_template_or_the_cut_cannot_train_is_one_line(bad, folder, tiny_base, tmp_path, monkeypatch,
+                                                                    capsys):
+    """`plain` with several replies, or a reply the cut removes entirely: one line naming file, line, id and fix;
+    no output directory that claims to be a finished run; --skip-bad trains on the rest."""
+    from conftest import run_cli_captured
+
+    if bad == "two captions":
+        odd = variant(id="b2", conversations=GOOD["conversations"] + [{"from": "human", "value": "再描述"},
+                                                                     {"from": "gpt", "value": "右侧"}])
+        args, want = ["align", "--set", "data.template=plain"], "one caption per record, this one has 2 replies"
+    else:
+        odd = variant(id="b2", conversations=[{"from": "human", "value": "<image>\n" + "病灶位于哪一侧？" * 60},
+                                              GOOD["conversations"][1]])
+        args, want = ["tune", "--full", "--set", "data.max_length=64"], "no reply token is left to learn from"
+    data = write_jsonl(folder / "d.jsonl", [variant(id=f"g{i}") for i in range(3)] + [odd])
+    out = tmp_path / "run"
+    common = ["--data", data, "--image-folder", folder, "--model", tiny_base, "--set",
+              "model.dtype=float32", "--set", "model.attn=sdpa", "--set", "train.bf16=false", "--set",
+              "train.gradient_checkpointing=false", "--set", "train.global_batch=2", "--set", "train.per_device_batch=2",
+              "--set", "train.max_steps=1", "--set", "data.num_workers=0", "--set", "train.tf32=false"]
+    code, stdout, stderr = run_cli_captured(monkeypatch, capsys, *args, *common, "--out", out)
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and f"{data}:4 (b2)" in lines[0] and want in lines[0] and "--skip-bad" in lines[0]
+    assert not (out / "qilin.json").exists()  # nothing that claims to be a finished run
+    code, stdout, stderr = run_cli_captured(monkeypatch, capsys, *args, *common, "--skip-bad", "--out",
+                                            tmp_path / "run2")
+    assert code == 0, stderr
+    assert [json.loads(x)["id"] for x in (tmp_path / "run2/rejects.jsonl").read_text().splitlines()] == ["b2"]
