@@ -86,7 +86,12 @@ def load_image(
     max_pixels: refuse anything larger (width x height, read from the header before decoding).
     """
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as e:  # e.g. a name longer than the file system allows: this image's problem, not a crash
+        raise UserError(f"{str(path)[:200]}: cannot look the image up ({e.strerror or type(e).__name__}); "
+                        "fix the path or drop the record") from None
+    if not found:
         raise UserError(f"{path}: image file not found; fix the path or drop the record")
     if window is not None and not window[1] >= 1:
         raise UserError(f"{path}: window width must be >= 1, got {window[1]}; pass window=(center, width)")

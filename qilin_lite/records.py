@@ -203,7 +203,12 @@ def _from_llava(row: dict, folder: Path) -> Record:
     paths = []
     for n in names:
         path = folder / n
-        if not path.is_file():
+        try:
+            found = path.is_file()
+        except OSError as e:  # a name longer than the file system allows, a path through a file, ...: this record's
+            raise BadRecord(f"image '{n[:120]}' cannot be looked up ({e.strerror or type(e).__name__}); "
+                            "fix the record's 'image' field") from None
+        if not found:
             raise BadRecord(f"image '{path}' not found; check --image-folder or the record's 'image' field")
         paths.append(path)
     return Record(id=str(rid), messages=messages, images=paths)

@@ -196,3 +196,15 @@ def test_a_record_the_template_or_the_cut_cannot_train_is_one_line(bad, folder, 
                                             tmp_path / "run2")
     assert code == 0, stderr
     assert [json.loads(x)["id"] for x in (tmp_path / "run2/rejects.jsonl").read_text().splitlines()] == ["b2"]
+
+
+def test_an_image_name_the_file_system_cannot_hold_is_that_records_problem(folder):
+    data = write_jsonl(folder / "d.jsonl", [variant(id="ok"), variant(id="long", image="长" * 300 + ".png")])
+    rejects: list[Reject] = []
+    recs = read_records(data, folder, skip_bad=True, rejects=rejects)
+    assert [r.id for r in recs] == ["ok"]
+    assert rejects[0].id == "long" and "cannot be looked up" in rejects[0].reason
+    from qilin_lite.images import load_image
+
+    with pytest.raises(UserError, match="cannot look the image up"):
+        load_image(folder / ("长" * 300 + ".png"))
