@@ -73,7 +73,6 @@ def align(
 ):
     """Stage 1: train the projector only (vision tower and LLM frozen) on image-caption pairs."""
     from .config import load_recipe
-    from .train import run_stage
 
     r = load_recipe(recipe, set_, stage="align", output_dir=str(out) if out else None, **_fields(**{
         "data.train": data, "data.image_folder": str(image_folder) if image_folder else None,
@@ -81,9 +80,21 @@ def align(
         "model.load_4bit": load_4bit, "data.max_length": max_length, "model.attn": attn, "data.skip_bad": skip_bad,
         "data.packing": packing, "data.eval": eval_data,
     }))
-    done = run_stage(r, resume=resume)
-    if _main_process():
+    done = _run(r, resume)
+    if done and _main_process():
         typer.echo(f"align done: {done}  (next: qilin-lite tune --from {done} --qlora ...)")
+
+
+def _run(recipe, resume: bool):
+    """Train; a SIGTERM stop (checkpoint written) is a clean exit 0 with the line saying how to go on."""
+    from .train import Stopped, run_stage
+
+    try:
+        return run_stage(recipe, resume=resume)
+    except Stopped as e:
+        if _main_process():
+            typer.echo(str(e), err=True)
+        return None
 
 
 @app.command()
@@ -107,7 +118,6 @@ def tune(
 ):
     """Stage 2: train projector + LLM (full, LoRA or QLoRA) on image question-answer dialogs."""
     from .config import load_recipe
-    from .train import run_stage
 
     modes = [m for m, on in (("lora", lora), ("qlora", qlora), ("full", full)) if on]
     if len(modes) > 1:
@@ -118,8 +128,8 @@ def tune(
         "model.base": model, "data.max_length": max_length, "model.attn": attn, "data.skip_bad": skip_bad,
         "data.packing": packing, "data.eval": eval_data,
     }))
-    done = run_stage(r, resume=resume)
-    if _main_process():
+    done = _run(r, resume)
+    if done and _main_process():
         typer.echo(f"tune done: {done}  (next: qilin-lite chat IMAGE --model {done})")
 
 

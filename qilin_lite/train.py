@@ -179,8 +179,95 @@ def build_dataset(recipe: Recipe, tokenizer, image_processor, model_config, out:
     return dataset, len(rejects)
 
 
+class EpochGroupedSampler(torch.utils.data.Sampler):
+    """transformers' length-grouped order, drawn from (seed, epoch) alone.
+
+    The stock LengthGroupedSampler draws from the global RNG, whose state at the start of an epoch depends on
+    everything that ran before (dropout, logging, evaluation); a run resumed inside its second epoch then trained on
+    other batches than the uninterrupted run. Here each epoch's order is fixed in advance, so a resume anywhere
+    continues the same sequence of batches. The Trainer (through accelerate) calls `set_epoch` every epoch."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        self.batch_size, self.lengths, self.seed, self.epoch = batch_size, lengths, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
+
+
+COMPLETE = ".qilin-complete"  # written into a checkpoint once everything in it is on disk
+
+
+class Stopped(Exception):
+    """Training stopped on SIGTERM after writing a checkpoint; `--resume` continues it (not an error: exit 0)."""
+
+
+def _callbacks():
+    from transformers import TrainerCallback
+
+    class Preemption(TrainerCallback):
+        """SIGTERM (how clusters preempt) -> save a checkpoint at the next step boundary and stop; and a marker in
+        each checkpoint once it is complete, so a kill mid-save never leaves a latest checkpoint that cannot load."""
+
+        def __init__(self):
+            self.requested = False
+            self.stopped_at: int | None = None
+            self._previous = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            import signal
+            import threading
+
+            if threading.current_thread() is threading.main_thread():
+                self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+        def _on_sigterm(self, signum, frame):
+            self.requested = True
+            log.warning("SIGTERM: saving a checkpoint at the end of this step, then stopping")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            requested = self.requested
+            if world_size() > 1:  # every process must stop at the same step, or the collective save hangs
+                import torch.distributed as dist
+
+                if dist.is_available() and dist.is_initialized():
+                    flag = torch.tensor([1.0 if requested else 0.0])
+                    if dist.get_backend() == "nccl":
+                        flag = flag.cuda()
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    requested = bool(flag.item())
+            if requested:
+                self.stopped_at = state.global_step
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if ckpt.is_dir():
+                    (ckpt / COMPLETE).write_text("", encoding="utf-8")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            import signal
+
+            if self._previous is not None:
+                signal.signal(signal.SIGTERM, self._previous)
+                self._previous = None
+
+    return Preemption()
+
+
 def _trainer_class():
-    from transformers.trainer_pt_utils import LengthGroupedSampler
     from trl import SFTTrainer
 
     class QilinTrainer(SFTTrainer):
@@ -216,7 +303,9 @@ def _trainer_class():
         def _get_train_sampler(self, train_dataset=None):
             if self.sample_lengths is not None:
                 batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-                return LengthGroupedSampler(batch, lengths=[int(x) for x in self.sample_lengths])
+                seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+                return EpochGroupedSampler(batch, [int(x) for x in self.sample_lengths], seed)
+            # the random order is accelerate's SeedableRandomSampler: also a function of seed and epoch alone
             return super()._get_train_sampler(train_dataset)
 
         def create_accelerator_and_postprocess(self):
@@ -318,8 +407,19 @@ def trainable_to_fp32(model) -> None:
 
 
 def last_checkpoint(out: Path) -> str | None:
-    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
-    return str(ckpts[-1]) if ckpts else None
+    """The newest checkpoint whose save completed (it holds the marker written after everything else)."""
+    ckpts = sorted((p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))
+    for i in range(len(ckpts) - 1, -1, -1):
+        if (ckpts[i] / COMPLETE).exists():
+            if i < len(ckpts) - 1:
+                log.warning("%s is incomplete (the run was stopped while saving it); resuming from %s",
+                            ", ".join(p.name for p in ckpts[i + 1:]), ckpts[i].name)
+            return str(ckpts[i])
+    if ckpts:
+        raise UserError(f"{out}: no complete checkpoint to resume from ({', '.join(p.name for p in ckpts)} were cut "
+                        "short while saving); delete them and start again without --resume")
+    return None
 
 
 def run_stage(recipe: Recipe, *, resume: bool = False) -> Path:
@@ -402,7 +502,15 @@ def train_stage(recipe: Recipe, *, resume: bool = False):
     if tr.loss_average == "batch":
         trainer.loss_is_scaled_for_ga = False  # the Trainer then divides each micro-batch's mean by the accumulation
     trainer.projector_lr = tr.projector_lr if tr.mode != "align" else None
-    trainer.train(resume_from_checkpoint=last_checkpoint(out) if resume else None)
+    preemption = _callbacks()
+    trainer.add_callback(preemption)
+    start = last_checkpoint(out) if resume else None
+    if resume and start is None:
+        log.warning("--resume: %s has no checkpoint yet; training from the start", out)
+    trainer.train(resume_from_checkpoint=start)
+    if preemption.stopped_at is not None:
+        raise Stopped(f"stopped by SIGTERM after step {preemption.stopped_at}; checkpoint-{preemption.stopped_at} "
+                      f"is saved in {out}; run the same command with --resume to continue")
 
     sharded = sharded_fraction(trainer.model) if trainer.is_fsdp_enabled else None
     if sharded is not None:
