@@ -29,9 +29,11 @@ class LazyImage:
     dataset: Any
     index: int
     column: str
+    item: int | None = None  # which image of a list-of-images cell
 
     def open(self):
-        return self.dataset[self.index][self.column]
+        cell = self.dataset[self.index][self.column]
+        return cell if self.item is None else cell[self.item]
 
 
 @dataclass
@@ -82,7 +84,8 @@ def read_records(
         folder = Path(image_folder) if image_folder else p.parent
         if not folder.is_dir():
             raise UserError(f"{folder}: image folder not found; pass --image-folder with the folder holding the images")
-        convert = lambda row: _from_llava(row, folder)  # noqa: E731
+        # a record without an id (LLaMA-Factory, ms-swift and trl files have none) is named by its file and line
+        convert = lambda row, line: _from_llava(row, folder, f"{p.name}:{line}")  # noqa: E731
     else:
         rows, convert = _iter_hf_rows(str(path), split, image_column, messages_column)
     out: list[Record] = []
@@ -92,7 +95,7 @@ def read_records(
         try:
             if error:
                 raise BadRecord(error)
-            rec = convert(row)
+            rec = convert(row, line)
             rec.source, rec.line = str(path), line
             if rec.id in seen:
                 raise BadRecord(f"duplicate id '{rec.id}'; ids must be unique (deduplicate the file)")
@@ -190,10 +193,12 @@ def validate_messages(messages: list[dict], n_images: int) -> None:
         )
 
 
-def _from_llava(row: dict, folder: Path) -> Record:
+def _from_llava(row: dict, folder: Path, default_id: str) -> Record:
+    """LLaVA (`conversations` of from/value) or ShareGPT / OpenAI (`messages` of role/content, text or trl's typed
+    parts) with `image` or `images`; the id is optional."""
     rid = row.get("id")
     if rid is None:
-        raise BadRecord("record has no 'id'")
+        rid = default_id
     messages = _messages_from_llava(row.get("conversations", row.get("messages")))
     image = row.get("image", row.get("images"))
     names = [] if image in (None, "", []) else image if isinstance(image, list) else [image]
@@ -229,21 +234,43 @@ def _iter_hf_rows(name: str, split: str, image_column: str, messages_column: str
     mcol = messages_column or next((c for c in ("messages", "conversations") if c in cols), None)
     if mcol is None:
         raise UserError(f"{name}: no 'messages' or 'conversations' column (columns: {cols}); name it with messages_column")
+    if image_column not in cols and image_column == "image" and "images" in cols:
+        image_column = "images"  # trl's and LLaMA-Factory's name for a list of images
+    counts = _image_counts(ds, image_column) if image_column in cols else None
     text_only = ds.remove_columns([c for c in cols if c == image_column])  # rows without decoding images
 
     def rows():
         for i, row in enumerate(text_only):
             yield i + 1, dict(row, __index__=i), None
 
-    def convert(row: dict) -> Record:
+    def convert(row: dict, line: int) -> Record:
         messages = _messages_from_llava(row[mcol])
         tags = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
-        # one image cell per row: attach it when the text asks for an image, decode it only per batch
-        images = [LazyImage(ds, row["__index__"], image_column)] if tags and image_column in cols else []
+        i = row["__index__"]
+        if counts is None or not tags:
+            images = []
+        elif counts[i] is None:  # one image per cell: attach it when the text asks for one, decode it per batch
+            images = [LazyImage(ds, i, image_column)]
+        else:  # a list of images per cell
+            images = [LazyImage(ds, i, image_column, k) for k in range(counts[i])]
         validate_messages(messages, len(images))
-        return Record(id=str(row.get("id", row["__index__"])), messages=messages, images=images)
+        return Record(id=str(row.get("id", i)), messages=messages, images=images)
 
     return rows(), convert
+
+
+def _image_counts(ds, column: str) -> list[int | None]:
+    """Per row: None for a single-image cell, else how many images its list holds, read from Arrow without
+    decoding a single image."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = ds.with_format("arrow")[column]
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
+        return [None] * len(ds)
+    return [0 if n is None else int(n) for n in pc.list_value_length(arr).to_pylist()]
 
 
 def write_rejects(rejects: list[Reject], out_dir: Path) -> Path | None:
