@@ -118,6 +118,9 @@ def _iter_json_rows(p: Path) -> Iterator[tuple[int | None, Any, str | None]]:
         try:
             rows = json.loads(p.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
+            if e.msg == "Extra data":  # JSONL whose first line is a list: read it line by line, each bad line its own
+                yield from iter_jsonl(p)
+                return
             raise UserError(f"{where(p, e.lineno)}: not valid JSON ({e.msg}); fix the file or convert it to JSONL") from None
         except UnicodeDecodeError:
             raise UserError(f"{p}: not UTF-8 text; re-save the file as UTF-8") from None
