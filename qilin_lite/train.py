@@ -523,6 +523,7 @@ def train_stage(recipe: Recipe, *, resume: bool = False):
         summary = {
             "stage": recipe.stage, "mode": tr.mode, "samples": n_samples, "rows": len(dataset),
             "rejected": n_rejected, "steps": trainer.state.global_step, "seconds": round(time.time() - t0, 1),
+            "processes": world_size(),
             "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
         }
         evals = [h["eval_loss"] for h in history if "eval_loss" in h]

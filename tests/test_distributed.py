@@ -215,3 +215,28 @@ def test_processes_split_the_length_count_and_all_get_every_length(tmp_path, tin
         got = json.loads((tmp_path / f"r{rank}.json").read_text())
         assert got["lengths"] == expected.tolist()
         assert got["bad"] == {str(k): v for k, v in expected_bad.items()}
+
+
+@pytest.mark.slow
+def test_two_nodes_by_rendezvous_match_one_process(tmp_path, tiny_base, tiny_data):
+    """Multi-node as clusters launch it: two torchrun agents ("nodes" of one process each, here both on 127.0.0.1)
+    meet through the c10d rendezvous; the first-step loss equals one process's on the same global batch."""
+    data = ["--image-folder", str(tiny_data["images"])]
+    args = ["align", "--model", str(tiny_base), "--data", str(tiny_data["align"]), *data, *COMMON]
+    one = tmp_path / "one"
+    r = launch(1, *args, "--out", str(one))
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = tmp_path / "two"
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+         f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=qilin-test", "-m", "qilin_lite", *args, "--out", str(two)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in nodes:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    s = json.loads((two / "train_summary.json").read_text())
+    assert s["steps"] == 2 and s["processes"] == 2
+    assert json.loads((one / "train_summary.json").read_text())["processes"] == 1
+    assert abs(first_loss(one) - first_loss(two)) < 2e-3 * abs(first_loss(one)), (first_loss(one), first_loss(two))
