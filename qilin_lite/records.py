@@ -222,17 +222,21 @@ def _from_llava(row: dict, folder: Path, default_id: str) -> Record:
     return Record(id=str(rid), messages=messages, images=paths)
 
 
-def _iter_hf_rows(name: str, split: str, image_column: str, messages_column: str | None):
+def open_hf_dataset(name: str, split: str):
+    """A local `save_to_disk` folder or a hub dataset (memory-mapped Arrow: opening it reads no rows)."""
     import datasets
 
     try:
         if Path(name).is_dir() and any((Path(name) / f).exists() for f in ("dataset_dict.json", "state.json")):
             ds = datasets.load_from_disk(name)
-            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-        else:
-            ds = datasets.load_dataset(name, split=split)
+            return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        return datasets.load_dataset(name, split=split)
     except FileNotFoundError as e:
         raise UserError(f"{name}: no such data file or dataset ({e}); pass a .json/.jsonl file or a dataset path") from None
+
+
+def _iter_hf_rows(name: str, split: str, image_column: str, messages_column: str | None):
+    ds = open_hf_dataset(name, split)
     cols = ds.column_names
     mcol = messages_column or next((c for c in ("messages", "conversations") if c in cols), None)
     if mcol is None:

@@ -105,18 +105,32 @@ def shared_lengths(records: list[Record], template, tokenizer, layout):
     return np.array([found[i] for i in range(len(records))], dtype=np.int64), bad
 
 
-def verify_images(records: list[Record], rejects: list[Reject], skip_bad: bool, workers: int = 4) -> list[Record]:
-    """Decode every image once so a corrupt file is reported before training, not hours into it."""
+def verify_images(records: list[Record], rejects: list[Reject], skip_bad: bool, workers: int = 4,
+                  verdicts=None) -> list[Record]:
+    """Decode every image once so a corrupt file is reported before training, not hours into it.
+
+    `verdicts` (datacache.ImageVerdicts) remembers what each unchanged file gave, so a rerun decodes only new ones."""
     from .images import load_image
 
     def check(rec: Record):
-        try:
-            for ref in rec.images:
-                if isinstance(ref, Path):
-                    load_image(ref)
-            return None
-        except UserError as e:
-            return str(e)
+        for ref in rec.images:
+            if not isinstance(ref, Path):
+                continue
+            if verdicts is not None:
+                known, problem = verdicts.known(ref)
+                if known:
+                    if problem:
+                        return problem
+                    continue
+            try:
+                load_image(ref)
+            except UserError as e:
+                if verdicts is not None:
+                    verdicts.record(ref, str(e))
+                return str(e)
+            if verdicts is not None:
+                verdicts.record(ref, None)
+        return None
 
     # each process decodes its share (8 GPUs: an eighth each, not eight times everything) and all learn every
     # verdict, so every process drops the same records and the ranks' datasets stay identical
@@ -124,6 +138,10 @@ def verify_images(records: list[Record], rejects: list[Reject], skip_bad: bool, 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         found = {i: problem for i, problem in zip(mine, pool.map(check, [records[i] for i in mine])) if problem}
     found = gather_dicts(found)
+    if verdicts is not None:
+        verdicts.entries = gather_dicts(verdicts.entries)
+        if rank() == 0:
+            verdicts.save()  # before any error below: the next attempt skips what was decoded
     kept = []
     for i, rec in enumerate(records):
         problem = found.get(i)
@@ -144,9 +162,56 @@ def _write_rejects_once(rejects: list[Reject], out: Path) -> Path:
 
 
 def build_dataset(recipe: Recipe, tokenizer, image_processor, model_config, out: Path, source: str | None = None):
-    """The training set (or `source`, e.g. the eval file) under the same rules: records, images, lengths."""
+    """The training set (or `source`, e.g. the eval file) under the same rules: records, images, lengths.
+
+    The checked records go to an on-disk index (datacache.py) that every rank and DataLoader worker shares; a
+    restart on the same data, tokenizer and settings reuses it instead of checking everything again."""
+    from .datacache import CACHE_DIR, RecordIndex, data_key, file_identity, tokenizer_identity
+    from .records import open_hf_dataset
+
     d = recipe.data
     source = source or d.train
+    template = get_template(recipe.template)
+    layout = token_layout(model_config, d.max_length, d.length_mode)
+    is_file = Path(source).is_file() or Path(source).suffix in (".json", ".jsonl")
+    key = data_key({
+        "data": file_identity(source), "image_folder": str(Path(d.image_folder).resolve()) if d.image_folder else None,
+        "tokenizer": tokenizer_identity(tokenizer), "template": [template.name, template.system], "layout": layout,
+        "verify_images": d.verify_images, "skip_bad": d.skip_bad, "hf": [d.split, d.image_column, d.messages_column],
+    })
+    index_dir = out / CACHE_DIR / key
+    hf = None if is_file else open_hf_dataset(str(source), d.split)
+    index = RecordIndex.load(index_dir, hf)
+    if index is not None:
+        log.info("reusing the records checked before (%s): %d records, %d set aside then (see rejects.jsonl)",
+                 index_dir, len(index), index.meta["rejected"])
+    else:
+        records, lengths, rejects = _check_records(recipe, source, tokenizer, template, layout, out)
+        if rank() == 0:
+            RecordIndex.write(index_dir, records, lengths, {"records": len(records), "rejected": len(rejects),
+                                                            "source": str(source)})
+        del records  # from here on the index serves them: 16 bytes a record in memory, none copied per worker
+        if world_size() > 1:
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
+        index = RecordIndex.load(index_dir, hf)
+        if index is None:
+            raise RuntimeError(f"{index_dir}: the record index just written cannot be read back")
+    dataset = VisionTextDataset(
+        index, tokenizer, ImageLoader(image_processor, recipe.image_mode), template, layout, index.lengths,
+        rejects_path=out / "rejects.jsonl",
+    )
+    return dataset, int(index.meta["rejected"])
+
+
+def _check_records(recipe: Recipe, source, tokenizer, template, layout, out: Path):
+    """Read, decode and tokenize every record once: (kept records, their lengths, rejects)."""
+    import os
+
+    from .datacache import CACHE_DIR, ImageVerdicts
+
+    d = recipe.data
     rejects: list[Reject] = []
     try:
         records = read_records(
@@ -157,9 +222,9 @@ def build_dataset(recipe: Recipe, tokenizer, image_processor, model_config, out:
         _write_rejects_once(rejects, out)  # "no usable records ... see rejects.jsonl": make it exist
         raise
     if d.verify_images:
-        records = verify_images(records, rejects, d.skip_bad, workers=max(1, d.num_workers * 2))
-    template = get_template(recipe.template)
-    layout = token_layout(model_config, d.max_length, d.length_mode)
+        # threads on every core: PIL decodes without holding the GIL
+        records = verify_images(records, rejects, d.skip_bad, workers=max(2, os.cpu_count() or 2),
+                                verdicts=ImageVerdicts(out / CACHE_DIR / "images.json"))
     lengths, bad = shared_lengths(records, template, tokenizer, layout)
     if bad:
         first = min(bad)
@@ -172,11 +237,7 @@ def build_dataset(recipe: Recipe, tokenizer, image_processor, model_config, out:
         log.warning("%d record(s) set aside, listed in %s", len(rejects), _write_rejects_once(rejects, out))
     if not records:
         raise UserError(f"{source}: every record was rejected; see {out / 'rejects.jsonl'}")
-    dataset = VisionTextDataset(
-        records, tokenizer, ImageLoader(image_processor, recipe.image_mode), template, layout, lengths,
-        rejects_path=out / "rejects.jsonl",
-    )
-    return dataset, len(rejects)
+    return records, lengths, rejects
 
 
 class EpochGroupedSampler(torch.utils.data.Sampler):
