@@ -222,8 +222,10 @@ def _coerce(f: dataclasses.Field, value: Any, source: str, key: str):
     t = str(f.type)
     if value is None:
         return None
-    if "None" in t and isinstance(value, str) and value.strip().lower() in ("none", "null", "off", ""):
-        return None  # an optional setting switched off on the command line (--set train.deepspeed=none)
+    if "None" in t and not t.startswith(("bool", "int", "float")) and (
+            value is False or (isinstance(value, str) and value.strip().lower() in ("none", "null", "off", "false", ""))):
+        # an optional setting switched off (--set train.deepspeed=none); YAML reads a bare `off` as false
+        return None
     try:
         if t.startswith("bool"):
             if not isinstance(value, bool):

@@ -208,3 +208,24 @@ def test_an_image_name_the_file_system_cannot_hold_is_that_records_problem(folde
 
     with pytest.raises(UserError, match="cannot look the image up"):
         load_image(folder / ("长" * 300 + ".png"))
+
+
+def test_a_recipe_naming_deepspeed_without_it_is_one_line_and_none_off_null_unset_it(folder, tiny_base, tmp_path,
+                                                                                      monkeypatch, capsys):
+    import importlib.util
+
+    from conftest import run_cli_captured
+    from qilin_lite.config import REPO_RECIPES
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("DeepSpeed is installed here")
+    data = write_jsonl(folder / "d.jsonl", [variant(id=f"g{i}") for i in range(2)])
+    recipe = REPO_RECIPES / "qilin-med-vl" / "align.yaml"
+    code, out, err = run_cli_captured(monkeypatch, capsys, "align", recipe, "--data", data, "--image-folder", folder,
+                                      "--model", tiny_base, "--out", tmp_path / "a")
+    assert code == 2 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "DeepSpeed is not installed" in lines[0] and "train.deepspeed=none" in lines[0]
+    assert not (tmp_path / "a" / ".qilin-data").exists()  # refused before any data work
+    for word in ("none", "off", "null", "None"):
+        assert load_recipe(recipe, [f"train.deepspeed={word}"]).train.deepspeed is None
