@@ -120,7 +120,7 @@ def _authors_labels(text: str, template: Template, tokenizer, image_token_id: in
         labels[cur : cur + instruction] = IGNORE
         cur += len(enc(rnd))  # BOS of the round stands for the `</s>` that ends it in the whole
     labels[cur:] = IGNORE
-    unk = sp._sp.unk_id()  # the authors pad with <unk> and count the non-pad ids
+    unk = sp.unk_id  # the authors pad with <unk> and count the non-pad ids
     total = int((ids != unk).sum())
     if cur < max_length and cur != total:
         raise BadRecord(

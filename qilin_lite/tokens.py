@@ -56,6 +56,10 @@ class SlowLlamaText:
         self.__dict__.update(state)
         self.__post_init__()
 
+    @property
+    def unk_id(self) -> int:
+        return self._sp.unk_id()
+
     def tokens(self, text: str) -> list[int]:
         """Ids without BOS / EOS (4.31's `tokenize` + `convert_tokens_to_ids`)."""
         if not self.legacy:

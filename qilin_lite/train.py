@@ -191,6 +191,7 @@ def build_dataset(recipe: Recipe, tokenizer, image_processor, model_config, out:
             RecordIndex.write(index_dir, records, lengths, {"records": len(records), "rejected": len(rejects),
                                                             "source": str(source)})
         del records  # from here on the index serves them: 16 bytes a record in memory, none copied per worker
+        _release_freed_memory()
         if world_size() > 1:
             from accelerate import PartialState
 
@@ -203,6 +204,19 @@ def build_dataset(recipe: Recipe, tokenizer, image_processor, model_config, out:
         rejects_path=out / "rejects.jsonl",
     )
     return dataset, int(index.meta["rejected"])
+
+
+def _release_freed_memory() -> None:
+    """Hand the checks' freed Python objects back to the OS before DataLoader workers fork from this process:
+    glibc keeps freed heap pages otherwise, and every worker would map them (measured in benchmarks/scale.py)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
 
 
 def _check_records(recipe: Recipe, source, tokenizer, template, layout, out: Path):
