@@ -124,8 +124,10 @@ class ChatSession:
     def reset(self) -> None:
         self.history = []
 
-    def ask(self, text: str) -> str:
-        """Answer `text` in the current conversation; the answer is streamed and kept in the history."""
+    def ask(self, text: str, stop: threading.Event | None = None) -> str:
+        """Answer `text` in the current conversation; the answer is streamed and kept in the history.
+
+        `stop` (set from another thread: the web page's Stop) ends the answer after the current token."""
         from transformers import StoppingCriteriaList
 
         from .conversation import IMAGE_TOKEN
@@ -138,7 +140,7 @@ class ChatSession:
         # ImageLoader takes paths or dataset cells; a one-row "dataset" hands it the already loaded composite.
         images = [LazyImage([{"image": self.image}], 0, "image")] if self.image is not None else []
         tok = self.generator.tokenizer
-        stop = threading.Event()
+        stop = stop if stop is not None else threading.Event()
         streamer = _Streamer(tok, self.stream)
         self.generator.extra = {**self._base_extra, "stopping_criteria": StoppingCriteriaList([_StopOnEvent(stop)])}
         start = time.perf_counter()
@@ -149,6 +151,18 @@ class ChatSession:
         if not stop.is_set():
             self.history = messages + [{"role": "assistant", "content": answer}]
         return answer
+
+    def regenerate(self, stop: threading.Event | None = None) -> str:
+        """Answer the last question again (sampling may give another answer; greedy gives the same)."""
+        from .conversation import IMAGE_TOKEN
+
+        if len(self.history) < 2:
+            raise UserError("nothing to regenerate yet: ask a question first")
+        question = self.history[-2]["content"]
+        if len(self.history) == 2 and self.image is not None:
+            question = question.removeprefix(f"{IMAGE_TOKEN}\n")
+        self.history = self.history[:-2]
+        return self.ask(question, stop=stop)
 
     def banner(self) -> str:
         t = self.template

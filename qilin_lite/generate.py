@@ -25,6 +25,7 @@ class Generator:
     layout: TokenLayout
     max_new_tokens: int = 512
     temperature: float = 0.0  # 0 = greedy
+    top_p: float | None = None  # nucleus sampling when temperature > 0 (None: off)
     extra: dict = field(default_factory=dict)
 
     last_prompt_ids: list[int] = field(default_factory=list)  # the ids of the latest prompt (images expanded)
@@ -62,7 +63,7 @@ class Generator:
             max_new_tokens=self.max_new_tokens,
             do_sample=sample,
             temperature=self.temperature if sample else None,
-            top_p=None,
+            top_p=self.top_p if sample else None,
             top_k=None,
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=pad,

@@ -1,0 +1,348 @@
+"""`qilin-lite web`: one local page to try a trained model on medical images (clinicians need no terminal).
+
+In:  any output directory `chat` accepts (align, lora/qlora, merged, full, converted release), served on
+     127.0.0.1 unless `--host` says otherwise. The page itself is `web_page.html`: no CDN, font or analytics request,
+     so it works with no network at all.
+Out: answers streamed to the page; with `--log-dir`, one transcript per conversation (images only as the model's PNG
+     view, never the uploaded file).
+
+Each browser tab is a session (an id kept in the tab) with its own image and history. One model, so generation
+requests queue behind one lock; a waiting request is told its place. Uploads are decoded by the code `chat` uses
+(`load_chat_image`: DICOM windowing, 16-bit, composites), from a private temporary directory (memory-backed
+/dev/shm where there is one) that is deleted as soon as the image is decoded. No DICOM header value is read into
+anything the page, the server log or a transcript receives: only pixels leave the decoder.
+"""
+
+# no `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at runtime, and the classes
+# they name are imported inside create_app
+
+import base64
+import io
+import json
+import logging
+import os
+import queue
+import re
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+WINDOWS = {  # DICOM window presets (centre, width) in Hounsfield units
+    "lung": (-600.0, 1500.0),  # 肺窗
+    "mediastinum": (40.0, 400.0),  # 纵隔窗 / soft tissue
+    "bone": (400.0, 1800.0),  # 骨窗
+    "brain": (40.0, 80.0),  # 脑窗
+}
+MAX_UPLOAD_BYTES = 64 * 2**20  # per file
+MAX_SESSIONS = 64
+SUFFIX = re.compile(r"\.(dcm|dicom|png|jpe?g|tiff?|bmp|webp|gif)$", re.IGNORECASE)
+
+
+@dataclass
+class Session:
+    chat: object  # chat.ChatSession with this tab's image and history
+    stop: threading.Event = field(default_factory=threading.Event)
+    used: float = field(default_factory=time.time)
+    transcript: Path | None = None
+
+
+class WebApp:
+    """The model, the sessions, the generation lock; plain methods the HTTP layer calls (and tests can)."""
+
+    def __init__(self, generator, info, model_name: str, log_dir: Path | None = None):
+        self.generator, self.info, self.model_name = generator, info, model_name
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.sessions: dict[str, Session] = {}
+        self.lock = threading.Lock()  # one model: one generation at a time
+        self.waiting = 0
+        self.defaults = {"temperature": generator.temperature, "top_p": 1.0,
+                         "max_new_tokens": generator.max_new_tokens}
+
+    def session(self, sid: str) -> Session:
+        from .chat import ChatSession
+
+        if not re.fullmatch(r"[A-Za-z0-9-]{8,64}", sid or ""):
+            raise UserError("missing or malformed session id; reload the page")
+        s = self.sessions.get(sid)
+        if s is None:
+            if len(self.sessions) >= MAX_SESSIONS:  # forget the least recently used tab
+                oldest = min(self.sessions, key=lambda k: self.sessions[k].used)
+                del self.sessions[oldest]
+            s = self.sessions[sid] = Session(ChatSession(self.generator, name=self.model_name, kind=self.info.kind))
+        s.used = time.time()
+        return s
+
+    def describe(self) -> dict:
+        from .chat import DISCLAIMER
+
+        return {"model": self.model_name, "kind": self.info.kind, "base": self.info.base,
+                "template": self.info.template, "image_mode": self.info.image_mode, "notice": DISCLAIMER,
+                "defaults": self.defaults, "windows": {k: list(v) for k, v in WINDOWS.items()}}
+
+    def set_image(self, sid: str, files: list[dict], window=None, frame: int | None = None) -> dict:
+        """Decode 1-4 uploads (`{"name", "data": base64}`) as chat does; returns the model's view as a PNG."""
+        from .chat import MAX_IMAGES, load_chat_image
+        from .images import expand_to_square
+        from .processing import pad_fill
+
+        s = self.session(sid)
+        if not files:
+            raise UserError("choose an image first")
+        if len(files) > MAX_IMAGES:
+            raise UserError(f"{len(files)} files: at most {MAX_IMAGES} images (several are joined into one)")
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        with tempfile.TemporaryDirectory(prefix="qilin-web-", dir=shm) as tmp:
+            paths, names = [], {}
+            for i, f in enumerate(files):
+                name = str(f.get("name") or f"image{i}")
+                try:
+                    data = base64.b64decode(f.get("data") or "", validate=True)
+                except ValueError:
+                    raise UserError(f"{name}: the upload arrived damaged; try again") from None
+                if not data:
+                    raise UserError(f"{name}: empty file")
+                if len(data) > MAX_UPLOAD_BYTES:
+                    raise UserError(f"{name}: larger than {MAX_UPLOAD_BYTES // 2**20} MB; downscale it first")
+                m = SUFFIX.search(name)
+                # neutral file names: the user's name stays out of any path, and the suffix tells the decoder the kind
+                p = Path(tmp) / f"upload{i}{m.group(0).lower() if m else ''}"
+                p.write_bytes(data)
+                paths.append(p)
+                names[str(p)] = name
+            try:
+                image = load_chat_image(paths, window=window, frame=frame)
+            except UserError as e:
+                msg = str(e)
+                for tmp_name, shown in names.items():
+                    msg = msg.replace(tmp_name, shown)
+                raise UserError(msg) from None
+        mode = self.generator.images.mode
+        view = expand_to_square(image, pad_fill(self.generator.images.processor.image_mean)) if mode == "pad" else image
+        s.chat.show(image, [Path(n) for n in names.values()])
+        s.transcript = None
+        buf = io.BytesIO()
+        view.save(buf, format="PNG")
+        png = buf.getvalue()
+        if self.log_dir is not None:  # opted in: the model's view only, never the upload itself
+            s.transcript = self.log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+            s.transcript.mkdir(parents=True, exist_ok=True)
+            (s.transcript / "image.png").write_bytes(png)
+        return {"preview": base64.b64encode(png).decode("ascii"), "width": view.width, "height": view.height,
+                "images": len(files)}
+
+    def clear(self, sid: str) -> None:
+        s = self.session(sid)
+        s.chat.reset()
+
+    def stop(self, sid: str) -> None:
+        self.session(sid).stop.set()
+
+    def ask(self, sid: str, question: str | None, settings: dict, regenerate: bool = False):
+        """Yield events for one answer: {"queued": n} while waiting, {"text": ...} as it streams, then {"done"}."""
+        s = self.session(sid)
+        if not regenerate and not (question or "").strip():
+            raise UserError("the question is empty")
+        if s.chat.image is None:
+            raise UserError("upload an image first")
+        if regenerate and len(s.chat.history) < 2:
+            raise UserError("nothing to regenerate yet: ask a question first")
+        temperature, top_p, max_new = _sampling(settings, self.defaults)
+        events: queue.Queue = queue.Queue()
+        s.stop.clear()
+
+        class Pipe:  # ChatSession streams the answer into this, the HTTP response reads it
+            def write(self, text):
+                if text:
+                    events.put({"text": text})
+
+            def flush(self):
+                pass
+
+        def run():
+            if not self.lock.acquire(blocking=False):  # another tab is generating: say so, then wait our turn
+                self.waiting += 1
+                events.put({"queued": self.waiting})
+                self.lock.acquire()
+                self.waiting -= 1
+            try:  # holding the lock from here
+                if s.stop.is_set():  # Stop pressed while waiting
+                    events.put({"done": True, "stopped": True, "answer": ""})
+                    return
+                events.put({"started": True})
+                g = self.generator
+                g.temperature, g.top_p, g.max_new_tokens = temperature, top_p, max_new
+                s.chat.stream = Pipe()
+                answer = s.chat.regenerate(stop=s.stop) if regenerate else s.chat.ask(question.strip(), stop=s.stop)
+                stopped = s.chat.last.stopped
+                events.put({"done": True, "stopped": stopped, "answer": answer})
+                self._log(s, stopped)
+            except UserError as e:
+                events.put({"error": str(e)})
+            except Exception:  # noqa: BLE001 - a bug: logged here without the question or the image
+                log.exception("generation failed")
+                events.put({"error": "generation failed; see the server log"})
+            finally:
+                self.lock.release()
+                events.put(None)
+
+        threading.Thread(target=run, daemon=True).start()
+        while (e := events.get()) is not None:
+            yield e
+
+    def _log(self, s: Session, stopped: bool) -> None:
+        if s.transcript is None or stopped:
+            return
+        rows = [{"role": m["role"], "content": m["content"]} for m in s.chat.history]
+        (s.transcript / "transcript.json").write_text(json.dumps(
+            {"model": self.model_name, "template": self.info.template, "messages": rows}, ensure_ascii=False,
+            indent=1), encoding="utf-8")
+
+
+def _sampling(settings: dict, defaults: dict) -> tuple[float, float | None, int]:
+    try:
+        temperature = float(settings.get("temperature", defaults["temperature"]))
+        top_p = float(settings.get("top_p", defaults["top_p"]))
+        max_new = int(settings.get("max_new_tokens", defaults["max_new_tokens"]))
+    except (TypeError, ValueError):
+        raise UserError("temperature, top-p and max new tokens must be numbers") from None
+    if not 0 <= temperature <= 5 or not 0 < top_p <= 1 or not 1 <= max_new <= 4096:
+        raise UserError("temperature 0-5 (0 = greedy), top-p in (0, 1], max new tokens 1-4096")
+    return temperature, (top_p if top_p < 1 else None), max_new
+
+
+def create_app(web: WebApp):
+    from fastapi import Body, FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    page = (Path(__file__).parent / "web_page.html").read_text(encoding="utf-8")
+
+    def problem(e: UserError, status: int = 400):
+        return JSONResponse({"error": str(e)}, status_code=status)
+
+    @app.get("/", response_class=HTMLResponse)
+    def index():
+        return HTMLResponse(page, headers={"Cache-Control": "no-store", "Content-Security-Policy":
+                                           "default-src 'self'; img-src 'self' data:; style-src 'unsafe-inline'; "
+                                           "script-src 'unsafe-inline'; connect-src 'self'"})
+
+    @app.get("/favicon.ico")
+    def favicon():
+        return Response(status_code=204)
+
+    @app.get("/api/info")
+    def info():
+        return web.describe()
+
+    # plain `def` endpoints: FastAPI runs them in its thread pool, so a long decode or a queued answer never blocks
+    # the server (Stop must get through while another tab generates)
+    @app.post("/api/image")
+    def image(request: Request, body: dict = Body(...)):
+        try:
+            window = body.get("window")
+            window = None if window in (None, "", "auto") else _window(window)
+            frame = body.get("frame")
+            frame = None if frame in (None, "") else int(frame)
+            return web.set_image(request.headers.get("x-session", ""), body.get("files") or [], window, frame)
+        except UserError as e:
+            return problem(e)
+        except (ValueError, TypeError):
+            return problem(UserError("the upload could not be read; choose the files again"))
+
+    @app.post("/api/ask")
+    def ask(request: Request, body: dict = Body(...)):
+        sid = request.headers.get("x-session", "")
+        try:
+            events = web.ask(sid, body.get("question"), body.get("settings") or {},
+                             regenerate=bool(body.get("regenerate")))
+            first = next(events)  # validation errors surface here, before the stream starts
+        except UserError as e:
+            return problem(e)
+        except ValueError:
+            return problem(UserError("malformed request; reload the page"))
+
+        def stream():
+            yield json.dumps(first, ensure_ascii=False) + "\n"
+            for e in events:
+                yield json.dumps(e, ensure_ascii=False) + "\n"
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+    @app.post("/api/stop")
+    def stop(request: Request):
+        try:
+            web.stop(request.headers.get("x-session", ""))
+        except UserError as e:
+            return problem(e)
+        return {"ok": True}
+
+    @app.post("/api/clear")
+    def clear(request: Request):
+        try:
+            web.clear(request.headers.get("x-session", ""))
+        except UserError as e:
+            return problem(e)
+        return {"ok": True}
+
+    return app
+
+
+def _window(value) -> tuple[float, float]:
+    if isinstance(value, str) and value in WINDOWS:
+        return WINDOWS[value]
+    try:
+        c, w = (float(x) for x in (value if isinstance(value, (list, tuple)) else str(value).split(",")))
+    except (TypeError, ValueError):
+        raise UserError("window: a preset or CENTER,WIDTH (e.g. 40,400)") from None
+    if not w >= 1:
+        raise UserError(f"window width must be >= 1, got {w:g}")
+    return c, w
+
+
+def serve(model: str, *, host: str = "127.0.0.1", port: int = 7860, bits: int | None = None,
+          log_dir: Path | None = None, temperature: float = 0.2, max_new_tokens: int = 512) -> None:
+    import uvicorn
+
+    from .chat import _quiet, build_generator
+
+    with _quiet(False):
+        generator, info = build_generator(model, bits=bits, temperature=temperature, max_new_tokens=max_new_tokens)
+    app = create_app(WebApp(generator, info, str(model), log_dir))
+    where = f"http://{host}:{port}"
+    print(f"qilin-lite web: {where}  (model {model}; {'transcripts in ' + str(log_dir) if log_dir else 'nothing is stored'})"
+          "\n仅供研究，不构成医疗诊断 / for research only, not a diagnosis", flush=True)
+    # access_log off: request lines carry nothing private, but there is no need to keep them either
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("web")
+    def web_command(
+        model: Annotated[str, typer.Option("--model", help="run directory (align/lora/qlora/full/merged) or hub id")],
+        host: Annotated[str, typer.Option("--host", help="address to listen on (default: this machine only)")] = "127.0.0.1",
+        port: Annotated[int, typer.Option("--port")] = 7860,
+        load_4bit: Annotated[bool, typer.Option("--load-4bit", help="quantize the LLM to 4-bit NF4 on load")] = False,
+        load_8bit: Annotated[bool, typer.Option("--load-8bit", help="quantize the LLM to 8-bit on load")] = False,
+        log_dir: Annotated[Optional[Path], typer.Option("--log-dir", help="save transcripts here (images as the model's PNG view); default: nothing is stored")] = None,
+        temperature: Annotated[float, typer.Option("--temperature", help="the page's default (0 = greedy)")] = 0.2,
+        max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="the page's default")] = 512,
+    ):
+        """A local web page to try a model on images (DICOM windows, Chinese/English). Not a diagnosis."""
+        import importlib.util
+
+        if load_4bit and load_8bit:
+            raise UserError("choose one of --load-4bit and --load-8bit")
+        if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+            raise UserError('qilin-lite web needs FastAPI and uvicorn: pip install -e ".[web]"')
+        serve(model, host=host, port=port, bits=4 if load_4bit else 8 if load_8bit else None, log_dir=log_dir,
+              temperature=temperature, max_new_tokens=max_new_tokens)

@@ -1,0 +1,261 @@
+"""`qilin-lite web` driven in a real headless browser (Debian's chromium through Playwright): a DICOM with a window
+preset and a Chinese question gets `chat --temperature 0`'s answer; two tabs keep their own images and answers; a
+corrupt upload is a message and the next question works; no request leaves 127.0.0.1; no planted DICOM identifier
+reaches the page or the server log."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import free_port
+
+CLI = str(Path(sys.executable).with_name("qilin-lite"))
+Q = "病灶位于哪一侧？"
+PATIENT = ("DOE^JANE", "PID12345", "19700101", "General Hospital")
+MAX_NEW = "8"
+
+
+def _browser_path() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        p = shutil.which(name)
+        if p:
+            return p
+    return None
+
+
+def _env():
+    return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+@pytest.fixture(scope="module")
+def server(lora_run, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("web") / "server.log"
+    f = open(log, "w")
+    p = subprocess.Popen([CLI, "web", "--model", str(lora_run), "--port", str(port), "--temperature", "0",
+                          "--max-new-tokens", MAX_NEW], stdout=f, stderr=subprocess.STDOUT, env=_env())
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if p.poll() is not None:
+            raise RuntimeError(log.read_text())
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.5)
+    yield f"http://127.0.0.1:{port}", log
+    p.terminate()
+    p.wait(timeout=30)
+    f.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    path = _browser_path()
+    if path is None:
+        pytest.skip("no chromium here (scripts/test.sh installs Debian's chromium where apt-get can)")
+    pw = pytest.importorskip("playwright.sync_api")
+    with pw.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=path, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def dicom(tmp_path: Path, name: str, left: bool) -> Path:
+    from test_images import write_dicom
+
+    hu = np.full((48, 40), -900, dtype=np.int64)  # air
+    cols = slice(2, 14) if left else slice(26, 38)
+    hu[16:32, cols] = 60  # a soft-tissue lesion, visible in the mediastinal window
+    return write_dicom(tmp_path / name, ((hu + 1024) // 2).astype(np.uint16), slope=2, intercept=-1024)
+
+
+def chat_answer(run, image: Path, window: str | None = None) -> str:
+    args = [CLI, "chat", str(image), "--model", str(run), "--prompt", Q, "--temperature", "0", "--max-new-tokens",
+            MAX_NEW]
+    if window:
+        args += ["--window", window]
+    r = subprocess.run(args, capture_output=True, text=True, encoding="utf-8", env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def open_page(browser, base: str, requests: list):
+    # a context is a separate browser profile (its own tab session); bypass_csp only lets the test evaluate its
+    # wait conditions, the page itself runs under its Content-Security-Policy
+    ctx = browser.new_context(bypass_csp=True)
+    page = ctx.new_page()
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(base)
+    page.wait_for_function("document.getElementById('notice').textContent.length > 0")
+    return ctx, page
+
+
+def upload_and_ask(page, files, window: str = "auto", question: str = Q) -> None:
+    page.select_option("#window-preset", window)
+    page.set_input_files("#image-upload", [str(f) for f in files])
+    page.wait_for_function("document.getElementById('preview').style.display === 'block' || "
+                           "document.getElementById('error').textContent.length > 0")
+    assert page.inner_text("#error") == "", page.inner_text("#error")
+    page.fill("#question", question)
+    page.press("#question", "Enter")
+
+
+def wait_answer(page) -> str:
+    page.wait_for_function("!document.getElementById('send').disabled && document.getElementById('answer')")
+    return page.inner_text("#answer").strip()
+
+
+@pytest.mark.slow
+def test_dicom_window_chinese_question_equals_chat(browser, server, lora_run, tmp_path):
+    base, log = server
+    dcm = dicom(tmp_path, "ct.dcm", left=True)
+    requests: list[str] = []
+    ctx, page = open_page(browser, base, requests)
+    assert "不构成医疗诊断" in page.inner_text("#notice") and page.is_visible("#notice")
+    upload_and_ask(page, [dcm], window="mediastinum")
+    got = wait_answer(page)
+    assert got and got == chat_answer(lora_run, dcm, "40,400")
+    # the page is Chinese first and switches to English; the notice stays
+    assert page.inner_text("#send") == "发送"
+    page.click("#lang")
+    assert page.inner_text("#send") == "Send" and "not a diagnosis" in page.inner_text("#notice")
+    artifacts = Path(os.environ.get("QILIN_TEST_ARTIFACTS", tmp_path))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(artifacts / "web.png"), full_page=True)
+    html = page.content()
+    ctx.close()
+    assert requests and all(u.startswith(base + "/") for u in requests), requests  # nothing leaves 127.0.0.1
+    served = log.read_text()
+    for v in PATIENT:
+        assert v not in html and v not in served
+
+
+@pytest.mark.slow
+def test_two_sessions_keep_their_own_image_and_answer(browser, server, lora_run, tmp_path):
+    base, _ = server
+    left, right = dicom(tmp_path, "l.dcm", left=True), dicom(tmp_path, "r.dcm", left=False)
+    want = {left: chat_answer(lora_run, left, "40,400"), right: chat_answer(lora_run, right, "40,400")}
+    requests: list[str] = []
+    pages = [open_page(browser, base, requests) for _ in range(2)]
+    for (_, page), f in zip(pages, (left, right)):
+        upload_and_ask(page, [f], window="mediastinum")  # both asked before either answer is read: they queue
+    got = {f: wait_answer(page) for (_, page), f in zip(pages, (left, right))}
+    assert got == want
+    # each tab still holds its own image: a follow-up in tab 2 is about tab 2's image
+    p2 = pages[1][1]
+    p2.click("#clear")
+    p2.fill("#question", Q)
+    p2.press("#question", "Enter")
+    assert wait_answer(p2) == want[right]
+    for ctx, _ in pages:
+        ctx.close()
+
+
+@pytest.mark.slow
+def test_a_corrupt_upload_is_a_message_and_the_next_question_works(browser, server, lora_run, tmp_path):
+    base, log = server
+    bad = tmp_path / "broken.dcm"
+    good = dicom(tmp_path, "good.dcm", left=True)
+    bad.write_bytes(good.read_bytes()[:300])  # a truncated DICOM: its header (with patient data) but no pixels
+    requests: list[str] = []
+    ctx, page = open_page(browser, base, requests)
+    page.select_option("#window-preset", "mediastinum")
+    page.set_input_files("#image-upload", [str(bad)])
+    page.wait_for_function("document.getElementById('error').textContent.length > 0")
+    err = page.inner_text("#error")
+    assert "broken.dcm" in err and "DICOM" in err
+    for v in PATIENT:
+        assert v not in err and v not in page.content()
+    page.fill("#question", "")
+    page.press("#question", "Enter")
+    page.wait_for_function("document.getElementById('error').textContent.length > 0")
+    upload_and_ask(page, [good], window="mediastinum")
+    assert wait_answer(page) == chat_answer(lora_run, good, "40,400")
+    assert page.inner_text("#error") == ""
+    ctx.close()
+    for v in PATIENT:
+        assert v not in log.read_text()
+
+
+def test_bad_requests_are_one_message_each(lora_run):
+    """The HTTP layer without a browser: too many images, an empty question, no image yet, a bad window."""
+    from qilin_lite.chat import build_generator
+    from qilin_lite.errors import UserError
+    from qilin_lite.web import WebApp, _window
+
+    gen, info = build_generator(str(lora_run), temperature=0, max_new_tokens=4)
+    web = WebApp(gen, info, "run")
+    sid = "test-session-1"
+    with pytest.raises(UserError, match="at most 4 images"):
+        web.set_image(sid, [{"name": f"{i}.png", "data": "AA=="} for i in range(5)])
+    with pytest.raises(UserError, match="upload an image first"):
+        next(web.ask(sid, Q, {}))
+    with pytest.raises(UserError, match="not-base64.png: the upload arrived damaged"):
+        web.set_image(sid, [{"name": "not-base64.png", "data": "%%%"}])
+    with pytest.raises(UserError, match="window width must be >= 1"):
+        _window("40,0")
+    with pytest.raises(UserError, match="session id"):
+        web.session("../x")
+
+
+def test_requests_queue_behind_the_one_model_and_say_so(lora_run, tiny_data):
+    import base64
+
+    from qilin_lite.chat import build_generator
+    from qilin_lite.web import WebApp
+
+    gen, info = build_generator(str(lora_run), temperature=0, max_new_tokens=4)
+    web = WebApp(gen, info, "run")
+    first = sorted(Path(tiny_data["images"]).iterdir())[0]
+    web.set_image("tab-aaaaaaaa", [{"name": first.name, "data": base64.b64encode(first.read_bytes()).decode()}])
+    web.lock.acquire()  # another tab is generating
+    events: list = []
+    t = threading.Thread(target=lambda: events.extend(web.ask("tab-aaaaaaaa", Q, {})))
+    t.start()
+    time.sleep(0.5)
+    assert t.is_alive()  # waiting for the lock
+    web.lock.release()
+    t.join(timeout=120)
+    assert events[0] == {"queued": 1} and events[1] == {"started": True} and events[-1]["done"]
+    assert not web.lock.locked()
+
+
+def test_nothing_is_stored_unless_log_dir_and_then_only_the_models_view(lora_run, tmp_path, monkeypatch):
+    import base64
+
+    from qilin_lite.chat import build_generator
+    from qilin_lite.web import WebApp
+
+    gen, info = build_generator(str(lora_run), temperature=0, max_new_tokens=4)
+    dcm = dicom(tmp_path, "ct.dcm", left=True)
+    upload = [{"name": "张三_CT.dcm", "data": base64.b64encode(dcm.read_bytes()).decode()}]
+    monkeypatch.chdir(tmp_path)
+    before = set(tmp_path.rglob("*"))
+    plain = WebApp(gen, info, "run")
+    plain.set_image("tab-bbbbbbbb", upload, window=(40, 400))
+    list(plain.ask("tab-bbbbbbbb", Q, {}))
+    assert set(tmp_path.rglob("*")) == before  # nothing written
+
+    logged = WebApp(gen, info, "run", log_dir=tmp_path / "logs")
+    logged.set_image("tab-cccccccc", upload, window=(40, 400))
+    events = list(logged.ask("tab-cccccccc", Q, {}))
+    [conv] = list((tmp_path / "logs").iterdir())
+    assert sorted(p.name for p in conv.iterdir()) == ["image.png", "transcript.json"]
+    transcript = json.loads((conv / "transcript.json").read_text(encoding="utf-8"))
+    assert transcript["messages"][-1]["content"] == events[-1]["answer"]
+    for f in conv.iterdir():
+        data = f.read_bytes()
+        assert not data.startswith(b"DICM") and b"DICM" not in data[:200]
+        for v in PATIENT + ("张三",):
+            assert v.encode() not in data
