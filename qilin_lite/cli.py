@@ -180,11 +180,29 @@ def _register_extensions() -> None:
 _register_extensions()
 
 
+def _leave_process_group() -> None:
+    """Under torchrun: wait for every process, then take the process group down before the interpreter exits. A
+    process that exits with it still up (rank 1 while rank 0 is still saving) can abort in gloo's teardown
+    ("terminate called without an active exception", exit -6), and torchrun then reports a finished run as failed."""
+    import importlib.util
+
+    if "torch" not in sys.modules or importlib.util.find_spec("torch") is None:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
 def main() -> None:
     _setup_logging()
     try:
         # with standalone_mode=False click returns (not raises) the code of `typer.Exit(n)`
         rc = app(standalone_mode=False)
+        _leave_process_group()
         sys.exit(rc if isinstance(rc, int) else 0)
     except UserError as e:
         typer.echo(f"error: {e}", err=True)

@@ -58,7 +58,17 @@ def inspect_records(file, model: str, *, image_folder=None, recipe: str | None =
     if mode not in ("text", "total"):
         raise UserError(f"--length-mode must be text or total, not '{mode}'")
     layout = TokenLayout(image_id, per_image, max_length or run.get("max_length", 2048), mode)
-    records = read_records(file, image_folder, skip_bad=True, rejects=[])[:n]
+    rejects: list = []
+    try:
+        records = read_records(file, image_folder, skip_bad=True, rejects=rejects)[:n]
+    except UserError:
+        if not rejects:
+            raise
+        first = rejects[0]
+        from .errors import where
+
+        raise UserError(f"{file}: every record was rejected; the first, {where(first.source, first.line, first.id)}: "
+                        f"{first.reason}") from None
     if color is None:
         color = out.isatty() and "NO_COLOR" not in os.environ
     shown = []

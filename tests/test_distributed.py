@@ -174,6 +174,9 @@ tok, _ = load_tokenizer_and_processor(base)
 layout = token_layout(AutoConfig.from_pretrained(base), int(sys.argv[5]))
 lengths, bad = shared_lengths(records, get_template("vicuna_v1"), tok, layout)
 json.dump({"lengths": lengths.tolist(), "bad": {str(k): v for k, v in bad.items()}}, open(out, "w"))
+import torch.distributed as dist
+dist.barrier()
+dist.destroy_process_group()  # exiting with the group up can abort in gloo's teardown
 """
 
 
