@@ -259,3 +259,32 @@ def test_nothing_is_stored_unless_log_dir_and_then_only_the_models_view(lora_run
         assert not data.startswith(b"DICM") and b"DICM" not in data[:200]
         for v in PATIENT + ("张三",):
             assert v.encode() not in data
+
+
+def test_stop_regenerate_and_clear(lora_run, tiny_data):
+    import base64
+
+    from qilin_lite.chat import build_generator
+    from qilin_lite.web import WebApp
+
+    gen, info = build_generator(str(lora_run), temperature=0, max_new_tokens=6)
+    web = WebApp(gen, info, "run")
+    sid = "tab-dddddddd"
+    img = sorted(Path(tiny_data["images"]).iterdir())[0]
+    web.set_image(sid, [{"name": img.name, "data": base64.b64encode(img.read_bytes()).decode()}])
+    first = list(web.ask(sid, Q, {}))[-1]["answer"]
+    again = list(web.ask(sid, None, {}, regenerate=True))[-1]
+    assert again["answer"] == first and len(web.session(sid).chat.history) == 2  # greedy: the same answer, replaced
+    # Stop while waiting in the queue: the answer ends before it starts and is not kept
+    web.lock.acquire()
+    events: list = []
+    t = threading.Thread(target=lambda: events.extend(web.ask(sid, "第二个问题", {})))
+    t.start()
+    time.sleep(0.3)
+    web.stop(sid)
+    web.lock.release()
+    t.join(timeout=60)
+    assert events[-1] == {"done": True, "stopped": True, "answer": ""}
+    assert len(web.session(sid).chat.history) == 2
+    web.clear(sid)
+    assert web.session(sid).chat.history == [] and web.session(sid).chat.image is not None
