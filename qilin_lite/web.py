@@ -278,21 +278,18 @@ def create_app(web: WebApp):
 
         return StreamingResponse(stream(), media_type="application/x-ndjson")
 
-    @app.post("/api/stop")
-    def stop(request: Request):
-        try:
-            web.stop(request.headers.get("x-session", ""))
-        except UserError as e:
-            return problem(e)
-        return {"ok": True}
+    def session_action(method):
+        def endpoint(request: Request):
+            try:
+                method(request.headers.get("x-session", ""))
+            except UserError as e:
+                return problem(e)
+            return {"ok": True}
 
-    @app.post("/api/clear")
-    def clear(request: Request):
-        try:
-            web.clear(request.headers.get("x-session", ""))
-        except UserError as e:
-            return problem(e)
-        return {"ok": True}
+        return endpoint
+
+    app.post("/api/stop")(session_action(web.stop))  # Stop: the tab's answer ends after the current token
+    app.post("/api/clear")(session_action(web.clear))  # Clear: the tab's history, not its image
 
     return app
 
