@@ -236,8 +236,10 @@ def _check_records(recipe: Recipe, source, tokenizer, template, layout, out: Pat
         _write_rejects_once(rejects, out)  # "no usable records ... see rejects.jsonl": make it exist
         raise
     if d.verify_images:
-        # threads on every core: PIL decodes without holding the GIL
-        records = verify_images(records, rejects, d.skip_bad, workers=max(2, os.cpu_count() or 2),
+        # threads on every core this process's share of the machine has: PIL decodes without holding the GIL
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))  # processes sharing this machine
+        records = verify_images(records, rejects, d.skip_bad, workers=max(2, cores // max(1, per_node)),
                                 verdicts=ImageVerdicts(out / CACHE_DIR / "images.json"))
     lengths, bad = shared_lengths(records, template, tokenizer, layout)
     if bad:
