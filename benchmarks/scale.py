@@ -156,7 +156,7 @@ def main() -> None:
 
     root = Path(args.work)
     root.mkdir(parents=True, exist_ok=True)
-    base = tiny_base(root)
+    tiny_base(root)  # built once here; each size runs in its own process and loads it
     rows = []
     for n in args.sizes:  # each size in a fresh process, so one size's memory does not count in the next
         r = subprocess.run([sys.executable, __file__, "--one", str(n), "--work", str(root)], capture_output=True,

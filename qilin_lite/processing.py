@@ -57,7 +57,6 @@ class Encoded:
 
     input_ids: np.ndarray  # image tokens expanded
     labels: np.ndarray  # IGNORE where not supervised
-    full_length: int  # positions before the cut
     cut: str | None = None  # why and where the sequence was cut, or None
 
 
@@ -163,7 +162,6 @@ def cut(ids: np.ndarray, labels: np.ndarray, layout: TokenLayout) -> Encoded:
     n = layout.max_length
     img = np.flatnonzero(ids == layout.image_token_id)
     if layout.length_mode == "text":  # the authors' collator: the first max_length text ids, an image counting one
-        full = len(ids) + len(img) * (layout.num_image_tokens - 1)
         if len(img) and img[-1] >= n:
             raise BadRecord(
                 f"an image sits at text position {img[-1] + 1}, past max_length {n}; raise data.max_length or "
@@ -173,27 +171,20 @@ def cut(ids: np.ndarray, labels: np.ndarray, layout: TokenLayout) -> Encoded:
         ids, labels = _expand_images(ids[:n], labels[:n], layout)
     else:
         ids, labels = _expand_images(ids, labels, layout)
-        full = len(ids)
         img = np.flatnonzero(ids == layout.image_token_id)
         if len(img) and img[-1] >= n:
             raise BadRecord(
                 f"the image tokens end at position {img[-1] + 1} but max_length is {n} (counting image tokens); "
                 "raise data.max_length or shorten the text before the image"
             )
-        why = f"cut at {n} positions (image tokens included) from {full}" if full > n else None
+        why = f"cut at {n} positions (image tokens included) from {len(ids)}" if len(ids) > n else None
         ids, labels = ids[:n], labels[:n]
     if not (labels != IGNORE).any():
         raise BadRecord(
             f"no reply token is left to learn from{' after the ' + why if why else ''}; raise data.max_length, "
             "shorten the question, or drop the record"
         )
-    return Encoded(ids, labels, full, why)
-
-
-def truncate(ids: np.ndarray, labels: np.ndarray, layout: TokenLayout) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, labels) with images not yet expanded -> cut and expanded (see `cut`)."""
-    e = cut(ids, labels, layout)
-    return e.input_ids, e.labels
+    return Encoded(ids, labels, why)
 
 
 def sample_lengths(records: list[Record], template: Template, tokenizer, layout: TokenLayout, batch: int = 512):

@@ -77,7 +77,7 @@ def read_records(
     """Read and validate every record; raise UserError on the first bad one unless `skip_bad`."""
     rejects = rejects if rejects is not None else []
     p = Path(path)
-    if p.suffix in (".json", ".jsonl") or p.is_file():
+    if is_data_file(p):
         if not p.exists():
             raise UserError(f"{p}: data file not found; check the path given to --data")
         rows = _iter_json_rows(p)
@@ -108,6 +108,12 @@ def read_records(
     if not out:
         raise UserError(f"{path}: no usable records" + (f" ({len(rejects)} rejected, see rejects.jsonl)" if rejects else ""))
     return out
+
+
+def is_data_file(path: str | Path) -> bool:
+    """A LLaVA / ShareGPT JSON or JSONL file (anything else is a Hugging Face dataset folder or name)."""
+    p = Path(path)
+    return p.suffix in (".json", ".jsonl") or p.is_file()
 
 
 def _iter_json_rows(p: Path) -> Iterator[tuple[int | None, Any, str | None]]:

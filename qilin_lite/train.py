@@ -167,20 +167,19 @@ def build_dataset(recipe: Recipe, tokenizer, image_processor, model_config, out:
     The checked records go to an on-disk index (datacache.py) that every rank and DataLoader worker shares; a
     restart on the same data, tokenizer and settings reuses it instead of checking everything again."""
     from .datacache import CACHE_DIR, RecordIndex, data_key, file_identity, tokenizer_identity
-    from .records import open_hf_dataset
+    from .records import is_data_file, open_hf_dataset
 
     d = recipe.data
     source = source or d.train
     template = get_template(recipe.template)
     layout = token_layout(model_config, d.max_length, d.length_mode)
-    is_file = Path(source).is_file() or Path(source).suffix in (".json", ".jsonl")
     key = data_key({
         "data": file_identity(source), "image_folder": str(Path(d.image_folder).resolve()) if d.image_folder else None,
         "tokenizer": tokenizer_identity(tokenizer), "template": [template.name, template.system], "layout": layout,
         "verify_images": d.verify_images, "skip_bad": d.skip_bad, "hf": [d.split, d.image_column, d.messages_column],
     })
     index_dir = out / CACHE_DIR / key
-    hf = None if is_file else open_hf_dataset(str(source), d.split)
+    hf = None if is_data_file(source) else open_hf_dataset(str(source), d.split)
     index = RecordIndex.load(index_dir, hf)
     if index is not None:
         log.info("reusing the records checked before (%s): %d records, %d set aside then (see rejects.jsonl)",

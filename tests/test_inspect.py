@@ -6,7 +6,7 @@ import json
 
 from conftest import run_cli_captured
 from qilin_lite.conversation import get_template
-from qilin_lite.processing import IGNORE, encode
+from qilin_lite.processing import encode
 from qilin_lite.records import read_records
 
 

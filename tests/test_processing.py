@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from qilin_lite.conversation import TEMPLATES, render
-from qilin_lite.model import load_tokenizer_and_processor, token_layout
 from qilin_lite.processing import IGNORE, Collator, encode
 from qilin_lite.records import BadRecord
 
