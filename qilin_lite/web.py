@@ -93,7 +93,6 @@ class WebApp:
         """Decode 1-4 uploads (`{"name", "data": base64}`) as chat does; returns the model's view as a PNG."""
         from .chat import MAX_IMAGES, load_chat_image
         from .images import expand_to_square
-        from .processing import pad_fill
 
         s = self.session(sid)
         if not files:
@@ -126,8 +125,8 @@ class WebApp:
                 for tmp_name, shown in names.items():
                     msg = msg.replace(tmp_name, shown)
                 raise UserError(msg) from None
-        mode = self.generator.images.mode
-        view = expand_to_square(image, pad_fill(self.generator.images.processor.image_mean)) if mode == "pad" else image
+        loader = self.generator.images  # the run's squaring rule and fill colour, as training and chat use them
+        view = expand_to_square(image, loader.fill) if loader.mode == "pad" else image
         s.chat.show(image, [Path(n) for n in names.values()])
         s.transcript = None
         buf = io.BytesIO()
@@ -310,8 +309,15 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 7860, bits: int | 
           log_dir: Path | None = None, temperature: float = 0.2, max_new_tokens: int = 512) -> None:
     import uvicorn
 
+    import socket
+
     from .chat import _quiet, build_generator
 
+    with socket.socket() as probe:  # before minutes of model loading, and before the banner names the address
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise UserError(f"{host}:{port}: cannot listen there ({e.strerror}); pick another --port") from None
     with _quiet(False):
         generator, info = build_generator(model, bits=bits, temperature=temperature, max_new_tokens=max_new_tokens)
     app = create_app(WebApp(generator, info, str(model), log_dir))

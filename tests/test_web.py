@@ -288,3 +288,15 @@ def test_stop_regenerate_and_clear(lora_run, tiny_data):
     assert len(web.session(sid).chat.history) == 2
     web.clear(sid)
     assert web.session(sid).chat.history == [] and web.session(sid).chat.image is not None
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path):
+    from qilin_lite.errors import UserError
+    from qilin_lite.web import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(UserError, match=rf"127\.0\.0\.1:{port}: cannot listen there .*pick another --port"):
+            serve(str(tmp_path / "no-model-needed"), port=port)
