@@ -146,10 +146,12 @@ def slow_llama_text(source: str, tokenizer) -> SlowLlamaText | None:
     `legacy` is read as 4.31 read it: the config's value, true when the config has none."""
     cfg = _config(source)
     cls = str(cfg.get("tokenizer_class") or type(tokenizer).__name__)
-    if "Llama" not in cls:
-        return None
     sp_path = find_sentencepiece(source)
     if not sp_path:
+        return None
+    # Directories saved before keep_sentencepiece named the class carry transformers 5's generic class name; the
+    # tokenizer.model and `legacy` that keep_sentencepiece wrote beside it still say what it is.
+    if "Llama" not in cls and not (cls == "TokenizersBackend" and "legacy" in cfg):
         return None
     legacy = cfg.get("legacy")
     special = {}
@@ -177,7 +179,10 @@ def keep_sentencepiece(text: SlowLlamaText | None, out_dir: Path) -> None:
     (out_dir / SP_FILE).write_bytes(text.model_proto)
     cfg_path = out_dir / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
-    cfg.update({"legacy": text.legacy, "add_bos_token": text.add_bos, "add_eos_token": text.add_eos})
+    # the class too: transformers 5 saves a loaded LLaMA tokenizer as its generic "TokenizersBackend", and a run
+    # saved that way (every align and tune run) lost the authors' encoding in chat, eval, merge and export
+    cfg.update({"tokenizer_class": "LlamaTokenizer", "legacy": text.legacy, "add_bos_token": text.add_bos,
+                "add_eos_token": text.add_eos})
     cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 

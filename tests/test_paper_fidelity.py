@@ -287,10 +287,27 @@ def test_assembled_base_keeps_the_sentencepiece_model_and_legacy(tmp_path, tiny_
     base = assemble_base(str(vision), str(llm_sp), tmp_path / "base", dtype="float32")
     assert (base / "tokenizer.model").read_bytes() == (llm_sp / "tokenizer.model").read_bytes()
     assert json.loads((base / "tokenizer_config.json").read_text())["legacy"] is True
-    tok2, _ = load_tokenizer_and_processor(str(base))
+    tok2, ip = load_tokenizer_and_processor(str(base))
     assert tok2.slow_llama is not None and tok2.slow_llama.legacy is True
     text = "这张CT显示了什么？</s>USER: 2023"
     assert tok2.slow_llama(text) == tok.slow_llama(text)
+
+    # Saved again, as every align / tune / merge writes it: transformers 5 names the loaded tokenizer's class
+    # "TokenizersBackend", and a run saved that way used to load without the authors' encoding (chat, eval, merge)
+    from transformers import AutoConfig
+
+    from qilin_lite.model import save_processor
+
+    run = tmp_path / "run"
+    save_processor(run, tok2, ip, AutoConfig.from_pretrained(base), "vicuna_v1")
+    assert json.loads((run / "tokenizer_config.json").read_text())["tokenizer_class"] == "LlamaTokenizer"
+    tok3, _ = load_tokenizer_and_processor(str(run))
+    assert tok3.slow_llama is not None and tok3.slow_llama(text) == tok.slow_llama(text)
+    # runs saved before this fix: the generic class beside tokenizer.model and `legacy` still loads the encoding
+    cfg = json.loads((run / "tokenizer_config.json").read_text())
+    (run / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": "TokenizersBackend"}))
+    tok4, _ = load_tokenizer_and_processor(str(run))
+    assert tok4.slow_llama is not None and tok4.slow_llama(text) == tok.slow_llama(text)
 
 
 def test_a_tokenizer_that_cannot_load_is_one_line(tmp_path):
