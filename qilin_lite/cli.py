@@ -163,10 +163,10 @@ def demo(
 
 
 def _register_extensions() -> None:
-    """Commands that live beside their code (chat, merge, convert, eval, data, plan, web) add themselves here."""
+    """Commands that live beside their code (chat, merge, convert, export, eval, data, plan, web) add themselves here."""
     import importlib
 
-    for name in ("chat", "merge", "convert", "evaluate", "datacli", "plan", "web"):
+    for name in ("chat", "merge", "convert", "export", "evaluate", "datacli", "plan", "web"):
         try:
             mod = importlib.import_module(f".{name}", __package__)
         except ModuleNotFoundError as e:

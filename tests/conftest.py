@@ -140,3 +140,15 @@ def lora_run(tmp_path_factory, align_run, tiny_data):
 @pytest.fixture(scope="session")
 def full_run(tmp_path_factory, align_run, tiny_data):
     return _tune_run(tmp_path_factory, "full", align_run, tiny_data)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The bundled demo, run once: (its output directory, the lines it printed). The demo test checks what it
+    learned; the GGUF test exports its tuned model."""
+    from qilin_lite.demo.run import run_demo
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    lines: list[str] = []
+    run_demo(out, echo=lines.append)
+    return out, lines

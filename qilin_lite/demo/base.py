@@ -4,8 +4,10 @@ In:  the demo texts (captions, questions, answers) and a size.
 Out: two directories laid out exactly like hub checkpoints (`vision/`: a CLIPVisionModel + image processor;
      `llm/`: a LlamaForCausalLM + tokenizer), which then go through the same `assemble_base` users hit with hub ids.
 
-The tokenizer is a LLaMA-style BPE (Metaspace, `<unk>`/`<s>`/`</s>` at ids 0-2, BOS prepended) trained on the
-demo text. A real base LLM already knows its language, so the tiny LLM gets a short language pre-training on the
+The tokenizer is trained on the demo text, `<unk>`/`<s>`/`</s>` at ids 0-2, BOS prepended: either LLaMA's own kind
+(a SentencePiece `tokenizer.model` with byte fallback, what the demo uses: it takes the authors' encoding path and
+llama.cpp encodes it, so `export gguf` works on the demo) or a `tokenizer.json` BPE with Metaspace (the tests' default:
+it covers the fast-tokenizer path that non-LLaMA LLMs take). A real base LLM already knows its language, so the tiny LLM gets a short language pre-training on the
 demo text and on text-only dialogs in the chat format whose answers are drawn at random: it learns the language
 and the format, but nothing about images, so accuracy before tuning stays at chance.
 """
@@ -33,6 +35,7 @@ class TinySpec:
     vocab_size: int = 600
     pretrain_steps: int = 300
     seed: int = 0
+    tokenizer: str = "bpe"  # bpe (tokenizer.json) | sentencepiece (tokenizer.model, as LLaMA-2 ships it)
 
 
 def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 600):
@@ -54,7 +57,8 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 600):
     return fast
 
 
-def train_sentencepiece(texts: list[str], out_dir: Path, vocab_size: int = 600, legacy: bool | None = None):
+def train_sentencepiece(texts: list[str], out_dir: Path, vocab_size: int = 600, legacy: bool | None = None,
+                        character_coverage: float = 0.98):
     """A SentencePiece `tokenizer.model` trained with LLaMA's settings (BPE, byte fallback, dummy prefix space,
     digits split, no normalisation), saved as LLaMA checkpoints ship it: `tokenizer.model` + a config and no
     `tokenizer.json`. `legacy=None` leaves the key out, as many LLaMA fine-tunes do (transformers 4.31 read that as
@@ -69,7 +73,7 @@ def train_sentencepiece(texts: list[str], out_dir: Path, vocab_size: int = 600, 
         sentence_iterator=iter(texts), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
         byte_fallback=True, split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
         normalization_rule_name="identity", allow_whitespace_only_pieces=True, split_by_unicode_script=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=0.98, num_threads=1, minloglevel=2,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=character_coverage, num_threads=1, minloglevel=2,
         hard_vocab_limit=False,
     )
     out_dir = Path(out_dir)
@@ -124,7 +128,15 @@ def build_tiny_base(out_dir: Path, texts: list[str], questions: list[tuple[str, 
 
     dialogs = chat_texts({"questions": questions}, n=2000, seed=spec.seed)
     corpus = texts + dialogs
-    tok = train_tokenizer(corpus + [TEMPLATES["vicuna_v1"].system], llm_dir, spec.vocab_size)
+    if spec.tokenizer == "sentencepiece":
+        # every character of the demo's small corpus gets a piece (byte fallback stays for anything else), as
+        # LLaMA's vocabulary has the common characters: no question spelled out in raw bytes
+        tok = train_sentencepiece(corpus + [TEMPLATES["vicuna_v1"].system], llm_dir, spec.vocab_size,
+                                  character_coverage=1.0)
+    elif spec.tokenizer == "bpe":
+        tok = train_tokenizer(corpus + [TEMPLATES["vicuna_v1"].system], llm_dir, spec.vocab_size)
+    else:
+        raise ValueError(f"TinySpec.tokenizer: {spec.tokenizer!r} (bpe | sentencepiece)")
     lcfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=spec.hidden, intermediate_size=spec.hidden * 2, num_hidden_layers=spec.layers,
         num_attention_heads=spec.heads, num_key_value_heads=spec.heads, max_position_embeddings=1024,

@@ -27,8 +27,9 @@ def run_demo(out: Path, *, data_spec: DemoDataSpec | None = None, tiny: TinySpec
     # "is there a lesion" and "which modality" are decided by what the patches show, which a tiny random frozen
     # ViT passes on; "which side" also needs positions read from it and stayed near chance in our CPU budget.
     data_spec = data_spec or DemoDataSpec(n_align=1000, n_tune=1000, n_heldout=120, tasks=("presence", "modality"))
-    # 16 px patches: 16 image tokens per 64 px image, each large enough that a lesion changes it strongly
-    tiny = tiny or TinySpec(image_size=data_spec.image_size, patch_size=16)
+    # 16 px patches: 16 image tokens per 64 px image, each large enough that a lesion changes it strongly.
+    # LLaMA's kind of tokenizer (SentencePiece, byte fallback): the authors' encoding path, and llama.cpp reads it.
+    tiny = tiny or TinySpec(image_size=data_spec.image_size, patch_size=16, tokenizer="sentencepiece")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: not empty; choose a new --out directory (the demo never overwrites a run)")
     recipes = REPO_RECIPES / "demo"

@@ -1,0 +1,221 @@
+"""`qilin-lite export gguf`: the files load in llama.cpp (llama-cpp-python, built by the test set-up) and answer as
+`qilin-lite chat --temperature 0` does, from the same prompt ids and the same image features."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli_captured
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks/`
+
+MARKER = "<__media__>"
+
+
+# ---------------------------------------------------------------- refusals (fast, tiny fixtures)
+
+
+def test_bpe_tokenizer_is_refused_before_any_work(qlora_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "gguf"
+    code, _, err = run_cli_captured(monkeypatch, capsys, "export", "gguf", qlora_run, out)
+    assert code == 2
+    assert "no SentencePiece tokenizer.model" in err and str(qlora_run) in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()  # nothing half-written, no merge started
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quant", "q3"], "--quant q3: choose one of f16, q8_0, q4_k_m"),
+    ([], "not a qilin-lite model directory"),
+])
+def test_bad_flags_and_directories_are_one_line(tmp_path, monkeypatch, capsys, qlora_run, args, message):
+    src = qlora_run if args else tmp_path  # an empty directory is not a model
+    code, _, err = run_cli_captured(monkeypatch, capsys, "export", "gguf", src, tmp_path / "out", *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_llm_family_is_refused(full_run, tmp_path):
+    from qilin_lite.errors import UserError
+    from qilin_lite.export import check_exportable
+
+    cfg = json.loads((Path(full_run) / "config.json").read_text(encoding="utf-8"))
+    cfg["text_config"]["model_type"] = "qwen2"
+    with pytest.raises(UserError, match="the LLM is 'qwen2'.*llama architecture only"):
+        check_exportable(cfg, Path(full_run))
+    cfg["text_config"]["model_type"] = "llama"
+    cfg["vision_feature_select_strategy"] = "full"
+    with pytest.raises(UserError, match="drops CLIP's CLS token"):
+        check_exportable(cfg, Path(full_run))
+
+
+# ---------------------------------------------------------------- the template llama.cpp renders
+
+
+@pytest.mark.parametrize("content", [
+    "图像属于哪种影像模态？" + MARKER,  # llama-mtmd-cli: the marker after the prompt
+    MARKER + "图像属于哪种影像模态？",
+    MARKER + "\n图像属于哪种影像模态？",
+    # llama-server: an image part becomes a text part holding the marker before the template runs
+    [{"type": "text", "text": "图像属于哪种影像模态？"}, {"type": "text", "text": MARKER}],
+])
+def test_gguf_template_places_the_image_as_training_did(content):
+    """Wherever the request puts the image, the prompt is the one training rendered (image first, newline)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from qilin_lite.conversation import get_template, place_image, render
+    from qilin_lite.export import gguf_chat_template
+
+    t = get_template("vicuna_v1")
+    want = render(place_image([{"role": "user", "content": "图像属于哪种影像模态？<image>"}], t), t,
+                  add_generation_prompt=True).text.replace("<image>", MARKER)
+    assert len(gguf_chat_template(t.system).encode()) < 1024  # llama-cpp-python's metadata buffer
+    # rendered as transformers and llama-cpp-python render chat templates
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    got = env.from_string(gguf_chat_template(t.system)).render(
+        messages=[{"role": "user", "content": content}], add_generation_prompt=True)
+    assert got == want
+    # a later turn: the earlier answer ends with </s>, as in training
+    history = [{"role": "user", "content": MARKER + "问题一"}, {"role": "assistant", "content": "答一"},
+               {"role": "user", "content": "问题二"}]
+    want2 = render([{"role": "user", "content": "<image>\n问题一"}, {"role": "assistant", "content": "答一"},
+                    {"role": "user", "content": "问题二"}], t, add_generation_prompt=True).text
+    got2 = env.from_string(gguf_chat_template(t.system)).render(
+        messages=history, add_generation_prompt=True)
+    assert got2 == want2.replace("<image>", MARKER)
+
+
+# ---------------------------------------------------------------- the demo's model in llama.cpp
+
+
+@pytest.fixture(scope="module")
+def exported(demo_run, tmp_path_factory):
+    """The demo's tuned QLoRA run exported as f16 and q8_0 through the command line's function."""
+    pytest.importorskip("llama_cpp", reason="llama.cpp not built here (scripts/llama-cpp.sh needs a C++ compiler)")
+    from qilin_lite.export import export_gguf
+
+    out, _ = demo_run
+    root = tmp_path_factory.mktemp("gguf")
+    return {q: export_gguf(out / "tune", root / q, quant=q) for q in ("f16", "q8_0")}
+
+
+@pytest.fixture(scope="module")
+def heldout_images(demo_run, tmp_path_factory):
+    from benchmarks.gguf_cpu import padded_images
+
+    out, _ = demo_run
+    heldout = json.loads((out / "data" / "heldout.json").read_text(encoding="utf-8"))
+    return heldout, padded_images(out / "tune", heldout, out / "data" / "images", tmp_path_factory.mktemp("png"))
+
+
+@pytest.mark.slow
+def test_files_describe_the_run(exported):
+    import gguf
+
+    ex = exported["f16"]
+    assert ex.model.name == "tune-f16.gguf" and ex.mmproj.name == "mmproj-tune-f16.gguf"
+    assert not [p for p in ex.model.parent.iterdir() if p.name.startswith(".export-")]  # merge scratch removed
+    proj = gguf.GGUFReader(str(ex.mmproj))
+    names = {t.name for t in proj.tensors}
+    field = lambda r, k: r.fields[k].contents()  # noqa: E731
+    # tiny CLIP: 2 blocks; the run's feature layer -2 is the output of block 0: one block written, no post-norm
+    assert field(proj, "clip.vision.block_count") == 1 and field(proj, "clip.vision.feature_layer") == [1]
+    assert "v.blk.0.attn_q.weight" in names and "v.blk.1.attn_q.weight" not in names
+    assert not any(n.startswith("v.post_ln") for n in names)
+    assert {"mm.0.weight", "mm.0.bias", "mm.2.weight", "mm.2.bias"} <= names
+    assert field(proj, "clip.vision.image_mean") == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+    assert field(proj, "qilin.image_mode") == "pad"
+    llm = gguf.GGUFReader(str(ex.model))
+    assert field(llm, "tokenizer.ggml.model") == "llama"
+    assert MARKER in field(llm, "tokenizer.chat_template")
+    modelfile = ex.modelfile.read_text(encoding="utf-8")
+    assert f"FROM ./{ex.model.name}" in modelfile and f"FROM ./{ex.mmproj.name}" in modelfile
+    assert 'PARAMETER stop "</s>"' in modelfile and "not a diagnosis" in modelfile
+    assert "--jinja" in ex.readme.read_text(encoding="utf-8")
+    q8 = exported["q8_0"].model.stat().st_size
+    assert q8 < 0.75 * ex.model.stat().st_size  # llama.cpp's quantizer ran
+    # the size estimate the README's 13B figures come from, against the files llama.cpp wrote
+    from benchmarks.gguf_cpu import expected_bytes
+
+    vocab = len(llm.fields["tokenizer.ggml.tokens"].contents())
+    hidden, ff, layers = (field(llm, f"llama.{k}") for k in ("embedding_length", "feed_forward_length", "block_count"))
+    for q in ("f16", "q8_0"):
+        reader = gguf.GGUFReader(str(exported[q].model))
+        assert sum(int(t.n_bytes) for t in reader.tensors) == expected_bytes(vocab, hidden, ff, layers, q)
+
+
+@pytest.mark.slow
+def test_image_features_equal_the_trained_model(exported, demo_run, heldout_images):
+    """mtmd's embedding of a padded image = the merged model's CLIP layer -2 + projector, to f16 precision."""
+    import ctypes
+
+    import torch
+
+    import llama_cpp.mtmd_cpp as mtmd
+    from benchmarks.gguf_cpu import LlamaCppLlava
+    from qilin_lite.generate import generator_for
+
+    heldout, images = heldout_images
+    png = images[heldout[0]["image"]]
+    gen = generator_for(str(demo_run[0] / "tune"), dtype="float32", attn="sdpa")
+    with torch.no_grad():
+        want = gen.model.get_image_features(pixel_values=gen.images([str(png)]),
+                                            vision_feature_layer=-2, vision_feature_select_strategy="default")
+    want = getattr(want, "pooler_output", want)[0].reshape(-1).numpy()  # transformers 5 returns an output object
+
+    m = LlamaCppLlava(exported["f16"].model, exported["f16"].mmproj)
+    try:
+        bitmap = mtmd.mtmd_helper_bitmap_init_from_file(m.ctx, str(png).encode(), False)
+        chunks = mtmd.mtmd_input_chunks_init()
+        text = mtmd.mtmd_input_text()
+        raw = MARKER.encode()
+        text.text, text.text_len, text.add_special, text.parse_special = raw, len(raw), False, True
+        assert mtmd.mtmd_tokenize(m.ctx, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
+        parts = [mtmd.mtmd_input_chunks_get(chunks, i) for i in range(mtmd.mtmd_input_chunks_size(chunks))]
+        chunk = next(c for c in parts if mtmd.mtmd_input_chunk_get_type(c) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE)
+        assert mtmd.mtmd_encode_chunk(m.ctx, chunk) == 0
+        got = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(m.ctx), shape=(want.size,)).copy()
+        mtmd.mtmd_input_chunks_free(chunks)
+        mtmd.mtmd_bitmap_free(bitmap)
+    finally:
+        m.close()
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() < 0.02 * scale, (np.abs(got - want).max(), scale)
+
+
+@pytest.mark.slow
+def test_llama_cpp_answers_as_chat_does(exported, demo_run, heldout_images):
+    """Every held-out question: the prompt ids llama.cpp builds from the exported template equal chat's; the f16
+    export's greedy answers equal chat's for >= 95% of them; q8_0 keeps the demo's accuracy at >= 0.9."""
+    from benchmarks.gguf_cpu import LlamaCppLlava, chat_answers, names_only, question
+    from qilin_lite.generate import generator_for
+
+    heldout, images = heldout_images
+    run = demo_run[0] / "tune"
+    gen = generator_for(str(run), dtype="float32", attn="sdpa")
+    image_id = gen.layout.image_token_id
+    reference = chat_answers(run, heldout, images)
+
+    results = {}
+    for q, ex in exported.items():
+        m = LlamaCppLlava(ex.model, ex.mmproj)
+        try:
+            answers = []
+            for k, r in enumerate(heldout):
+                a = m.answer(images[r["image"]], question(r))
+                answers.append(a["text"])
+                if q == "f16" and k < 20:  # the prompt is the same for every quant; 20 cover both tasks
+                    want = gen.prompt_ids([{"role": "user", "content": "<image>\n" + question(r)}]).tolist()
+                    got = [image_id if t is None else t for t in a["prompt_ids"]]
+                    assert got == want, (r["id"], got, want)
+        finally:
+            m.close()
+        results[q] = answers
+    agree = np.mean([a == b for a, b in zip(results["f16"], reference)])
+    assert agree >= 0.95, (agree, list(zip(results["f16"], reference))[:10])
+    accuracy = np.mean([names_only(a, r) for a, r in zip(results["q8_0"], heldout)])
+    assert accuracy >= 0.9, accuracy
