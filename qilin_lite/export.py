@@ -463,6 +463,9 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path, *, quant: str = "f16",
                         "`pip install llama-cpp-python` (builds llama.cpp) or put llama-quantize on PATH; "
                         "or export --quant f16")
     name = name or model_name(run_dir)
+    if info.template != "vicuna_v1":  # the GGUF's chat template is written for the dialog template only
+        raise UserError(f"{run_dir}: trained with the '{info.template}' template (an align run captions images); "
+                        "export a tune run, or a merged / converted model, which chat with vicuna_v1")
     template = get_template(info.template)
     standalone = info.kind in STANDALONE + ("converted",)
     # everything that can refuse is checked on the run's own files, before a merge that takes minutes at 13B

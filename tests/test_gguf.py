@@ -39,6 +39,11 @@ def test_bad_flags_and_directories_are_one_line(tmp_path, monkeypatch, capsys, q
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
+def test_align_run_is_refused_with_what_to_export(align_run, tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli_captured(monkeypatch, capsys, "export", "gguf", align_run, tmp_path / "out")
+    assert code == 2 and "'plain' template" in err and "export a tune run" in err
+
+
 def test_unknown_llm_family_is_refused(full_run, tmp_path):
     from qilin_lite.errors import UserError
     from qilin_lite.export import check_exportable
