@@ -63,6 +63,9 @@ class DataSection:
     length_mode: str = "text"
     group_by_length: bool = True  # batches of similar length: less padding
     packing: bool = False  # several samples per row, no padding between them (batch counts rows, not samples)
+    # rows of this many tokens, as given; unset: the row length with the least estimated work, and no packing when
+    # none beats unpacked batches (without flash-attention 2 a packed row pays full L x L attention)
+    packing_row_length: int | None = None
     skip_bad: bool = False  # set bad records aside in rejects.jsonl instead of stopping
     verify_images: bool = True  # decode every image once before training
     num_workers: int = 2
@@ -77,6 +80,9 @@ class DataSection:
             raise UserError(f"data.length_mode must be text (the authors' cut) or total, not '{self.length_mode}'")
         if self.image_mode not in (None, "pad", "crop"):
             raise UserError(f"data.image_mode must be pad or crop, not '{self.image_mode}'")
+        if self.packing_row_length is not None and self.packing_row_length < 16:
+            raise UserError(f"data.packing_row_length {self.packing_row_length} is too small for one sample; unset it "
+                            "to let --packing choose")
 
 
 @dataclass
@@ -90,6 +96,7 @@ class TrainSection:
     max_grad_norm: float = 1.0  # 0: no clipping (the authors' DeepSpeed configs set none)
     loss_average: str = "tokens"  # tokens: mean over every supervised token of the step (all GPUs, accumulation);
     # batch: mean over each micro-batch's tokens, then averaged over GPUs and accumulation (the authors')
+    lean_metrics: bool = True  # token entropy / accuracy computed on the steps that log, not on every step
     epochs: float = 1.0
     max_steps: int = -1  # > 0 stops early (smoke runs)
     warmup_ratio: float = 0.03

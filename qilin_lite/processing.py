@@ -338,6 +338,92 @@ def pack(lengths, max_length: int) -> list[list[int]]:
     return rows
 
 
+# Without a variable-length kernel, pack only for at least this much less estimated work: the estimate counts FLOPs,
+# and a masked packed row also costs a mask per row; one sample per row would be packing in name only.
+PACKING_MIN_GAIN = 0.03
+
+
+@dataclass
+class PackingChoice:
+    """What `--packing` will do, and why: `row_length` None means train unpacked."""
+
+    row_length: int | None
+    attention: str
+    work_vs_unpacked: float  # the chosen layout's model FLOPs per epoch over the unpacked (padded batches) ones
+    packed_at_max_vs_unpacked: float  # the same for rows of the full max_length
+    reason: str
+
+
+def layout_flops(batches: list[list[int]], sample_lengths: list[list[int]], width: int, ff: int, kv_width: int,
+                 varlen: bool) -> float:
+    """Model FLOPs per layer of one epoch laid out as `batches` (each a list of rows; a row holds the lengths of the
+    samples packed in it). Every row is padded to its batch's longest. Linear layers cost per token (q, o: width^2;
+    k, v: width x kv_width; the gated MLP: 3 x width x ff); attention costs 4 x width per (query, key) pair. Without a
+    variable-length kernel (sdpa, eager) a row attends as one L x L block, its mask only zeroing the cross-sample
+    pairs; flash-attention's varlen kernel computes each sample's own block."""
+    linear = 2 * (2 * width * width + 2 * width * kv_width + 3 * width * ff)
+    total = 0.0
+    for rows in batches:
+        longest = max(sum(sample_lengths[r]) for r in rows)
+        for r in rows:
+            lens = sample_lengths[r]
+            pad = longest - sum(lens)
+            pairs = sum(n * n for n in lens) + pad * pad if varlen else longest * longest
+            total += linear * longest + 4 * width * pairs
+    return total
+
+
+def choose_packing(lengths, batch_size: int, max_length: int, attention: str, text_config, seed: int = 0,
+                   grouped: bool = True) -> PackingChoice:
+    """Rows for `--packing` that never cost more than training unpacked.
+
+    With flash-attention 2 (variable-length) packing saves the padding and costs no attention: rows of max_length.
+    Without it every packed row pays full L x L attention, so longer rows trade padding saved for attention spent:
+    the row length with the least estimated work wins among max_length and shorter candidates, and packing is left
+    off when no row length beats the unpacked batches (length-grouped or random, as the run samples them)."""
+    lengths = [int(x) for x in lengths]
+    width, ff = int(text_config.hidden_size), int(text_config.intermediate_size)
+    heads = int(text_config.num_attention_heads)
+    kv_width = width // heads * int(getattr(text_config, "num_key_value_heads", None) or heads)
+    varlen = attention == "flash_attention_2"
+
+    def epoch_batches(row_lengths: list[int]) -> list[list[int]]:
+        if grouped:
+            from transformers.trainer_pt_utils import get_length_grouped_indices
+
+            g = torch.Generator()
+            g.manual_seed(seed)
+            order = get_length_grouped_indices(row_lengths, batch_size, generator=g)
+        else:
+            order = torch.randperm(len(row_lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+    unpacked = layout_flops(epoch_batches(lengths), [[n] for n in lengths], width, ff, kv_width, varlen)
+
+    def packed_work(row_length: int) -> float:
+        rows = pack(lengths, row_length)
+        per_row = [[lengths[i] for i in r] for r in rows]
+        return layout_flops(epoch_batches([sum(r) for r in per_row]), per_row, width, ff, kv_width, varlen)
+
+    at_max = packed_work(max_length) / unpacked
+    if varlen:
+        return PackingChoice(max_length, attention, at_max, at_max,
+                             "flash-attention 2 computes each sample's own attention: rows of max_length")
+    longest = max(lengths)
+    top = max(max_length, longest)  # the authors' cut counts an image as one id: a sample can exceed max_length
+    candidates = sorted({top, *range(longest, top, max(1, (top - longest) // 16))})
+    work = {c: packed_work(c) / unpacked for c in candidates}
+    best = min(work, key=lambda c: (work[c], -c))
+    if work[best] > 1.0 - PACKING_MIN_GAIN:
+        return PackingChoice(None, attention, 1.0, at_max, (
+            f"without flash-attention 2 each packed row pays full L x L attention ({attention}); on this data rows of "
+            f"{max_length} would cost {at_max:.2f}x the unpacked work and no shorter row saves "
+            f"{PACKING_MIN_GAIN:.0%}: training unpacked (install flash-attn on a CUDA GPU to pack)"))
+    return PackingChoice(best, attention, work[best], at_max, (
+        f"without flash-attention 2 each packed row pays full L x L attention ({attention}); rows of {best} tokens "
+        f"cost the least: {work[best]:.2f}x the unpacked work (rows of {max_length}: {at_max:.2f}x)"))
+
+
 class PackedDataset(torch.utils.data.Dataset):
     """Rows of several samples laid end to end, `position_ids` restarting at each sample and no attention mask.
 

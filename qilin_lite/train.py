@@ -34,7 +34,15 @@ from .model import (
     save_projector_state,
     token_layout,
 )
-from .processing import Collator, ImageLoader, PackedDataset, VisionTextDataset, as_hf_dataset, sample_lengths
+from .processing import (
+    Collator,
+    ImageLoader,
+    PackedDataset,
+    VisionTextDataset,
+    as_hf_dataset,
+    choose_packing,
+    sample_lengths,
+)
 from .records import Reject, Record, read_records, write_rejects
 from .stages import LoraSettings, configure, trainable_summary
 
@@ -415,6 +423,8 @@ def _trainer_class():
                 # authors' LLaVA loss did. Long answers then weigh less per token than under "tokens".
                 num_items_in_batch = None
             if not self.is_fsdp_enabled:
+                if self._lean_now is not None and model.training and not return_outputs and not self._logs_now():
+                    return self._lean_loss(model, inputs, num_items_in_batch)
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             # trl's fused LM head reads lm_head.weight outside lm_head's forward. accelerate's FSDP2 shards
             # [final norm, lm_head] as a unit of their own, so that weight is still a sharded DTensor there, and its
@@ -424,6 +434,75 @@ def _trainer_class():
             from transformers import Trainer
 
             return Trainer.compute_loss(self, model, {**inputs, "use_cache": False}, return_outputs, num_items_in_batch)
+
+        # The loss without what only the log reads. trl's compute_loss also computes each token's entropy and top-1
+        # hit in its fused LM head and gathers them (and the token count) across processes with host syncs, on
+        # every micro-batch: 128 times per optimizer step in the QLoRA recipe (batch 1, 128 accumulated). Here only
+        # the last micro-batch of a step that writes a log goes through trl's own path, so a log's entropy and
+        # accuracy are that micro-batch's; the others go through a fused head that computes the log-probabilities
+        # alone, giving the same loss to the bit. The token count is summed locally and gathered when a log is due.
+        _lean_now = None  # set by lean_metrics(): a one-item list, True while a lean micro-batch runs
+        _pending_tokens = None  # real tokens seen by lean steps, added to trl's count when a log is written
+
+        def lean_metrics(self) -> None:
+            """Install one forward that runs trl's fused head with or without the metric outputs. It is installed
+            before accelerate prepares the model, so accelerate's autocast wrapper still wraps it."""
+            import functools
+            import types
+
+            from trl.trainer.utils import add_fused_lm_head
+
+            if self.compute_loss_func is not None or self.label_smoother is not None or self.aux_loss_enabled \
+                    or self.args.loss_type != "nll":
+                return  # paths where trl needs the logits or extra outputs: keep its own compute_loss throughout
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            full = base.forward  # trl's: log-probabilities, entropy, top-1
+            add_fused_lm_head(base, outputs=("log_probs",))
+            lean, flag = base.forward, [False]
+
+            @functools.wraps(type(base).forward)  # generate() checks its kwargs against this signature
+            def forward(_self, *args, **kwargs):
+                return (lean if flag[0] else full)(*args, **kwargs)
+
+            base.forward = types.MethodType(forward, base)
+            self._lean_now = flag
+
+        def _logs_now(self) -> bool:
+            """Will the optimizer step this micro-batch belongs to write a log? (The Trainer's own rule.)"""
+            from transformers.trainer_utils import IntervalStrategy
+
+            if self.args.logging_strategy != IntervalStrategy.STEPS:
+                return True  # epoch logging: no way to know the last step in advance; keep every metric
+            if not self.accelerator.sync_gradients:
+                return False  # not the last micro-batch of its optimizer step
+            step = self.state.global_step + 1
+            every = self.state.logging_steps or self.args.logging_steps
+            return (self.args.logging_first_step and step == 1) or (every > 0 and step % int(every) == 0)
+
+        def _lean_loss(self, model, inputs, num_items_in_batch):
+            inputs["use_cache"] = False
+            self._lean_now[0] = True
+            try:
+                outputs = model(**inputs, fused_lm_head=True)
+            finally:
+                self._lean_now[0] = False
+            # trl's loss, term for term (SFTTrainer.compute_loss, the "nll" branch)
+            num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = (-outputs.log_probs).sum() / torch.as_tensor(num_tokens).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            seen = inputs["attention_mask"].sum() if "attention_mask" in inputs else \
+                torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            self._pending_tokens = seen.detach() if self._pending_tokens is None else self._pending_tokens + seen
+            return loss
+
+        def log(self, logs, start_time=None):
+            if self._pending_tokens is not None and self.model.training:
+                total = self.accelerator.gather_for_metrics(self._pending_tokens).sum().item()
+                self._total_train_tokens += total // self._tp_size
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+                self._pending_tokens = None
+            return super().log(logs, start_time)
 
         def _save(self, output_dir=None, state_dict=None):
             if not self.align_only:
@@ -543,9 +622,20 @@ def train_stage(recipe: Recipe, *, resume: bool = False):
     # eval rows are never packed: each sample's loss counts as it would alone
     eval_set = (build_dataset(recipe, tokenizer, image_processor, model.config, out, source=recipe.data.eval)[0]
                 if recipe.data.eval else None)
-    if recipe.data.packing:
-        dataset = PackedDataset(dataset, recipe.data.max_length)
-        log.info("packed %d samples into %d rows of at most %d tokens", n_samples, len(dataset), recipe.data.max_length)
+    packing = None
+    if recipe.data.packing and recipe.data.packing_row_length:
+        dataset = PackedDataset(dataset, recipe.data.packing_row_length)
+        log.info("packed %d samples into %d rows of at most %d tokens (data.packing_row_length)", n_samples,
+                 len(dataset), recipe.data.packing_row_length)
+    elif recipe.data.packing:
+        packing = choose_packing(dataset.lengths, tr.per_device_batch, recipe.data.max_length,
+                                 model.config._attn_implementation or "sdpa", model.config.get_text_config(),
+                                 seed=tr.seed, grouped=recipe.data.group_by_length)
+        (log.info if packing.row_length == recipe.data.max_length else log.warning)("--packing: %s", packing.reason)
+        if packing.row_length is not None:
+            dataset = PackedDataset(dataset, packing.row_length)
+            log.info("packed %d samples into %d rows of at most %d tokens", n_samples, len(dataset),
+                     packing.row_length)
     args = sft_config(recipe, out, wrap=fsdp_units(model) if tr.fsdp else None)
     Trainer = _trainer_class()
     # transformers refuses to train a quantized model that has no peft adapter, to stop runs in which nothing can
@@ -578,6 +668,8 @@ def train_stage(recipe: Recipe, *, resume: bool = False):
     if tr.loss_average == "batch":
         trainer.loss_is_scaled_for_ga = False  # the Trainer then divides each micro-batch's mean by the accumulation
     trainer.projector_lr = tr.projector_lr if tr.mode != "align" else None
+    if tr.lean_metrics:
+        trainer.lean_metrics()
     preemption = _callbacks()
     trainer.add_callback(preemption)
     start = last_checkpoint(out) if resume else None
@@ -605,6 +697,11 @@ def train_stage(recipe: Recipe, *, resume: bool = False):
         evals = [h["eval_loss"] for h in history if "eval_loss" in h]
         if evals:
             summary["eval_samples"], summary["final_eval_loss"] = len(eval_set), evals[-1]
+        if packing is not None:  # what --packing did and the estimate it went by
+            summary["packing"] = {"row_length": packing.row_length, "attention": packing.attention,
+                                  "work_vs_unpacked": round(packing.work_vs_unpacked, 3),
+                                  "rows_of_max_length_vs_unpacked": round(packing.packed_at_max_vs_unpacked, 3),
+                                  "reason": packing.reason}
         if sharded is not None:
             summary["fsdp_sharded_fraction"] = round(sharded, 4)
             policy = trainer.accelerator.state.fsdp_plugin.mixed_precision_policy

@@ -83,6 +83,63 @@ def test_packed_training_run(tmp_path, tiny_base, tiny_data):
 
     out, _ = train_stage(tiny_recipe("tune", "lora", tmp_path / "p", tiny_data["tune"], tiny_data["images"],
                                      **{"model.base": str(tiny_base), "data.packing": True,
+                                        "data.packing_row_length": 256,  # as given, whatever the estimate says
                                         "train.global_batch": 2, "train.per_device_batch": 2}))
     summary = json.loads((Path(out) / "train_summary.json").read_text())
     assert summary["rows"] < summary["samples"] and np.isfinite(summary["final_loss"])
+
+
+def _cfg(width: int, ff: int, heads: int = 8):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(hidden_size=width, intermediate_size=ff, num_attention_heads=heads, num_key_value_heads=heads)
+
+
+def test_without_varlen_attention_packing_is_declined_when_it_costs_more():
+    """ChiMed-VL-like tune samples (576 image tokens + a short dialog), length-grouped: padding is already small, and
+    a packed 2048-row pays 2048^2 attention for three samples of ~650: packing would be more work, so it is off."""
+    from qilin_lite.processing import choose_packing
+
+    rng = np.random.default_rng(0)
+    lengths = (576 + rng.lognormal(4.0, 0.6, 2000)).astype(int).tolist()
+    tiny = choose_packing(lengths, 8, 2048, "sdpa", _cfg(256, 512))
+    assert tiny.row_length is None and tiny.packed_at_max_vs_unpacked > 1.0
+    assert "training unpacked" in tiny.reason and "flash-attention 2" in tiny.reason
+    # with flash-attention 2 the same data packs at max_length: no attention spent across samples (the padding it
+    # saves is small here, length grouping having removed most of it)
+    flash = choose_packing(lengths, 8, 2048, "flash_attention_2", _cfg(256, 512))
+    assert flash.row_length == 2048 and flash.work_vs_unpacked < 1.01
+
+
+def test_without_varlen_attention_packing_picks_the_cheapest_row_when_padding_dominates():
+    """Random order, mostly short samples and a few long ones, a 13B-wide model (linear layers dominate): padded
+    batches waste most of their tokens, so packing pays even with full-row attention, at the row length the
+    estimate finds cheapest; and the estimate is never above the unpacked work."""
+    from qilin_lite.processing import choose_packing, layout_flops, pack
+
+    rng = np.random.default_rng(1)
+    lengths = np.where(rng.random(800) < 0.1, 1500, rng.integers(40, 120, 800)).tolist()
+    wide = _cfg(5120, 13824, heads=40)
+    c = choose_packing(lengths, 8, 2048, "sdpa", wide, grouped=False)
+    assert c.row_length is not None and c.work_vs_unpacked < 0.5
+    # the reported ratio is the layout's own estimate
+    rows = pack(lengths, c.row_length)
+    per_row = [[lengths[i] for i in r] for r in rows]
+    assert c.row_length >= max(lengths) and all(sum(r) <= c.row_length for r in per_row)
+    assert layout_flops([[i] for i in range(len(per_row))], per_row, 5120, 13824, 5120, False) > 0
+
+
+def test_packing_decision_is_in_the_summary(tmp_path, tiny_base, tiny_data):
+    from conftest import tiny_recipe
+
+    from qilin_lite.train import train_stage
+
+    out, _ = train_stage(tiny_recipe("tune", "lora", tmp_path / "auto", tiny_data["tune"], tiny_data["images"],
+                                     **{"model.base": str(tiny_base), "data.packing": True, "train.max_steps": 1,
+                                        "train.global_batch": 2, "train.per_device_batch": 2}))
+    summary = json.loads((Path(out) / "train_summary.json").read_text())
+    p = summary["packing"]
+    assert p["attention"] == "sdpa" and p["reason"]
+    # declined: one sample per row; chosen: fewer rows than samples, and never more estimated work than unpacked
+    assert (summary["rows"] == summary["samples"]) == (p["row_length"] is None)
+    assert p["work_vs_unpacked"] <= 1.0

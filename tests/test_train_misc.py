@@ -180,3 +180,43 @@ def test_eval_loss_is_the_held_out_supervised_token_loss(tmp_path, align_run, ti
     mask = labels != -100
     nll = torch.nn.functional.cross_entropy(logits[:, :-1][mask], labels[mask])
     assert abs(nll.item() - evals[2]) < 1e-4, (nll.item(), evals[2])
+
+
+def test_metrics_only_on_logging_steps_train_the_same_weights(tmp_path, align_run, tiny_data, monkeypatch):
+    """trl computes token entropy and top-1 accuracy in its fused head on every micro-batch; qilin-lite computes them
+    only for the steps that log. Same loss, same weights to the bit, same logged token count; the metrics are still
+    in every log."""
+    from trl.trainer import utils as trl_utils
+
+    from qilin_lite.train import train_stage
+
+    calls: list[tuple[str, ...]] = []
+    real = trl_utils._ChunkedLogProbFunction.apply
+
+    def spy(*args):
+        calls.append(tuple(args[-1]))  # the per-token outputs this call computes
+        return real(*args)
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", spy)
+    runs = {}
+    for lean in (True, False):
+        calls.clear()
+        recipe = tiny_recipe("tune", "lora", tmp_path / f"lean-{lean}", tiny_data["tune"], tiny_data["images"],
+                             **{"model.from_run": str(align_run), "train.max_steps": 6, "train.logging_steps": 3,
+                                "train.global_batch": 4, "train.per_device_batch": 2, "train.lean_metrics": lean})
+        out, model = train_stage(recipe)
+        history = json.loads((out / "log_history.json").read_text(encoding="utf-8"))
+        runs[lean] = (dict(calls=list(calls), history=history,
+                           weights={k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}))
+    lean, full = runs[True], runs[False]
+    # 6 steps x 2 micro-batches; trl's path asks for entropy + top-1 on all 12, the lean one on the last
+    # micro-batch of steps 3 and 6 only
+    assert sum("entropy" in c for c in full["calls"]) == 12
+    assert sum("entropy" in c for c in lean["calls"]) == 2 and len(lean["calls"]) == 12
+    for k, w in full["weights"].items():
+        assert torch.equal(w, lean["weights"][k]), k
+    steps = lambda h: [e for e in h if "loss" in e and "train_loss" not in e]  # noqa: E731
+    assert [e["loss"] for e in steps(lean["history"])] == [e["loss"] for e in steps(full["history"])]
+    for a, b in zip(steps(lean["history"]), steps(full["history"])):
+        assert a["num_tokens"] == b["num_tokens"]
+        assert "entropy" in a and "mean_token_accuracy" in a
