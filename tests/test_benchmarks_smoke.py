@@ -73,3 +73,31 @@ def test_fraction_part_of_the_benchmark_runs_on_the_quick_plan():
     for r in out["rows"]:
         assert r["random"] < r["grouped"] <= 1 and r["random"] < r["packed"] <= 1
     assert all(isinstance(g["met"], bool) for g in out["goals"])
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_at_toy_sizes():
+    """benchmarks/gpu.py is written for one GPU; at toy sizes the same code (qilin-lite's loading, QLoRA / LoRA
+    configuration, the fused-head step, the planner) runs here, so it is ready when a GPU is."""
+    from benchmarks import gpu
+
+    rows = gpu.main(["--toy", "--steps", "1", "--attn", "sdpa"])
+    assert [(r["mode"], r["attn"]) for r in rows] == [("qlora", "sdpa"), ("lora", "sdpa")]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["tokens_per_s"] > 0 and r["positions"] == 96 + 16 - 1 and r["planned_bytes"] > 0
+    # QLoRA and LoRA train the same adapters and projector
+    assert rows[0]["trained_params"] == rows[1]["trained_params"]
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_splits_a_step(capsys):
+    from benchmarks import overhead
+
+    r = overhead.main(["--quick"])
+    for name in ("lean", "trl"):
+        x = r["runs"][name]
+        # each part measured, none counted twice ("other" is what is left, so overlapping parts make it negative)
+        assert x["forward_loss_s"] > 0 and x["backward_s"] > 0 and x["optimizer_s"] > 0 and x["data_wait_s"] > 0
+        assert x["other_s"] >= 0 and x["forward_loss_s"] + x["backward_s"] < x["step_s"]
+    assert r["bare_step_s"] > 0 and "| bare |" in capsys.readouterr().out

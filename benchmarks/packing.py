@@ -1,0 +1,109 @@
+"""`--packing` against unpacked batches, per attention implementation: is the automatic choice ever slower?
+
+    python benchmarks/packing.py [--records 480] [--rounds 3] [--quick]
+
+One tiny Llava (LLM 256 x 2 layers, 64 image tokens), ChiMed-VL-shaped tune records (synth.py), full fine-tune,
+fp32, 1 thread, no workers, batch 8, one epoch; for each attention implementation the CPU has (sdpa, eager) and each
+order (length-grouped, the default; random): unpacked, packed as the automatic choice decides (`data.packing: true`),
+and packed into rows of max_length whatever the estimate (`data.packing_row_length`). Interleaved rounds, medians of
+samples/s; the estimate's own work ratio beside each, so a wrong estimate shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def run_one(base: Path, data: dict, out: Path, *, attn: str, grouped: bool, layout: str, max_length: int,
+            batch: int) -> dict:
+    import qilin_lite.train as train_mod
+    from benchmarks.speed import Probe, instrumented
+    from qilin_lite.config import REPO_RECIPES, load_recipe
+
+    sets = ["train.deepspeed=", "model.dtype=float32", f"model.attn={attn}", "train.bf16=false", "train.tf32=false",
+            "train.gradient_checkpointing=false", f"train.per_device_batch={batch}", f"train.global_batch={batch}",
+            "train.save_steps=1000000", "train.logging_steps=10", "data.num_workers=0",
+            f"data.max_length={max_length}", f"data.group_by_length={str(grouped).lower()}"]
+    if layout != "unpacked":
+        sets.append("data.packing=true")
+    if layout == "packed-max":
+        sets.append(f"data.packing_row_length={max_length}")
+    recipe = load_recipe(REPO_RECIPES / "qilin-med-vl/tune-full.yaml", sets, output_dir=str(out),
+                         **{"model.base": str(base), "data.train": str(data["tune"]),
+                            "data.image_folder": str(data["images"])})
+    probe = Probe()
+    original = train_mod._trainer_class
+    train_mod._trainer_class = lambda: instrumented(original(), probe)
+    try:
+        done, _ = train_mod.train_stage(recipe)
+    finally:
+        train_mod._trainer_class = original
+    summary = json.loads((Path(done) / "train_summary.json").read_text(encoding="utf-8"))
+    return {"samples_per_s": summary["samples"] / probe.loop_s, "rows": summary["rows"],
+            "samples": summary["samples"], "packing": summary.get("packing")}
+
+
+def main(argv=None) -> dict:
+    from benchmarks.synth import ModelSize, build_base, write_records
+    from qilin_lite.model import load_tokenizer
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--records", type=int, default=480)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-length", type=int, default=2048)
+    ap.add_argument("--quick", action="store_true", help="32 records, 1 round, sdpa only: the code path only")
+    args = ap.parse_args(argv)
+    attns = ("sdpa", "eager")
+    if args.quick:
+        args.records, args.rounds, attns = 32, 1, ("sdpa",)
+    torch.set_num_threads(1)
+    layouts = ("unpacked", "packed-auto", "packed-max")
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        base = build_base(work / "model", ModelSize(hidden=256, layers=2))
+        data = write_records(work / "data", load_tokenizer(str(base)), n=args.records, image_size=64)
+        for r in range(args.rounds):
+            for attn in attns:
+                for grouped in (True, False):
+                    for layout in layouts:
+                        key = f"{attn}/{'grouped' if grouped else 'random'}/{layout}"
+                        res = run_one(base, data, work / f"{key.replace('/', '-')}-{r}", attn=attn, grouped=grouped,
+                                      layout=layout, max_length=args.max_length, batch=8)
+                        results.setdefault(key, []).append(res)
+    rows = {}
+    for key, runs in results.items():
+        p = runs[0]["packing"]
+        rows[key] = {"samples_per_s": statistics.median(x["samples_per_s"] for x in runs), "rows": runs[0]["rows"],
+                     "samples": runs[0]["samples"],
+                     "estimate_vs_unpacked": p["work_vs_unpacked"] if p else None,
+                     "row_length": p["row_length"] if p else (args.max_length if "packed-max" in key else None)}
+    for key in rows:
+        unpacked = rows[key.rsplit("/", 1)[0] + "/unpacked"]["samples_per_s"]
+        rows[key]["vs_unpacked"] = rows[key]["samples_per_s"] / unpacked
+    print(table(rows))
+    return rows
+
+
+def table(rows: dict) -> str:
+    lines = ["| attention / order / layout | samples/s | vs unpacked | rows (samples) | row length | estimate |",
+             "|---|---|---|---|---|---|"]
+    for key, x in rows.items():
+        est = "" if x["estimate_vs_unpacked"] is None else f"{x['estimate_vs_unpacked']:.2f}x"
+        rl = "" if x["row_length"] is None else str(x["row_length"])
+        lines.append(f"| {key} | {x['samples_per_s']:.1f} | {x['vs_unpacked']:.2f}x | {x['rows']} ({x['samples']}) | "
+                     f"{rl} | {est} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(), indent=2))
