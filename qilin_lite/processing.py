@@ -248,23 +248,28 @@ class ImageLoader:
         self.fill = pad_fill(mean)
 
     def __call__(self, images) -> torch.Tensor:
+        return self.process([self.open(ref) for ref in images])
+
+    def open(self, ref):
+        """One image reference -> the RGB PIL image, squared by the stage's rule (not yet resized or normalised)."""
         from PIL import Image
 
         from .images import expand_to_square, load_image
 
-        pil = []
-        for ref in images:
-            if isinstance(ref, Image.Image):
-                img = ref
-            elif isinstance(ref, LazyImage):
-                img = ref.open()
-            else:
-                img = load_image(ref)
-            if img.mode != "RGB":
-                img = img.convert("RGB")
-            if self.mode == "pad":
-                img = expand_to_square(img, self.fill)
-            pil.append(img)
+        if isinstance(ref, Image.Image):
+            img = ref
+        elif isinstance(ref, LazyImage):
+            img = ref.open()
+        else:
+            img = load_image(ref)
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        if self.mode == "pad":
+            img = expand_to_square(img, self.fill)
+        return img
+
+    def process(self, pil: list) -> torch.Tensor:
+        """Opened images -> pixel_values, one processor call for all of them."""
         return self.processor(images=pil, return_tensors="pt")["pixel_values"]
 
 
@@ -300,11 +305,43 @@ class VisionTextDataset(torch.utils.data.Dataset):
         raise RuntimeError("every sample failed to load")
 
     def _item(self, rec: Record) -> dict:
-        ids, labels = encode(rec.messages, self.template, self.tokenizer, self.layout)
-        item = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
-        if rec.images:
-            item["pixel_values"] = self.images(rec.images)
+        item, opened = self._unprocessed(rec)
+        if opened:
+            item["pixel_values"] = self.images.process(opened)
         return item
+
+    def _unprocessed(self, rec: Record) -> tuple[dict, list]:
+        """Tokens and labels, and the record's images decoded and squared (what can fail per record)."""
+        ids, labels = encode(rec.messages, self.template, self.tokenizer, self.layout)
+        return ({"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)},
+                [self.images.open(ref) for ref in rec.images or ()])
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A batch, as the DataLoader asks for it: each record tokenized and its images opened as in `__getitem__`
+        (a failing record is recorded and replaced by the next), then one image-processor call for every image of
+        the batch. Per call the processor validates its arguments and sets up, which at training's image sizes
+        costs more than resizing one image; the pixels are the same as per item."""
+        items, opened = [], []
+        for i in indices:
+            for attempt in range(len(self.records)):
+                rec = self.records[(i + attempt) % len(self.records)]
+                try:
+                    item, imgs = self._unprocessed(rec)
+                    break
+                except Exception as e:  # noqa: BLE001 - as in __getitem__
+                    self._reject(rec, e)
+            else:
+                raise RuntimeError("every sample failed to load")
+            items.append(item)
+            opened.append(imgs)
+        flat = [img for imgs in opened for img in imgs]
+        if flat:
+            pixels, k = self.images.process(flat), 0
+            for item, imgs in zip(items, opened):
+                if imgs:
+                    item["pixel_values"] = pixels[k:k + len(imgs)]
+                    k += len(imgs)
+        return items
 
     def _reject(self, rec: Record, err: Exception) -> None:
         msg = f"{rec.where}: skipped during training: {err}"
@@ -443,8 +480,7 @@ class PackedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, r: int) -> dict:
         items, used = [], 0
-        for i in self.rows[r]:
-            it = self.ds[i]
+        for it in self.ds.__getitems__(self.rows[r]):  # one image-processor call for the row
             # a sample that failed to load is replaced by another, maybe longer, one: never overflow the row
             if used + len(it["input_ids"]) > self.max_length:
                 log.warning("packed row %d: a substituted sample does not fit; it is left out of this row", r)
@@ -469,7 +505,7 @@ def as_hf_dataset(ds: VisionTextDataset | PackedDataset):
     hf = datasets.Dataset.from_dict({"index": list(range(len(ds))), "length": [int(x) for x in ds.lengths]})
 
     def transform(batch: dict) -> dict:
-        items = [ds[i] for i in batch["index"]]
+        items = ds.__getitems__(batch["index"]) if hasattr(ds, "__getitems__") else [ds[i] for i in batch["index"]]
         keys = ("input_ids", "labels", "pixel_values", "position_ids")
         # any item, not the first: a text-only first item must not drop the images of the rest
         return {k: [it.get(k) for it in items] for k in keys if any(k in it for it in items)}

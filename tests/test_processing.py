@@ -164,3 +164,41 @@ def test_hf_wrapper_keeps_images_when_the_first_item_is_text_only():
 
     batch = as_hf_dataset(Two())[[0, 1]]
     assert batch["pixel_values"][0] is None and batch["pixel_values"][1].shape == (1, 3, 4, 4)
+
+
+def test_a_batch_is_the_same_as_its_items_with_one_processor_call(tmp_path, tiny_base, tiny_data, monkeypatch):
+    """`__getitems__` (what the DataLoader calls) gives each item's ids, labels and pixels exactly as `__getitem__`,
+    with one image-processor call for the batch; an image that fails to decode then is recorded and its record
+    replaced by the next one, as per item."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig
+
+    from conftest import tiny_recipe
+    from qilin_lite.model import load_tokenizer_and_processor
+    from qilin_lite.train import build_dataset
+
+    images = tmp_path / "images"
+    shutil.copytree(tiny_data["images"], images)
+    tok, ip = load_tokenizer_and_processor(str(tiny_base))
+    recipe = tiny_recipe("tune", "lora", tmp_path / "run", tiny_data["tune"], images, **{"model.base": str(tiny_base)})
+    ds, _ = build_dataset(recipe, tok, ip, AutoConfig.from_pretrained(str(tiny_base)), tmp_path / "run")
+    calls = []
+    real = ds.images.process
+    monkeypatch.setattr(ds.images, "process", lambda pil: calls.append(len(pil)) or real(pil))
+    batch = ds.__getitems__([0, 3, 5, 6])
+    assert calls == [4]
+    for i, got in zip([0, 3, 5, 6], batch):
+        want = ds[i]
+        assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["labels"], want["labels"])
+        assert torch.equal(got["pixel_values"], want["pixel_values"])
+    # the image of record 3 goes bad after the up-front check: record 4 is served in its place, and it is recorded
+    (images / ds.records[3].images[0]).write_bytes(b"not an image any more")
+    batch = ds.__getitems__([0, 3, 5])
+    assert torch.equal(batch[1]["input_ids"], ds[4]["input_ids"])
+    assert torch.equal(batch[1]["pixel_values"], ds[4]["pixel_values"])
+    import json
+
+    rows = [json.loads(x) for x in (tmp_path / "run" / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(r["id"], r["during"]) for r in rows] == [(ds.records[3].id, "training")]
