@@ -243,3 +243,28 @@ def test_two_nodes_by_rendezvous_match_one_process(tmp_path, tiny_base, tiny_dat
     assert s["steps"] == 2 and s["processes"] == 2
     assert json.loads((one / "train_summary.json").read_text())["processes"] == 1
     assert abs(first_loss(one) - first_loss(two)) < 2e-3 * abs(first_loss(one)), (first_loss(one), first_loss(two))
+
+
+@pytest.mark.slow
+def test_metrics_on_logging_steps_only_under_ddp(tmp_path, align_run, tiny_data):
+    """Two DDP processes, 2 micro-batches per step, a log every 2 steps: with `lean_metrics` (trl's metrics and
+    gathers only on a logging step's last micro-batch, the token count gathered at the log) the run ends with the
+    same adapter, losses and token count as trl's path, and no process waits on a gather the other skipped."""
+    data = ["--image-folder", str(tiny_data["images"])]
+    sets = [s for s in COMMON]
+    for old, new in (("train.global_batch=4", "train.global_batch=8"), ("train.max_steps=2", "train.max_steps=4"),
+                     ("train.logging_steps=1", "train.logging_steps=2")):
+        sets[sets.index(old)] = new
+    out = {}
+    for lean in ("true", "false"):
+        t = tmp_path / f"lean-{lean}"
+        r = launch(2, "tune", "--lora", "--from", str(align_run), "--data", str(tiny_data["tune"]), *data,
+                   "--out", str(t), *sets, "--set", "train.lora_dropout=0", "--set", f"train.lean_metrics={lean}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        hist = [h for h in json.loads((t / "log_history.json").read_text()) if "loss" in h]
+        out[lean] = (weights(t / "adapter_model.safetensors"), hist)
+    (w_lean, h_lean), (w_trl, h_trl) = out["true"], out["false"]
+    assert max_diff(w_lean, w_trl) == 0.0
+    assert [h["loss"] for h in h_lean] == [h["loss"] for h in h_trl] and len(h_lean) == 2
+    assert [h["num_tokens"] for h in h_lean] == [h["num_tokens"] for h in h_trl]
+    assert all("entropy" in h and "mean_token_accuracy" in h for h in h_lean)
