@@ -94,7 +94,7 @@ class Weights:
     """Names -> (file, key) over a directory's safetensors shards; tensors read one at a time as float32 numpy."""
 
     def __init__(self, model_dir: Path):
-        from safetensors import safe_open
+        from .convert import tensor_shapes
 
         files = sorted(model_dir.glob("*.safetensors"))
         if not files:
@@ -102,13 +102,16 @@ class Weights:
         self.where: dict[str, tuple[Path, str]] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         for f in files:
-            with safe_open(str(f), framework="pt") as h:
-                for key in h.keys():
-                    part, rest = _split(key)
-                    if part is None:
-                        continue
+            try:
+                shapes = tensor_shapes(f)
+            except Exception as e:  # noqa: BLE001 - safetensors' own error types: a truncated or foreign file
+                raise UserError(f"{f}: cannot read its safetensors header ({type(e).__name__}); the file is truncated "
+                                "or not safetensors: copy or download it again") from None
+            for key, shape in shapes.items():
+                part, rest = _split(key)
+                if part is not None:
                     self.where[f"{part}:{rest}"] = (f, key)
-                    self.shapes[f"{part}:{rest}"] = tuple(h.get_slice(key).get_shape())
+                    self.shapes[f"{part}:{rest}"] = shape
 
     def has(self, name: str) -> bool:
         return name in self.where

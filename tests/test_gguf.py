@@ -224,3 +224,21 @@ def test_llama_cpp_answers_as_chat_does(exported, demo_run, heldout_images):
     assert agree >= 0.95, (agree, list(zip(results["f16"], reference))[:10])
     accuracy = np.mean([names_only(a, r) for a, r in zip(results["q8_0"], heldout)])
     assert accuracy >= 0.9, accuracy
+
+
+def test_a_truncated_weights_file_is_one_line_and_leaves_nothing(full_run, tmp_path, monkeypatch, capsys):
+    """A full run whose safetensors file was cut short (a copy that stopped half-way)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    (run / "tokenizer.model").write_bytes(b"")  # export checks the file is there; the weights are what is broken
+    for f in run.glob("*.safetensors"):
+        f.write_bytes(f.read_bytes()[:1000])
+    cfg = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    info = json.loads((run / "qilin.json").read_text(encoding="utf-8"))
+    assert cfg["text_config"]["model_type"] == "llama" and info["kind"] == "full"
+    code, _, err = run_cli_captured(monkeypatch, capsys, "export", "gguf", run, tmp_path / "out")
+    assert code == 2 and "cannot read its safetensors header" in err and ".safetensors" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
