@@ -294,12 +294,16 @@ class VisionTextDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
-        # A file that decoded during the up-front check can still fail here (disk, network mount). One bad sample
-        # must not end a run hours in: record it and serve the next sample instead.
+        return self._first_loadable(i, self._item)
+
+    def _first_loadable(self, i: int, load):
+        """`load(record i)`, or of the next record that loads. A file that decoded during the up-front check can
+        still fail here (disk, network mount). One bad sample must not end a run hours in: record it and serve the
+        next sample instead."""
         for attempt in range(len(self.records)):
             rec = self.records[(i + attempt) % len(self.records)]
             try:
-                return self._item(rec)
+                return load(rec)
             except Exception as e:  # noqa: BLE001 - any per-sample failure is recorded, not fatal
                 self._reject(rec, e)
         raise RuntimeError("every sample failed to load")
@@ -323,15 +327,7 @@ class VisionTextDataset(torch.utils.data.Dataset):
         costs more than resizing one image; the pixels are the same as per item."""
         items, opened = [], []
         for i in indices:
-            for attempt in range(len(self.records)):
-                rec = self.records[(i + attempt) % len(self.records)]
-                try:
-                    item, imgs = self._unprocessed(rec)
-                    break
-                except Exception as e:  # noqa: BLE001 - as in __getitem__
-                    self._reject(rec, e)
-            else:
-                raise RuntimeError("every sample failed to load")
+            item, imgs = self._first_loadable(i, self._unprocessed)
             items.append(item)
             opened.append(imgs)
         flat = [img for imgs in opened for img in imgs]
