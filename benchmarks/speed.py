@@ -34,14 +34,27 @@ class Settings:
     num_workers: int = 4  # the shipped paper recipes' data.num_workers
     max_steps: int = -1  # -1: one full epoch over the records
     seed: int = 42
+    # True: both sides sample length-grouped batches, the same ones (ours: `data.group_by_length: true`; stock: the
+    # Trainer given a length-grouped sampler over precomputed lengths, as LLaMA-Factory's `group_by_length` run)
+    grouped: bool = False
+
+
+PARTS = ("data_wait", "forward_loss", "backward", "optimizer", "other")
 
 
 @dataclass
 class Probe(TrainerCallback):
+    """Loop time, samples and tokens of one run, and each optimizer step split into PARTS: data wait (inside
+    `get_batch_samples`), forward + loss (`compute_loss`), backward (the rest of `training_step`), optimizer
+    (`on_pre_optimizer_step` -> `on_optimizer_step`) and other (the rest: clipping, callbacks, logging, scheduler)."""
+
+    keep_batches: bool = False  # keep each step's micro-batches (overhead.py replays them in a bare loop)
     loop_s: float = 0.0
     cpu_s: float = 0.0  # CPU time of this process over the same span: less sensitive to other users of the CPU
     fetch_s: list = field(default_factory=list)
     step_s: list = field(default_factory=list)
+    parts: list = field(default_factory=list)  # per optimizer step: {part: seconds, "total": seconds}
+    batches: list = field(default_factory=list)
     samples: int = 0
     real_tokens: int = 0
     all_tokens: int = 0
@@ -49,16 +62,30 @@ class Probe(TrainerCallback):
     _t0: float = 0.0
     _c0: float = 0.0
     _ts: float = 0.0
+    _opt: float = 0.0
+    _pending_wait: float = 0.0
+    _cur: dict = field(default_factory=dict)
 
     def on_train_begin(self, args, state, control, **kw):
         self._t0, self._c0 = time.perf_counter(), time.process_time()
 
     def on_step_begin(self, args, state, control, **kw):
         self._ts = time.perf_counter()
+        self._cur = {p: 0.0 for p in PARTS}
+        self._cur["data_wait"], self._pending_wait = self._pending_wait, 0.0  # fetched just before this step began
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        self._opt = time.perf_counter()
+
+    def on_optimizer_step(self, args, state, control, **kw):
+        self._cur["optimizer"] += time.perf_counter() - self._opt
 
     def on_step_end(self, args, state, control, **kw):
         now = time.perf_counter()
         self.step_s.append(now - self._ts)
+        total = now - self._ts + self._cur["data_wait"]
+        self._cur["other"] = total - sum(self._cur[p] for p in PARTS if p != "other")
+        self.parts.append({**self._cur, "total": total})
         # the loop ends at the last step: the checkpoint the Trainer writes after it is not training throughput
         self.loop_s = now - self._t0
         self.cpu_s = time.process_time() - self._c0
@@ -71,6 +98,13 @@ class Probe(TrainerCallback):
         self.all_tokens += int(ids.numel())
         self.shapes.append(tuple(ids.shape))
 
+    def breakdown(self, skip: int = 0) -> dict:
+        """Median seconds per optimizer step of each part and of the whole, leaving out `skip` warm-up steps."""
+        import statistics
+
+        steps = self.parts[skip:] or self.parts
+        return {k: statistics.median(s[k] for s in steps) if steps else 0.0 for k in (*PARTS, "total")}
+
     def summary(self) -> dict:
         return {
             "loop_s": round(self.loop_s, 3),
@@ -82,11 +116,13 @@ class Probe(TrainerCallback):
             "tokens_per_step": self.all_tokens / max(len(self.step_s), 1),
             "steps": len(self.step_s),
             "step_s": [round(x, 3) for x in self.step_s],
+            "breakdown_s": self.breakdown(skip=1 if len(self.parts) > 2 else 0),
         }
 
 
 def instrumented(trainer_cls, probe: Probe):
-    """`trainer_cls` with the probe attached and the batch fetch timed."""
+    """`trainer_cls` with the probe attached, the batch fetch, the loss and the training step timed."""
+    import torch
 
     class Timed(trainer_cls):
         def __init__(self, *args, **kwargs):
@@ -96,10 +132,30 @@ def instrumented(trainer_cls, probe: Probe):
         def get_batch_samples(self, epoch_iterator, num_batches, device):
             t = time.perf_counter()
             batches, n_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-            probe.fetch_s.append(time.perf_counter() - t)
+            waited = time.perf_counter() - t
+            probe.fetch_s.append(waited)
+            probe._pending_wait += waited
             for b in batches:
                 probe.count(b)
+            if probe.keep_batches:
+                probe.batches.append([{k: v.clone() if torch.is_tensor(v) else v for k, v in b.items()}
+                                      for b in batches])
             return batches, n_items
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            t = time.perf_counter()
+            self._in_loss = 0.0
+            out = super().training_step(model, inputs, num_items_in_batch)
+            whole = time.perf_counter() - t
+            probe._cur["forward_loss"] += self._in_loss
+            probe._cur["backward"] += whole - self._in_loss
+            return out
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            t = time.perf_counter()
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            self._in_loss = getattr(self, "_in_loss", 0.0) + time.perf_counter() - t
+            return out
 
     Timed.__name__ = f"Timed{trainer_cls.__name__}"
     return Timed
@@ -118,7 +174,7 @@ def ours_recipe(stage: str, base: Path, data: dict, out: Path, s: Settings):
         "train.gradient_checkpointing=false",  # CPU: both sides skip it; it scales compute, not padding
         f"train.per_device_batch={s.batch}", f"train.global_batch={s.batch}",
         f"train.max_steps={s.max_steps}", "train.save_steps=1000000", "train.logging_steps=1", f"train.seed={s.seed}",
-        f"data.num_workers={s.num_workers}",
+        f"data.num_workers={s.num_workers}", f"data.group_by_length={str(s.grouped).lower()}",
     ]
     return load_recipe(
         REPO_RECIPES / RECIPE[stage], overrides, output_dir=str(out),
@@ -194,11 +250,41 @@ def run_stock(stage: str, base: Path, data: dict, out: Path, s: Settings, num_wo
         use_cpu=True,
     )
     probe = Probe()
-    trainer = instrumented(SFTTrainer, probe)(
+    trainer_cls = SFTTrainer
+    if s.grouped:
+        trainer_cls = grouped_stock(SFTTrainer, sample_lengths(recipe, base, out), tr.seed)
+    trainer = instrumented(trainer_cls, probe)(
         model=model, args=args, train_dataset=stock_dataset(data[stage], data["images"]), processing_class=processor,
     )
     trainer.train()
     return probe
+
+
+def sample_lengths(recipe, base: Path, out: Path) -> list[int]:
+    """Each record's token count, image tokens included: what a length-grouped stock run sorts by (LLaMA-Factory
+    reads it from its tokenized dataset). Both sides encode the same tokens, so ours' precomputed lengths serve."""
+    from transformers import AutoConfig
+
+    from qilin_lite.model import load_tokenizer_and_processor
+    from qilin_lite.train import build_dataset
+
+    tok, image_processor = load_tokenizer_and_processor(str(base))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    ds, _ = build_dataset(recipe, tok, image_processor, AutoConfig.from_pretrained(str(base)), Path(out))
+    return [int(x) for x in ds.lengths]
+
+
+def grouped_stock(trainer_cls, lengths: list[int], seed: int):
+    """The stock trainer sampling length-grouped batches: the same sampler and seed as ours, so both sides train on
+    the same batches and any difference is per-step cost."""
+    from qilin_lite.train import EpochGroupedSampler
+
+    class GroupedStock(trainer_cls):
+        def _get_train_sampler(self, train_dataset=None):
+            return EpochGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                       lengths, seed)
+
+    return GroupedStock
 
 
 def profile_ours(stage: str, base: Path, data: dict, out: Path, s: Settings, top: int = 15) -> str:

@@ -95,9 +95,25 @@ def test_overhead_benchmark_splits_a_step(capsys):
     from benchmarks import overhead
 
     r = overhead.main(["--quick"])
-    for name in ("lean", "trl"):
+    assert set(r["runs"]) == {"lean", "trl", "trainer"}
+    for name in ("lean", "trl", "trainer"):
         x = r["runs"][name]
         # each part measured, none counted twice ("other" is what is left, so overlapping parts make it negative)
         assert x["forward_loss_s"] > 0 and x["backward_s"] > 0 and x["optimizer_s"] > 0 and x["data_wait_s"] > 0
         assert x["other_s"] >= 0 and x["forward_loss_s"] + x["backward_s"] < x["step_s"]
     assert r["bare_step_s"] > 0 and "| bare |" in capsys.readouterr().out
+
+
+def test_host_cost_benchmark_builds_the_recipe_models_on_meta(capsys):
+    """benchmarks/host_cost.py times the Trainer's per-micro-batch module walks against ours on models configured
+    as the recipes configure them; at toy sizes it checks that LoRA multiplies the modules walked and that the
+    per-step figure scales with each recipe's accumulation."""
+    from benchmarks import host_cost
+
+    rows = {r["mode"]: r for r in host_cost.main(["--toy"])}
+    assert rows["lora"]["modules"] == rows["qlora"]["modules"] > 2 * rows["full"]["modules"]
+    for r in rows.values():
+        per = r["per_micro_batch_ms"]
+        assert r["per_step_ms"]["trainer"] == per["trainer"] * host_cost.RECIPE_MICRO_BATCHES[r["mode"]]
+        assert set(r["trainer_ms"]) == set(r["ours_ms"]) == {"model.train()", "floating_point_ops"}
+    assert "| qlora |" in capsys.readouterr().out

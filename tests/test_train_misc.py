@@ -220,3 +220,52 @@ def test_metrics_only_on_logging_steps_train_the_same_weights(tmp_path, align_ru
     for a, b in zip(steps(lean["history"]), steps(full["history"])):
         assert a["num_tokens"] == b["num_tokens"]
         assert "entropy" in a and "mean_token_accuracy" in a
+
+
+def test_host_cuts_train_and_log_as_the_trainers_own_steps(tmp_path, align_run, tiny_data, monkeypatch):
+    """QilinTrainer skips the Trainer's per-micro-batch module walks (model.train(), the FLOPs count) and keeps its
+    NaN/inf filter of the logged loss on the device. Against the Trainer's own methods, with LoRA dropout on (so a
+    model left in eval mode after an evaluation would train other weights), an evaluation mid-run and a NaN loss
+    on one micro-batch: the same weights to the bit, the same logs, the same FLOPs total."""
+    import qilin_lite.train as train_mod
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    ours_cls = train_mod._trainer_class()
+    poisoned = 5  # micro-batch whose loss reads NaN (the gradient is untouched: NaN + loss is constant in NaN)
+
+    def poison(cls):
+        class Poisoned(cls):
+            seen = 0
+
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                Poisoned.seen += model.training
+                return loss + float("nan") if model.training and Poisoned.seen == poisoned else loss
+
+        return Poisoned
+
+    class TrainersOwn(ours_cls):  # the same trainer with the Trainer's own per-micro-batch code
+        train = SFTTrainer.train
+        training_step = SFTTrainer.training_step
+        floating_point_ops = Trainer.floating_point_ops
+
+    runs = {}
+    for name, cls in (("ours", ours_cls), ("trainer", TrainersOwn)):
+        monkeypatch.setattr(train_mod, "_trainer_class", lambda cls=cls: poison(cls))
+        recipe = tiny_recipe("tune", "lora", tmp_path / name, tiny_data["tune"], tiny_data["images"],
+                             **{"model.from_run": str(align_run), "train.max_steps": 6, "train.logging_steps": 2,
+                                "train.global_batch": 4, "train.per_device_batch": 2, "train.lora_dropout": 0.3,
+                                "data.eval": str(tiny_data["tune"]), "train.eval_steps": 3})
+        out, model = train_mod.train_stage(recipe)
+        runs[name] = (json.loads((out / "log_history.json").read_text(encoding="utf-8")),
+                      {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad})
+    (h_ours, w_ours), (h_trainer, w_trainer) = runs["ours"], runs["trainer"]
+    for k, w in w_trainer.items():
+        assert torch.equal(w, w_ours[k]), k
+    losses = lambda h: [(e["step"], e["loss"]) for e in h if "loss" in e]  # noqa: E731
+    assert losses(h_ours) == losses(h_trainer) and len(losses(h_ours)) == 3
+    assert all(loss == loss for _, loss in losses(h_ours))  # the NaN was filtered, not logged
+    assert [e["eval_loss"] for e in h_ours if "eval_loss" in e] == [e["eval_loss"] for e in h_trainer if "eval_loss" in e]
+    total = lambda h: next(e["total_flos"] for e in h if "total_flos" in e)  # noqa: E731
+    assert total(h_ours) == total(h_trainer) > 0
