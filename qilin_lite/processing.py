@@ -406,14 +406,46 @@ def layout_flops(batches: list[list[int]], sample_lengths: list[list[int]], widt
     return total
 
 
+def grouped_order(lengths, group_size: int, seed: int) -> list[int]:
+    """transformers' length-grouped order (megabatches of similar lengths, the longest batch first), drawn from
+    `seed` alone. `group_size` is what the Trainer passes: per-device batch x accumulation."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return get_length_grouped_indices([int(x) for x in lengths], group_size, generator=g)
+
+
+class EpochGroupedSampler(torch.utils.data.Sampler):
+    """transformers' length-grouped order, drawn from (seed, epoch) alone.
+
+    The stock LengthGroupedSampler draws from the global RNG, whose state at the start of an epoch depends on
+    everything that ran before (dropout, logging, evaluation); a run resumed inside its second epoch then trained on
+    other batches than the uninterrupted run. Here each epoch's order is fixed in advance, so a resume anywhere
+    continues the same sequence of batches. The Trainer (through accelerate) calls `set_epoch` every epoch."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        self.batch_size, self.lengths, self.seed, self.epoch = batch_size, lengths, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        return iter(grouped_order(self.lengths, self.batch_size, self.seed + self.epoch))
+
+
 def choose_packing(lengths, batch_size: int, max_length: int, attention: str, text_config, seed: int = 0,
-                   grouped: bool = True) -> PackingChoice:
+                   grouped: bool = True, accumulation: int = 1) -> PackingChoice:
     """Rows for `--packing` that never cost more than training unpacked.
 
     With flash-attention 2 (variable-length) packing saves the padding and costs no attention: rows of max_length.
     Without it every packed row pays full L x L attention, so longer rows trade padding saved for attention spent:
     the row length with the least estimated work wins among max_length and shorter candidates, and packing is left
-    off when no row length beats the unpacked batches (length-grouped or random, as the run samples them)."""
+    off when no row length beats the unpacked batches (length-grouped or random, as the run samples them; grouped
+    in the training sampler's own order, over per-device batch x `accumulation`)."""
     lengths = [int(x) for x in lengths]
     width, ff = int(text_config.hidden_size), int(text_config.intermediate_size)
     heads = int(text_config.num_attention_heads)
@@ -422,11 +454,7 @@ def choose_packing(lengths, batch_size: int, max_length: int, attention: str, te
 
     def epoch_batches(row_lengths: list[int]) -> list[list[int]]:
         if grouped:
-            from transformers.trainer_pt_utils import get_length_grouped_indices
-
-            g = torch.Generator()
-            g.manual_seed(seed)
-            order = get_length_grouped_indices(row_lengths, batch_size, generator=g)
+            order = grouped_order(row_lengths, batch_size * accumulation, seed)
         else:
             order = torch.randperm(len(row_lengths), generator=torch.Generator().manual_seed(seed)).tolist()
         return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

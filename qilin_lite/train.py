@@ -36,6 +36,7 @@ from .model import (
 )
 from .processing import (
     Collator,
+    EpochGroupedSampler,
     ImageLoader,
     PackedDataset,
     VisionTextDataset,
@@ -261,31 +262,6 @@ def _check_records(recipe: Recipe, source, tokenizer, template, layout, out: Pat
     if not records:
         raise UserError(f"{source}: every record was rejected; see {out / 'rejects.jsonl'}")
     return records, lengths, rejects
-
-
-class EpochGroupedSampler(torch.utils.data.Sampler):
-    """transformers' length-grouped order, drawn from (seed, epoch) alone.
-
-    The stock LengthGroupedSampler draws from the global RNG, whose state at the start of an epoch depends on
-    everything that ran before (dropout, logging, evaluation); a run resumed inside its second epoch then trained on
-    other batches than the uninterrupted run. Here each epoch's order is fixed in advance, so a resume anywhere
-    continues the same sequence of batches. The Trainer (through accelerate) calls `set_epoch` every epoch."""
-
-    def __init__(self, batch_size: int, lengths: list[int], seed: int):
-        self.batch_size, self.lengths, self.seed, self.epoch = batch_size, lengths, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
-        from transformers.trainer_pt_utils import get_length_grouped_indices
-
-        g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
 
 
 COMPLETE = ".qilin-complete"  # written into a checkpoint once everything in it is on disk
@@ -677,7 +653,8 @@ def train_stage(recipe: Recipe, *, resume: bool = False):
     elif recipe.data.packing:
         packing = choose_packing(dataset.lengths, tr.per_device_batch, recipe.data.max_length,
                                  model.config._attn_implementation or "sdpa", model.config.get_text_config(),
-                                 seed=tr.seed, grouped=recipe.data.group_by_length)
+                                 seed=tr.seed, grouped=recipe.data.group_by_length,
+                                 accumulation=tr.grad_accum(world_size()))
         (log.info if packing.row_length == recipe.data.max_length else log.warning)("--packing: %s", packing.reason)
         if packing.row_length is not None:
             dataset = PackedDataset(dataset, packing.row_length)

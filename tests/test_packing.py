@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from qilin_lite.processing import IGNORE, Collator, pack
@@ -143,3 +144,25 @@ def test_packing_decision_is_in_the_summary(tmp_path, tiny_base, tiny_data):
     # declined: one sample per row; chosen: fewer rows than samples, and never more estimated work than unpacked
     assert (summary["rows"] == summary["samples"]) == (p["row_length"] is None)
     assert p["work_vs_unpacked"] <= 1.0
+
+
+def test_packing_estimate_batches_as_the_training_sampler_does():
+    """The estimate's unpacked batches are the ones the run's sampler yields (grouped over per-device batch x
+    accumulation, the same seed), not a finer grouping of its own."""
+    from qilin_lite.processing import EpochGroupedSampler, choose_packing, layout_flops, pack
+
+    rng = np.random.default_rng(2)
+    lengths = (576 + rng.lognormal(4.0, 0.8, 600)).astype(int).tolist()
+    cfg = _cfg(256, 512)
+    batch, accumulation, seed = 4, 8, 3
+
+    def work(order, per_row):
+        return layout_flops([order[i:i + batch] for i in range(0, len(order), batch)], per_row, 256, 512, 256, True)
+
+    unpacked = work(list(EpochGroupedSampler(batch * accumulation, lengths, seed)), [[n] for n in lengths])
+    rows = [[lengths[i] for i in r] for r in pack(lengths, 2048)]
+    packed = work(list(EpochGroupedSampler(batch * accumulation, [sum(r) for r in rows], seed)), rows)
+    c = choose_packing(lengths, batch, 2048, "flash_attention_2", cfg, seed=seed, accumulation=accumulation)
+    assert c.work_vs_unpacked == pytest.approx(packed / unpacked, rel=1e-12)
+    finer = choose_packing(lengths, batch, 2048, "flash_attention_2", cfg, seed=seed)
+    assert finer.work_vs_unpacked != c.work_vs_unpacked  # the grouping granularity matters to the estimate
