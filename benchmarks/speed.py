@@ -9,7 +9,8 @@ Out: per run, a `Probe` with the wall time of the training loop, the time spent 
 - stock: what a trl user writes: `SFTTrainer(model, SFTConfig(...), train_dataset=messages+images dataset,
          processing_class=LlavaProcessor)`, so trl's `DataCollatorForVisionLanguageModeling` tokenizes, expands
          `<image>` and processes images per batch, and the Trainer samples at random. Same model (loaded and frozen
-         by the same `load_llava` + `configure`), same chat template, batch, learning rate, schedule and workers.
+         by the same `load_llava` + `configure`), same chat template, batch, learning rate, schedule, optimizer,
+         clipping and workers.
 
 Timing: the loop runs from `on_train_begin` to the last `on_step_end` (setup before it and the final checkpoint
 after it are not timed).
@@ -239,6 +240,8 @@ def run_stock(stage: str, base: Path, data: dict, out: Path, s: Settings, num_wo
         lr_scheduler_type=tr.scheduler,
         warmup_steps=tr.warmup_ratio,
         weight_decay=tr.weight_decay,
+        optim=tr.optim,  # the recipe's (the authors' adamw_torch): SFTConfig's default is the fused AdamW
+        max_grad_norm=tr.max_grad_norm,
         bf16=False,
         activation_checkpointing=False,
         logging_steps=tr.logging_steps,
