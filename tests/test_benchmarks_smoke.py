@@ -86,6 +86,8 @@ def test_gpu_benchmark_runs_at_toy_sizes():
     for r in rows:
         assert "error" not in r, r
         assert r["tokens_per_s"] > 0 and r["positions"] == 96 + 16 - 1 and r["planned_bytes"] > 0
+        # the accumulated step with the Trainer's per-micro-batch host work, and with ours
+        assert r["habits_micro_batches"] == 8 and r["habits_trainer_step_s"] > 0 and r["habits_ours_step_s"] > 0
     # QLoRA and LoRA train the same adapters and projector
     assert rows[0]["trained_params"] == rows[1]["trained_params"]
 
