@@ -280,7 +280,7 @@ def sample_lengths(recipe, base: Path, out: Path) -> list[int]:
 def grouped_stock(trainer_cls, lengths: list[int], seed: int):
     """The stock trainer sampling length-grouped batches: the same sampler and seed as ours, so both sides train on
     the same batches and any difference is per-step cost."""
-    from qilin_lite.train import EpochGroupedSampler
+    from qilin_lite.processing import EpochGroupedSampler
 
     class GroupedStock(trainer_cls):
         def _get_train_sampler(self, train_dataset=None):
