@@ -102,15 +102,8 @@ def run_case(model_dir: Path, mode: str, attn: str, steps: int, toy: bool) -> di
 
     n_img = (vision["image_size"] // vision["patch_size"]) ** 2
     positions = text + n_img - 1  # the authors' cut: 2048 text ids with the image counted as one
-    ids = torch.randint(3, llm["vocab_size"], (1, positions), device=device)
-    ids[:, 0] = 1
-    ids[:, 1:1 + n_img] = model.config.image_token_id
-    labels = ids.clone()
-    labels[:, :1 + n_img] = -100
-    pixels = torch.randn(1, 3, vision["image_size"], vision["image_size"], device=device, dtype=torch.bfloat16)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, "labels": labels,
-              "use_cache": False}
-    num_items = (labels[:, 1:] != -100).sum()
+    inputs = one_sample(model, llm, vision, positions, device)
+    num_items = (inputs["labels"][:, 1:] != -100).sum()
 
     def step() -> float:
         t = time.perf_counter()
@@ -145,6 +138,21 @@ def run_case(model_dir: Path, mode: str, attn: str, steps: int, toy: bool) -> di
             "trained_params": trained, **habits}
 
 
+def one_sample(model, llm: dict, vision: dict, positions: int, device: str) -> dict:
+    """One sample of `positions` ids: BOS, the image's tokens, random text, every text token supervised."""
+    import torch
+
+    n_img = (vision["image_size"] // vision["patch_size"]) ** 2
+    ids = torch.randint(3, llm["vocab_size"], (1, positions), device=device)
+    ids[:, 0] = 1
+    ids[:, 1:1 + n_img] = model.config.image_token_id
+    labels = ids.clone()
+    labels[:, :1 + n_img] = -100
+    pixels = torch.randn(1, 3, vision["image_size"], vision["image_size"], device=device, dtype=torch.bfloat16)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, "labels": labels,
+            "use_cache": False}
+
+
 def host_habits(model, optimizer, llm: dict, vision: dict, device: str, steps: int, micro: int = 8,
                 text: int = 100) -> dict:
     """An optimizer step of `micro` accumulated tune-shaped micro-batches (one image + `text` ids, the shape of the
@@ -156,14 +164,8 @@ def host_habits(model, optimizer, llm: dict, vision: dict, device: str, steps: i
 
     cuda = device == "cuda"
     n_img = (vision["image_size"] // vision["patch_size"]) ** 2
-    ids = torch.randint(3, llm["vocab_size"], (1, text + n_img), device=device)
-    ids[:, 0] = 1
-    ids[:, 1:1 + n_img] = model.config.image_token_id
-    labels = ids.clone()
-    labels[:, :1 + n_img] = -100
-    pixels = torch.randn(1, 3, vision["image_size"], vision["image_size"], device=device, dtype=torch.bfloat16)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, "labels": labels,
-              "use_cache": False}
+    inputs = one_sample(model, llm, vision, text + n_img, device)
+    labels = inputs["labels"]
     modules = list(model.modules())
     logged = torch.zeros((), device=device)
 
