@@ -38,6 +38,8 @@ GOALS = {
     "speedup": {"align": 1.6, "tune": 1.15},  # ours length-grouped / stock in its default random order
     "grouped_speedup": 1.10,  # ours / stock, both length-grouped on the same batches (issue #13's target)
 }
+# the two sampling orders both sides run in, and where each one's results are kept in results.json["speed"]
+ORDERS = (("random", "stages"), ("grouped", "grouped"))
 README_HEADING = "## Training path: ours vs stock trl"
 README_START, README_END = "<!-- training-path:start -->", "<!-- training-path:end -->"
 
@@ -201,7 +203,7 @@ def part_speed(plan: Plan, work: Path, echo) -> dict:
     echo(f"model: Llava, LLM hidden {size.hidden} x {size.layers} layers, "
          f"{(size.image_size // size.patch_size) ** 2} image tokens; float32, CPU")
 
-    orders = ("random", "grouped")  # both sides in the paper's random order; both length-grouped (same batches)
+    orders = [o for o, _ in ORDERS]  # both sides in the paper's random order; both length-grouped (same batches)
     runs: dict = {o: {st: {"ours": [], "stock": []} for st in ("align", "tune")} for o in orders}
     k = 0
 
@@ -232,7 +234,7 @@ def part_speed(plan: Plan, work: Path, echo) -> dict:
 
     result = {"model": asdict(size), "records": plan.speed_records, "batch": plan.speed_batch,
               "rounds": plan.rounds, "stages": {}, "grouped": {}}
-    for o, key in (("random", "stages"), ("grouped", "grouped")):
+    for o, key in ORDERS:
         for st in ("align", "tune"):
             result[key][st] = compare(runs[o][st]["ours"], runs[o][st]["stock"])
     # what turning grouping on buys against stock's default order: the goals this benchmark was written for
@@ -242,14 +244,14 @@ def part_speed(plan: Plan, work: Path, echo) -> dict:
             o["samples_per_s"] / s["samples_per_s"] for o, s in zip(ours, stock))
     echo(f"{'order':7s} {'stage':6s} {'batch':>5s} {'ours/s':>7s} {'stock/s':>7s} {'ratio':>6s} {'cpu':>6s} "
          f"{'tokens':>6s}  (median of rounds; cpu = ratio by CPU time; tokens = stock/ours padded tokens per step)")
-    for o, key in (("random", "stages"), ("grouped", "grouped")):
+    for o, key in ORDERS:
         for st, r in result[key].items():
             echo(f"{o:7s} {st:6s} {plan.speed_batch[st]:5d} {r['ours_samples_per_s']:7.2f} "
                  f"{r['stock_samples_per_s']:7.2f} {r['ratio_median']:6.2f} {r['cpu_time_ratio_median']:6.2f} "
                  f"{r['padded_token_ratio']:6.2f}")
     echo("step time by part, seconds per optimizer step (median): data wait / forward + loss / backward / optimizer "
          "/ other = step")
-    for o, key in (("random", "stages"), ("grouped", "grouped")):
+    for o, key in ORDERS:
         for st, r in result[key].items():
             for side in ("ours", "stock"):
                 b = r[f"{side}_breakdown_s"]
@@ -264,7 +266,7 @@ def part_speed(plan: Plan, work: Path, echo) -> dict:
         goal = GOALS["grouped_speedup"]
         checks.append((f"{st}: ours / stock, both length-grouped {r['ratio_median']:.2f} >= {goal} (rounds: "
                        f"{', '.join(f'{x:.2f}' for x in r['ratios'])})", r["ratio_median"] >= goal))
-    for o, key in (("random", "stages"), ("grouped", "grouped")):
+    for o, key in ORDERS:
         for st, r in result[key].items():
             echo(f"data wait, {o} {st}: ours {r['ours_data_wait']:.3f}, stock {r['stock_data_wait']:.3f} of the loop "
                  f"(DataLoader workers: {speed.Settings(batch=1).num_workers} both)")
@@ -438,7 +440,7 @@ def readme_section(results: dict) -> str:
             "| padded tokens stock / ours | real tokens ours / stock | data wait ours / stock | goal |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for order, key in (("random", "stages"), ("grouped", "grouped")):
+        for order, key in ORDERS:
             for st, r in sp.get(key, {}).items():
                 goal = f">= {GOALS['grouped_speedup']}: {verdict(r['ratio_median'] >= GOALS['grouped_speedup'])}" \
                     if order == "grouped" else ""
@@ -459,7 +461,7 @@ def readme_section(results: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|"]
         from benchmarks.speed import PARTS
 
-        for order, key in (("random", "stages"), ("grouped", "grouped")):
+        for order, key in ORDERS:
             for st, r in sp.get(key, {}).items():
                 for side in ("ours", "stock"):
                     b = r.get(f"{side}_breakdown_s")

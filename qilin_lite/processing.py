@@ -413,7 +413,7 @@ def grouped_order(lengths, group_size: int, seed: int) -> list[int]:
 
     g = torch.Generator()
     g.manual_seed(seed)
-    return get_length_grouped_indices([int(x) for x in lengths], group_size, generator=g)
+    return get_length_grouped_indices(lengths, group_size, generator=g)
 
 
 class EpochGroupedSampler(torch.utils.data.Sampler):
@@ -473,7 +473,7 @@ def choose_packing(lengths, batch_size: int, max_length: int, attention: str, te
     longest = max(lengths)
     top = max(max_length, longest)  # the authors' cut counts an image as one id: a sample can exceed max_length
     candidates = sorted({top, *range(longest, top, max(1, (top - longest) // 16))})
-    work = {c: packed_work(c) / unpacked for c in candidates}
+    work = {c: at_max if c == max_length else packed_work(c) / unpacked for c in candidates}  # max_length: known
     best = min(work, key=lambda c: (work[c], -c))
     if work[best] > 1.0 - PACKING_MIN_GAIN:
         return PackingChoice(None, attention, 1.0, at_max, (
