@@ -220,7 +220,9 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 def gguf_chat_template(system: str) -> str:
     """vicuna_v1 as training rendered it, for llama.cpp: images arrive as mtmd's marker in the text (llama-server
     turns image parts into marker text, llama-mtmd-cli appends the marker to the prompt); a turn with one image gets
-    it at its front, a newline, and the text stripped: the authors' placement (conversation.place_image).
+    it at its front, a newline, and the text stripped: the authors' placement (conversation.place_image). An earlier
+    answer that a client sends back with the space the model generated first (llama-server's replies start with it)
+    gets no second space after `ASSISTANT:`.
 
     Kept under 1024 bytes: llama-cpp-python 0.3 reads metadata strings through a 1024-byte buffer, and a longer
     template reaches its jinja parser cut off, which fails loading the model. Literal spaces are expressions, as
@@ -236,7 +238,7 @@ def gguf_chat_template(system: str) -> str:
         "{% if x['role'] == 'user' %}{{ 'USER: ' }}"
         f"{{% if c.split('{m}') | length == 2 %}}{{{{ ('{m}\\n' + c.replace('{m}', '').strip()).strip() }}}}"
         "{% else %}{{ c }}{% endif %}{{ ' ' }}"
-        "{% else %}{{ 'ASSISTANT: ' + c + '</s>' }}{% endif %}"
+        "{% else %}{{ 'ASSISTANT:' + ('' if c.startswith(' ') else ' ') + c + '</s>' }}{% endif %}"
         "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
     )
     if len(t.encode()) >= 1024:

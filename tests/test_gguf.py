@@ -92,6 +92,10 @@ def test_gguf_template_places_the_image_as_training_did(content):
     got2 = env.from_string(gguf_chat_template(t.system)).render(
         messages=history, add_generation_prompt=True)
     assert got2 == want2.replace("<image>", MARKER)
+    # the earlier answer as llama-server returned it, with the space generated after "ASSISTANT:": one space, not two
+    history[1]["content"] = " 答一"
+    got3 = env.from_string(gguf_chat_template(t.system)).render(messages=history, add_generation_prompt=True)
+    assert got3 == got2
 
 
 # ---------------------------------------------------------------- the template Ollama renders
