@@ -61,6 +61,17 @@ def test_unknown_llm_family_is_refused(full_run, tmp_path):
 # ---------------------------------------------------------------- the template llama.cpp renders
 
 
+def training_prompt(messages: list[dict], image_text: str, system: str | None = None) -> str:
+    """The prompt training rendered for `messages` (an image written `<image>` where the user put it), up to where the
+    assistant speaks next, with the image shown as `image_text`: the exported templates' target. `render` and
+    `place_image` are held to the authors' prompt ids by tests/test_paper_fidelity.py."""
+    from qilin_lite.conversation import get_template, place_image, render
+
+    t = get_template("vicuna_v1")
+    msgs = place_image([{"role": "system", "content": t.system if system is None else system}, *messages], t)
+    return render(msgs, t, add_generation_prompt=msgs[-1]["role"] == "user").text.replace("<image>", image_text)
+
+
 @pytest.mark.parametrize("content", [
     "图像属于哪种影像模态？" + MARKER,  # llama-mtmd-cli: the marker after the prompt
     MARKER + "图像属于哪种影像模态？",
@@ -72,12 +83,11 @@ def test_gguf_template_places_the_image_as_training_did(content):
     """Wherever the request puts the image, the prompt is the one training rendered (image first, newline)."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    from qilin_lite.conversation import get_template, place_image, render
+    from qilin_lite.conversation import get_template
     from qilin_lite.export import gguf_chat_template
 
     t = get_template("vicuna_v1")
-    want = render(place_image([{"role": "user", "content": "图像属于哪种影像模态？<image>"}], t), t,
-                  add_generation_prompt=True).text.replace("<image>", MARKER)
+    want = training_prompt([{"role": "user", "content": "图像属于哪种影像模态？<image>"}], MARKER)
     assert len(gguf_chat_template(t.system).encode()) < 1024  # llama-cpp-python's metadata buffer
     # rendered as transformers and llama-cpp-python render chat templates
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -87,11 +97,11 @@ def test_gguf_template_places_the_image_as_training_did(content):
     # a later turn: the earlier answer ends with </s>, as in training
     history = [{"role": "user", "content": MARKER + "问题一"}, {"role": "assistant", "content": "答一"},
                {"role": "user", "content": "问题二"}]
-    want2 = render([{"role": "user", "content": "<image>\n问题一"}, {"role": "assistant", "content": "答一"},
-                    {"role": "user", "content": "问题二"}], t, add_generation_prompt=True).text
+    want2 = training_prompt([{"role": "user", "content": "<image>\n问题一"}, {"role": "assistant", "content": "答一"},
+                             {"role": "user", "content": "问题二"}], MARKER)
     got2 = env.from_string(gguf_chat_template(t.system)).render(
         messages=history, add_generation_prompt=True)
-    assert got2 == want2.replace("<image>", MARKER)
+    assert got2 == want2
     # the earlier answer as llama-server returned it, with the space generated after "ASSISTANT:": one space, not two
     history[1]["content"] = " 答一"
     got3 = env.from_string(gguf_chat_template(t.system)).render(messages=history, add_generation_prompt=True)
@@ -183,10 +193,9 @@ def modelfile_value(modelfile: str, command: str) -> str:
 
 def test_ollama_template_renders_what_training_did(tmp_path):
     """Ollama's prompt for the exported model is the text training rendered, the image tag where the image was."""
-    from qilin_lite.conversation import VICUNA_SYSTEM, get_template, place_image, render
+    from qilin_lite.conversation import VICUNA_SYSTEM
     from qilin_lite.export import ollama_modelfile
 
-    t = get_template("vicuna_v1")
     modelfile = ollama_modelfile("tune-f16.gguf", "mmproj-tune-f16.gguf", VICUNA_SYSTEM)
     template, system = modelfile_value(modelfile, "TEMPLATE"), modelfile_value(modelfile, "SYSTEM")
     assert system == VICUNA_SYSTEM and ".Messages" in template  # `.Messages`: Ollama takes its messages path
@@ -203,11 +212,9 @@ def test_ollama_template_renders_what_training_did(tmp_path):
         return {"System": sys_prompt, "Messages": [{"Role": m["role"], "Content": m["content"],
                                                     "Images": m.get("images", 0)} for m in lead + messages]}
 
-    def trained(messages, sys_prompt=system):
-        # the same conversation as a training record, its image placed as the authors' code placed it
-        msgs = [{"role": m["role"], "content": m["content"].replace(TAG, "<image>")} for m in messages]
-        msgs = place_image([{"role": "system", "content": sys_prompt}] + msgs, t)
-        return render(msgs, t, add_generation_prompt=msgs[-1]["role"] == "user").text.replace("<image>", TAG)
+    def trained(messages, sys_prompt=system):  # the same conversation as training rendered it
+        return training_prompt([{"role": m["role"], "content": m["content"].replace(TAG, "<image>")}
+                                for m in messages], TAG, sys_prompt)
 
     TAG = "[img-0]"
     convs = [
@@ -218,7 +225,7 @@ def test_ollama_template_renders_what_training_did(tmp_path):
     ]
     cases = [case(c) for c in convs] + [case(convs[0], sys_prompt="")]
     wants = [trained(c) for c in convs] + [trained(convs[0], sys_prompt="")]
-    wants[2] = wants[2].replace(":  答一", ": 答一")  # training's one space, not two
+    wants[2] = trained([user(TAG + "问题一", 1), bot("答一"), user("问题二")])  # training's one space, not two
     # left as Ollama builds them: two images (training had one; no placement rule), a tag counted past 9, an image
     # alone
     cases += [case([user("[img-0][img-1]比较两图", 2)]), case([user("[img-12]问题", 1)]), case([user(TAG, 1)])]
