@@ -129,7 +129,7 @@ class LlamaCppLlava:
 
 def padded_images(run_dir: Path, heldout: list[dict], image_folder: Path, dest: Path) -> dict[str, Path]:
     """Each held-out image as `qilin-lite image --model RUN` writes it (the run's squaring rule), by name."""
-    from qilin_lite.chat import prepare_image
+    from qilin_lite.image import prepare_image
 
     out = {}
     for r in heldout:
@@ -150,9 +150,9 @@ def names_only(answer: str, record: dict) -> bool:
 
 def chat_answers(run_dir: Path, heldout: list[dict], images: dict[str, Path], max_new_tokens: int = 32) -> list[str]:
     """`qilin-lite chat --temperature 0` on the same PNGs (its Generator, float32)."""
-    from qilin_lite.generate import generator_for
+    from qilin_lite.generate import load_generator
 
-    gen = generator_for(str(run_dir), dtype="float32", max_new_tokens=max_new_tokens, temperature=0.0, attn="sdpa")
+    gen, _ = load_generator(str(run_dir), dtype="float32", max_new_tokens=max_new_tokens, temperature=0.0, attn="sdpa")
     # chat puts the image at the front of the first turn: `<image>\n` + question
     return [gen.answer([str(images[r["image"]])], "<image>\n" + question(r)) for r in heldout]
 

@@ -87,19 +87,13 @@ def child(mode: str, base: str, data: str, images: str, out: str, hidden: int, s
         def on_train_end(self, args, state, control, **kw):
             kb["train_peak"] = _status_kb("VmHWM")
 
-    original = train_mod._trainer_class
+    from qilin_lite.trainer import QilinTrainer
 
-    def with_callback():
-        cls = original()
+    class Measured(QilinTrainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.add_callback(PeakDuringTraining())
 
-        class Measured(cls):
-            def __init__(self, *a, **k):
-                super().__init__(*a, **k)
-                self.add_callback(PeakDuringTraining())
-
-        return Measured
-
-    train_mod._trainer_class = with_callback
     _load_weights_into_memory()
     overrides = [
         "train.deepspeed=", "model.dtype=float32", "model.attn=sdpa", "train.bf16=false", "train.tf32=false",
@@ -110,7 +104,7 @@ def child(mode: str, base: str, data: str, images: str, out: str, hidden: int, s
     recipe = load_recipe(REPO_RECIPES / RECIPE[mode], overrides, output_dir=out,
                          **{"model.base": base, "data.train": data, "data.image_folder": images})
     r = recipe.train.lora_r = max(4, round(recipe.train.lora_r * hidden / REAL_HIDDEN))
-    train_mod.train_stage(recipe)
+    train_mod.train_stage(recipe, trainer_cls=Measured)
     mb = {k: round(v / 1024, 1) for k, v in kb.items()}
     return {
         "mode": mode,

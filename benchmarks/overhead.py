@@ -66,13 +66,10 @@ def train_once(base: Path, data: dict, out: Path, *, run: str, steps: int, accum
         f"train.lean_metrics={str(lean).lower()}",
     ], output_dir=str(out), **{"model.base": str(base), "data.train": str(data["tune"]),
                                "data.image_folder": str(data["images"])})
-    original = train_mod._trainer_class
-    trainer_cls = (lambda: trainers_own(original())) if run == "trainer" else original
-    train_mod._trainer_class = lambda: instrumented(trainer_cls(), clock)
-    try:
-        _, model = train_mod.train_stage(recipe)
-    finally:
-        train_mod._trainer_class = original
+    from qilin_lite.trainer import QilinTrainer
+
+    trainer_cls = trainers_own(QilinTrainer) if run == "trainer" else QilinTrainer
+    _, model = train_mod.train_stage(recipe, trainer_cls=instrumented(trainer_cls, clock))
     return clock, model
 
 

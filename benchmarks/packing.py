@@ -40,13 +40,10 @@ def run_one(base: Path, data: dict, out: Path, *, attn: str, grouped: bool, layo
     recipe = load_recipe(REPO_RECIPES / "qilin-med-vl/tune-full.yaml", sets, output_dir=str(out),
                          **{"model.base": str(base), "data.train": str(data["tune"]),
                             "data.image_folder": str(data["images"])})
+    from qilin_lite.trainer import QilinTrainer
+
     probe = Probe()
-    original = train_mod._trainer_class
-    train_mod._trainer_class = lambda: instrumented(original(), probe)
-    try:
-        done, _ = train_mod.train_stage(recipe)
-    finally:
-        train_mod._trainer_class = original
+    done, _ = train_mod.train_stage(recipe, trainer_cls=instrumented(QilinTrainer, probe))
     summary = json.loads((Path(done) / "train_summary.json").read_text(encoding="utf-8"))
     return {"samples_per_s": summary["samples"] / probe.loop_s, "rows": summary["rows"],
             "samples": summary["samples"], "packing": summary.get("packing")}

@@ -85,12 +85,13 @@ def align(
         typer.echo(f"align done: {done}  (next: qilin-lite tune --from {done} --qlora ...)")
 
 
-def _run(recipe, resume: bool):
-    """Train; a SIGTERM stop (checkpoint written) is a clean exit 0 with the line saying how to go on."""
+def _run(recipe, resume: bool, trainer_cls=None):
+    """Train; a SIGTERM stop (checkpoint written) is a clean exit 0 with the line saying how to go on.
+    `trainer_cls`: a QilinTrainer subclass (tests that stop a run part-way); None: QilinTrainer."""
     from .train import Stopped, run_stage
 
     try:
-        return run_stage(recipe, resume=resume)
+        return run_stage(recipe, resume=resume, **({"trainer_cls": trainer_cls} if trainer_cls else {}))
     except Stopped as e:
         if _main_process():
             typer.echo(str(e), err=True)
@@ -163,10 +164,11 @@ def demo(
 
 
 def _register_extensions() -> None:
-    """Commands that live beside their code (chat, merge, convert, export, eval, data, plan, web) add themselves here."""
+    """Commands that live beside their code (chat, image, web, merge, convert, export, eval, data, plan) add
+    themselves here."""
     import importlib
 
-    for name in ("chat", "merge", "convert", "export", "evaluate", "datacli", "plan", "web"):
+    for name in ("image", "chat", "merge", "convert", "export", "eval.cli", "data.cli", "plan.cli", "web"):
         try:
             mod = importlib.import_module(f".{name}", __package__)
         except ModuleNotFoundError as e:

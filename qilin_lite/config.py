@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .stages import MODES, llm_bits
+
 
 def _recipes_dir() -> Path:
     """The recipes shipped inside an installed package (qilin_lite/recipes), else the clone's top-level recipes/."""
@@ -119,8 +121,8 @@ class TrainSection:
     fsdp: str | None = None  # instead of DeepSpeed: full_shard (like ZeRO-3) | shard_grad_op (like ZeRO-2), "+ offload"
 
     def __post_init__(self):
-        if self.mode not in ("align", "lora", "qlora", "full"):
-            raise UserError(f"train.mode must be align, lora, qlora or full, not '{self.mode}'")
+        if self.mode not in MODES:
+            raise UserError(f"train.mode must be {', '.join(MODES[:-1])} or {MODES[-1]}, not '{self.mode}'")
         if self.global_batch < 1 or self.per_device_batch < 1:
             raise UserError("train.global_batch and train.per_device_batch must be at least 1")
         if not 0 <= self.warmup_ratio < 1:
@@ -180,6 +182,11 @@ class Recipe:
     def image_mode(self) -> str:
         return self.data.image_mode or ("crop" if self.stage == "align" else "pad")
 
+    @property
+    def llm_bits(self) -> int | None:
+        """4 when the LLM is loaded in NF4 (qlora, or align with model.load_4bit), else None."""
+        return llm_bits(self.train.mode, self.model.load_4bit)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -194,7 +201,7 @@ class Recipe:
         if self.train.fsdp:
             if self.train.deepspeed:
                 raise UserError("train.fsdp and train.deepspeed both set; pick one way to shard the model")
-            if self.train.mode == "qlora" or self.model.load_4bit:
+            if self.llm_bits:
                 raise UserError("train.fsdp does not shard 4-bit weights here; QLoRA fits one GPU (drop train.fsdp) "
                                 "or use --lora / --full with FSDP")
         if not self.data.train:
@@ -202,6 +209,18 @@ class Recipe:
         if not self.output_dir:
             raise UserError("no output directory: pass --out DIR")
         return self
+
+
+def deepspeed_path(name: str | None) -> str | None:
+    """The DeepSpeed JSON a recipe names (None: no DeepSpeed). Recipes name shipped files relative to the
+    repository (`recipes/deepspeed/zero3.json`); that works from any working directory and in an installed
+    package, where recipes/ ships as qilin_lite/recipes."""
+    if not name:
+        return None
+    for p in (Path(name), REPO_RECIPES.parent / name):
+        if p.is_file():
+            return str(p)
+    raise UserError(f"{name}: DeepSpeed config not found; give a path that exists (shipped: recipes/deepspeed/)")
 
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection}

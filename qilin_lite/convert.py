@@ -248,7 +248,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, vision_tower: str | 
     from transformers import CLIPVisionModel, GenerationConfig, LlavaConfig
 
     from .conversation import IMAGE_TOKEN
-    from .model import RunInfo, _friendly_load, load_image_processor, load_tokenizer, save_processor, torch_dtype
+    from .model import RunInfo, friendly_load, load_image_processor, load_tokenizer, save_processor, torch_dtype
 
     vision = vision_tower or cfg.get("mm_vision_tower")
     if not vision:
@@ -269,7 +269,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, vision_tower: str | 
         log.warning("config says mm_projector_type %s but the weights are %s; following the weights",
                     declared, projector)
 
-    vision_model = _friendly_load(CLIPVisionModel.from_pretrained, vision, "vision tower (CLIP)", dtype=dt,
+    vision_model = friendly_load(CLIPVisionModel.from_pretrained, vision, "vision tower (CLIP)", dtype=dt,
                                   use_safetensors=None if allow_pickle else True)
     image_processor = load_image_processor(vision)
     if vision_model.config.hidden_size != cfg["mm_hidden_size"]:

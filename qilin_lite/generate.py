@@ -1,4 +1,5 @@
-"""Model + images + conversation -> answer text. Shared by chat, eval and the demo.
+"""Model directory -> `Generator`; model + images + conversation -> answer text. Shared by chat, web, eval
+and the demo: `load_generator` is the one place inference loads a model.
 
 The prompt is rendered by the same template code training used (`render(..., add_generation_prompt=True)`)
 and image tokens are expanded by the same function, so inference sees exactly the prefix training saw.
@@ -8,12 +9,14 @@ Batches pad on the left so every prompt ends where generation starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .conversation import Template, place_image, render
-from .processing import ImageLoader, TokenLayout, _expand_images, text_ids
+from .errors import UserError
+from .processing import ImageLoader, TokenLayout, expand_images, text_ids
 
 
 @dataclass
@@ -35,7 +38,7 @@ class Generator:
         LLaMA SentencePiece tokenizers), ending where the assistant speaks; images expanded."""
         text = render(place_image(messages, self.template), self.template, add_generation_prompt=True).text
         ids = np.asarray(text_ids(text, self.tokenizer, self.template, self.layout.image_token_id), dtype=np.int64)
-        ids, _ = _expand_images(ids, np.zeros_like(ids), self.layout)
+        ids, _ = expand_images(ids, np.zeros_like(ids), self.layout)
         return ids
 
     @torch.inference_mode()
@@ -79,14 +82,51 @@ class Generator:
         return self.generate([msgs], [images])[0]
 
 
-def generator_for(model_dir: str, *, bits: int | None = None, dtype: str = "float32", max_new_tokens: int = 512,
-                  temperature: float = 0.0, attn: str = "auto") -> Generator:
-    """Load any model directory qilin-lite accepts and return a ready Generator with the run's template."""
+def load_generator(model: str, *, adapter: str | None = None, bits: int | None = None, dtype: str | None = None,
+                   temperature: float = 0.2, max_new_tokens: int = 512, attn: str = "auto"):
+    """Any model directory qilin-lite accepts (+ a peft adapter) -> (a ready `Generator` using the template saved
+    with the weights, its RunInfo). The one loader chat, web, eval and the demo share."""
     from .conversation import get_template
     from .model import load_run, token_layout
 
-    model, tok, ip, info = load_run(model_dir, bits=bits, dtype=dtype, attn=attn)
-    model.eval()
-    layout = token_layout(model.config, max_length=10**9)
-    return Generator(model, tok, ImageLoader(ip, info.image_mode), get_template(info.template), layout,
-                     max_new_tokens=max_new_tokens, temperature=temperature)
+    if temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0 = greedy), not {temperature}")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, not {max_new_tokens}")
+    p = Path(model)
+    if not p.exists() and (str(model).startswith((".", "/", "~")) or str(model).count("/") > 1):
+        raise UserError(f"{model}: model directory not found; pass a run directory or a hub id")
+    model_obj, tok, ip, info = load_run(model, bits=bits, dtype=dtype or default_dtype(), attn=attn)
+    if adapter:
+        model_obj, info = _apply_adapter(model_obj, info, Path(adapter))
+    if bits is None and torch.cuda.is_available():
+        model_obj.to("cuda")  # quantized models are placed on the GPU by from_pretrained already
+    model_obj.eval()
+    layout = token_layout(model_obj.config, max_length=10**9)
+    generator = Generator(model_obj, tok, ImageLoader(ip, info.image_mode), get_template(info.template), layout,
+                          max_new_tokens=max_new_tokens, temperature=temperature)
+    return generator, info
+
+
+def default_dtype() -> str:
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"  # CPU half precision is slow and gains nothing at inference
+
+
+def _apply_adapter(model, info, adapter: Path):
+    from peft import PeftModel
+
+    from .model import RunInfo
+
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"{adapter}: no adapter_config.json; --adapter takes a peft adapter directory "
+                        "(a lora/qlora run)")
+    if isinstance(model, PeftModel):
+        raise UserError(
+            f"--model is a {info.kind} run that already carries an adapter; pass {adapter} as --model on its own, "
+            "or merge the first one (`qilin-lite merge`) and use the merged directory as --model"
+        )
+    model = PeftModel.from_pretrained(model, str(adapter))
+    own = RunInfo.load(adapter)  # a qilin-lite run carries the template it was trained with
+    return model, (own if own is not None else info)

@@ -32,7 +32,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, g
 from pydicom.pixels import pixel_array as dicom_pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from qilin_lite.errors import UserError
+from .errors import UserError
 
 PathType = str | PathLike
 

@@ -116,7 +116,7 @@ def _pretrained_kwargs(trust_remote_code: bool, allow_pickle: bool) -> dict:
     return {"trust_remote_code": trust_remote_code, "use_safetensors": None if allow_pickle else True}
 
 
-def _friendly_load(fn, source: str, what: str, **kwargs):
+def friendly_load(fn, source: str, what: str, **kwargs):
     try:
         return fn(source, **kwargs)
     except OSError as e:
@@ -160,8 +160,8 @@ def assemble_base(
     dt = torch_dtype(dtype)
     tok = load_tokenizer(llm, "LLM tokenizer", trust_remote_code=trust_remote_code)
     image_processor = load_image_processor(vision)
-    vision_model = _friendly_load(CLIPVisionModel.from_pretrained, vision, "vision encoder", dtype=dt, **kw)
-    lm = _friendly_load(AutoModelForCausalLM.from_pretrained, llm, "LLM", dtype=dt, **kw)
+    vision_model = friendly_load(CLIPVisionModel.from_pretrained, vision, "vision encoder", dtype=dt, **kw)
+    lm = friendly_load(AutoModelForCausalLM.from_pretrained, llm, "LLM", dtype=dt, **kw)
 
     if IMAGE_TOKEN not in tok.get_vocab():
         tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
@@ -251,7 +251,7 @@ def load_image_processor(source: str):
     torchvision one whose resizing gives other pixels; the authors' (and so the released weights') are PIL's."""
     from transformers import AutoImageProcessor
 
-    return _friendly_load(AutoImageProcessor.from_pretrained, str(source), "image processor", backend="pil")
+    return friendly_load(AutoImageProcessor.from_pretrained, str(source), "image processor", backend="pil")
 
 
 def load_tokenizer_and_processor(path: str, trust_remote_code: bool = False):
@@ -275,7 +275,7 @@ def load_llava(
     from transformers import LlavaForConditionalGeneration
 
     dt = torch_dtype(dtype)
-    model = _friendly_load(
+    model = friendly_load(
         LlavaForConditionalGeneration.from_pretrained,
         str(path),
         "Llava model",

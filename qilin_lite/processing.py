@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .conversation import IMAGE_TOKEN, Template, check_plain, place_image, render
-from .records import BadRecord, LazyImage, Record
+from .data.records import BadRecord, LazyImage, Record
 from .tokens import image_split_ids, slow_llama
 
 IGNORE = -100
@@ -70,7 +70,7 @@ def _labels_from_offsets(ids: list[int], offsets: list[tuple[int, int]], spans) 
     return np.where(sup, ids_arr, IGNORE)
 
 
-def _expand_images(ids: np.ndarray, labels: np.ndarray, layout: TokenLayout) -> tuple[np.ndarray, np.ndarray]:
+def expand_images(ids: np.ndarray, labels: np.ndarray, layout: TokenLayout) -> tuple[np.ndarray, np.ndarray]:
     """Replace each `<image>` token by `num_image_tokens` copies (labels -100)."""
     where_img = np.flatnonzero(ids == layout.image_token_id)
     if len(where_img) == 0:
@@ -168,9 +168,9 @@ def cut(ids: np.ndarray, labels: np.ndarray, layout: TokenLayout) -> Encoded:
                 "shorten the text before the image"
             )
         why = f"cut at {n} text ids (images count one each) from {len(ids)}" if len(ids) > n else None
-        ids, labels = _expand_images(ids[:n], labels[:n], layout)
+        ids, labels = expand_images(ids[:n], labels[:n], layout)
     else:
-        ids, labels = _expand_images(ids, labels, layout)
+        ids, labels = expand_images(ids, labels, layout)
         img = np.flatnonzero(ids == layout.image_token_id)
         if len(img) and img[-1] >= n:
             raise BadRecord(
@@ -348,180 +348,7 @@ class VisionTextDataset(torch.utils.data.Dataset):
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def pack(lengths, max_length: int) -> list[list[int]]:
-    """Group sample indices into rows of at most `max_length` tokens (best-fit decreasing; deterministic).
-
-    Each sample keeps its own image tokens whole: samples are never split across rows.
-    """
-    import bisect
-
-    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
-    rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (room left, row) kept sorted: best fit is one bisect away
-    for i in order:
-        n = int(lengths[i])
-        k = bisect.bisect_left(free, (n, -1))
-        if k == len(free):  # nothing fits: open a row
-            rows.append([i])
-            bisect.insort(free, (max_length - n, len(rows) - 1))
-        else:
-            room, r = free.pop(k)
-            rows[r].append(i)
-            bisect.insort(free, (room - n, r))
-    return rows
-
-
-# Without a variable-length kernel, pack only for at least this much less estimated work: the estimate counts FLOPs,
-# and a masked packed row also costs a mask per row; one sample per row would be packing in name only.
-PACKING_MIN_GAIN = 0.03
-
-
-@dataclass
-class PackingChoice:
-    """What `--packing` will do, and why: `row_length` None means train unpacked."""
-
-    row_length: int | None
-    attention: str
-    work_vs_unpacked: float  # the chosen layout's model FLOPs per epoch over the unpacked (padded batches) ones
-    packed_at_max_vs_unpacked: float  # the same for rows of the full max_length
-    reason: str
-
-
-def layout_flops(batches: list[list[int]], sample_lengths: list[list[int]], width: int, ff: int, kv_width: int,
-                 varlen: bool) -> float:
-    """Model FLOPs per layer of one epoch laid out as `batches` (each a list of rows; a row holds the lengths of the
-    samples packed in it). Every row is padded to its batch's longest. Linear layers cost per token (q, o: width^2;
-    k, v: width x kv_width; the gated MLP: 3 x width x ff); attention costs 4 x width per (query, key) pair. Without a
-    variable-length kernel (sdpa, eager) a row attends as one L x L block, its mask only zeroing the cross-sample
-    pairs; flash-attention's varlen kernel computes each sample's own block."""
-    linear = 2 * (2 * width * width + 2 * width * kv_width + 3 * width * ff)
-    total = 0.0
-    for rows in batches:
-        longest = max(sum(sample_lengths[r]) for r in rows)
-        for r in rows:
-            lens = sample_lengths[r]
-            pad = longest - sum(lens)
-            pairs = sum(n * n for n in lens) + pad * pad if varlen else longest * longest
-            total += linear * longest + 4 * width * pairs
-    return total
-
-
-def grouped_order(lengths, group_size: int, seed: int) -> list[int]:
-    """transformers' length-grouped order (megabatches of similar lengths, the longest batch first), drawn from
-    `seed` alone. `group_size` is what the Trainer passes: per-device batch x accumulation."""
-    from transformers.trainer_pt_utils import get_length_grouped_indices
-
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return get_length_grouped_indices(lengths, group_size, generator=g)
-
-
-class EpochGroupedSampler(torch.utils.data.Sampler):
-    """transformers' length-grouped order, drawn from (seed, epoch) alone.
-
-    The stock LengthGroupedSampler draws from the global RNG, whose state at the start of an epoch depends on
-    everything that ran before (dropout, logging, evaluation); a run resumed inside its second epoch then trained on
-    other batches than the uninterrupted run. Here each epoch's order is fixed in advance, so a resume anywhere
-    continues the same sequence of batches. The Trainer (through accelerate) calls `set_epoch` every epoch."""
-
-    def __init__(self, batch_size: int, lengths: list[int], seed: int):
-        self.batch_size, self.lengths, self.seed, self.epoch = batch_size, lengths, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
-        return iter(grouped_order(self.lengths, self.batch_size, self.seed + self.epoch))
-
-
-def choose_packing(lengths, batch_size: int, max_length: int, attention: str, text_config, seed: int = 0,
-                   grouped: bool = True, accumulation: int = 1) -> PackingChoice:
-    """Rows for `--packing` that never cost more than training unpacked.
-
-    With flash-attention 2 (variable-length) packing saves the padding and costs no attention: rows of max_length.
-    Without it every packed row pays full L x L attention, so longer rows trade padding saved for attention spent:
-    the row length with the least estimated work wins among max_length and shorter candidates, and packing is left
-    off when no row length beats the unpacked batches (length-grouped or random, as the run samples them; grouped
-    in the training sampler's own order, over per-device batch x `accumulation`)."""
-    lengths = [int(x) for x in lengths]
-    width, ff = int(text_config.hidden_size), int(text_config.intermediate_size)
-    heads = int(text_config.num_attention_heads)
-    kv_width = width // heads * int(getattr(text_config, "num_key_value_heads", None) or heads)
-    varlen = attention == "flash_attention_2"
-
-    def epoch_batches(row_lengths: list[int]) -> list[list[int]]:
-        if grouped:
-            order = grouped_order(row_lengths, batch_size * accumulation, seed)
-        else:
-            order = torch.randperm(len(row_lengths), generator=torch.Generator().manual_seed(seed)).tolist()
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-    unpacked = layout_flops(epoch_batches(lengths), [[n] for n in lengths], width, ff, kv_width, varlen)
-
-    def packed_work(row_length: int) -> float:
-        rows = pack(lengths, row_length)
-        per_row = [[lengths[i] for i in r] for r in rows]
-        return layout_flops(epoch_batches([sum(r) for r in per_row]), per_row, width, ff, kv_width, varlen)
-
-    at_max = packed_work(max_length) / unpacked
-    if varlen:
-        return PackingChoice(max_length, attention, at_max, at_max,
-                             "flash-attention 2 computes each sample's own attention: rows of max_length")
-    longest = max(lengths)
-    top = max(max_length, longest)  # the authors' cut counts an image as one id: a sample can exceed max_length
-    candidates = sorted({top, *range(longest, top, max(1, (top - longest) // 16))})
-    work = {c: at_max if c == max_length else packed_work(c) / unpacked for c in candidates}  # max_length: known
-    best = min(work, key=lambda c: (work[c], -c))
-    if work[best] > 1.0 - PACKING_MIN_GAIN:
-        return PackingChoice(None, attention, 1.0, at_max, (
-            f"without flash-attention 2 each packed row pays full L x L attention ({attention}); on this data rows of "
-            f"{max_length} would cost {at_max:.2f}x the unpacked work and no shorter row saves "
-            f"{PACKING_MIN_GAIN:.0%}: training unpacked (install flash-attn on a CUDA GPU to pack)"))
-    return PackingChoice(best, attention, work[best], at_max, (
-        f"without flash-attention 2 each packed row pays full L x L attention ({attention}); rows of {best} tokens "
-        f"cost the least: {work[best]:.2f}x the unpacked work (rows of {max_length}: {at_max:.2f}x)"))
-
-
-class PackedDataset(torch.utils.data.Dataset):
-    """Rows of several samples laid end to end, `position_ids` restarting at each sample and no attention mask.
-
-    transformers then builds a block-diagonal causal mask from the positions (sdpa/eager) and flash-attn uses
-    the same positions for its variable-length kernels, so no sample attends to another. The model must run
-    without a KV cache, or the packed-sequence detection is skipped. Each sample's first label is -100 (BOS or
-    image), so no token is trained to predict across a sample boundary.
-    """
-
-    def __init__(self, ds: VisionTextDataset, max_length: int):
-        self.ds, self.max_length = ds, max_length
-        self.rows = pack(ds.lengths, max_length)
-        self.lengths = np.array([sum(int(ds.lengths[i]) for i in r) for r in self.rows], dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, r: int) -> dict:
-        items, used = [], 0
-        for it in self.ds.__getitems__(self.rows[r]):  # one image-processor call for the row
-            # a sample that failed to load is replaced by another, maybe longer, one: never overflow the row
-            if used + len(it["input_ids"]) > self.max_length:
-                log.warning("packed row %d: a substituted sample does not fit; it is left out of this row", r)
-                continue
-            items.append(it)
-            used += len(it["input_ids"])
-        out = {
-            "input_ids": torch.cat([it["input_ids"] for it in items]),
-            "labels": torch.cat([it["labels"] for it in items]),
-            "position_ids": torch.cat([torch.arange(len(it["input_ids"])) for it in items]),
-        }
-        pix = [it["pixel_values"] for it in items if it.get("pixel_values") is not None]
-        out["pixel_values"] = torch.cat(pix) if pix else None
-        return out
-
-
-def as_hf_dataset(ds: VisionTextDataset | PackedDataset):
+def as_hf_dataset(ds):
     """Wrap for trl, which accepts only `datasets.Dataset`: a table of (index, length) whose transform calls
     `ds[index]` on access, so items are still tokenized and images loaded lazily, per batch."""
     import datasets

@@ -19,6 +19,11 @@ MODES = ("align", "lora", "qlora", "full")
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
+def llm_bits(mode: str, load_4bit: bool = False) -> int | None:
+    """The LLM's storage bits while training: 4 (NF4) for qlora, and for align with its frozen LLM in 4-bit."""
+    return 4 if mode == "qlora" or (mode == "align" and load_4bit) else None
+
+
 @dataclass
 class LoraSettings:
     r: int = 64  # higher: more capacity and memory (LLaVA's LoRA recipe uses 128)

@@ -69,7 +69,7 @@ class WebApp:
                          "max_new_tokens": generator.max_new_tokens}
 
     def session(self, sid: str) -> Session:
-        from .chat import ChatSession
+        from .session import ChatSession
 
         if not re.fullmatch(r"[A-Za-z0-9-]{8,64}", sid or ""):
             raise UserError("missing or malformed session id; reload the page")
@@ -83,7 +83,7 @@ class WebApp:
         return s
 
     def describe(self) -> dict:
-        from .chat import DISCLAIMER
+        from .session import DISCLAIMER
 
         return {"model": self.model_name, "kind": self.info.kind, "base": self.info.base,
                 "template": self.info.template, "image_mode": self.info.image_mode, "notice": DISCLAIMER,
@@ -91,7 +91,7 @@ class WebApp:
 
     def set_image(self, sid: str, files: list[dict], window=None, frame: int | None = None) -> dict:
         """Decode 1-4 uploads (`{"name", "data": base64}`) as chat does; returns the model's view as a PNG."""
-        from .chat import MAX_IMAGES, load_chat_image
+        from .session import MAX_IMAGES, load_chat_image
         from .images import expand_to_square
 
         s = self.session(sid)
@@ -311,15 +311,16 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 7860, bits: int | 
 
     import socket
 
-    from .chat import _quiet, build_generator
+    from .generate import load_generator
+    from .session import quiet
 
     with socket.socket() as probe:  # before minutes of model loading, and before the banner names the address
         try:
             probe.bind((host, port))
         except OSError as e:
             raise UserError(f"{host}:{port}: cannot listen there ({e.strerror}); pick another --port") from None
-    with _quiet(False):
-        generator, info = build_generator(model, bits=bits, temperature=temperature, max_new_tokens=max_new_tokens)
+    with quiet(False):
+        generator, info = load_generator(model, bits=bits, temperature=temperature, max_new_tokens=max_new_tokens)
     app = create_app(WebApp(generator, info, str(model), log_dir))
     where = f"http://{host}:{port}"
     print(f"qilin-lite web: {where}  (model {model}; {'transcripts in ' + str(log_dir) if log_dir else 'nothing is stored'})"

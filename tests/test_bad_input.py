@@ -12,7 +12,7 @@ import pytest
 
 from qilin_lite.config import load_recipe
 from qilin_lite.errors import UserError
-from qilin_lite.records import Reject, read_records
+from qilin_lite.data.records import read_records, Reject
 
 GOOD = {"id": "a1", "image": "x.png", "conversations": [{"from": "human", "value": "<image>\n病灶位于哪一侧？"},
                                                       {"from": "gpt", "value": "左侧"}]}
@@ -79,7 +79,7 @@ def test_skip_bad_sets_records_aside_with_reasons(folder):
 
 
 def test_corrupt_image_is_caught_before_training(folder):
-    from qilin_lite.train import verify_images
+    from qilin_lite.train_data import verify_images
 
     (folder / "bad.png").write_bytes((folder / "x.png").read_bytes()[:40])  # truncated PNG
     data = write_jsonl(folder / "d.jsonl", [GOOD, variant(id="c3", image="bad.png")])

@@ -21,10 +21,10 @@ import pytest
 import torch
 from PIL import Image
 
-from qilin_lite.chat import DISCLAIMER, ChatSession
+from qilin_lite.session import ChatSession, DISCLAIMER
 from qilin_lite.errors import UserError
 from qilin_lite.images import composite, load_image
-from qilin_lite.records import LazyImage
+from qilin_lite.data.records import LazyImage
 from conftest import run_cli
 
 CLI = str(Path(sys.executable).with_name("qilin-lite"))
@@ -187,7 +187,7 @@ def test_json_answer_for_a_composite(qlora_run, tiny_data):
     assert set(reply) == {"answer", "model", "tokens", "seconds", "prompt_ids"}
     assert reply["answer"] == answer and reply["model"] == str(qlora_run)
     # the ids the model was given: the composite is one image, expanded; the prompt ends where the answer starts
-    from qilin_lite.chat import build_generator
+    from qilin_lite.generate import load_generator as build_generator
 
     gen, _ = build_generator(str(qlora_run), temperature=0)
     msgs = [{"role": "user", "content": f"<image>\n{Q1}"}]

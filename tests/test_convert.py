@@ -138,7 +138,7 @@ def test_converted_logits_equal_the_source_computation(projector, pickle, tiny_p
 
 
 def test_chat_runs_the_converted_model(tiny_parts, tiny_data, tmp_path):
-    from qilin_lite.chat import ChatSession
+    from qilin_lite.session import ChatSession
 
     src, dst = tmp_path / "src", tmp_path / "converted"
     write_llava_checkpoint(tiny_parts, src)

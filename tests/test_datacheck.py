@@ -8,8 +8,8 @@ import json
 import pytest
 from PIL import Image
 
-from qilin_lite.databuild import BuildConfig, build
-from qilin_lite.datacheck import check_data
+from qilin_lite.data.build import build, BuildConfig
+from qilin_lite.data.check import check_data
 from conftest import run_cli_captured as run_cli
 
 

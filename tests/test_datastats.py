@@ -9,7 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
-from qilin_lite.datastats import data_stats, format_stats
+from qilin_lite.data.stats import data_stats, format_stats
 
 
 def rec(rid, source, task, question, answer, image=None):

@@ -166,8 +166,8 @@ import json, sys
 from transformers import AutoConfig
 from qilin_lite.conversation import get_template
 from qilin_lite.model import load_tokenizer_and_processor, token_layout
-from qilin_lite.records import read_records
-from qilin_lite.train import shared_lengths
+from qilin_lite.data.records import read_records
+from qilin_lite.train_data import shared_lengths
 base, data, images, out = sys.argv[1:5]
 records = read_records(data, images)
 tok, _ = load_tokenizer_and_processor(base)
@@ -189,7 +189,7 @@ def test_processes_split_the_length_count_and_all_get_every_length(tmp_path, tin
     from qilin_lite.conversation import get_template
     from qilin_lite.model import load_tokenizer_and_processor, token_layout
     from qilin_lite.processing import sample_lengths
-    from qilin_lite.records import read_records
+    from qilin_lite.data.records import read_records
 
     rows = json.loads(Path(tiny_data["tune"]).read_text(encoding="utf-8"))
     question = rows[3]["conversations"][0]["value"]

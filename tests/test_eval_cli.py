@@ -10,15 +10,8 @@ import pytest
 
 import qilin_lite.generate
 from qilin_lite.errors import UserError
-from qilin_lite.metrics import LETTERS
-from qilin_lite.evaluate import (
-    EvalItem,
-    format_prompt,
-    load_eval_items,
-    model_generate,
-    run_eval,
-    score_demo_heldout,
-)
+from qilin_lite.eval.metrics import LETTERS
+from qilin_lite.eval import EvalItem, format_prompt, load_eval_items, model_generate, run_eval, score_demo_heldout
 
 CLI = str(Path(sys.executable).with_name("qilin-lite"))
 
@@ -113,11 +106,11 @@ class FakeGenerator:
 def test_model_generate_prompts_batches_and_greedy(monkeypatch):
     fake, loads = FakeGenerator(), []
 
-    def fake_generator_for(model_dir, **kw):
+    def fake_load_generator(model_dir, **kw):
         loads.append((model_dir, kw))
-        return fake
+        return fake, None
 
-    monkeypatch.setattr(qilin_lite.generate, "generator_for", fake_generator_for)
+    monkeypatch.setattr(qilin_lite.generate, "load_generator", fake_load_generator)
     generate = model_generate("run-dir", bits=4, max_new_tokens=5, batch_size=2, dtype="float16", template="vicuna_v1")
     items = [
         EvalItem("0", "/img/a.png", "病灶位于哪一侧？", "左侧", "slake", "open"),
@@ -208,7 +201,7 @@ def test_score_demo_heldout_rule_names_the_reference_and_no_other(monkeypatch, t
         def generate(self, conversations, images):
             return [cases[int(Path(im[0]).stem)][3] for im in images]  # image i.png gets case i's answer
 
-    monkeypatch.setattr(qilin_lite.generate, "generator_for", lambda *a, **kw: Canned())
+    monkeypatch.setattr(qilin_lite.generate, "load_generator", lambda *a, **kw: (Canned(), None))
     result = score_demo_heldout("unused", path, tmp_path)
     assert result == {"accuracy": 5 / 10, "per_task": {"side": 2 / 4, "modality": 3 / 6}}
     assert sum(c[-1] for c in cases) == 5  # the table above agrees

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from qilin_lite.records import read_records
+from qilin_lite.data.records import read_records
 
 Q, A = "病灶位于哪一侧？", "左侧"
 

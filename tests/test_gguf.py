@@ -304,11 +304,11 @@ def test_image_features_equal_the_trained_model(exported, demo_run, heldout_imag
 
     import llama_cpp.mtmd_cpp as mtmd
     from benchmarks.gguf_cpu import LlamaCppLlava
-    from qilin_lite.generate import generator_for
+    from qilin_lite.generate import load_generator
 
     heldout, images = heldout_images
     png = images[heldout[0]["image"]]
-    gen = generator_for(str(demo_run[0] / "tune"), dtype="float32", attn="sdpa")
+    gen, _ = load_generator(str(demo_run[0] / "tune"), dtype="float32", attn="sdpa", temperature=0.0)
     with torch.no_grad():
         want = gen.model.get_image_features(pixel_values=gen.images([str(png)]),
                                             vision_feature_layer=-2, vision_feature_select_strategy="default")
@@ -339,11 +339,11 @@ def test_llama_cpp_answers_as_chat_does(exported, demo_run, heldout_images):
     """Every held-out question: the prompt ids llama.cpp builds from the exported template equal chat's; the f16
     export's greedy answers equal chat's for >= 95% of them; q8_0 keeps the demo's accuracy at >= 0.9."""
     from benchmarks.gguf_cpu import LlamaCppLlava, chat_answers, names_only, question
-    from qilin_lite.generate import generator_for
+    from qilin_lite.generate import load_generator
 
     heldout, images = heldout_images
     run = demo_run[0] / "tune"
-    gen = generator_for(str(run), dtype="float32", attn="sdpa")
+    gen, _ = load_generator(str(run), dtype="float32", attn="sdpa", temperature=0.0)
     image_id = gen.layout.image_token_id
     reference = chat_answers(run, heldout, images)
 

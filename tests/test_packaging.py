@@ -36,10 +36,10 @@ def test_wheel_ships_the_recipes_and_an_install_finds_them(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"),
                         str(wheel)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    probe = ("import qilin_lite.config as c, qilin_lite.train as t\n"
+    probe = ("import qilin_lite.config as c\n"
              "r = c.load_recipe('demo/align.yaml')\n"
              "print(c.REPO_RECIPES)\n"
-             "print(t._deepspeed_path(c.load_recipe('qilin-med-vl/tune-full.yaml').train.deepspeed))\n")
+             "print(c.deepspeed_path(c.load_recipe('qilin-med-vl/tune-full.yaml').train.deepspeed))\n")
     # run from elsewhere, with only the installed copy on the path (the clone's qilin_lite must not be found)
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), HF_HUB_OFFLINE="1")
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)

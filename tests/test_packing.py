@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from qilin_lite.processing import IGNORE, Collator, pack
+from qilin_lite.processing import Collator, IGNORE
+from qilin_lite.packing import pack
 
 
 def test_pack_fits_every_sample_once_and_never_overflows():
@@ -35,8 +36,9 @@ def per_sample_losses(logits, labels, segments):
 def test_packed_loss_and_projector_gradient_equal_padded(tiny_base, tiny_data):
     from qilin_lite.conversation import TEMPLATES
     from qilin_lite.model import load_llava, load_tokenizer_and_processor, token_layout
-    from qilin_lite.processing import ImageLoader, PackedDataset, VisionTextDataset
-    from qilin_lite.records import read_records
+    from qilin_lite.processing import ImageLoader, VisionTextDataset
+    from qilin_lite.packing import PackedDataset
+    from qilin_lite.data.records import read_records
 
     model = load_llava(str(tiny_base), dtype="float32", attn="sdpa")
     model.config.use_cache = model.config.text_config.use_cache = False  # as train.py sets it
@@ -99,7 +101,7 @@ def _cfg(width: int, ff: int, heads: int = 8):
 def test_without_varlen_attention_packing_is_declined_when_it_costs_more():
     """ChiMed-VL-like tune samples (576 image tokens + a short dialog), length-grouped: padding is already small, and
     a packed 2048-row pays 2048^2 attention for three samples of ~650: packing would be more work, so it is off."""
-    from qilin_lite.processing import choose_packing
+    from qilin_lite.packing import choose_packing
 
     rng = np.random.default_rng(0)
     lengths = (576 + rng.lognormal(4.0, 0.6, 2000)).astype(int).tolist()
@@ -116,7 +118,7 @@ def test_without_varlen_attention_packing_picks_the_cheapest_row_when_padding_do
     """Random order, mostly short samples and a few long ones, a 13B-wide model (linear layers dominate): padded
     batches waste most of their tokens, so packing pays even with full-row attention, at the row length the
     estimate finds cheapest; and the estimate is never above the unpacked work."""
-    from qilin_lite.processing import choose_packing, layout_flops, pack
+    from qilin_lite.packing import choose_packing, layout_flops, pack
 
     rng = np.random.default_rng(1)
     lengths = np.where(rng.random(800) < 0.1, 1500, rng.integers(40, 120, 800)).tolist()
@@ -149,7 +151,8 @@ def test_packing_decision_is_in_the_summary(tmp_path, tiny_base, tiny_data):
 def test_packing_estimate_batches_as_the_training_sampler_does():
     """The estimate's unpacked batches are the ones the run's sampler yields (grouped over per-device batch x
     accumulation, the same seed), not a finer grouping of its own."""
-    from qilin_lite.processing import EpochGroupedSampler, choose_packing, layout_flops, pack
+    from qilin_lite.sampler import EpochGroupedSampler
+    from qilin_lite.packing import choose_packing, layout_flops, pack
 
     rng = np.random.default_rng(2)
     lengths = (576 + rng.lognormal(4.0, 0.8, 600)).astype(int).tolist()

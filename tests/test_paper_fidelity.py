@@ -31,8 +31,8 @@ import yaml
 from qilin_lite.config import REPO_RECIPES, load_recipe
 from qilin_lite.conversation import get_template
 from qilin_lite.errors import UserError
-from qilin_lite.processing import IGNORE, TokenLayout, encode, sample_lengths
-from qilin_lite.records import BadRecord, Record, _messages_from_llava
+from qilin_lite.processing import encode, IGNORE, sample_lengths, TokenLayout
+from qilin_lite.data.records import _messages_from_llava, BadRecord, Record
 
 DATA = Path(__file__).parent / "data" / "fidelity"
 N_IMG = 4  # image tokens per image in these tests; the authors' -200 placeholder expands to as many
@@ -140,7 +140,7 @@ def test_deepspeed_configs_are_the_authors(name, expected):
 
 
 def test_paper_settings_reach_the_trainer(tmp_path):
-    from qilin_lite.train import sft_config
+    from qilin_lite.train_args import sft_config
 
     r = load_recipe(REPO_RECIPES / "qilin-med-vl" / "tune-full.yaml", ["train.deepspeed=none"],
                     output_dir=str(tmp_path), **{"data.train": "x.json"})
@@ -369,7 +369,8 @@ def test_loss_average_is_the_mean_the_recipe_names(tmp_path, tiny_base, average)
     from qilin_lite.demo.data import DemoDataSpec, make_demo_data
     from qilin_lite.model import load_llava, load_tokenizer_and_processor
     from qilin_lite.processing import Collator
-    from qilin_lite.train import build_dataset, train_stage
+    from qilin_lite.train_data import build_dataset
+    from qilin_lite.train import train_stage
 
     data = make_demo_data(tmp_path / "d", DemoDataSpec(n_align=2, n_tune=2, n_heldout=1, image_size=32))
     rows = json.loads(Path(data["tune"]).read_text(encoding="utf-8"))[:2]

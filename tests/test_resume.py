@@ -22,23 +22,18 @@ PROBE = r"""
 import os, signal, sys, json
 sys.path.insert(0, sys.argv[1])
 from conftest import tiny_recipe
-import qilin_lite.train as t
+from qilin_lite.trainer import QilinTrainer
 extra, at, sig = json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-real = t._trainer_class
-def killing_class():
-    base = real()
-    class Killing(base):
-        def training_step(self, *a, **k):
-            if self.state.global_step == at:
-                os.kill(os.getpid(), getattr(signal, sig))
-                if sig == "SIGKILL":
-                    signal.pause()
-            return super().training_step(*a, **k)
-    return Killing
-t._trainer_class = killing_class
+class Killing(QilinTrainer):
+    def training_step(self, *a, **k):
+        if self.state.global_step == at:
+            os.kill(os.getpid(), getattr(signal, sig))
+            if sig == "SIGKILL":
+                signal.pause()
+        return super().training_step(*a, **k)
 from qilin_lite.cli import _run
 r = tiny_recipe(**extra)
-done = _run(r, False)
+done = _run(r, False, trainer_cls=Killing)
 print("done" if done else "stopped")
 """
 
@@ -123,7 +118,7 @@ def test_sigterm_saves_at_the_step_boundary_exits_0_and_resumes(tmp_path, tiny_b
 
 def test_resume_skips_a_checkpoint_cut_short_while_saving(tmp_path, caplog):
     from qilin_lite.errors import UserError
-    from qilin_lite.train import COMPLETE, last_checkpoint
+    from qilin_lite.trainer import COMPLETE, last_checkpoint
 
     for n in (5, 10, 15):
         (tmp_path / f"checkpoint-{n}").mkdir()

@@ -29,10 +29,10 @@ def _post(url: str, body: dict) -> dict:
 
 @pytest.mark.slow
 def test_transformers_serve_answers_like_qilin_chat(full_run, tiny_data, tmp_path):
-    from qilin_lite.generate import generator_for
+    from qilin_lite.generate import load_generator
 
     image = sorted(Path(tiny_data["images"]).glob("*.png"))[0]  # square: no pad-vs-crop difference (README)
-    gen = generator_for(str(full_run), max_new_tokens=12, attn="sdpa")
+    gen, _ = load_generator(str(full_run), dtype="float32", max_new_tokens=12, attn="sdpa", temperature=0.0)
     turn = [{"role": "user", "content": "<image>\n" + QUESTION}]  # as `qilin-lite chat` sends the first turn
     greedy = gen.generate([turn], [[image]])[0]
     prompt = torch.from_numpy(gen.prompt_ids(turn))[None]

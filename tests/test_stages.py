@@ -106,7 +106,7 @@ def test_qlora_keeps_frozen_weights_in_the_load_dtype_and_norms_in_fp32(tiny_bas
     """peft's prepare_model_for_kbit_training would hold the vision tower, embeddings and lm_head in fp32 (2.7 GiB
     at 13B); QLoRA's layout keeps only the norms there. Trained weights are fp32 (train.py)."""
     from qilin_lite.stages import LoraSettings, configure
-    from qilin_lite.train import trainable_to_fp32
+    from qilin_lite.trainer import trainable_to_fp32
 
     model = load_llava(str(tiny_base), bits=4, dtype="bfloat16", attn="sdpa")
     model = configure(model, "qlora", LoraSettings(r=4, alpha=8))
@@ -142,7 +142,7 @@ def _batch(run_dir, tiny_data):
     """One real training batch from the run's own data path."""
     from qilin_lite.conversation import get_template
     from qilin_lite.model import RunInfo, load_tokenizer_and_processor, token_layout
-    from qilin_lite.processing import Collator, ImageLoader, encode
+    from qilin_lite.processing import Collator, encode, ImageLoader
     from transformers import AutoConfig
 
     info = RunInfo.load(Path(run_dir))

@@ -73,9 +73,10 @@ def test_image_token_added_and_embeddings_resized(tiny_parts, tiny_base):
 def test_batches_are_grouped_by_length_unless_turned_off(tmp_path, tiny_base, tiny_data):
     import random
 
-    from qilin_lite.train import EpochGroupedSampler, _trainer_class
+    from qilin_lite.sampler import EpochGroupedSampler
+    from qilin_lite.trainer import QilinTrainer
 
-    trainer = _trainer_class().__new__(_trainer_class())  # only the sampler hook is exercised
+    trainer = QilinTrainer.__new__(QilinTrainer)  # only the sampler hook is exercised
     # 64 samples, short and long interleaved: transformers groups within megabatches of 8 batches
     trainer.sample_lengths = [5 + i % 8 if i % 2 else 50 + i % 8 for i in range(64)]
 
@@ -154,7 +155,8 @@ def test_eval_loss_is_the_held_out_supervised_token_loss(tmp_path, align_run, ti
     """--eval-data: the logged eval loss is the mean loss over exactly the held-out replies' tokens, evaluated with
     the weights of that step (here the final ones), and it is in the summary and the curve."""
     from qilin_lite.processing import Collator
-    from qilin_lite.train import build_dataset, train_stage
+    from qilin_lite.train_data import build_dataset
+    from qilin_lite.train import train_stage
 
     rows = json.loads(Path(tiny_data["tune"]).read_text(encoding="utf-8"))
     held = tmp_path / "留出集.json"
@@ -228,10 +230,11 @@ def test_host_cuts_train_and_log_as_the_trainers_own_steps(tmp_path, align_run, 
     model left in eval mode after an evaluation would train other weights), an evaluation mid-run and a NaN loss
     on one micro-batch: the same weights to the bit, the same logs, the same FLOPs total."""
     import qilin_lite.train as train_mod
+    from qilin_lite.trainer import QilinTrainer
     from transformers import Trainer
     from trl import SFTTrainer
 
-    ours_cls = train_mod._trainer_class()
+    ours_cls = QilinTrainer
     poisoned = 5  # micro-batch whose loss reads NaN (the gradient is untouched: NaN + loss is constant in NaN)
 
     def poison(cls):
@@ -252,12 +255,11 @@ def test_host_cuts_train_and_log_as_the_trainers_own_steps(tmp_path, align_run, 
 
     runs = {}
     for name, cls in (("ours", ours_cls), ("trainer", TrainersOwn)):
-        monkeypatch.setattr(train_mod, "_trainer_class", lambda cls=cls: poison(cls))
         recipe = tiny_recipe("tune", "lora", tmp_path / name, tiny_data["tune"], tiny_data["images"],
                              **{"model.from_run": str(align_run), "train.max_steps": 6, "train.logging_steps": 2,
                                 "train.global_batch": 4, "train.per_device_batch": 2, "train.lora_dropout": 0.3,
                                 "data.eval": str(tiny_data["tune"]), "train.eval_steps": 3})
-        out, model = train_mod.train_stage(recipe)
+        out, model = train_mod.train_stage(recipe, trainer_cls=poison(cls))
         runs[name] = (json.loads((out / "log_history.json").read_text(encoding="utf-8")),
                       {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad})
     (h_ours, w_ours), (h_trainer, w_trainer) = runs["ours"], runs["trainer"]

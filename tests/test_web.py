@@ -190,7 +190,7 @@ def test_a_corrupt_upload_is_a_message_and_the_next_question_works(browser, serv
 
 def test_bad_requests_are_one_message_each(lora_run):
     """The HTTP layer without a browser: too many images, an empty question, no image yet, a bad window."""
-    from qilin_lite.chat import build_generator
+    from qilin_lite.generate import load_generator as build_generator
     from qilin_lite.errors import UserError
     from qilin_lite.web import WebApp, _window
 
@@ -212,7 +212,7 @@ def test_bad_requests_are_one_message_each(lora_run):
 def test_requests_queue_behind_the_one_model_and_say_so(lora_run, tiny_data):
     import base64
 
-    from qilin_lite.chat import build_generator
+    from qilin_lite.generate import load_generator as build_generator
     from qilin_lite.web import WebApp
 
     gen, info = build_generator(str(lora_run), temperature=0, max_new_tokens=4)
@@ -234,7 +234,7 @@ def test_requests_queue_behind_the_one_model_and_say_so(lora_run, tiny_data):
 def test_nothing_is_stored_unless_log_dir_and_then_only_the_models_view(lora_run, tmp_path, monkeypatch):
     import base64
 
-    from qilin_lite.chat import build_generator
+    from qilin_lite.generate import load_generator as build_generator
     from qilin_lite.web import WebApp
 
     gen, info = build_generator(str(lora_run), temperature=0, max_new_tokens=4)
@@ -264,7 +264,7 @@ def test_nothing_is_stored_unless_log_dir_and_then_only_the_models_view(lora_run
 def test_stop_regenerate_and_clear(lora_run, tiny_data):
     import base64
 
-    from qilin_lite.chat import build_generator
+    from qilin_lite.generate import load_generator as build_generator
     from qilin_lite.web import WebApp
 
     gen, info = build_generator(str(lora_run), temperature=0, max_new_tokens=6)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from qilin_lite.errors import UserError
+from ..errors import UserError
 
 SIDES = ("左侧", "右侧")
 MODALITIES = ("CT", "磁共振", "X光")

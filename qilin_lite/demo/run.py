@@ -76,7 +76,7 @@ def run_demo(out: Path, *, data_spec: DemoDataSpec | None = None, tiny: TinySpec
 
 def score(model_dir: Path, paths: dict, template: str | None = None) -> dict:
     """Greedy answers to the held-out questions, scored by `qilin-lite eval`'s own code."""
-    from ..evaluate import score_demo_heldout
+    from ..eval import score_demo_heldout
 
     return score_demo_heldout(model_dir, paths["heldout"], paths["images"], template=template)
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .conversation import IMAGE_TOKEN, check_roles
-from .errors import UserError, where
+from ..conversation import IMAGE_TOKEN, check_roles
+from ..errors import UserError, where
 
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 

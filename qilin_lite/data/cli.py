@@ -1,5 +1,5 @@
-"""`qilin-lite data build | check | inspect | stats`: thin commands over databuild.py, datacheck.py, datainspect.py and
-datastats.py (added to the CLI by cli.py)."""
+"""`qilin-lite data build | check | inspect | stats`: thin commands over build.py, check.py, inspect.py and
+stats.py (added to the CLI by cli.py)."""
 
 from __future__ import annotations
 
@@ -51,8 +51,10 @@ def build_cmd(
     translate_cache: Annotated[Optional[Path], typer.Option("--translate-cache", help="sqlite cache (default OUT.translations.sqlite)")] = None,
 ):
     """Raw sources -> LLaVA conversation file + OUT.rejects.jsonl + OUT.report.json."""
-    from .databuild import BuildConfig, FieldMap, TranslateConfig, build, format_build_report
-    from .errors import UserError
+    from .build import BuildConfig, build, format_build_report
+    from .sources import FieldMap
+    from .translate import TranslateConfig
+    from ..errors import UserError
 
     tr = None
     if translate_url or translate_model:
@@ -81,8 +83,8 @@ def check_cmd(
     workers: Annotated[Optional[int], typer.Option("--workers", help="threads decoding images")] = None,
 ):
     """Validate every record as training would; exit 1 when any record fails."""
-    from .datacheck import check_data
-    from .errors import UserError
+    from .check import check_data
+    from ..errors import UserError
 
     if length_mode not in ("text", "total"):
         raise UserError(f"--length-mode must be text or total, not '{length_mode}'")
@@ -109,7 +111,7 @@ def inspect_cmd(
     color: Annotated[Optional[bool], typer.Option("--color/--no-color", help="default: colour on a terminal, [brackets] otherwise")] = None,
 ):
     """Show records as training tokenizes them: supervised tokens marked, counts, where and why the cut fell."""
-    from .datainspect import inspect_records
+    from .inspect import inspect_records
 
     inspect_records(file, model, image_folder=image_folder, recipe=recipe, template=template, max_length=max_length,
                     length_mode=length_mode, n=n, as_json=as_json, color=color)
@@ -123,6 +125,6 @@ def stats_cmd(
     out: Annotated[Path, typer.Option("--out", help="PNG of the length histograms (numbers in the .json beside it)")] = Path("stats.png"),
 ):
     """Pairs, tokens, max, median (Q1, Q3) per text field and source (the paper's Table 1/2), image sizes."""
-    from .datastats import data_stats, format_stats
+    from .stats import data_stats, format_stats
 
     typer.echo(format_stats(data_stats(file, model=model, image_folder=image_folder, out=out)))

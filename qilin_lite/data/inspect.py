@@ -16,15 +16,15 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 GREEN, RESET = "\033[32m", "\033[0m"
 
 
 def _settings(model: str, recipe: str | None) -> dict:
     """Template / max length / length mode a run trained with (its recipe.yaml), or a recipe's."""
-    from .config import load_recipe
-    from .model import RunInfo
+    from ..config import load_recipe
+    from ..model import RunInfo
 
     out: dict = {}
     p = Path(model)
@@ -43,16 +43,16 @@ def _settings(model: str, recipe: str | None) -> dict:
 def inspect_records(file, model: str, *, image_folder=None, recipe: str | None = None, template: str | None = None,
                     max_length: int | None = None, length_mode: str | None = None, n: int = 3,
                     as_json: bool = False, color: bool | None = None, out=None) -> list[dict]:
-    from .conversation import get_template
-    from .datacheck import _model_facts
-    from .processing import IGNORE, TokenLayout, encode_detail
+    from ..conversation import get_template
+    from .check import model_facts
+    from ..processing import IGNORE, TokenLayout, encode_detail
     from .records import BadRecord, read_records
 
     out = out or sys.stdout
     if n < 1:
         raise UserError(f"-n must be at least 1, not {n}")
     run = _settings(model, recipe)
-    tok, image_id, per_image, _ = _model_facts(model)
+    tok, image_id, per_image, _ = model_facts(model)
     tpl = get_template(template or run.get("template") or "vicuna_v1")
     mode = length_mode or run.get("length_mode", "text")
     if mode not in ("text", "total"):
@@ -65,7 +65,7 @@ def inspect_records(file, model: str, *, image_folder=None, recipe: str | None =
         if not rejects:
             raise
         first = rejects[0]
-        from .errors import where
+        from ..errors import where
 
         raise UserError(f"{file}: every record was rejected; the first, {where(first.source, first.line, first.id)}: "
                         f"{first.reason}") from None
@@ -99,7 +99,7 @@ def inspect_records(file, model: str, *, image_folder=None, recipe: str | None =
 
 
 def _render(ids: list[int], labels: list[int], tok, image_id: int, color: bool) -> str:
-    from .processing import IGNORE
+    from ..processing import IGNORE
 
     pieces, k = [], 0
     names = tok.convert_ids_to_tokens(ids)

@@ -51,7 +51,7 @@ def file_identity(path: str | Path) -> list:
 
 def tokenizer_identity(tokenizer) -> str:
     """A digest of what decides token ids: the SentencePiece model and legacy flag, or the fast tokenizer's JSON."""
-    from .tokens import slow_llama
+    from ..tokens import slow_llama
 
     h = hashlib.sha256()
     sp = slow_llama(tokenizer)
@@ -67,7 +67,7 @@ def tokenizer_identity(tokenizer) -> str:
 
 
 def data_key(parts: dict) -> str:
-    from . import __version__
+    from .. import __version__
 
     blob = json.dumps({**parts, "qilin_lite": __version__, "format": FORMAT}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError, where
+from ..errors import UserError, where
 from .records import Reject, read_records
 
 # records.py / processing.py reasons -> the problem kinds `check` counts
@@ -60,11 +60,11 @@ class CheckResult:
         return "\n".join(lines)
 
 
-def _model_facts(model: str | Path):
+def model_facts(model: str | Path):
     """A Llava directory or run directory -> (tokenizer, image token id, tokens per image, run template)."""
     from transformers import AutoConfig
 
-    from .model import RunInfo, load_tokenizer_and_processor, num_image_tokens, resolve_base
+    from ..model import RunInfo, load_tokenizer_and_processor, num_image_tokens, resolve_base
 
     p = Path(model)
     info = RunInfo.load(p) if p.is_dir() else None
@@ -91,9 +91,9 @@ def check_data(
     length_mode: str = "text",
 ) -> CheckResult:
     """Every record against what training needs; the same rules as `align`/`tune` (records.py, processing.py)."""
-    from .conversation import get_template
-    from .images import load_image
-    from .processing import TokenLayout, sample_lengths
+    from ..conversation import get_template
+    from ..images import load_image
+    from ..processing import TokenLayout, sample_lengths
 
     t0 = time.perf_counter()
     problems: list[tuple[int, str, str, str]] = []  # (order, kind, where, problem)
@@ -129,7 +129,7 @@ def check_data(
                 if p in bad_images:
                     note(rec, "image does not decode", bad_images[p])
     if model is not None and records:
-        tok, image_token_id, per_image, run_template = _model_facts(model)
+        tok, image_token_id, per_image, run_template = model_facts(model)
         tpl = get_template(template or run_template or "vicuna_v1")
         # sample_lengths reports the length after truncation; an unbounded layout gives the full length to compare
         lengths, bad = sample_lengths(records, tpl, tok, TokenLayout(image_token_id, per_image, 1 << 40))

@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from .conversation import IMAGE_TOKEN
-from .databuild import _image_names, iter_rows
-from .errors import UserError
+from ..conversation import IMAGE_TOKEN
+from .items import image_names
+from .sources import iter_rows
+from ..errors import UserError
 from .records import ROLE_NAMES
 
 def _record_texts(row: dict) -> list[tuple[str, str]]:
@@ -65,7 +66,7 @@ def data_stats(
     path = Path(path)
     tok = None
     if model is not None:
-        from .model import load_tokenizer_and_processor
+        from ..model import load_tokenizer_and_processor
 
         tok, _ = load_tokenizer_and_processor(str(model))
     lengths: dict[tuple[str, str], list[int]] = defaultdict(list)
@@ -93,7 +94,7 @@ def data_stats(
         source = row.get("source") if isinstance(row.get("source"), str) and row.get("source") else path.name
         for fld, text in _record_texts(row):
             pending.append(((source, fld), text))
-        for name in _image_names(row.get("image", row.get("images")), split=False) if image_folder else []:
+        for name in image_names(row.get("image", row.get("images")), split=False) if image_folder else []:
             images.add(name)
         if len(pending) >= batch:
             flush()

@@ -1,0 +1,67 @@
+"""`qilin-lite eval [run] ...` and `qilin-lite eval compare ...`: thin commands over run.py and report.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from .items import METRICS, PREDICTIONS, REPORT, TASKS
+from .report import compare, render_report
+from .run import run_benchmark
+
+class _RunByDefault(TyperGroup):
+    """`qilin-lite eval --model ...` is short for `qilin-lite eval run --model ...`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0].startswith("-") and args[0] not in ctx.help_option_names:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+eval_app = typer.Typer(
+    cls=_RunByDefault,
+    no_args_is_help=True,
+    help="Score a model on a medical VQA / caption benchmark (`eval run`, or just `eval --model ...`); "
+    "compare runs.",
+)
+
+
+@eval_app.command("run")
+def eval_run(
+    data: Annotated[Path, typer.Option("--data", help="benchmark file in its published layout (docs/eval.md)")],
+    task: Annotated[str, typer.Option("--task", help=" | ".join(TASKS))],
+    out: Annotated[Path, typer.Option("--out", help="directory for predictions.jsonl, metrics.json, report.md; "
+                                                    "rerun into it to resume")],
+    model: Annotated[Optional[str], typer.Option("--model", help="qilin-lite run directory or Llava model")] = None,
+    image_folder: Annotated[Optional[Path], typer.Option(
+        "--image-folder", help="folder the image names are relative to (default: the data file's folder)")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="score only the first N questions")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="questions per forward pass")] = 8,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="longest answer, in tokens")] = 64,
+    load_4bit: Annotated[bool, typer.Option("--load-4bit", help="LLM in 4-bit NF4 (a 13B model on one GPU)")] = False,
+    predictions: Annotated[Optional[Path], typer.Option(
+        "--predictions", help="score answers made elsewhere (JSONL / JSON with id + prediction); no model")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on GPU, else float32) | bfloat16 | "
+                                                       "float16 | float32")] = "auto",
+):
+    """Answer a benchmark with a model (or score answers made elsewhere); write predictions, metrics and a report."""
+    metrics = run_benchmark(data, task, out, model=model, predictions=predictions, image_folder=image_folder,
+                            limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                            bits=4 if load_4bit else None, dtype=dtype)
+    typer.echo(render_report(metrics))
+    typer.echo("written: " + ", ".join(str(Path(out) / name) for name in (PREDICTIONS, METRICS, REPORT)))
+
+
+@eval_app.command("compare")
+def eval_compare(
+    paths: Annotated[list[Path], typer.Argument(help="eval --out directories, metrics.json or predictions.jsonl")],
+):
+    """One Markdown table with a column per run."""
+    typer.echo(compare(paths), nl=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(eval_app, name="eval")

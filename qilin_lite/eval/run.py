@@ -1,0 +1,255 @@
+"""Answering a benchmark: EvalItems -> predictions.jsonl (resumable) -> metrics.json + report.md.
+
+The model is injected: `run_eval(items, generate, out_dir)` calls `generate(batch of EvalItems) -> list[str]`
+(`format_prompt(item)` is the text to show the model). `model_generate(model_dir)` is that callable for a
+qilin-lite model (greedy, loaded by `generate.load_generator`); tests pass fakes. `score_demo_heldout` is the
+demo's held-out accuracy, computed by this same code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from ..conversation import IMAGE_TOKEN, get_template
+from ..errors import UserError, where
+from .benchmarks import ANSWER_KEYS, ID_KEYS, first_of, load_eval_items, read_benchmark_records
+from .items import METRICS, PREDICTIONS, REPORT, EvalItem, format_prompt, scan_predictions
+from .metrics import aggregate, as_text, score_item
+from .report import render_report
+
+def run_eval(
+    items: Sequence[EvalItem],
+    generate: Callable[[list[EvalItem]], list[str]] | None,
+    out_dir: str | Path,
+    *,
+    batch_size: int = 8,
+    limit: int | None = None,
+    predictions_file: str | Path | None = None,
+) -> dict:
+    """Answer (or take answers for) each item, append them to OUT/predictions.jsonl, then write metrics and report.
+
+    With `generate`, a rerun into the same `out_dir` resumes: ids already in predictions.jsonl are not generated
+    again. With `predictions_file`, answers come from that file (matched by id) and no model runs.
+    """
+    if (generate is None) == (predictions_file is None):
+        raise UserError("give either a model (--model) or answers made elsewhere (--predictions FILE), not both")
+    if limit is not None:
+        if limit < 1:
+            raise UserError(f"--limit must be at least 1, got {limit}")
+        items = list(items[:limit])
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if not items:
+        raise UserError("no items to evaluate; check --data")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pred_path = out / PREDICTIONS
+    by_id = {it.id: it for it in items}
+
+    if predictions_file is not None:
+        answers = _read_external(Path(predictions_file), items)
+        with open(pred_path, "w", encoding="utf-8") as f:
+            f.write("".join(_prediction_line(it, answers[it.id]) for it in items))
+    else:
+        done = _resume(pred_path, by_id)
+        todo = [it for it in items if it.id not in done]
+        _check_images(todo)
+        with open(pred_path, "a", encoding="utf-8") as f:
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start : start + batch_size]
+                answers = list(generate(batch))
+                if len(answers) != len(batch):
+                    raise ValueError(f"generate returned {len(answers)} answers for a batch of {len(batch)}")
+                f.write("".join(_prediction_line(it, a) for it, a in zip(batch, answers)))
+                f.flush()
+                os.fsync(f.fileno())  # what is on disk is what a rerun resumes from
+
+    written = {rec["id"]: rec for _, rec in scan_predictions(pred_path)[0]}
+    metrics = aggregate(items, [written[it.id]["prediction"] for it in items])
+    (out / METRICS).write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    (out / REPORT).write_text(render_report(metrics), encoding="utf-8")
+    return metrics
+
+
+def _prediction_line(item: EvalItem, prediction: Any) -> str:
+    text = as_text(prediction)
+    rec = {
+        "id": item.id,
+        "task": item.task,
+        "kind": item.kind,
+        "lang": item.lang,
+        "image": item.image,
+        "question": item.question,
+        "choices": item.choices,
+        "reference": item.reference,
+        "prediction": text,
+        **score_item(item, text),
+    }
+    return json.dumps(rec, ensure_ascii=False) + "\n"
+
+
+def _resume(pred_path: Path, by_id: dict[str, EvalItem]) -> set[str]:
+    """Ids already answered in `pred_path`; cuts off a torn last line so appending starts on a fresh line."""
+    if not pred_path.exists():
+        return set()
+    lines, good_end = scan_predictions(pred_path)
+    with open(pred_path, "r+b") as f:
+        f.truncate(good_end)
+        if good_end:  # a last line that parsed but lost its newline gets one back
+            f.seek(good_end - 1)
+            ends_clean = f.read(1) == b"\n"
+            f.seek(good_end)
+            if not ends_clean:
+                f.write(b"\n")
+    done = set()
+    for n, rec in lines:
+        item = by_id.get(str(rec["id"]))
+        if item is None:
+            continue  # e.g. an earlier run with a larger --limit
+        if rec.get("task") != item.task or rec.get("reference") != item.reference:
+            raise UserError(
+                f"{where(pred_path, n, item.id)}: written for other data (task {rec.get('task')!r}, reference "
+                f"{rec.get('reference')!r}); use a new --out for this run"
+            )
+        done.add(item.id)
+    return done
+
+
+def _check_images(items: Iterable[EvalItem]) -> None:
+    """Fail before generating anything rather than after hours of it."""
+    for it in items:
+        if it.image is not None and not Path(it.image).is_file():
+            raise UserError(f"{where(it.image, record_id=it.id)}: image not found; check --image-folder")
+
+
+def _read_external(path: Path, items: Sequence[EvalItem]) -> dict[str, str]:
+    """id -> answer text from a file of answers produced elsewhere."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such predictions file; check --predictions")
+    answers: dict[str, str] = {}
+    for line, pos, rec in read_benchmark_records(path):
+        loc = where(path, line, f"record {pos}" if line is None else None)
+        if not isinstance(rec, dict):
+            raise UserError(f"{loc}: expected a JSON object with an id and a prediction")
+        rid = first_of(rec, ID_KEYS)
+        key = next((k for k in ANSWER_KEYS if k in rec), None)
+        if rid is None or key is None:
+            raise UserError(
+                f"{loc}: needs an id ({' / '.join(ID_KEYS)}) and an answer ({' / '.join(ANSWER_KEYS)})"
+            )
+        answers[str(rid)] = as_text(rec[key])
+    missing = [it.id for it in items if it.id not in answers]
+    if missing:
+        raise UserError(
+            f"{path}: no prediction for {len(missing)} of {len(items)} questions (first id {missing[0]}); every "
+            "question scored needs a line with its id (use --limit to score the first N only)"
+        )
+    return answers
+
+
+def model_generate(
+    model_dir: str | Path,
+    *,
+    bits: int | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    dtype: str = "auto",
+    template: str | None = None,
+) -> Callable[[list[EvalItem]], list[str]]:
+    """Load a model directory once; return `generate(items) -> answers` for `run_eval` (greedy decoding).
+
+    Each item is one user turn, "<image>\n" + `format_prompt(item)` (no image token for an item without an image),
+    rendered in the run's template (or `template`); `batch_size` items go through the model at a time.
+    dtype "auto" is bfloat16 on a GPU that has it, else float32.
+    """
+    from ..generate import load_generator
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    override = get_template(template) if template is not None else None  # a bad name fails before loading
+    # "auto": the loader's own choice (bfloat16 on a GPU that has it), the same as chat and web
+    gen, _ = load_generator(str(model_dir), bits=bits, dtype=None if dtype == "auto" else dtype,
+                            max_new_tokens=max_new_tokens, temperature=0.0)
+    if override is not None:
+        gen.template = override
+
+    def generate(items: list[EvalItem]) -> list[str]:
+        answers: list[str] = []
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            conversations = [
+                [{"role": "user", "content": (f"{IMAGE_TOKEN}\n" if it.image else "") + format_prompt(it)}]
+                for it in batch
+            ]
+            answers += gen.generate(conversations, [[it.image] if it.image else [] for it in batch])
+        return answers
+
+    return generate
+
+
+def _load_on_first_call(load: Callable[[], Callable]) -> Callable:
+    """A `generate` that loads the model when first asked: bad flags, missing images and a resume with nothing
+    left to do then never wait minutes for a 13B model."""
+    loaded: list[Callable] = []
+
+    def generate(batch):
+        if not loaded:
+            loaded.append(load())
+        return loaded[0](batch)
+
+    return generate
+
+
+def run_benchmark(
+    data: str | Path,
+    task: str,
+    out: str | Path,
+    *,
+    model: str | Path | None = None,
+    predictions: str | Path | None = None,
+    image_folder: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    bits: int | None = None,
+    dtype: str = "auto",
+) -> dict:
+    """`qilin-lite eval run`: read DATA as TASK, answer with MODEL (or take PREDICTIONS), write OUT; the metrics."""
+    items = load_eval_items(data, task, image_folder)
+    generate = None
+    if model is not None:
+        generate = _load_on_first_call(
+            lambda: model_generate(model, bits=bits, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype)
+        )
+    return run_eval(items, generate, out, batch_size=batch_size, limit=limit, predictions_file=predictions)
+
+
+def score_demo_heldout(
+    model_dir: str | Path, heldout_path: str | Path, images_dir: str | Path, template: str | None = None
+) -> dict:
+    """The demo's held-out accuracy, by the eval code: {"accuracy": over all records, "per_task": {task: accuracy}}.
+
+    Every held-out record has `choices`, `answer` and `task` (side, modality, ...); read as task "llava" they are
+    choice items, right when the greedy answer names the reference option and no other. `template` overrides the
+    run's own (the demo asks its align run, trained on the plain template, in the tune run's template).
+    Decoding matches the demo's own runs: float32, 8 new tokens, 16 questions per batch.
+    """
+    path = Path(heldout_path)
+    items = load_eval_items(path, "llava", images_dir)
+    not_choice = [it.id for it in items if it.kind != "choice"]
+    if not_choice:
+        raise UserError(f"{where(path, record_id=not_choice[0])}: held-out records need choices and an answer")
+    labels = [str(rec.get("task", "llava")) for _, _, rec in read_benchmark_records(path)]  # one per item, same order
+    _check_images(items)
+    answers = model_generate(model_dir, max_new_tokens=8, batch_size=16, dtype="float32", template=template)(items)
+
+    def accuracy(pick: list[int]) -> float:
+        return aggregate([items[i] for i in pick], [answers[i] for i in pick])["groups"]["all"]["accuracy"]
+
+    per_task = {t: accuracy([i for i, x in enumerate(labels) if x == t]) for t in dict.fromkeys(labels)}
+    return {"accuracy": accuracy(list(range(len(items)))), "per_task": per_task}

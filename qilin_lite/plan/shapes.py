@@ -1,0 +1,179 @@
+"""What the configs say: exact parameter counts per group (models built on the meta device, nothing
+downloaded) and the shapes the activations need. The paper's models are written out so planning needs no download.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+
+from ..errors import UserError
+
+GiB = 1024**3
+
+# The paper's models, written out so that planning needs no download (values from their hub config.json files).
+CLIP_VIT_L14_336 = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
+    patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+)
+LLAMA2_13B = dict(
+    hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+    vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu",
+)
+KNOWN_VISION = {"openai/clip-vit-large-patch14-336": CLIP_VIT_L14_336}
+KNOWN_LLM = {
+    "FlagAlpha/Llama2-Chinese-13b-Chat": LLAMA2_13B,
+    "meta-llama/Llama-2-13b-hf": LLAMA2_13B,
+    "meta-llama/Llama-2-13b-chat-hf": LLAMA2_13B,
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Parameter counts per group and the sizes the activation formulas use."""
+
+    vision: int  # CLIP tower (frozen in every mode)
+    projector: int
+    decoder_linear: int  # weights (+ biases) of the LLM decoder's nn.Linear layers: what 4-bit quantizes
+    decoder_other: int  # RMSNorm weights inside the decoder layers
+    embeddings: int
+    final_norm: int
+    lm_head: int  # 0 when tied to the embeddings
+    linears: tuple  # ((name, in_features, out_features, has_bias), ...) of every LLM decoder linear layer
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_dim: int  # key/value heads x head dim
+    head_dim: int
+    vocab: int
+    vision_hidden: int
+    vision_intermediate: int
+    vision_tokens: int  # patches + CLS, what the tower computes
+    image_tokens: int  # what one image becomes in the LLM's sequence
+    image_size: int
+    linear_projector: bool
+
+    @property
+    def total(self) -> int:
+        return (self.vision + self.projector + self.decoder_linear + self.decoder_other + self.embeddings
+                + self.final_norm + self.lm_head)
+
+    @property
+    def llm(self) -> int:
+        return self.decoder_linear + self.decoder_other + self.embeddings + self.final_norm + self.lm_head
+
+    @property
+    def layer_params(self) -> int:
+        return (self.decoder_linear + self.decoder_other) // self.layers
+
+    def lora_params(self, r: int) -> int:
+        """A (r x in) + B (out x r) on every targeted linear: exactly what peft adds."""
+        return sum(r * (i + o) for _, i, o, _ in self.linears)
+
+    def groups(self) -> dict[str, int]:
+        return {"vision tower": self.vision, "projector": self.projector, "LLM decoder linear": self.decoder_linear,
+                "LLM decoder norms": self.decoder_other, "LLM embeddings": self.embeddings,
+                "LLM final norm": self.final_norm, "lm_head": self.lm_head}
+
+
+def count_parameters(config) -> Shape:
+    """A LlavaConfig -> `Shape`, counting on a model built on the meta device (no memory, no download)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from ..model import num_image_tokens
+    from ..stages import LORA_TARGETS
+
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+
+    def n(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    lm = model.model.language_model
+    linears, decoder_linear = [], 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.startswith("model.language_model.layers."):
+            decoder_linear += n(mod)
+            if re.fullmatch(LORA_TARGETS, name):
+                linears.append((name, mod.in_features, mod.out_features, mod.bias is not None))
+    tied = model.lm_head.weight is lm.embed_tokens.weight
+    tc, vc = config.text_config, config.vision_config
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    shape = Shape(
+        vision=n(model.model.vision_tower), projector=n(model.model.multi_modal_projector),
+        decoder_linear=decoder_linear, decoder_other=n(lm.layers) - decoder_linear, embeddings=n(lm.embed_tokens),
+        final_norm=n(lm.norm), lm_head=0 if tied else n(model.lm_head), linears=tuple(linears),
+        hidden=tc.hidden_size, intermediate=tc.intermediate_size, layers=tc.num_hidden_layers,
+        heads=tc.num_attention_heads, kv_dim=(tc.num_key_value_heads or tc.num_attention_heads) * head_dim,
+        head_dim=head_dim, vocab=tc.vocab_size, vision_hidden=vc.hidden_size,
+        vision_intermediate=vc.intermediate_size, vision_tokens=(vc.image_size // vc.patch_size) ** 2 + 1,
+        image_tokens=num_image_tokens(config), image_size=vc.image_size,
+        linear_projector=config.projector_hidden_act == "linear",
+    )
+    assert shape.total == n(model), "parameter groups do not add up to the model"
+    return shape
+
+
+def llava_config(vision: dict, llm: dict, projector: str = "mlp2x_gelu", vision_feature_layer: int = -2):
+    """Two plain config dicts -> the LlavaConfig `assemble_base` would write (the LLM gains the `<image>` token)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vc = CLIPVisionConfig(**vision)
+    tc = LlamaConfig(**{**llm, "vocab_size": llm["vocab_size"] + 1})
+    return LlavaConfig(
+        vision_config=vc, text_config=tc, image_token_id=llm["vocab_size"],
+        projector_hidden_act="gelu" if projector == "mlp2x_gelu" else "linear",
+        vision_feature_layer=vision_feature_layer, vision_feature_select_strategy="default",
+        image_seq_length=(vc.image_size // vc.patch_size) ** 2, tie_word_embeddings=llm.get("tie_word_embeddings", False),
+    )
+
+
+def _local_config(source: str, what: str) -> dict:
+    p = Path(source)
+    if (p / "config.json").is_file():
+        return json.loads((p / "config.json").read_text(encoding="utf-8"))
+    try:  # a hub id already in the local cache
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(source, local_files_only=True).to_dict()
+    except (OSError, ValueError):
+        raise UserError(
+            f"{source}: no config for the {what} here and nothing is downloaded; give a local directory "
+            f"(the planner knows {', '.join(sorted(KNOWN_VISION if what == 'vision encoder' else KNOWN_LLM))} by heart)"
+        ) from None
+
+
+def recipe_config(recipe):
+    """The LlavaConfig a recipe trains: its base / align run's base, or vision + LLM joined as `assemble_base` does."""
+    from transformers import LlavaConfig
+
+    from ..model import RunInfo, resolve_base
+
+    m = recipe.model
+    base = m.base
+    if m.from_run:
+        info = RunInfo.load(Path(m.from_run))
+        if info is None:
+            raise UserError(
+                f"{m.from_run}: not a qilin-lite run directory (no qilin.json); pass --set model.from_run=ALIGN_DIR")
+        base = resolve_base(Path(m.from_run), info)
+    if base:
+        cfg = _local_config(base, "Llava base")
+        if cfg.get("model_type") != "llava":
+            raise UserError(f"{base}: not a Llava model (model_type {cfg.get('model_type')!r})")
+        return LlavaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version")})
+    vision = KNOWN_VISION.get(m.vision) or _vision_dict(_local_config(m.vision, "vision encoder"))
+    llm = KNOWN_LLM.get(m.llm) or _local_config(m.llm, "LLM")
+    return llava_config(vision, llm, m.projector, m.vision_feature_layer)
+
+
+def _vision_dict(cfg: dict) -> dict:
+    cfg = cfg.get("vision_config", cfg)  # a full CLIP directory holds the tower's config inside
+    keep = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size",
+            "projection_dim", "hidden_act", "layer_norm_eps", "num_channels")
+    return {k: cfg[k] for k in keep if k in cfg}
