@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 _KEEP = []  # the C callbacks must outlive every call that may log
 
 

@@ -65,9 +65,9 @@ def _load_weights_into_memory() -> None:
 
 
 def child(mode: str, base: str, data: str, images: str, out: str, hidden: int, steps: int, batch: int) -> dict:
-    import torch  # noqa: F401  the imports every mode pays, before the baseline
     import bitsandbytes  # noqa: F401
     import peft  # noqa: F401
+    import torch  # noqa: F401  the imports every mode pays, before the baseline
     import trl  # noqa: F401
     from transformers import TrainerCallback
 

@@ -185,7 +185,6 @@ def ours_recipe(stage: str, base: Path, data: dict, out: Path, s: Settings):
 
 def run_ours(stage: str, base: Path, data: dict, out: Path, s: Settings) -> Probe:
     import qilin_lite.train as train_mod
-
     from qilin_lite.trainer import QilinTrainer
 
     probe = Probe()
@@ -317,7 +316,7 @@ def data_cost(stage: str, base: Path, data: dict, out: Path, s: Settings, n: int
 
     from qilin_lite.conversation import chat_template_jinja, get_template
     from qilin_lite.model import load_tokenizer_and_processor
-    from qilin_lite.processing import as_hf_dataset, Collator
+    from qilin_lite.processing import Collator, as_hf_dataset
     from qilin_lite.train_data import build_dataset
 
     recipe = ours_recipe(stage, base, data, out, s)

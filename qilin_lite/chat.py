@@ -23,8 +23,8 @@ from typing import Annotated, Callable, Optional, TextIO
 import typer
 
 from .errors import UserError
+from .options import Frame, ImageFiles, Load4bit, Load8bit, ModelDir, Window, quant_bits
 from .session import COMMANDS, DISCLAIMER, ChatSession, load_chat_image, parse_window, quiet, utf8_stdio
-
 
 
 def repl(session: ChatSession, *, read: Callable[[str], str] = input, out: TextIO | None = None,
@@ -140,22 +140,20 @@ def chat(
 def register(app: typer.Typer) -> None:
     @app.command("chat")
     def chat_command(
-        images: Annotated[list[Path], typer.Argument(metavar="IMAGE...", help="image file(s): JPEG/PNG/TIFF/DICOM...; 2-4 are joined into one")],
-        model: Annotated[str, typer.Option("--model", help="run directory (align/lora/qlora/full/merged) or hub id")],
+        images: ImageFiles,
+        model: ModelDir,
         adapter: Annotated[Optional[str], typer.Option("--adapter", help="peft adapter directory applied on top of --model")] = None,
-        load_4bit: Annotated[bool, typer.Option("--load-4bit", help="quantize the LLM to 4-bit NF4 on load")] = False,
-        load_8bit: Annotated[bool, typer.Option("--load-8bit", help="quantize the LLM to 8-bit on load")] = False,
+        load_4bit: Load4bit = False,
+        load_8bit: Load8bit = False,
         temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy")] = 0.2,
         max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 512,
         prompt: Annotated[Optional[str], typer.Option("--prompt", help="answer this once and exit (stdout = the answer)")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="with --prompt: print {answer, model, tokens, seconds, prompt_ids} (prompt_ids: the ids the model was given, images expanded)")] = False,
         verbose: Annotated[bool, typer.Option("--verbose", help="loading messages and tokens/s")] = False,
-        window: Annotated[Optional[str], typer.Option("--window", help="CENTER,WIDTH for DICOM / 16-bit images, e.g. 40,400")] = None,
-        frame: Annotated[Optional[int], typer.Option("--frame", help="frame of a multi-frame file (DICOM default: middle)")] = None,
+        window: Window = None,
+        frame: Frame = None,
     ):
         """Chat about an image with a trained model (interactive; --prompt answers once). Not a diagnosis."""
-        if load_4bit and load_8bit:
-            raise UserError("choose one of --load-4bit and --load-8bit")
-        chat(images, model, adapter=adapter, bits=4 if load_4bit else 8 if load_8bit else None,
+        chat(images, model, adapter=adapter, bits=quant_bits(load_4bit, load_8bit),
              temperature=temperature, max_new_tokens=max_new_tokens, prompt=prompt, as_json=as_json,
              verbose=verbose, window=parse_window(window), frame=frame)

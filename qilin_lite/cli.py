@@ -168,7 +168,7 @@ def _register_extensions() -> None:
     themselves here."""
     import importlib
 
-    for name in ("image", "chat", "merge", "convert", "export", "eval.cli", "data.cli", "plan.cli", "web"):
+    for name in ("image", "chat", "merge", "convert", "export.cli", "eval.cli", "data.cli", "plan.cli", "web"):
         try:
             mod = importlib.import_module(f".{name}", __package__)
         except ModuleNotFoundError as e:

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import UserError
+from .options import Frame, ImageFiles, Window
 from .session import load_chat_image, parse_window
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the fill when no model is named (CLIP's processors)
@@ -47,11 +48,11 @@ def prepare_image(paths, out: str | Path, *, model: str | None = None, window: t
 def register(app: typer.Typer) -> None:
     @app.command("image")
     def image_command(
-        images: Annotated[list[Path], typer.Argument(metavar="IMAGE...", help="image file(s): JPEG/PNG/TIFF/DICOM...; 2-4 are joined into one")],
+        images: ImageFiles,
         out: Annotated[Path, typer.Option("--out", help="the PNG to write")],
         model: Annotated[Optional[str], typer.Option("--model", help="the run whose image mode and fill colour to use (default: pad, CLIP mean)")] = None,
-        window: Annotated[Optional[str], typer.Option("--window", help="CENTER,WIDTH for DICOM / 16-bit images, e.g. 40,400")] = None,
-        frame: Annotated[Optional[int], typer.Option("--frame", help="frame of a multi-frame file (DICOM default: middle)")] = None,
+        window: Window = None,
+        frame: Frame = None,
     ):
         """Write the image as the model saw it in training (square, windowed, composite) for servers to read."""
         typer.echo(prepare_image(images, out, model=model, window=parse_window(window), frame=frame))

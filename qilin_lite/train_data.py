@@ -17,11 +17,11 @@ import numpy as np
 
 from .config import Recipe
 from .conversation import get_template
+from .data.records import Record, Reject, read_records, write_rejects
 from .distributed import gather_dicts, my_share, rank, wait_for_everyone, world_size
 from .errors import UserError
 from .model import token_layout
 from .processing import ImageLoader, VisionTextDataset, sample_lengths
-from .data.records import Reject, Record, read_records, write_rejects
 
 log = logging.getLogger(__name__)
 

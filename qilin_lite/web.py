@@ -34,6 +34,7 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import UserError
+from .options import Load4bit, Load8bit, ModelDir, quant_bits
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,8 @@ class WebApp:
 
     def set_image(self, sid: str, files: list[dict], window=None, frame: int | None = None) -> dict:
         """Decode 1-4 uploads (`{"name", "data": base64}`) as chat does; returns the model's view as a PNG."""
-        from .session import MAX_IMAGES, load_chat_image
         from .images import expand_to_square
+        from .session import MAX_IMAGES, load_chat_image
 
         s = self.session(sid)
         if not files:
@@ -307,9 +308,9 @@ def _window(value) -> tuple[float, float]:
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 7860, bits: int | None = None,
           log_dir: Path | None = None, temperature: float = 0.2, max_new_tokens: int = 512) -> None:
-    import uvicorn
-
     import socket
+
+    import uvicorn
 
     from .generate import load_generator
     from .session import quiet
@@ -332,11 +333,11 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 7860, bits: int | 
 def register(app: typer.Typer) -> None:
     @app.command("web")
     def web_command(
-        model: Annotated[str, typer.Option("--model", help="run directory (align/lora/qlora/full/merged) or hub id")],
+        model: ModelDir,
         host: Annotated[str, typer.Option("--host", help="address to listen on (default: this machine only)")] = "127.0.0.1",
         port: Annotated[int, typer.Option("--port")] = 7860,
-        load_4bit: Annotated[bool, typer.Option("--load-4bit", help="quantize the LLM to 4-bit NF4 on load")] = False,
-        load_8bit: Annotated[bool, typer.Option("--load-8bit", help="quantize the LLM to 8-bit on load")] = False,
+        load_4bit: Load4bit = False,
+        load_8bit: Load8bit = False,
         log_dir: Annotated[Optional[Path], typer.Option("--log-dir", help="save transcripts here (images as the model's PNG view); default: nothing is stored")] = None,
         temperature: Annotated[float, typer.Option("--temperature", help="the page's default (0 = greedy)")] = 0.2,
         max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="the page's default")] = 512,
@@ -344,9 +345,8 @@ def register(app: typer.Typer) -> None:
         """A local web page to try a model on images (DICOM windows, Chinese/English). Not a diagnosis."""
         import importlib.util
 
-        if load_4bit and load_8bit:
-            raise UserError("choose one of --load-4bit and --load-8bit")
+        bits = quant_bits(load_4bit, load_8bit)
         if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
             raise UserError('qilin-lite web needs FastAPI and uvicorn: pip install -e ".[web]"')
-        serve(model, host=host, port=port, bits=4 if load_4bit else 8 if load_8bit else None, log_dir=log_dir,
+        serve(model, host=host, port=port, bits=bits, log_dir=log_dir,
               temperature=temperature, max_new_tokens=max_new_tokens)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from qilin_lite.config import load_recipe
+from qilin_lite.data.records import Reject, read_records
 from qilin_lite.errors import UserError
-from qilin_lite.data.records import read_records, Reject
 
 GOOD = {"id": "a1", "image": "x.png", "conversations": [{"from": "human", "value": "<image>\n病灶位于哪一侧？"},
                                                       {"from": "gpt", "value": "左侧"}]}
@@ -94,13 +94,12 @@ def test_corrupt_image_is_caught_before_training(folder):
 
 def test_a_sample_failing_mid_epoch_is_skipped_and_recorded(tiny_base, folder, tmp_path):
     import numpy as np
+    from PIL import Image
+    from transformers import AutoConfig
 
     from qilin_lite.conversation import TEMPLATES
     from qilin_lite.model import load_tokenizer_and_processor, token_layout
     from qilin_lite.processing import ImageLoader, VisionTextDataset
-    from transformers import AutoConfig
-
-    from PIL import Image
 
     Image.new("RGB", (32, 32)).save(folder / "y.png")
     data = write_jsonl(folder / "d.jsonl", [GOOD, variant(id="y", image="y.png")])
@@ -149,6 +148,7 @@ def test_cli_user_errors_are_one_line_without_traceback(folder, tiny_base):
 @pytest.mark.parametrize("bad", ["records", "images"])
 def test_when_every_record_is_rejected_the_rejects_file_it_names_exists(bad, folder, tiny_base, tmp_path):
     from conftest import tiny_recipe
+
     from qilin_lite.train import run_stage
 
     if bad == "records":  # rejected while reading
@@ -215,6 +215,7 @@ def test_a_recipe_naming_deepspeed_without_it_is_one_line_and_none_off_null_unse
     import importlib.util
 
     from conftest import run_cli_captured
+
     from qilin_lite.config import REPO_RECIPES
 
     if importlib.util.find_spec("deepspeed") is not None:

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
-from qilin_lite.session import ChatSession, DISCLAIMER
+from qilin_lite.data.records import LazyImage
 from qilin_lite.errors import UserError
 from qilin_lite.images import composite, load_image
-from qilin_lite.data.records import LazyImage
-from conftest import run_cli
+from qilin_lite.session import DISCLAIMER, ChatSession
 
 CLI = str(Path(sys.executable).with_name("qilin-lite"))
 Q1, Q2, Q3 = "病灶位于哪一侧？", "这是什么类型的影像？", "图中有几个病灶？"
@@ -323,6 +323,7 @@ def test_image_command_writes_what_training_saw_for_servers(lora_run, tmp_path, 
     """A server gives the PNG to the HF processor alone (resize + centre crop); that must equal what training fed
     the model from the original non-square DICOM (windowed, padded to a square). No header value goes along."""
     from conftest import run_cli_captured
+
     from qilin_lite.model import load_tokenizer_and_processor
     from qilin_lite.processing import ImageLoader
 

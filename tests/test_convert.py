@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_cli
 from safetensors.torch import load_file, save_file
 
 from qilin_lite.convert import convert_checkpoint
 from qilin_lite.errors import UserError
-from conftest import run_cli
 
 PRIVATE_TOWER = "/mnt/private/qilin/clip-vit-large-patch14-336"  # what the release's config names
 
@@ -87,13 +87,12 @@ def reference_logits(state: dict, tiny_parts, input_ids: torch.Tensor, image_tok
 
 
 def converted_inputs(dst: Path, image: Path):
-    from transformers import AutoProcessor, AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer, LlavaConfig
 
     from qilin_lite.conversation import get_template
     from qilin_lite.generate import Generator
     from qilin_lite.model import token_layout
     from qilin_lite.processing import ImageLoader
-    from transformers import LlavaConfig
 
     tok = AutoTokenizer.from_pretrained(dst)
     config = LlavaConfig.from_pretrained(dst)

@@ -11,15 +11,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import run_cli_captured as run_cli
 from PIL import Image
 
+from qilin_lite.data.build import BuildConfig, build
 from qilin_lite.data.items import PROMPTS
-from qilin_lite.data.build import build, BuildConfig
-from qilin_lite.data.sources import FieldMap, iter_rows
+from qilin_lite.data.records import read_records
+from qilin_lite.data.rows import iter_rows
+from qilin_lite.data.sources import FieldMap
 from qilin_lite.data.translate import TranslateConfig
 from qilin_lite.errors import UserError
-from qilin_lite.data.records import read_records
-from conftest import run_cli_captured as run_cli
 
 CONTEXT = "患者女性，73岁，因左侧肢体无力入院，头颅CT显示右侧基底节区低密度影。"  # 35 characters
 

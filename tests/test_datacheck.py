@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import run_cli_captured as run_cli
 from PIL import Image
 
-from qilin_lite.data.build import build, BuildConfig
+from qilin_lite.data.build import BuildConfig, build
 from qilin_lite.data.check import check_data
-from conftest import run_cli_captured as run_cli
 
 
 def turn(who, value):

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port
 
 
@@ -187,9 +186,9 @@ def test_processes_split_the_length_count_and_all_get_every_length(tmp_path, tin
     from transformers import AutoConfig
 
     from qilin_lite.conversation import get_template
+    from qilin_lite.data.records import read_records
     from qilin_lite.model import load_tokenizer_and_processor, token_layout
     from qilin_lite.processing import sample_lengths
-    from qilin_lite.data.records import read_records
 
     rows = json.loads(Path(tiny_data["tune"]).read_text(encoding="utf-8"))
     question = rows[3]["conversations"][0]["value"]

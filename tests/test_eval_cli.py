@@ -10,8 +10,8 @@ import pytest
 
 import qilin_lite.generate
 from qilin_lite.errors import UserError
-from qilin_lite.eval.metrics import LETTERS
 from qilin_lite.eval import EvalItem, format_prompt, load_eval_items, model_generate, run_eval, score_demo_heldout
+from qilin_lite.eval.metrics import LETTERS
 
 CLI = str(Path(sys.executable).with_name("qilin-lite"))
 

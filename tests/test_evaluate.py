@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from qilin_lite.errors import UserError
-from qilin_lite.eval import compare, EvalItem, format_prompt, load_eval_items, run_eval
+from qilin_lite.eval import EvalItem, compare, format_prompt, load_eval_items, run_eval
 
 
 def write_json(path: Path, data) -> Path:

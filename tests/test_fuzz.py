@@ -70,8 +70,8 @@ def _processor():
 @given(files=st.lists(damaged(), min_size=1, max_size=6))
 def test_damaged_images_are_clean_problems_in_check_and_loader(files):
     from qilin_lite.data.check import check_data
-    from qilin_lite.processing import ImageLoader
     from qilin_lite.data.records import read_records
+    from qilin_lite.processing import ImageLoader
     from qilin_lite.train_data import verify_images
 
     d = Path(tempfile.mkdtemp())
@@ -123,7 +123,7 @@ def test_random_json_records_are_problems_or_records(lines):
     from PIL import Image
 
     from qilin_lite.data.check import check_data
-    from qilin_lite.data.records import read_records, Reject
+    from qilin_lite.data.records import Reject, read_records
 
     d = Path(tempfile.mkdtemp())
     Image.new("RGB", (8, 8)).save(d / "x.png")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import run_cli_captured
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks/`
@@ -300,9 +299,9 @@ def test_image_features_equal_the_trained_model(exported, demo_run, heldout_imag
     """mtmd's embedding of a padded image = the merged model's CLIP layer -2 + projector, to f16 precision."""
     import ctypes
 
+    import llama_cpp.mtmd_cpp as mtmd
     import torch
 
-    import llama_cpp.mtmd_cpp as mtmd
     from benchmarks.gguf_cpu import LlamaCppLlava
     from qilin_lite.generate import load_generator
 

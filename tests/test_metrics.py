@@ -5,7 +5,21 @@ from types import SimpleNamespace
 
 import pytest
 
-from qilin_lite.eval.metrics import aggregate, closed_llavamed, closed_strict, corpus_bleu, extract_option, normalize_answer, normalize_text, open_recall, reference_yes_no, rouge_l, score_item, tokenize, yes_no
+from qilin_lite.eval.metrics import (
+    aggregate,
+    closed_llavamed,
+    closed_strict,
+    corpus_bleu,
+    extract_option,
+    normalize_answer,
+    normalize_text,
+    open_recall,
+    reference_yes_no,
+    rouge_l,
+    score_item,
+    tokenize,
+    yes_no,
+)
 
 
 def item(kind, reference, *, choices=None, lang=None, task="slake"):

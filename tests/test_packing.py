@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from qilin_lite.processing import Collator, IGNORE
 from qilin_lite.packing import pack
+from qilin_lite.processing import IGNORE, Collator
 
 
 def test_pack_fits_every_sample_once_and_never_overflows():
@@ -35,10 +35,10 @@ def per_sample_losses(logits, labels, segments):
 
 def test_packed_loss_and_projector_gradient_equal_padded(tiny_base, tiny_data):
     from qilin_lite.conversation import TEMPLATES
-    from qilin_lite.model import load_llava, load_tokenizer_and_processor, token_layout
-    from qilin_lite.processing import ImageLoader, VisionTextDataset
-    from qilin_lite.packing import PackedDataset
     from qilin_lite.data.records import read_records
+    from qilin_lite.model import load_llava, load_tokenizer_and_processor, token_layout
+    from qilin_lite.packing import PackedDataset
+    from qilin_lite.processing import ImageLoader, VisionTextDataset
 
     model = load_llava(str(tiny_base), dtype="float32", attn="sdpa")
     model.config.use_cache = model.config.text_config.use_cache = False  # as train.py sets it
@@ -151,8 +151,8 @@ def test_packing_decision_is_in_the_summary(tmp_path, tiny_base, tiny_data):
 def test_packing_estimate_batches_as_the_training_sampler_does():
     """The estimate's unpacked batches are the ones the run's sampler yields (grouped over per-device batch x
     accumulation, the same seed), not a finer grouping of its own."""
-    from qilin_lite.sampler import EpochGroupedSampler
     from qilin_lite.packing import choose_packing, layout_flops, pack
+    from qilin_lite.sampler import EpochGroupedSampler
 
     rng = np.random.default_rng(2)
     lengths = (576 + rng.lognormal(4.0, 0.8, 600)).astype(int).tolist()

@@ -30,9 +30,9 @@ import yaml
 
 from qilin_lite.config import REPO_RECIPES, load_recipe
 from qilin_lite.conversation import get_template
+from qilin_lite.data.records import BadRecord, Record, _messages_from_llava
 from qilin_lite.errors import UserError
-from qilin_lite.processing import encode, IGNORE, sample_lengths, TokenLayout
-from qilin_lite.data.records import _messages_from_llava, BadRecord, Record
+from qilin_lite.processing import IGNORE, TokenLayout, encode, sample_lengths
 
 DATA = Path(__file__).parent / "data" / "fidelity"
 N_IMG = 4  # image tokens per image in these tests; the authors' -200 placeholder expands to as many
@@ -364,13 +364,13 @@ def test_loss_average_is_the_mean_the_recipe_names(tmp_path, tiny_base, average)
     """Two records of different reply lengths, one per micro-batch, accumulated into one step: "batch" logs the
     mean of the two records' own means (the authors'), "tokens" the mean over all their supervised tokens."""
     import torch
-
     from conftest import tiny_recipe
+
     from qilin_lite.demo.data import DemoDataSpec, make_demo_data
     from qilin_lite.model import load_llava, load_tokenizer_and_processor
     from qilin_lite.processing import Collator
-    from qilin_lite.train_data import build_dataset
     from qilin_lite.train import train_stage
+    from qilin_lite.train_data import build_dataset
 
     data = make_demo_data(tmp_path / "d", DemoDataSpec(n_align=2, n_tune=2, n_heldout=1, image_size=32))
     rows = json.loads(Path(data["tune"]).read_text(encoding="utf-8"))[:2]

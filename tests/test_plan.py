@@ -16,8 +16,8 @@ from qilin_lite.config import REPO_RECIPES
 from qilin_lite.errors import UserError
 from qilin_lite.plan import (
     CLIP_VIT_L14_336,
-    GiB,
     LLAMA2_13B,
+    GiB,
     Settings,
     count_parameters,
     estimate,

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from qilin_lite.conversation import TEMPLATES, render
-from qilin_lite.processing import Collator, encode, IGNORE
 from qilin_lite.data.records import BadRecord
+from qilin_lite.processing import IGNORE, Collator, encode
 
 V1 = TEMPLATES["vicuna_v1"]
 PLAIN = TEMPLATES["plain"]
@@ -173,9 +173,9 @@ def test_a_batch_is_the_same_as_its_items_with_one_processor_call(tmp_path, tiny
     import shutil
 
     import torch
+    from conftest import tiny_recipe
     from transformers import AutoConfig
 
-    from conftest import tiny_recipe
     from qilin_lite.model import load_tokenizer_and_processor
     from qilin_lite.train_data import build_dataset
 

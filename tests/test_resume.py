@@ -60,6 +60,7 @@ def _interrupted(tmp_path, args, at: int, sig: str) -> subprocess.CompletedProce
 def reference(tmp_path_factory, tiny_base, tiny_data):
     """The uninterrupted runs (one per sampling order)."""
     from conftest import tiny_recipe
+
     from qilin_lite.train import run_stage
 
     outs = {}
@@ -80,6 +81,7 @@ def _tiny_kwargs(args):
 @pytest.mark.parametrize("grouped", [True, False], ids=["length-grouped", "random"])
 def test_killed_in_the_second_epoch_resumes_to_the_same_weights(tmp_path, tiny_base, tiny_data, reference, grouped):
     from conftest import tiny_recipe
+
     from qilin_lite.train import run_stage
 
     out = tmp_path / "run"
@@ -100,6 +102,7 @@ def test_killed_in_the_second_epoch_resumes_to_the_same_weights(tmp_path, tiny_b
 @pytest.mark.slow
 def test_sigterm_saves_at_the_step_boundary_exits_0_and_resumes(tmp_path, tiny_base, tiny_data, reference):
     from conftest import tiny_recipe
+
     from qilin_lite.train import run_stage
 
     out = tmp_path / "run"

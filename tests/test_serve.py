@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import free_port
 
 QUESTION = "病灶位于哪一侧？"

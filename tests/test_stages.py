@@ -140,10 +140,11 @@ def test_full_trains_llm_and_projector_never_the_vision_tower(tiny_base, full_ru
 
 def _batch(run_dir, tiny_data):
     """One real training batch from the run's own data path."""
+    from transformers import AutoConfig
+
     from qilin_lite.conversation import get_template
     from qilin_lite.model import RunInfo, load_tokenizer_and_processor, token_layout
-    from qilin_lite.processing import Collator, encode, ImageLoader
-    from transformers import AutoConfig
+    from qilin_lite.processing import Collator, ImageLoader, encode
 
     info = RunInfo.load(Path(run_dir))
     tok, ip = load_tokenizer_and_processor(str(run_dir))

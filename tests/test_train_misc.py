@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_recipe
 from safetensors.torch import load_file
 
-from conftest import tiny_recipe
 from qilin_lite.errors import UserError
 
 
@@ -155,8 +155,8 @@ def test_eval_loss_is_the_held_out_supervised_token_loss(tmp_path, align_run, ti
     """--eval-data: the logged eval loss is the mean loss over exactly the held-out replies' tokens, evaluated with
     the weights of that step (here the final ones), and it is in the summary and the curve."""
     from qilin_lite.processing import Collator
-    from qilin_lite.train_data import build_dataset
     from qilin_lite.train import train_stage
+    from qilin_lite.train_data import build_dataset
 
     rows = json.loads(Path(tiny_data["tune"]).read_text(encoding="utf-8"))
     held = tmp_path / "留出集.json"
@@ -229,10 +229,11 @@ def test_host_cuts_train_and_log_as_the_trainers_own_steps(tmp_path, align_run, 
     NaN/inf filter of the logged loss on the device. Against the Trainer's own methods, with LoRA dropout on (so a
     model left in eval mode after an evaluation would train other weights), an evaluation mid-run and a NaN loss
     on one micro-batch: the same weights to the bit, the same logs, the same FLOPs total."""
-    import qilin_lite.train as train_mod
-    from qilin_lite.trainer import QilinTrainer
     from transformers import Trainer
     from trl import SFTTrainer
+
+    import qilin_lite.train as train_mod
+    from qilin_lite.trainer import QilinTrainer
 
     ours_cls = QilinTrainer
     poisoned = 5  # micro-batch whose loss reads NaN (the gradient is untouched: NaN + loss is constant in NaN)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import free_port
 
 CLI = str(Path(sys.executable).with_name("qilin-lite"))
@@ -190,8 +189,8 @@ def test_a_corrupt_upload_is_a_message_and_the_next_question_works(browser, serv
 
 def test_bad_requests_are_one_message_each(lora_run):
     """The HTTP layer without a browser: too many images, an empty question, no image yet, a bad window."""
-    from qilin_lite.generate import load_generator as build_generator
     from qilin_lite.errors import UserError
+    from qilin_lite.generate import load_generator as build_generator
     from qilin_lite.web import WebApp, _window
 
     gen, info = build_generator(str(lora_run), temperature=0, max_new_tokens=4)

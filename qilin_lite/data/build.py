@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .records import BadRecord, Reject, validate_messages
+from .items import Drop, Item, conversation, row_to_item, source_text, too_short
+from .records import BadRecord, Reject, messages_from_llava, validate_messages
+from .rows import iter_rows
+from .sources import FieldMap, detect_layout
 from .translate import TranslateConfig, Translator, needs_translation
-from .sources import FieldMap, detect_layout, iter_rows
-from .items import Drop, Item, source_text, too_short, conversation, row_to_item
 
 log = logging.getLogger(__name__)
 
@@ -322,9 +323,8 @@ class _BuildState:
 
     def record(self, item: Item) -> dict | None:
         turns = conversation(item, self.cfg.seed)
-        messages = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in turns]
         try:
-            validate_messages(messages, 1 if item.image else 0)
+            validate_messages(messages_from_llava(turns), 1 if item.image else 0)
         except BadRecord as e:
             self.reject(item.file, item.line, item.id, "validate", str(e))
             return None

@@ -51,10 +51,10 @@ def build_cmd(
     translate_cache: Annotated[Optional[Path], typer.Option("--translate-cache", help="sqlite cache (default OUT.translations.sqlite)")] = None,
 ):
     """Raw sources -> LLaVA conversation file + OUT.rejects.jsonl + OUT.report.json."""
+    from ..errors import UserError
     from .build import BuildConfig, build, format_build_report
     from .sources import FieldMap
     from .translate import TranslateConfig
-    from ..errors import UserError
 
     tr = None
     if translate_url or translate_model:
@@ -83,8 +83,8 @@ def check_cmd(
     workers: Annotated[Optional[int], typer.Option("--workers", help="threads decoding images")] = None,
 ):
     """Validate every record as training would; exit 1 when any record fails."""
-    from .check import check_data
     from ..errors import UserError
+    from .check import check_data
 
     if length_mode not in ("text", "total"):
         raise UserError(f"--length-mode must be text or total, not '{length_mode}'")

@@ -44,8 +44,8 @@ def inspect_records(file, model: str, *, image_folder=None, recipe: str | None =
                     max_length: int | None = None, length_mode: str | None = None, n: int = 3,
                     as_json: bool = False, color: bool | None = None, out=None) -> list[dict]:
     from ..conversation import get_template
-    from .check import model_facts
     from ..processing import IGNORE, TokenLayout, encode_detail
+    from .check import model_facts
     from .records import BadRecord, read_records
 
     out = out or sys.stdout

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..conversation import IMAGE_TOKEN
-from .records import ROLE_NAMES
+from .records import BadRecord, messages_from_llava
 from .sources import Layout
 
 log = logging.getLogger(__name__)
@@ -135,18 +135,17 @@ def row_to_item(row: dict, layout: Layout, line: int, file: str, source: str | N
 
 
 def _llava_item(row: dict, layout: Layout, line: int, file: str, source: str | None) -> Item:
-    convs = row.get("conversations", row.get("messages"))
-    if not isinstance(convs, list) or not convs or not all(isinstance(t, dict) for t in convs):
-        raise Drop("fields", "'conversations' must be a non-empty list of {from, value} turns")
+    try:  # the turns as training parses them (records.messages_from_llava)
+        messages = messages_from_llava(row.get("conversations", row.get("messages")))
+    except BadRecord as e:
+        raise Drop("fields", str(e)) from None
     roles, texts = [], {}
-    for i, turn in enumerate(convs, 1):
-        role = ROLE_NAMES.get(str(turn.get("from", turn.get("role", ""))).lower())
-        value = turn.get("value", turn.get("content"))
-        if role not in ("user", "assistant") or not isinstance(value, str):
+    for i, m in enumerate(messages, 1):
+        if m["role"] not in ("user", "assistant"):
             raise Drop("fields", f"turn {i} needs a human/gpt role and a text value")
-        roles.append("human" if role == "user" else "gpt")
+        roles.append("human" if m["role"] == "user" else "gpt")
         # tags are collapsed: one composite image, one <image> at the start of the first human turn
-        texts[f"turn_{i}"] = value.replace(IMAGE_TOKEN, "").strip()
+        texts[f"turn_{i}"] = m["content"].replace(IMAGE_TOKEN, "").strip()
     names = image_names(row.get("image", row.get("images")), split=False)
     rid = row.get(layout.keys["id"])
     rid = str(rid) if rid not in (None, "") else _derived_id(Path(file).stem, names, texts)

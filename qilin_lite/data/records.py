@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..conversation import IMAGE_TOKEN, check_roles
 from ..errors import UserError, where
+from .rows import iter_json
 
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -80,7 +81,7 @@ def read_records(
     if is_data_file(p):
         if not p.exists():
             raise UserError(f"{p}: data file not found; check the path given to --data")
-        rows = _iter_json_rows(p)
+        rows = iter_json(p, on_broken="raise")
         folder = Path(image_folder) if image_folder else p.parent
         if not folder.is_dir():
             raise UserError(f"{folder}: image folder not found; pass --image-folder with the folder holding the images")
@@ -116,42 +117,9 @@ def is_data_file(path: str | Path) -> bool:
     return p.suffix in (".json", ".jsonl") or p.is_file()
 
 
-def _iter_json_rows(p: Path) -> Iterator[tuple[int | None, Any, str | None]]:
-    """Yield (line, row, parse_error). JSONL lines are parsed one by one so one bad line names its own number."""
-    with p.open("rb") as f:
-        head = f.read(4096).lstrip()
-    if head.startswith(b"["):
-        try:
-            rows = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            if e.msg == "Extra data":  # JSONL whose first line is a list: read it line by line, each bad line its own
-                yield from iter_jsonl(p)
-                return
-            raise UserError(f"{where(p, e.lineno)}: not valid JSON ({e.msg}); fix the file or convert it to JSONL") from None
-        except UnicodeDecodeError:
-            raise UserError(f"{p}: not UTF-8 text; re-save the file as UTF-8") from None
-        # a JSON list has no per-record line: report the record's position (1-based) instead
-        for i, row in enumerate(rows, 1):
-            yield i, row, None if isinstance(row, dict) else "record is not a JSON object"
-        return
-    yield from iter_jsonl(p)
-
-
-def iter_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    """Yield (line, row or None, parse_error) for each non-blank line, streaming: one bad line names itself."""
-    with Path(path).open(encoding="utf-8", errors="replace") as f:
-        for i, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as e:
-                yield i, None, f"not valid JSON ({e.msg})"
-                continue
-            yield i, row, None if isinstance(row, dict) else "line is not a JSON object"
-
-
-def _messages_from_llava(convs: Any) -> list[dict]:
+def messages_from_llava(convs: Any) -> list[dict]:
+    """LLaVA / ShareGPT turns (`from`/`value` or `role`/`content`, HF content lists) -> messages with the roles
+    user / assistant / system. The one turn parser: training, `data check` and `eval` read turns through it."""
     if not isinstance(convs, list) or not convs:
         raise BadRecord("'conversations' must be a non-empty list of {from, value} turns")
     messages = []
@@ -208,7 +176,7 @@ def _from_llava(row: dict, folder: Path, default_id: str) -> Record:
     rid = row.get("id")
     if rid is None:
         rid = default_id
-    messages = _messages_from_llava(row.get("conversations", row.get("messages")))
+    messages = messages_from_llava(row.get("conversations", row.get("messages")))
     image = row.get("image", row.get("images"))
     names = [] if image in (None, "", []) else image if isinstance(image, list) else [image]
     if not all(isinstance(n, str) and n for n in names):
@@ -257,7 +225,7 @@ def _iter_hf_rows(name: str, split: str, image_column: str, messages_column: str
             yield i + 1, dict(row, __index__=i), None
 
     def convert(row: dict, line: int) -> Record:
-        messages = _messages_from_llava(row[mcol])
+        messages = messages_from_llava(row[mcol])
         tags = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
         i = row["__index__"]
         if counts is None or not tags:

@@ -1,18 +1,15 @@
-"""Source files and their layouts for `data build`: rows read streamed (JSONL, JSON list, CSV/TSV, Parquet), and
-which fields of a row hold the id, image, text, question, answer and choices (detected, or named with options).
+"""Source layouts for `data build`: which fields of a row (read by rows.py) hold the id, image, text, question,
+answer and choices, detected or named with options.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import UserError
-from .records import iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -113,91 +110,3 @@ def detect_layout(row: dict, name: str, fields: FieldMap, task: str, text_kind: 
     else:
         out_task = text_kind or ("context" if k["text"].lower() == "context" else "caption")
     return Layout(name, display, out_task, k)
-
-
-def iter_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    """Yield (line or position, row, parse error) without loading the file: JSONL, JSON list, CSV/TSV, Parquet."""
-    if not path.is_file():
-        raise UserError(f"{path}: input file not found; check the path")
-    suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        yield from _iter_csv(path, "\t" if suffix == ".tsv" else ",")
-    elif suffix == ".parquet":
-        yield from _iter_parquet(path)
-    else:
-        with path.open("rb") as f:
-            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-        yield from _iter_json_list(path) if head.startswith(b"[") else iter_jsonl(path)
-
-
-def _iter_json_list(path: Path, chunk: int = 1 << 20):
-    """Elements of a top-level JSON list, decoded one at a time from a sliding buffer (1-based positions)."""
-    decoder = json.JSONDecoder()
-    with path.open(encoding="utf-8-sig", errors="replace") as f:
-        buf, pos, eof = "", 0, False
-
-        def more() -> bool:
-            nonlocal buf, pos, eof
-            data = f.read(chunk)
-            eof = not data
-            buf, pos = buf[pos:] + data, 0
-            return bool(data)
-
-        def skip_space() -> str:
-            nonlocal pos
-            while True:
-                while pos < len(buf) and buf[pos] in " \t\r\n":
-                    pos += 1
-                if pos < len(buf) or not more():
-                    return buf[pos] if pos < len(buf) else ""
-
-        more()
-        if skip_space() != "[":
-            yield 1, None, "not a JSON list"
-            return
-        pos += 1
-        n = 0
-        while True:
-            c = skip_space()
-            if c == "]":
-                return
-            if n:
-                if c != ",":
-                    yield n + 1, None, "not valid JSON (expected ',' between records)"
-                    return
-                pos += 1
-                skip_space()
-            while True:
-                try:
-                    row, end = decoder.raw_decode(buf, pos)
-                    if end == len(buf) and not eof:
-                        raise json.JSONDecodeError("incomplete", buf, end)  # the value may go on in the next chunk
-                    break
-                except json.JSONDecodeError as e:
-                    if not more():
-                        # a JSON list cannot be resynchronised after a broken element: say that reading stopped
-                        yield n + 1, None, (f"not valid JSON ({e.msg}); the records after it were not read: "
-                                            "fix it or use JSONL")
-                        return
-            n += 1
-            pos = end
-            yield n, row, None if isinstance(row, dict) else "record is not a JSON object"
-
-
-def _iter_csv(path: Path, delimiter: str):
-    with path.open(encoding="utf-8-sig", errors="replace", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        for row in reader:
-            yield reader.line_num, {k: v for k, v in row.items() if k is not None}, None
-
-
-def _iter_parquet(path: Path):
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError(f"{path}: reading Parquet needs `pip install pyarrow`, or convert it to JSONL") from None
-    n = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            n += 1
-            yield n, row, None

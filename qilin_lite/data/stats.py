@@ -17,25 +17,22 @@ from typing import Any
 import numpy as np
 
 from ..conversation import IMAGE_TOKEN
-from .items import image_names
-from .sources import iter_rows
 from ..errors import UserError
-from .records import ROLE_NAMES
+from .items import image_names
+from .records import BadRecord, messages_from_llava
+from .rows import iter_rows
+
 
 def _record_texts(row: dict) -> list[tuple[str, str]]:
     """(field, text) pairs of one LLaVA record: caption/context for image-description records, else question and
     answer per turn pair. Builds write `task`; other files are classed by their first human turn (image only ->
     caption). Question text is what training sees: the prompt wording included, `<image>` removed."""
-    convs = row.get("conversations", row.get("messages"))
-    if not isinstance(convs, list):
+    try:  # the turns as training parses them; a record training would refuse adds nothing here
+        messages = messages_from_llava(row.get("conversations", row.get("messages")))
+    except BadRecord:
         return []
-    turns = []
-    for t in convs:
-        if isinstance(t, dict):
-            role = ROLE_NAMES.get(str(t.get("from", t.get("role", ""))).lower())
-            value = t.get("value", t.get("content"))
-            if role in ("user", "assistant") and isinstance(value, str):
-                turns.append((role, value.replace(IMAGE_TOKEN, "").strip()))
+    turns = [(m["role"], m["content"].replace(IMAGE_TOKEN, "").strip()) for m in messages
+             if m["role"] in ("user", "assistant")]
     task = row.get("task")
     if task not in ("caption", "context", "vqa", "dialog"):
         task = "caption" if turns[:1] and turns[0][0] == "user" and not turns[0][1] else "vqa"

@@ -12,6 +12,9 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ..conversation import IMAGE_TOKEN
+from ..data.records import BadRecord, messages_from_llava
+from ..data.rows import is_json_list, iter_json
 from ..errors import UserError, where
 from .items import DEFAULT_CAPTION_PROMPT, TASKS, EvalItem
 from .metrics import LETTERS, normalize_text, reference_yes_no, strip_option_label
@@ -56,33 +59,20 @@ def _is_vqa_rad_test(rec: dict) -> bool:
 
 
 def read_benchmark_records(path: Path) -> Iterable[tuple[int | None, int, Any]]:
-    """(line or None, position, record) from a JSON list or a JSONL file."""
-    text = path.read_text(encoding="utf-8-sig")
-    head = text.lstrip()[:1]
-    if path.suffix.lower() != ".jsonl" and head == "{":
-        try:
-            whole = json.loads(text)
-        except json.JSONDecodeError:
-            whole = None  # not one object: read it as JSONL below
+    """(line or None, position, record) from a JSON list or a JSONL file, read by the one row reader (data/rows.py);
+    a line that is not JSON, or a broken list, is a UserError naming the line."""
+    lines = not is_json_list(path)
+    if lines and path.suffix.lower() != ".jsonl":
+        try:  # one pretty-printed object reads as broken JSONL: say what it is instead
+            whole = json.loads(path.read_text(encoding="utf-8-sig"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            whole = None
         if isinstance(whole, dict):
             raise UserError(f"{path}: expected a JSON list of records (or JSONL), got a single object")
-    if path.suffix.lower() == ".jsonl" or head != "[":
-        pos = 0
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                yield n, pos, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where(path, n)}: not valid JSON ({e.msg}); fix or delete the line") from None
-            pos += 1
-        return
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where(path, e.lineno)}: not valid JSON ({e.msg}); fix the file") from None
-    for i, rec in enumerate(data):
-        yield None, i, rec
+    for pos, (n, rec, error) in enumerate(iter_json(path, on_broken="raise")):
+        if rec is None:
+            raise UserError(f"{where(path, n)}: {error}; fix or delete the line")
+        yield (n if lines else None), pos, rec
 
 
 def first_of(rec: dict, keys: Sequence[str]) -> Any:
@@ -100,17 +90,21 @@ def _text(value: Any, loc: str, what: str) -> str:
 
 
 def _conversation(turns: Any, loc: str) -> tuple[str, str]:
-    """(first human turn without "<image>", first gpt turn after it)."""
+    """(first human turn without "<image>", first gpt turn after it), parsed as training parses turns."""
     if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
         raise UserError(f"{loc}: conversations must be a list of {{from, value}} turns")
-    human = next((i for i, t in enumerate(turns) if t.get("from") in ("human", "user")), None)
+    try:
+        messages = messages_from_llava(turns)
+    except BadRecord as e:
+        raise UserError(f"{loc}: {e}") from None
+    human = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
     gpt = None if human is None else next(
-        (i for i in range(human + 1, len(turns)) if turns[i].get("from") in ("gpt", "assistant")), None
+        (i for i in range(human + 1, len(messages)) if messages[i]["role"] == "assistant"), None
     )
     if gpt is None:
         raise UserError(f"{loc}: conversations need a human turn followed by a gpt turn (the reference answer)")
-    question = _text(str(turns[human].get("value", "")).replace("<image>", ""), loc, "the human turn")
-    return question, _text(turns[gpt].get("value"), loc, "the gpt turn (reference)")
+    question = _text(messages[human]["content"].replace(IMAGE_TOKEN, ""), loc, "the human turn")
+    return question, _text(messages[gpt]["content"], loc, "the gpt turn (reference)")
 
 
 def _record_item(rec: Any, task: str, folder: Path, path: Path, line: int | None, pos: int) -> EvalItem:
@@ -118,11 +112,12 @@ def _record_item(rec: Any, task: str, folder: Path, path: Path, line: int | None
     loc = where(path, line, str(rid) if rid is not None else f"record {pos}")
     if not isinstance(rec, dict):
         raise UserError(f"{loc}: expected a JSON object, got {type(rec).__name__}")
-    turns = rec.get("conversations", rec.get("conversatons"))
+    # the keys training reads (records.py), and LLaVA-Med's misspelt "conversatons"
+    turns = rec.get("conversations", rec.get("messages", rec.get("conversatons")))
     if turns is not None:
         question, reference = _conversation(turns, loc)
     elif task == "caption":
-        question = str(rec.get("question") or DEFAULT_CAPTION_PROMPT).replace("<image>", "").strip()
+        question = str(rec.get("question") or DEFAULT_CAPTION_PROMPT).replace(IMAGE_TOKEN, "").strip()
         reference = _text(first_of(rec, ("caption", "answer")), loc, "caption")
     else:
         question = _text(rec.get("question"), loc, "question")

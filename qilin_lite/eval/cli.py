@@ -12,6 +12,7 @@ from .items import METRICS, PREDICTIONS, REPORT, TASKS
 from .report import compare, render_report
 from .run import run_benchmark
 
+
 class _RunByDefault(TyperGroup):
     """`qilin-lite eval --model ...` is short for `qilin-lite eval run --model ...`."""
 

@@ -10,6 +10,7 @@ from ..errors import UserError, where
 from .items import METRICS, PREDICTIONS, EvalItem, scan_predictions
 from .metrics import METRIC_LABELS, aggregate
 
+
 def _fmt(key: str, value: Any) -> str:
     if value is None:
         return "–"

@@ -20,6 +20,7 @@ from .items import METRICS, PREDICTIONS, REPORT, EvalItem, format_prompt, scan_p
 from .metrics import aggregate, as_text, score_item
 from .report import render_report
 
+
 def run_eval(
     items: Sequence[EvalItem],
     generate: Callable[[list[EvalItem]], list[str]] | None,

@@ -13,9 +13,10 @@ import typer
 
 from ..errors import UserError
 from ..stages import MODES
-from .verdict import Plan, make_plan
-from .shapes import GiB, Shape, count_parameters, recipe_config
 from .settings import Settings, settings_from_recipe
+from .shapes import GiB, Shape, count_parameters, recipe_config
+from .verdict import Plan, make_plan
+
 
 def parse_memory(text: str) -> float:
     """'24GiB', '24GB', '24G', '24' -> 24.0 (GiB); '512MiB' -> 0.5. A GPU's "GB" are GiB (an 80 GB A100 holds 80 GiB)."""

@@ -36,10 +36,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-
 from ..errors import UserError
-from .shapes import GiB, Shape
 from .settings import DTYPE_BYTES, Settings, int8_bytes, nf4_bytes
+from .shapes import GiB, Shape
 
 CUDA_CONTEXT_BYTES = 1 * GiB  # CUDA context + cuBLAS workspaces + NCCL buffers, per GPU
 FRAGMENTATION = 0.05  # caching-allocator slack, as a share of the allocated peak

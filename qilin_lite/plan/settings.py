@@ -9,7 +9,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from ..config import deepspeed_path
 from ..errors import UserError
 from ..stages import MODES, llm_bits

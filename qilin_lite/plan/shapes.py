@@ -9,7 +9,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from ..errors import UserError
 
 GiB = 1024**3

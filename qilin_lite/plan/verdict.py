@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from .shapes import GiB, Shape
-from .settings import Settings
-from .estimate import Estimate, estimate
 
+from .estimate import Estimate, estimate
+from .settings import Settings
+from .shapes import GiB, Shape
 
 
 @dataclass

@@ -1,0 +1,113 @@
+"""`qilin-lite export gguf RUN_DIR OUT_DIR`: the steps in order (merge if needed, write, quantize, templates).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import UserError
+from .gguf import Exported, Weights, check_exportable, write_llm, write_mmproj
+from .quantize import QUANTS, find_quantizer, quantize
+from .templates import export_readme, ollama_modelfile
+
+log = logging.getLogger(__name__)
+
+
+def model_name(run_dir: Path) -> str:
+    import re
+
+    name = re.sub(r"[^\w.-]+", "-", run_dir.resolve().name, flags=re.UNICODE).strip("-")
+    return name or "model"
+
+
+def export_gguf(run_dir: str | Path, out_dir: str | Path, *, quant: str = "f16", name: str | None = None) -> Exported:
+    """Write OUT_DIR's GGUF files, Modelfile and README for the model in RUN_DIR; return their paths."""
+    import time
+
+    from ..conversation import get_template
+    from ..merge import STANDALONE, check_out_dir, merge_run
+    from ..model import RunInfo, load_tokenizer_and_processor, resolve_base
+
+    t0 = time.time()
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if quant not in QUANTS:
+        raise UserError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise UserError("export gguf writes with the `gguf` package: pip install 'qilin-lite[gguf]'") from None
+    info = RunInfo.load(run_dir) if run_dir.is_dir() else None
+    if info is None:
+        raise UserError(f"{run_dir}: not a qilin-lite model directory (no qilin.json); pass what align, tune, "
+                        "merge or convert wrote")
+    check_out_dir(out_dir, run_dir)
+    quantizer = find_quantizer() if quant != "f16" else None
+    if quant != "f16" and quantizer is None:  # before any work: a 13B merge takes minutes
+        raise UserError(f"--quant {quant} uses llama.cpp's quantizer, which is not installed: "
+                        "`pip install llama-cpp-python` (builds llama.cpp) or put llama-quantize on PATH; "
+                        "or export --quant f16")
+    name = name or model_name(run_dir)
+    if info.template != "vicuna_v1":  # the GGUF's chat template is written for the dialog template only
+        raise UserError(f"{run_dir}: trained with the '{info.template}' template (an align run captions images); "
+                        "export a tune run, or a merged / converted model, which chat with vicuna_v1")
+    template = get_template(info.template)
+    standalone = info.kind in STANDALONE + ("converted",)
+    # everything that can refuse is checked on the run's own files, before a merge that takes minutes at 13B
+    config_dir = run_dir if standalone else Path(resolve_base(run_dir, info))
+    if not (config_dir / "config.json").is_file():
+        raise UserError(f"{config_dir}: no config.json; export needs the model's (or, for a run, its base's) "
+                        "directory on this machine")
+    check_exportable(json.loads((config_dir / "config.json").read_text(encoding="utf-8")), run_dir)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
+            model_dir = run_dir
+            if not standalone:
+                log.info("merging %s (%s) before export", run_dir, info.kind)
+                model_dir = merge_run(run_dir, Path(tmp) / "merged")
+            cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+            tok, ip = load_tokenizer_and_processor(str(model_dir))
+            weights = Weights(model_dir)
+            f16 = out_dir / f"{name}-f16.gguf"
+            llm_f16 = f16 if quant == "f16" else Path(tmp) / f16.name
+            write_llm(llm_f16, model_dir, cfg, weights, tok, template, name)
+            model_path = out_dir / f"{name}-{quant}.gguf"
+            if quant != "f16":
+                quantize(llm_f16, model_path, quant, quantizer)
+            mmproj = out_dir / f"mmproj-{name}-f16.gguf"
+            write_mmproj(mmproj, model_dir, cfg, weights, ip, info.image_mode, name)
+    except BaseException:
+        if created:  # nothing half-written is left to look like an export
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    modelfile = out_dir / "Modelfile"
+    modelfile.write_text(ollama_modelfile(model_path.name, mmproj.name, template.system), encoding="utf-8")
+    readme = out_dir / "README.md"
+    readme.write_text(export_readme(model_path.name, mmproj.name, name, info.image_mode), encoding="utf-8")
+    return Exported(model_path, mmproj, modelfile, readme, round(time.time() - t0, 1))
+
+
+def register(app: typer.Typer) -> None:
+    export_app = typer.Typer(no_args_is_help=True, help="Write a trained model in another runtime's format.")
+    app.add_typer(export_app, name="export")
+
+    @export_app.command("gguf")
+    def gguf_command(
+        run_dir: Annotated[Path, typer.Argument(help="any directory chat accepts (a LoRA/QLoRA run is merged first)")],
+        out_dir: Annotated[Path, typer.Argument(help="new directory for the GGUF files, Modelfile and README")],
+        quant: Annotated[str, typer.Option("--quant", help="f16 | q8_0 | q4_k_m (the language model; mmproj stays f16)")] = "f16",
+        name: Annotated[Optional[str], typer.Option("--name", help="file name stem (default: RUN_DIR's name)")] = None,
+    ):
+        """GGUF for llama.cpp / Ollama: the language model + an mmproj (CLIP + projector) to run on a CPU."""
+        done = export_gguf(run_dir, out_dir, quant=quant, name=name)
+        typer.echo(f"exported: {done.model}\n          {done.mmproj}\n          {done.modelfile}")
+        typer.echo(f"next: llama-mtmd-cli -m {done.model} --mmproj {done.mmproj} --jinja --image IMAGE.png -p QUESTION "
+                   f"--temp 0  (see {done.readme})")

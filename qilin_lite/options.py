@@ -1,0 +1,26 @@
+"""Command-line options several commands share, declared once (typer `Annotated` types), so a flag reads and
+behaves the same in chat, web, image and eval."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import UserError
+
+ImageFiles = Annotated[list[Path], typer.Argument(
+    metavar="IMAGE...", help="image file(s): JPEG/PNG/TIFF/DICOM...; 2-4 are joined into one")]
+ModelDir = Annotated[str, typer.Option("--model", help="run directory (align/lora/qlora/full/merged) or hub id")]
+Window = Annotated[Optional[str], typer.Option("--window", help="CENTER,WIDTH for DICOM / 16-bit images, e.g. 40,400")]
+Frame = Annotated[Optional[int], typer.Option("--frame", help="frame of a multi-frame file (DICOM default: middle)")]
+Load4bit = Annotated[bool, typer.Option("--load-4bit", help="quantize the LLM to 4-bit NF4 on load")]
+Load8bit = Annotated[bool, typer.Option("--load-8bit", help="quantize the LLM to 8-bit on load")]
+
+
+def quant_bits(load_4bit: bool, load_8bit: bool) -> int | None:
+    """--load-4bit / --load-8bit -> the bits `load_generator` takes (None: unquantized)."""
+    if load_4bit and load_8bit:
+        raise UserError("choose one of --load-4bit and --load-8bit")
+    return 4 if load_4bit else 8 if load_8bit else None

@@ -1,0 +1,97 @@
+"""One reader and one turn parser: training, `data build` / `data stats` and `eval` read a file the same way."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from qilin_lite.data.items import row_to_item
+from qilin_lite.data.records import read_records
+from qilin_lite.data.rows import iter_rows
+from qilin_lite.data.sources import FieldMap, detect_layout
+from qilin_lite.data.stats import data_stats
+from qilin_lite.errors import UserError
+from qilin_lite.eval import load_eval_items
+
+ROWS = [
+    {"id": "a", "image": "x.png", "conversations": [{"from": "human", "value": "<image>\n左肺有什么？"},
+                                                     {"from": "gpt", "value": "结节"}]},
+    # role/content keys, as trl and LLaMA-Factory files write them
+    {"id": "b", "image": "x.png", "messages": [{"role": "user", "content": "<image>\n心脏大小？"},
+                                                {"role": "assistant", "content": "正常"}]},
+]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    Image.new("RGB", (8, 8), "white").save(tmp_path / "x.png")
+    return tmp_path
+
+
+def every_reader(path):
+    """What training, data build, data stats and eval make of one file."""
+    records = read_records(path, path.parent)
+    rows = list(iter_rows(path))
+    layout = detect_layout(rows[0][1], "auto", FieldMap(), "auto", None, path)
+    items = [row_to_item(row, layout, line, path.name, None) for line, row, _ in rows]
+    stats = data_stats(path, out=None)
+    evals = load_eval_items(path, "llava", path.parent)
+    return records, items, stats, evals
+
+
+@pytest.mark.parametrize("layout", ["list", "jsonl", "list with a byte-order mark"])
+def test_every_command_reads_the_same_rows_and_turns(folder, layout):
+    path = folder / ("data.jsonl" if layout == "jsonl" else "data.json")
+    text = "\n".join(json.dumps(r, ensure_ascii=False) for r in ROWS) if layout == "jsonl" else \
+        json.dumps(ROWS, ensure_ascii=False, indent=1)
+    path.write_text(("\ufeff" if "mark" in layout else "") + text, encoding="utf-8")
+    records, items, stats, evals = every_reader(path)
+    assert [r.id for r in records] == [i.id for i in items] == [e.id for e in evals] == ["a", "b"]
+    assert [[m["role"] for m in r.messages] for r in records] == [["user", "assistant"]] * 2
+    assert [i.roles for i in items] == [["human", "gpt"]] * 2
+    assert [(e.question, e.reference) for e in evals] == [("左肺有什么？", "结节"), ("心脏大小？", "正常")]
+    assert stats["records"] == 2 and stats["bad_rows"] == 0
+    assert {f["field"]: f["pairs"] for f in stats["fields"]} == {"question": 2, "answer": 2}
+
+
+def broken_list(folder):
+    path = folder / "data.json"
+    good = json.dumps(ROWS[0], ensure_ascii=False)
+    path.write_text(f"[\n{good},\n{good.replace('a', 'c', 1)},\n{{\"id\": \"d\", \"image\": \n]", encoding="utf-8")
+    return path
+
+
+def test_a_broken_list_stops_training_and_eval_at_its_line_and_is_reported_by_build(folder):
+    path = broken_list(folder)
+    for read in (lambda: read_records(path, folder, skip_bad=True), lambda: load_eval_items(path, "llava", folder)):
+        # line 5: where the JSON parser finds the element broken (the `]` where a value should be)
+        with pytest.raises(UserError, match=r"data\.json:5: not valid JSON \(Expecting value\); fix the file or conv"):
+            read()
+    rows = list(iter_rows(path))
+    assert [r[0] for r in rows] == [1, 2, 3] and rows[2][1] is None
+    assert "the records after it were not read" in rows[2][2]
+
+
+def test_text_after_the_list_is_never_dropped_silently(folder):
+    """A JSONL file whose first line happens to be a list: the lines after it are not lost without a word."""
+    path = folder / "data.json"
+    path.write_text(json.dumps(ROWS[:1], ensure_ascii=False) + "\n" + json.dumps(ROWS[1], ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    with pytest.raises(UserError, match=r"data\.json:2: not valid JSON \(more text after the list\)"):
+        read_records(path, folder)
+    rows = list(iter_rows(path))
+    assert rows[-1][1] is None and "more text after the list" in rows[-1][2]
+
+
+def test_eval_reads_roles_by_the_training_names(folder):
+    """eval used to know only from=human/gpt (and user/assistant); it now reads turns as training does."""
+    path = folder / "data.json"
+    path.write_text(json.dumps([{"id": "s", "image": "x.png", "conversations": [
+        {"from": "system", "value": "你是医生。"}, {"from": "USER", "value": "<image>\n何处异常？"},
+        {"from": "Assistant", "value": "右下肺"}]}], ensure_ascii=False), encoding="utf-8")
+    (item,) = load_eval_items(path, "llava", folder)
+    assert (item.question, item.reference) == ("何处异常？", "右下肺")
+    path.write_text(json.dumps([{"id": "u", "image": "x.png", "conversations": [
+        {"from": "doctor", "value": "Q"}, {"from": "gpt", "value": "A"}]}]), encoding="utf-8")
+    with pytest.raises(UserError, match=r"\(u\): turn 1 has unknown role 'doctor'"):
+        load_eval_items(path, "llava", folder)
