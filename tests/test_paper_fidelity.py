@@ -30,7 +30,7 @@ import yaml
 
 from qilin_lite.config import REPO_RECIPES, load_recipe
 from qilin_lite.conversation import get_template
-from qilin_lite.data.records import BadRecord, Record, _messages_from_llava
+from qilin_lite.data.records import BadRecord, Record, messages_from_llava
 from qilin_lite.errors import UserError
 from qilin_lite.processing import IGNORE, TokenLayout, encode, sample_lengths
 
@@ -201,7 +201,7 @@ def test_training_ids_and_labels_equal_the_authors(tmp_path, legacy):
         want = EXPECTED[legacy][case["name"]]
         want_ids, want_labels = _expand(want["input_ids"], want["labels"], image_id)
         layout = TokenLayout(image_id, N_IMG, case.get("model_max_length", 2048))
-        msgs = _messages_from_llava(case["conversations"])
+        msgs = messages_from_llava(case["conversations"])
         if want["warning"]:  # their code masked the whole record ("tokenization mismatch"): here it is a problem
             assert all(x == IGNORE for x in want_labels)
             with pytest.raises(BadRecord, match="tokenize to .* ids one by one but"):
@@ -238,7 +238,7 @@ def test_up_front_lengths_use_the_same_encoding(tmp_path):
     image_id = tok.convert_tokens_to_ids("<image>")
     layout = TokenLayout(image_id, N_IMG, 2048)
     v1 = [c for c in CASES if c.get("version") == "v1" and "conversations" in c and "model_max_length" not in c]
-    recs = [Record(c["name"], _messages_from_llava(c["conversations"])) for c in v1]
+    recs = [Record(c["name"], messages_from_llava(c["conversations"])) for c in v1]
     lengths, bad = sample_lengths(recs, get_template("vicuna_v1"), tok, layout)
     for i, c in enumerate(v1):
         if EXPECTED["false"][c["name"]]["warning"]:
