@@ -23,7 +23,7 @@ from typing import Annotated, Callable, Optional, TextIO
 import typer
 
 from .errors import UserError
-from .options import Frame, ImageFiles, Load4bit, Load8bit, ModelDir, Window, quant_bits
+from .options import Attn, Dtype, Frame, ImageFiles, Load4bit, Load8bit, ModelDir, Window, dtype_arg, quant_bits
 from .session import COMMANDS, DISCLAIMER, ChatSession, load_chat_image, parse_window, quiet, utf8_stdio
 
 
@@ -109,6 +109,8 @@ def chat(
     verbose: bool = False,
     window: tuple[float, float] | None = None,
     frame: int | None = None,
+    dtype: str | None = None,
+    attn: str = "auto",
 ) -> None:
     """What the command does; images are checked before torch and the model load, so a bad file fails at once."""
     utf8_stdio()
@@ -116,7 +118,7 @@ def chat(
         raise UserError("--json needs --prompt TEXT (it prints one answer as JSON)")
     image = load_chat_image(images, window=window, frame=frame)
     with quiet(verbose):
-        session = ChatSession.load(model, adapter=adapter, bits=bits, temperature=temperature,
+        session = ChatSession.load(model, adapter=adapter, bits=bits, dtype=dtype, attn=attn, temperature=temperature,
                                    max_new_tokens=max_new_tokens, window=window, frame=frame)
     session.show(image, images)
     if prompt is None:
@@ -152,8 +154,10 @@ def register(app: typer.Typer) -> None:
         verbose: Annotated[bool, typer.Option("--verbose", help="loading messages and tokens/s")] = False,
         window: Window = None,
         frame: Frame = None,
+        dtype: Dtype = "auto",
+        attn: Attn = "auto",
     ):
         """Chat about an image with a trained model (interactive; --prompt answers once). Not a diagnosis."""
         chat(images, model, adapter=adapter, bits=quant_bits(load_4bit, load_8bit),
              temperature=temperature, max_new_tokens=max_new_tokens, prompt=prompt, as_json=as_json,
-             verbose=verbose, window=parse_window(window), frame=frame)
+             verbose=verbose, window=parse_window(window), frame=frame, dtype=dtype_arg(dtype), attn=attn)

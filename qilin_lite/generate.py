@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .conversation import Template, place_image, render
+from .device import placement
 from .errors import UserError
 from .processing import ImageLoader, TokenLayout, expand_images, text_ids
 
@@ -85,7 +86,8 @@ class Generator:
 def load_generator(model: str, *, adapter: str | None = None, bits: int | None = None, dtype: str | None = None,
                    temperature: float = 0.2, max_new_tokens: int = 512, attn: str = "auto"):
     """Any model directory qilin-lite accepts (+ a peft adapter) -> (a ready `Generator` using the template saved
-    with the weights, its RunInfo). The one loader chat, web, eval and the demo share."""
+    with the weights, its RunInfo). The one loader chat, web, eval and the demo share. `dtype` None and `attn`
+    "auto" choose for this machine (device.placement): on a GPU the weights load straight onto it."""
     from .conversation import get_template
     from .model import load_run, token_layout
 
@@ -96,22 +98,16 @@ def load_generator(model: str, *, adapter: str | None = None, bits: int | None =
     p = Path(model)
     if not p.exists() and (str(model).startswith((".", "/", "~")) or str(model).count("/") > 1):
         raise UserError(f"{model}: model directory not found; pass a run directory or a hub id")
-    model_obj, tok, ip, info = load_run(model, bits=bits, dtype=dtype or default_dtype(), attn=attn)
+    where = placement(dtype=dtype, attn=attn)  # device, dtype and attention: decided in device.py alone
+    model_obj, tok, ip, info = load_run(model, bits=bits, dtype=where.dtype, attn=where.attn,
+                                        device_map=where.device_map)
     if adapter:
         model_obj, info = _apply_adapter(model_obj, info, Path(adapter))
-    if bits is None and torch.cuda.is_available():
-        model_obj.to("cuda")  # quantized models are placed on the GPU by from_pretrained already
     model_obj.eval()
     layout = token_layout(model_obj.config, max_length=10**9)
     generator = Generator(model_obj, tok, ImageLoader(ip, info.image_mode), get_template(info.template), layout,
                           max_new_tokens=max_new_tokens, temperature=temperature)
     return generator, info
-
-
-def default_dtype() -> str:
-    if torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"  # CPU half precision is slow and gains nothing at inference
 
 
 def _apply_adapter(model, info, adapter: Path):

@@ -59,6 +59,7 @@ def check_out_dir(out_dir: Path, *sources: Path) -> None:
 def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None,
               max_shard_size: str = "5GB") -> Path:
     """Fold the run's adapter (lora/qlora) or projector (align) into its base; write OUT_DIR; return it."""
+    from .device import placement
     from .model import (
         PROJECTOR_FILE,
         RunInfo,
@@ -82,7 +83,8 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str | None = N
     dtype = dtype or run_dtype(run_dir, base)
 
     log.info("loading %s unquantized (%s) and folding in %s", base, dtype, run_dir)
-    model = load_llava(base, bits=None, dtype=dtype, attn="sdpa")
+    where = placement(dtype=dtype, attn="sdpa")  # on a GPU when there is one: no CPU copy of the base first
+    model = load_llava(base, bits=None, dtype=where.dtype, attn=where.attn, device_map=where.device_map)
     if info.kind == "align":
         load_projector(model, run_dir / PROJECTOR_FILE)
     else:

@@ -10,7 +10,6 @@ template and image mode it was trained with. `chat`, `eval`, `merge` and `tune -
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .conversation import IMAGE_TOKEN, chat_template_jinja, get_template
+from .device import pick_attention
 from .errors import UserError
 from .processing import TokenLayout
 from .tokens import attach, keep_sentencepiece, slow_llama
@@ -55,19 +55,6 @@ class RunInfo:
             return None
         data = json.loads(f.read_text(encoding="utf-8"))
         return RunInfo(**{k: data.get(k) for k in ("kind", "base", "template", "image_mode", "qilin_lite_version")})
-
-
-def pick_attention(requested: str = "auto") -> str:
-    """flash-attention 2 on CUDA when flash-attn is installed, sdpa otherwise; an explicit choice is honoured."""
-    if requested != "auto":
-        if requested == "flash_attention_2" and not (
-            torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
-        ):
-            raise UserError("attention 'flash_attention_2' needs a CUDA GPU and `pip install flash-attn`; use --attn sdpa")
-        return requested
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
 
 
 def quantization_config(bits: int | None, compute_dtype: torch.dtype = torch.bfloat16):
@@ -270,8 +257,10 @@ def load_llava(
     attn: str = "auto",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    device_map: dict | None = None,
 ):
-    """A Llava directory or hub id -> model (4/8-bit LLM when asked)."""
+    """A Llava directory or hub id -> model (4/8-bit LLM when asked). `device_map` (device.Placement's) loads the
+    weights straight onto a GPU; None leaves them on the CPU."""
     from transformers import LlavaForConditionalGeneration
 
     dt = torch_dtype(dtype)
@@ -282,6 +271,7 @@ def load_llava(
         dtype=dt,
         quantization_config=quantization_config(bits, dt),
         attn_implementation=pick_attention(attn),
+        **({"device_map": device_map} if device_map is not None else {}),
         **_pretrained_kwargs(trust_remote_code, allow_pickle),
     )
     return model
@@ -295,7 +285,8 @@ def resolve_base(run_dir: Path, info: RunInfo) -> str:
     return base
 
 
-def load_run(path: str | Path, *, bits: int | None = None, dtype: str = "bfloat16", attn: str = "auto", trainable=False):
+def load_run(path: str | Path, *, bits: int | None = None, dtype: str = "bfloat16", attn: str = "auto", trainable=False,
+             device_map: dict | None = None):
     """Any model directory qilin-lite accepts -> (model, tokenizer, image_processor, RunInfo).
 
     - a Llava directory or hub id (base, full, merged): loaded as is;
@@ -308,7 +299,7 @@ def load_run(path: str | Path, *, bits: int | None = None, dtype: str = "bfloat1
         info = RunInfo(kind="base", base=None, template="vicuna_v1", image_mode="pad")
     if info.kind in ("align", "lora", "qlora"):
         base = resolve_base(p, info)
-        model = load_llava(base, bits=bits, dtype=dtype, attn=attn)
+        model = load_llava(base, bits=bits, dtype=dtype, attn=attn, device_map=device_map)
         if info.kind == "align":
             load_projector(model, p / PROJECTOR_FILE)
         else:
@@ -316,7 +307,7 @@ def load_run(path: str | Path, *, bits: int | None = None, dtype: str = "bfloat1
 
             model = PeftModel.from_pretrained(model, str(p), is_trainable=trainable)
     else:
-        model = load_llava(str(path), bits=bits, dtype=dtype, attn=attn)
+        model = load_llava(str(path), bits=bits, dtype=dtype, attn=attn, device_map=device_map)
     tok, ip = load_tokenizer_and_processor(str(path))
     return model, tok, ip, info
 

@@ -18,6 +18,16 @@ Frame = Annotated[Optional[int], typer.Option("--frame", help="frame of a multi-
 Load4bit = Annotated[bool, typer.Option("--load-4bit", help="quantize the LLM to 4-bit NF4 on load")]
 Load8bit = Annotated[bool, typer.Option("--load-8bit", help="quantize the LLM to 8-bit on load")]
 
+Dtype = Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on a GPU that has it, float16 on older GPUs, "
+                                                    "float32 on the CPU) | bfloat16 | float16 | float32")]
+Attn = Annotated[str, typer.Option("--attn", help="auto (flash-attn on CUDA if installed, else sdpa) | sdpa | eager | "
+                                                  "flash_attention_2")]
+
+
+def dtype_arg(value: str) -> str | None:
+    """--dtype -> what `load_generator` takes: None lets device.py choose for this machine."""
+    return None if value == "auto" else value
+
 
 def quant_bits(load_4bit: bool, load_8bit: bool) -> int | None:
     """--load-4bit / --load-8bit -> the bits `load_generator` takes (None: unquantized)."""

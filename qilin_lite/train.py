@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Recipe, save_recipe
+from .device import training_placement
 from .distributed import world_size
 from .errors import UserError
 from .model import (
@@ -101,7 +102,8 @@ def load_model(recipe: Recipe, out: Path):
     """The base model with this stage's trainable parameters: (base it came from, model, tokenizer, processor)."""
     tr, m = recipe.train, recipe.model
     base, projector = resolve_base_for(recipe, out)
-    model = load_llava(base, bits=recipe.llm_bits, dtype=m.dtype, attn=m.attn,
+    where = training_placement(dtype=m.dtype, attn=m.attn, bits=recipe.llm_bits, sharded=bool(tr.deepspeed or tr.fsdp))
+    model = load_llava(base, bits=recipe.llm_bits, dtype=where.dtype, attn=where.attn, device_map=where.device_map,
                        trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
     # No KV cache in training: it is useless there, conflicts with checkpointing, and with a cache transformers
     # skips the packed-sequence detection, so packed samples would silently attend to each other.

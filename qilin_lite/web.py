@@ -34,7 +34,7 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import UserError
-from .options import Load4bit, Load8bit, ModelDir, quant_bits
+from .options import Attn, Dtype, Load4bit, Load8bit, ModelDir, dtype_arg, quant_bits
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +307,8 @@ def _window(value) -> tuple[float, float]:
 
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 7860, bits: int | None = None,
-          log_dir: Path | None = None, temperature: float = 0.2, max_new_tokens: int = 512) -> None:
+          log_dir: Path | None = None, temperature: float = 0.2, max_new_tokens: int = 512,
+          dtype: str | None = None, attn: str = "auto") -> None:
     import socket
 
     import uvicorn
@@ -321,7 +322,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 7860, bits: int | 
         except OSError as e:
             raise UserError(f"{host}:{port}: cannot listen there ({e.strerror}); pick another --port") from None
     with quiet(False):
-        generator, info = load_generator(model, bits=bits, temperature=temperature, max_new_tokens=max_new_tokens)
+        generator, info = load_generator(model, bits=bits, dtype=dtype, attn=attn, temperature=temperature,
+                                         max_new_tokens=max_new_tokens)
     app = create_app(WebApp(generator, info, str(model), log_dir))
     where = f"http://{host}:{port}"
     print(f"qilin-lite web: {where}  (model {model}; {'transcripts in ' + str(log_dir) if log_dir else 'nothing is stored'})"
@@ -341,6 +343,8 @@ def register(app: typer.Typer) -> None:
         log_dir: Annotated[Optional[Path], typer.Option("--log-dir", help="save transcripts here (images as the model's PNG view); default: nothing is stored")] = None,
         temperature: Annotated[float, typer.Option("--temperature", help="the page's default (0 = greedy)")] = 0.2,
         max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="the page's default")] = 512,
+        dtype: Dtype = "auto",
+        attn: Attn = "auto",
     ):
         """A local web page to try a model on images (DICOM windows, Chinese/English). Not a diagnosis."""
         import importlib.util
@@ -349,4 +353,4 @@ def register(app: typer.Typer) -> None:
         if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
             raise UserError('qilin-lite web needs FastAPI and uvicorn: pip install -e ".[web]"')
         serve(model, host=host, port=port, bits=bits, log_dir=log_dir,
-              temperature=temperature, max_new_tokens=max_new_tokens)
+              temperature=temperature, max_new_tokens=max_new_tokens, dtype=dtype_arg(dtype), attn=attn)

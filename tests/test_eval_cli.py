@@ -119,7 +119,8 @@ def test_model_generate_prompts_batches_and_greedy(monkeypatch):
     ]
     assert generate(items) == ["answer 1.0", "answer 1.1", "answer 2.0"]
     assert generate(items[:1]) == ["answer 3.0"]
-    assert loads == [("run-dir", {"bits": 4, "dtype": "float16", "max_new_tokens": 5, "temperature": 0.0})]
+    assert loads == [("run-dir", {"bits": 4, "dtype": "float16", "attn": "auto", "max_new_tokens": 5,
+                                  "temperature": 0.0})]
     assert fake.template.name == "vicuna_v1"
     (convs1, images1), (convs2, images2) = fake.calls[:2]
     assert convs1 == [

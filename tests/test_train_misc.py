@@ -43,7 +43,7 @@ def test_align_resumed_after_interruption_ends_where_an_uninterrupted_run_ends(t
 def test_attention_choice(monkeypatch):
     import importlib.util
 
-    from qilin_lite import model as m
+    from qilin_lite import device as m
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert m.pick_attention("auto") == "sdpa"

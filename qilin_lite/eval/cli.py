@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
+from ..options import Attn, Dtype, Load4bit, Load8bit, quant_bits
 from .items import METRICS, PREDICTIONS, REPORT, TASKS
 from .report import compare, render_report
 from .run import run_benchmark
@@ -42,16 +43,17 @@ def eval_run(
     limit: Annotated[Optional[int], typer.Option("--limit", help="score only the first N questions")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="questions per forward pass")] = 8,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="longest answer, in tokens")] = 64,
-    load_4bit: Annotated[bool, typer.Option("--load-4bit", help="LLM in 4-bit NF4 (a 13B model on one GPU)")] = False,
+    load_4bit: Load4bit = False,
+    load_8bit: Load8bit = False,
     predictions: Annotated[Optional[Path], typer.Option(
         "--predictions", help="score answers made elsewhere (JSONL / JSON with id + prediction); no model")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on GPU, else float32) | bfloat16 | "
-                                                       "float16 | float32")] = "auto",
+    dtype: Dtype = "auto",
+    attn: Attn = "auto",
 ):
     """Answer a benchmark with a model (or score answers made elsewhere); write predictions, metrics and a report."""
     metrics = run_benchmark(data, task, out, model=model, predictions=predictions, image_folder=image_folder,
                             limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                            bits=4 if load_4bit else None, dtype=dtype)
+                            bits=quant_bits(load_4bit, load_8bit), dtype=dtype, attn=attn)
     typer.echo(render_report(metrics))
     typer.echo("written: " + ", ".join(str(Path(out) / name) for name in (PREDICTIONS, METRICS, REPORT)))
 

@@ -159,12 +159,13 @@ def model_generate(
     batch_size: int = 8,
     dtype: str = "auto",
     template: str | None = None,
+    attn: str = "auto",
 ) -> Callable[[list[EvalItem]], list[str]]:
     """Load a model directory once; return `generate(items) -> answers` for `run_eval` (greedy decoding).
 
     Each item is one user turn, "<image>\n" + `format_prompt(item)` (no image token for an item without an image),
     rendered in the run's template (or `template`); `batch_size` items go through the model at a time.
-    dtype "auto" is bfloat16 on a GPU that has it, else float32.
+    dtype "auto" and attn "auto" are the loader's choice for this machine (device.py), as in chat and web.
     """
     from ..generate import load_generator
 
@@ -173,8 +174,7 @@ def model_generate(
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     override = get_template(template) if template is not None else None  # a bad name fails before loading
-    # "auto": the loader's own choice (bfloat16 on a GPU that has it), the same as chat and web
-    gen, _ = load_generator(str(model_dir), bits=bits, dtype=None if dtype == "auto" else dtype,
+    gen, _ = load_generator(str(model_dir), bits=bits, dtype=None if dtype == "auto" else dtype, attn=attn,
                             max_new_tokens=max_new_tokens, temperature=0.0)
     if override is not None:
         gen.template = override
@@ -219,13 +219,15 @@ def run_benchmark(
     max_new_tokens: int = 64,
     bits: int | None = None,
     dtype: str = "auto",
+    attn: str = "auto",
 ) -> dict:
     """`qilin-lite eval run`: read DATA as TASK, answer with MODEL (or take PREDICTIONS), write OUT; the metrics."""
     items = load_eval_items(data, task, image_folder)
     generate = None
     if model is not None:
         generate = _load_on_first_call(
-            lambda: model_generate(model, bits=bits, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype)
+            lambda: model_generate(model, bits=bits, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
+                                   attn=attn)
         )
     return run_eval(items, generate, out, batch_size=batch_size, limit=limit, predictions_file=predictions)
 

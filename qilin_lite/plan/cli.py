@@ -62,7 +62,7 @@ def _describe(s: Settings, shape: Shape) -> list[str]:
     ds = f"DeepSpeed ZeRO-{s.zero_stage}" if s.zero_stage else "no DeepSpeed"
     if s.fsdp:
         ds = f"FSDP {'full_shard' if s.zero_stage == 3 else 'shard_grad_op'} (planned as ZeRO-{s.zero_stage})"
-    attn = "sdpa" if s.attn == "auto" else s.attn
+    attn = s.planned_attention
     return [
         f"mode {s.mode} | {s.gpus} GPU{'s' if s.gpus > 1 else ''} x {s.gpu_memory_gib:g} GiB | batch {s.per_device_batch} x "
         f"accumulation {s.accumulation} x {s.gpus} = {s.global_batch} | {s.max_length} positions ({shape.image_tokens} image)",

@@ -107,7 +107,7 @@ def layer_activation_bytes(shape: Shape, s: Settings, tokens: int) -> dict[str, 
     }
     if s.mode == "full":
         rows["trained: norm outputs, down input"] = 2 * 2 * z.stream * T * h + z.mlp * T * i
-        if s.attn == "eager":
+        if s.planned_attention == "eager":
             rows["trained: o_proj input"] = z.attn * T * h
     if s.mode in ("lora", "qlora"):
         mask = 0 if s.lora_dropout == 0 else (1 if s.device == "cuda" else z.adapter)
@@ -116,7 +116,7 @@ def layer_activation_bytes(shape: Shape, s: Settings, tokens: int) -> dict[str, 
         per_layer_r = len(shape.linears) // shape.layers * s.lora_r
         rows["LoRA dropout masks + adapter inputs"] = (mask + copy) * T * per_layer_in
         rows["LoRA A outputs"] = copy * T * per_layer_r
-    if s.attn == "eager":
+    if s.planned_attention == "eager":
         b_heads_s2 = T * shape.heads * s.max_length
         rows["eager attention scores"] = (4 + (z.attn if z.attn != 4 else 0)) * b_heads_s2
     return rows
@@ -251,7 +251,7 @@ def estimate(shape: Shape, s: Settings) -> Estimate:
                          f"1/{N} per GPU; the FSDP figures have not been measured on GPUs")
         else:
             notes.append(f"ZeRO-{ds}: {what} are 1/{N} per GPU; DeepSpeed keeps fp32 master weights")
-    if s.attn in ("auto", "sdpa") and s.padding:
+    if s.planned_attention == "sdpa" and s.padding:
         notes.append("attention planned as sdpa (memory-efficient kernel: no s x s scores) with padding, so every "
                      "layer keeps a b x s x s mask bias; --set model.attn=flash_attention_2 drops it")
     notes.append("loss: trl's chunked LM head, no b x s x vocab logits" if s.fused_lm_head
@@ -268,7 +268,7 @@ def _activations(shape: Shape, s: Settings, z: _Sizes, T: int):
     what is left at the end of backward)."""
     b, seq, h, V = s.per_device_batch, s.max_length, shape.hidden, shape.vocab
     layer = sum(layer_activation_bytes(shape, s, T).values())
-    masked = s.attn in ("auto", "sdpa") and s.padding
+    masked = s.planned_attention == "sdpa" and s.padding
     mask_per_layer = z.attn * b * seq * seq if masked else 0  # the kernel's float bias, saved by every layer
     mask_once = b * seq * seq if masked else 0  # the boolean mask transformers builds
     # outside the layers: the image path (tower output kept by the projector, projector activations), RoPE tables,

@@ -62,7 +62,7 @@ class Settings:
     bits: int | None = None  # decoder linear storage: 4, 8 or None (derived from mode/load_4bit when None)
     lora_r: int = 64
     lora_dropout: float = 0.05
-    attn: str = "auto"  # auto is planned as sdpa (what `pick_attention` falls back to without flash-attn)
+    attn: str = "auto"  # auto: what training will pick here (`planned_attention`)
     padding: bool = True  # batches hold padding, so sdpa gets a mask (group_by_length only makes it rarer)
     device: str = "cuda"  # "cpu": the CPU kernels, for validating against CPU measurements
     fused_lm_head: bool = True  # trl >= 1 SFTTrainer; False: full fp32 logits for the cross-entropy
@@ -90,6 +90,16 @@ class Settings:
             raise UserError(f"bits must be 4 or 8, not {self.bits}")
         if self.mode == "qlora" and self.bits != 4:
             raise UserError("mode qlora loads the decoder in 4-bit")
+
+    @property
+    def planned_attention(self) -> str:
+        """The kernel training will run: "auto" is device.pick_attention's choice on this machine for a GPU plan
+        (flash-attention 2 where CUDA and flash-attn are here, else sdpa), sdpa for a CPU plan."""
+        if self.attn != "auto":
+            return self.attn
+        from ..device import pick_attention
+
+        return pick_attention("auto") if self.device == "cuda" else "sdpa"
 
     @property
     def accumulation(self) -> int:
