@@ -188,8 +188,10 @@ def build_trainer(trainer_cls: type, recipe: Recipe, model, tokenizer, data: Dat
             model._hf_peft_config_loaded = False
     if trainer.is_fsdp_enabled and recipe.llm_bits:  # FSDP from an accelerate config, where check() cannot see it
         raise UserError("FSDP does not shard 4-bit weights here; launch QLoRA / --load-4bit without FSDP")
-    if not tr.deepspeed:
-        # again: trl casts every trainable parameter of a quantized model to bf16 in its constructor
+    if not tr.deepspeed or not (args.bf16 or args.fp16):
+        # again: trl casts every trainable parameter of a quantized model to bf16 in its constructor. DeepSpeed in
+        # bf16/fp16 casts the model itself and keeps fp32 masters; in fp32 it trains the parameters as they are, and
+        # DeepSpeed turns autocast off, so a bf16 projector would meet fp32 image features (the QLoRA + ZeRO crash)
         trainable_to_fp32(trainer.model)
     return trainer
 
