@@ -48,19 +48,32 @@ TOY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2
               "image_size": 56, "patch_size": 14, "projection_dim": 32, "hidden_act": "quick_gelu"}
 
 
-def shapes(toy: bool) -> tuple[dict, dict, int]:
-    """(LLM config, vision config, text ids per sample)."""
-    return (TOY_LLM, TOY_VISION, 96) if toy else (LLAMA2_13B, CLIP_L_336, 2048)
+# LLaMA-shaped decoders of other sizes, for checking the planner's estimate across sizes (scripts/gpu-check.sh):
+# OpenLLaMA-3B's and TinyLlama-1.1B's shapes, beside CLIP-L/336
+LLAMA_3B = {"hidden_size": 3200, "intermediate_size": 8640, "num_hidden_layers": 26, "num_attention_heads": 32,
+            "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6}
+LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+            "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}
+TOY_WIDE = {**TOY_LLM, "hidden_size": 128, "intermediate_size": 344}
+TOY_DEEP = {**TOY_LLM, "num_hidden_layers": 4}
+SIZES = {"13b": (LLAMA2_13B, CLIP_L_336, 2048), "3b": (LLAMA_3B, CLIP_L_336, 2048),
+         "1b": (LLAMA_1B, CLIP_L_336, 2048), "toy": (TOY_LLM, TOY_VISION, 96),
+         "toy-wide": (TOY_WIDE, TOY_VISION, 96), "toy-deep": (TOY_DEEP, TOY_VISION, 96)}
 
 
-def write_model(out: Path, toy: bool) -> Path:
+def shapes(size: str) -> tuple[dict, dict, int]:
+    """(LLM config, vision config, text ids per sample) of a named size."""
+    return SIZES[size]
+
+
+def write_model(out: Path, size: str) -> Path:
     """Random weights in the layout users' runs have, bf16, written once and reused by every case."""
     import torch
     from transformers import LlavaForConditionalGeneration
 
     from qilin_lite.plan import llava_config
 
-    llm, vision, _ = shapes(toy)
+    llm, vision, _ = shapes(size)
     config = llava_config(vision, llm)
     if (out / "config.json").exists():
         return out
@@ -73,7 +86,7 @@ def write_model(out: Path, toy: bool) -> Path:
     return out
 
 
-def run_case(model_dir: Path, mode: str, attn: str, steps: int, toy: bool) -> dict:
+def run_case(model_dir: Path, mode: str, attn: str, steps: int, size: str) -> dict:
     import torch
     from trl.trainer.utils import add_fused_lm_head
 
@@ -82,7 +95,8 @@ def run_case(model_dir: Path, mode: str, attn: str, steps: int, toy: bool) -> di
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    llm, vision, text = shapes(toy)
+    toy = size.startswith("toy")
+    llm, vision, text = shapes(size)
     model = load_llava(str(model_dir), bits=4 if mode == "qlora" else None, dtype="bfloat16", attn=attn)
     if not cuda:
         model.to(device)
@@ -133,7 +147,7 @@ def run_case(model_dir: Path, mode: str, attn: str, steps: int, toy: bool) -> di
     sec = statistics.median(times)
     attn_flops = 12 * llm["num_hidden_layers"] * llm["hidden_size"] * positions / 2
     flops_per_position = 6 * trained + 4 * frozen_llm + attn_flops
-    return {"mode": mode, "attn": attn, "positions": positions, "step_s": sec, "tokens_per_s": positions / sec,
+    return {"size": size, "mode": mode, "attn": attn, "positions": positions, "step_s": sec, "tokens_per_s": positions / sec,
             "model_tflops_per_s": flops_per_position * positions / sec / 1e12, "peak_bytes": measured,
             "trained_params": trained, **habits}
 
@@ -203,10 +217,11 @@ def host_habits(model, optimizer, llm: dict, vision: dict, device: str, steps: i
     return {"habits_micro_batches": micro, "habits_trainer_step_s": med["trainer"], "habits_ours_step_s": med["ours"]}
 
 
-def planned_bytes(mode: str, attn: str, toy: bool) -> int:
+def planned_bytes(mode: str, attn: str, size: str) -> int:
     from qilin_lite.plan import Settings, count_parameters, llava_config, make_plan
 
-    llm, vision, text = shapes(toy)
+    toy = size.startswith("toy")
+    llm, vision, text = shapes(size)
     config = llava_config(vision, llm)
     s = Settings(mode=mode, per_device_batch=1, global_batch=1, max_length=text, length_mode="text",
                  gradient_checkpointing=True, lora_r=8 if toy else 128, attn=attn, padding=False, gpu_memory_gib=141)
@@ -225,16 +240,16 @@ def available_attention() -> list[str]:
 
 
 def table(rows: list[dict], peak_tflops: float) -> str:
-    lines = ["| mode | attention | positions | step s | tokens/s | MFU | peak memory | planned | planned / measured | "
-             "8 x batch-1 step: Trainer's host work / ours, s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| size | mode | attention | positions | step s | tokens/s | MFU | peak memory | planned | "
+             "planned / measured | 8 x batch-1 step: Trainer's host work / ours, s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['mode']} | {r['attn']} | failed: {r['error']} | | | | | | | |")
+            lines.append(f"| {r.get('size', '')} | {r['mode']} | {r['attn']} | failed: {r['error']} | | | | | | | |")
             continue
         peak = r["peak_bytes"]
         lines.append(
-            f"| {r['mode']} | {r['attn']} | {r['positions']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
+            f"| {r.get('size', '')} | {r['mode']} | {r['attn']} | {r['positions']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
             f"{r['model_tflops_per_s'] / peak_tflops:.1%} | "
             + (f"{peak / 2**30:.1f} GiB" if peak else "n/a (CPU)") + f" | {r['planned_bytes'] / 2**30:.1f} GiB | "
             + (f"{r['planned_bytes'] / peak:.2f}" if peak else "") + " | "
@@ -247,6 +262,7 @@ def table(rows: list[dict], peak_tflops: float) -> str:
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--toy", action="store_true", help="tiny shapes (any device; what the test suite runs)")
+    ap.add_argument("--size", choices=sorted(SIZES), default="13b", help="the model's shapes (--toy: toy)")
     ap.add_argument("--modes", nargs="+", default=["qlora", "lora"])
     ap.add_argument("--attn", nargs="+", default=None, help="default: sdpa, and flash_attention_2 where installed")
     ap.add_argument("--steps", type=int, default=3)
@@ -254,27 +270,28 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--work", type=Path, default=None, help="where the random model is written (default: a temp dir)")
     ap.add_argument("--case", nargs=2, metavar=("MODE", "ATTN"), help=argparse.SUPPRESS)  # one case, in-process
     args = ap.parse_args(argv)
+    size = "toy" if args.toy else args.size
     if args.case:
         mode, attn = args.case
-        row = run_case(args.work, mode, attn, args.steps, args.toy)
+        row = run_case(args.work, mode, attn, args.steps, size)
         print("RESULT " + json.dumps(row))
         return [row]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = write_model((args.work or Path(tmp)) / "model", args.toy)
+        model_dir = write_model((args.work or Path(tmp)) / f"model-{size}", size)
         for mode in args.modes:
             for attn in args.attn or available_attention():
                 # a fresh process per case: peak memory and the CUDA caching allocator start clean
                 cmd = [sys.executable, __file__, "--case", mode, attn, "--work", str(model_dir),
-                       "--steps", str(args.steps)] + (["--toy"] if args.toy else [])
+                       "--steps", str(args.steps), "--size", size]
                 p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
                 found = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
                 if p.returncode != 0 or not found:
                     tail = (p.stderr.strip().splitlines() or ["no output"])[-1][:160]
-                    rows.append({"mode": mode, "attn": attn, "error": tail})
+                    rows.append({"size": size, "mode": mode, "attn": attn, "error": tail})
                     continue
                 row = json.loads(found[-1][len("RESULT "):])
-                row["planned_bytes"] = planned_bytes(mode, attn, args.toy)
+                row["planned_bytes"] = planned_bytes(mode, attn, size)
                 rows.append(row)
     print(table(rows, args.peak_tflops))
     return rows

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -119,3 +121,29 @@ def test_host_cost_benchmark_builds_the_recipe_models_on_meta(capsys):
         assert r["per_step_ms"]["trainer"] == per["trainer"] * host_cost.RECIPE_MICRO_BATCHES[r["mode"]]
         assert set(r["trainer_ms"]) == set(r["ours_ms"]) == {"model.train()", "floating_point_ops"}
     assert "| qlora |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_at_toy_size(demo_run, tmp_path):
+    """scripts/gpu-check.sh validates a lent GPU in one command; at toy sizes every check runs here on the CPU, through
+    the script itself, and reports where chat, eval and web put the weights and the inputs."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(root / "scripts" / "gpu-check.sh"), "--toy", "--demo-dir", str(demo_run[0])],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    report = json.loads((tmp_path / "gpu-check.json").read_text(encoding="utf-8"))
+    checks = report["checks"]
+    assert {k: c["status"] for k, c in checks.items()} == dict.fromkeys(
+        ["environment", "demo", "placement", "training", "planner"], "ok")
+    placed = checks["placement"]["result"]
+    assert placed["expected"] == {"weights": "cpu", "dtype": "float32", "attn": "sdpa", "inputs": "cpu"}
+    for command in ("chat", "eval", "web"):
+        assert placed[command]["ok"] and placed[command]["answer"], command
+    sizes = [(row["size"], row["mode"]) for c in ("training", "planner") for row in checks[c]["result"]]
+    assert sizes == [("toy", "qlora"), ("toy", "lora"), ("toy-wide", "qlora"), ("toy-deep", "qlora")]
+    table = (tmp_path / "gpu-check.md").read_text(encoding="utf-8")
+    assert "| placement | ok |" in table and "| toy-deep | qlora | sdpa |" in table
