@@ -60,6 +60,9 @@ def repl(session: ChatSession, *, read: Callable[[str], str] = input, out: TextI
         except KeyboardInterrupt:
             out.write("\n[answer stopped; not kept in the conversation]\n")
             continue
+        except UserError as e:  # a question that cannot be asked ends that question, not the session
+            out.write(f"\nerror: {e}\n")
+            continue
         if session.last.stopped:
             out.write("[answer stopped; not kept in the conversation]\n")
         if verbose:

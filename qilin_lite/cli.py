@@ -28,6 +28,7 @@ Images = Annotated[Optional[Path], typer.Option("--image-folder", help="folder t
 Out = Annotated[Optional[Path], typer.Option("--out", help="output directory (the contract later commands read)")]
 Sets = Annotated[Optional[list[str]], typer.Option("--set", help="override any recipe field: section.key=value")]
 Resume = Annotated[bool, typer.Option("--resume", help="continue an interrupted run from its last checkpoint")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace a finished run in --out (otherwise refused)")]
 EvalData = Annotated[Optional[str], typer.Option("--eval-data", help="held-out file (same format and image folder): eval loss while training")]
 SkipBad = Annotated[bool, typer.Option("--skip-bad", help="set bad records aside in OUT/rejects.jsonl instead of stopping")]
 MaxLen = Annotated[Optional[int], typer.Option("--max-length", help="tokens per sample, image tokens included")]
@@ -69,6 +70,7 @@ def align(
     skip_bad: SkipBad = False,
     packing: Packing = False,
     resume: Resume = False,
+    overwrite: Overwrite = False,
     set_: Sets = None,
 ):
     """Stage 1: train the projector only (vision tower and LLM frozen) on image-caption pairs."""
@@ -80,18 +82,19 @@ def align(
         "model.load_4bit": load_4bit, "data.max_length": max_length, "model.attn": attn, "data.skip_bad": skip_bad,
         "data.packing": packing, "data.eval": eval_data,
     }))
-    done = _run(r, resume)
+    done = _run(r, resume, overwrite=overwrite)
     if done and _main_process():
         typer.echo(f"align done: {done}  (next: qilin-lite tune --from {done} --qlora ...)")
 
 
-def _run(recipe, resume: bool, trainer_cls=None):
+def _run(recipe, resume: bool, trainer_cls=None, overwrite: bool = False):
     """Train; a SIGTERM stop (checkpoint written) is a clean exit 0 with the line saying how to go on.
     `trainer_cls`: a QilinTrainer subclass (tests that stop a run part-way); None: QilinTrainer."""
     from .train import Stopped, run_stage
 
     try:
-        return run_stage(recipe, resume=resume, **({"trainer_cls": trainer_cls} if trainer_cls else {}))
+        return run_stage(recipe, resume=resume, overwrite=overwrite,
+                         **({"trainer_cls": trainer_cls} if trainer_cls else {}))
     except Stopped as e:
         if _main_process():
             typer.echo(str(e), err=True)
@@ -115,6 +118,7 @@ def tune(
     skip_bad: SkipBad = False,
     packing: Packing = False,
     resume: Resume = False,
+    overwrite: Overwrite = False,
     set_: Sets = None,
 ):
     """Stage 2: train projector + LLM (full, LoRA or QLoRA) on image question-answer dialogs."""
@@ -129,7 +133,7 @@ def tune(
         "model.base": model, "data.max_length": max_length, "model.attn": attn, "data.skip_bad": skip_bad,
         "data.packing": packing, "data.eval": eval_data,
     }))
-    done = _run(r, resume)
+    done = _run(r, resume, overwrite=overwrite)
     if done and _main_process():
         typer.echo(f"tune done: {done}  (next: qilin-lite chat IMAGE --model {done})")
 

@@ -69,6 +69,7 @@ class DataSection:
     # none beats unpacked batches (without flash-attention 2 a packed row pays full L x L attention)
     packing_row_length: int | None = None
     skip_bad: bool = False  # set bad records aside in rejects.jsonl instead of stopping
+    allow_outside_images: bool = False  # image names may lead outside image_folder (absolute paths on purpose)
     verify_images: bool = True  # decode every image once before training
     num_workers: int = 2
     split: str = "train"

@@ -22,6 +22,13 @@ from dataclasses import dataclass, field
 
 IMAGE_TOKEN = "<image>"
 
+
+def typed_text(text: str) -> str:
+    """What a person typed, as text only: a literal `<image>` (people who know LLaVA prompts type it) is removed,
+    since the program places the image itself; HuatuoGPT-Vision's cli.py removes it from user text the same way.
+    Left in, it would become a second image placeholder with no image behind it."""
+    return " ".join(part.strip() for part in text.split(IMAGE_TOKEN) if part.strip()) if IMAGE_TOKEN in text else text
+
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."

@@ -113,9 +113,12 @@ class ChatSession:
         `stop` (set from another thread: the web page's Stop) ends the answer after the current token."""
         from transformers import StoppingCriteriaList
 
-        from .conversation import IMAGE_TOKEN
+        from .conversation import IMAGE_TOKEN, typed_text
         from .data.records import LazyImage
 
+        text = typed_text(text)
+        if not text.strip():
+            raise UserError("the question is empty (a typed <image> is left out: the image is attached already)")
         content = text
         if not self.history and self.image is not None:
             content = f"{IMAGE_TOKEN}\n{text}"

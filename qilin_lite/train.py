@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Recipe, save_recipe
+from . import run_dir
+from .config import Recipe
 from .device import training_placement
 from .distributed import world_size
 from .errors import UserError
@@ -41,17 +42,19 @@ log = logging.getLogger(__name__)
 __all__ = ["run_stage", "train_stage", "Stopped"]
 
 
-def run_stage(recipe: Recipe, *, resume: bool = False, trainer_cls: type = QilinTrainer) -> Path:
+def run_stage(recipe: Recipe, *, resume: bool = False, overwrite: bool = False,
+              trainer_cls: type = QilinTrainer) -> Path:
     """Train one stage as the recipe says; return the output directory."""
-    return train_stage(recipe, resume=resume, trainer_cls=trainer_cls)[0]
+    return train_stage(recipe, resume=resume, overwrite=overwrite, trainer_cls=trainer_cls)[0]
 
 
-def train_stage(recipe: Recipe, *, resume: bool = False, trainer_cls: type = QilinTrainer):
+def train_stage(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, trainer_cls: type = QilinTrainer):
     """Train one stage; return (output directory, the trained model as it is in memory).
 
-    `trainer_cls` is QilinTrainer or a subclass of it (benchmarks and tests add probes that way)."""
+    `overwrite` replaces a finished run in the output directory; `trainer_cls` is QilinTrainer or a subclass of it
+    (benchmarks and tests add probes that way)."""
     t0 = time.time()
-    out = prepare_output(recipe, resume)
+    out = prepare_output(recipe, resume, overwrite)
     base, model, tokenizer, image_processor = load_model(recipe, out)
     data = build_datasets(recipe, tokenizer, image_processor, model.config, out)
     trainer = build_trainer(trainer_cls, recipe, model, tokenizer, data, out)
@@ -61,17 +64,13 @@ def train_stage(recipe: Recipe, *, resume: bool = False, trainer_cls: type = Qil
     return out, trainer.model
 
 
-def prepare_output(recipe: Recipe, resume: bool) -> Path:
-    """Check everything that can fail without work (the recipe, the tracker, DeepSpeed), then claim the output."""
+def prepare_output(recipe: Recipe, resume: bool, overwrite: bool = False) -> Path:
+    """Check everything that can fail without work (the recipe, the tracker, DeepSpeed), then claim the output:
+    never over a finished run without --overwrite, never a --resume with other settings or data (run_dir.py)."""
     recipe.check()
     report_targets(recipe.train.report_to)  # a missing tracker fails now, not after minutes of data checks
     check_deepspeed(recipe.train.deepspeed)  # so does a DeepSpeed config without DeepSpeed
-    out = Path(recipe.output_dir)
-    if out.exists() and any(out.glob("checkpoint-*")) and not resume:
-        raise UserError(f"{out}: holds checkpoints of an earlier run; pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    save_recipe(recipe, out / "recipe.yaml")
-    return out
+    return run_dir.prepare(recipe, resume, overwrite)
 
 
 def resolve_base_for(recipe: Recipe, out: Path) -> tuple[str, Path | None]:

@@ -108,6 +108,7 @@ def build_dataset(recipe: Recipe, tokenizer, image_processor, model_config, out:
         "data": file_identity(source), "image_folder": str(Path(d.image_folder).resolve()) if d.image_folder else None,
         "tokenizer": tokenizer_identity(tokenizer), "template": [template.name, template.system], "layout": layout,
         "verify_images": d.verify_images, "skip_bad": d.skip_bad, "hf": [d.split, d.image_column, d.messages_column],
+        **({"allow_outside_images": True} if d.allow_outside_images else {}),  # keys of earlier runs stay valid
     })
     index_dir = out / CACHE_DIR / key
     hf = None if is_data_file(source) else open_hf_dataset(str(source), d.split)
@@ -156,6 +157,7 @@ def check_records(recipe: Recipe, source, tokenizer, template, layout, out: Path
         records = read_records(
             source, d.image_folder, skip_bad=d.skip_bad, rejects=rejects, split=d.split,
             image_column=d.image_column, messages_column=d.messages_column,
+            allow_outside_images=d.allow_outside_images,
         )
     except UserError:
         write_rejects_once(rejects, out)  # "no usable records ... see rejects.jsonl": make it exist

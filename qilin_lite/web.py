@@ -20,9 +20,11 @@ import base64
 import io
 import json
 import logging
+import math
 import os
 import queue
 import re
+import secrets
 import tempfile
 import threading
 import time
@@ -35,6 +37,7 @@ import typer
 
 from .errors import UserError
 from .options import Attn, Dtype, Load4bit, Load8bit, ModelDir, dtype_arg, quant_bits
+from .web_guard import HEADERS, Guard, allowed_hosts, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,16 @@ WINDOWS = {  # DICOM window presets (centre, width) in Hounsfield units
 }
 MAX_UPLOAD_BYTES = 64 * 2**20  # per file
 MAX_SESSIONS = 64
+IDLE_EVICT_S = 30 * 60  # a new tab may push out only a tab idle this long: no client can evict an active one
 SUFFIX = re.compile(r"\.(dcm|dicom|png|jpe?g|tiff?|bmp|webp|gif)$", re.IGNORECASE)
+
+
+class SessionGone(UserError):
+    """HTTP 410: the page reloads and gets a new session."""
+
+
+class TooManyTabs(UserError):
+    """HTTP 429."""
 
 
 @dataclass
@@ -64,29 +76,42 @@ class WebApp:
         self.generator, self.info, self.model_name = generator, info, model_name
         self.log_dir = Path(log_dir) if log_dir else None
         self.sessions: dict[str, Session] = {}
+        self.sessions_lock = threading.Lock()
         self.lock = threading.Lock()  # one model: one generation at a time
         self.waiting = 0
         self.defaults = {"temperature": generator.temperature, "top_p": 1.0,
                          "max_new_tokens": generator.max_new_tokens}
 
-    def session(self, sid: str) -> Session:
+    def new_session(self) -> str:
+        """A new tab's session id, made here (a client never names its own, so it cannot reach another's)."""
         from .session import ChatSession
 
-        if not re.fullmatch(r"[A-Za-z0-9-]{8,64}", sid or ""):
+        with self.sessions_lock:
+            if len(self.sessions) >= MAX_SESSIONS:
+                oldest = min(self.sessions, key=lambda k: self.sessions[k].used)
+                if time.time() - self.sessions[oldest].used < IDLE_EVICT_S:
+                    raise TooManyTabs(f"{MAX_SESSIONS} tabs are open on this server; close one, or try again when "
+                                      "one has been idle for 30 minutes")
+                del self.sessions[oldest]
+            sid = secrets.token_urlsafe(24)
+            self.sessions[sid] = Session(ChatSession(self.generator, name=self.model_name, kind=self.info.kind))
+        return sid
+
+    def session(self, sid: str) -> Session:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{16,64}", sid or ""):
             raise UserError("missing or malformed session id; reload the page")
         s = self.sessions.get(sid)
         if s is None:
-            if len(self.sessions) >= MAX_SESSIONS:  # forget the least recently used tab
-                oldest = min(self.sessions, key=lambda k: self.sessions[k].used)
-                del self.sessions[oldest]
-            s = self.sessions[sid] = Session(ChatSession(self.generator, name=self.model_name, kind=self.info.kind))
+            raise SessionGone("this tab's session has ended (the server restarted or closed it); reload the page")
         s.used = time.time()
         return s
 
     def describe(self) -> dict:
         from .session import DISCLAIMER
 
-        return {"model": self.model_name, "kind": self.info.kind, "base": self.info.base,
+        # names, never absolute paths: the page (and anyone who can reach it) learns nothing of the file system
+        return {"model": Path(self.model_name).name, "kind": self.info.kind,
+                "base": Path(self.info.base).name if self.info.base else None,
                 "template": self.info.template, "image_mode": self.info.image_mode, "notice": DISCLAIMER,
                 "defaults": self.defaults, "windows": {k: list(v) for k, v in WINDOWS.items()}}
 
@@ -209,32 +234,66 @@ class WebApp:
 
 
 def _sampling(settings: dict, defaults: dict) -> tuple[float, float | None, int]:
+    if not isinstance(settings, dict):
+        raise UserError("malformed request: settings must be an object; reload the page")
     try:
         temperature = float(settings.get("temperature", defaults["temperature"]))
         top_p = float(settings.get("top_p", defaults["top_p"]))
         max_new = int(settings.get("max_new_tokens", defaults["max_new_tokens"]))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise UserError("temperature, top-p and max new tokens must be numbers") from None
     if not 0 <= temperature <= 5 or not 0 < top_p <= 1 or not 1 <= max_new <= 4096:
         raise UserError("temperature 0-5 (0 = greedy), top-p in (0, 1], max new tokens 1-4096")
     return temperature, (top_p if top_p < 1 else None), max_new
 
 
-def create_app(web: WebApp):
+def _expect(body, **kinds) -> dict:
+    """The JSON body an endpoint takes, its fields of the expected types (absent = None); anything else is one
+    message (HTTP 400), never a traceback."""
+    if not isinstance(body, dict):
+        raise UserError("malformed request: the body must be a JSON object; reload the page")
+    for key, kind in kinds.items():
+        value = body.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
+            raise UserError(f"malformed request: '{key}' has the wrong type; reload the page")
+    files = body.get("files")
+    if files is not None and not all(isinstance(f, dict) and isinstance(f.get("data", ""), str)
+                                     and isinstance(f.get("name", ""), (str, type(None))) for f in files):
+        raise UserError("malformed request: each file needs a name and base64 data; reload the page")
+    return body
+
+
+def create_app(web: WebApp, guard: Guard | None = None):
     from fastapi import Body, FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     page = (Path(__file__).parent / "web_page.html").read_text(encoding="utf-8")
+    guard = guard or Guard(allowed_hosts("127.0.0.1"))
+
+    @app.middleware("http")
+    async def only_our_own(request: Request, call_next):
+        refused = guard.refuse(request.url.path, request.headers, request.cookies)
+        response = JSONResponse({"error": refused[1]}, status_code=refused[0]) if refused else await call_next(request)
+        response.headers.update(HEADERS)
+        return response
 
     def problem(e: UserError, status: int = 400):
+        status = 410 if isinstance(e, SessionGone) else 429 if isinstance(e, TooManyTabs) else status
         return JSONResponse({"error": str(e)}, status_code=status)
 
     @app.get("/", response_class=HTMLResponse)
     def index():
-        return HTMLResponse(page, headers={"Cache-Control": "no-store", "Content-Security-Policy":
+        return HTMLResponse(page, headers={"Content-Security-Policy":
                                            "default-src 'self'; img-src 'self' data:; style-src 'unsafe-inline'; "
-                                           "script-src 'unsafe-inline'; connect-src 'self'"})
+                                           "script-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'"})
+
+    @app.post("/api/session")
+    def new_session():
+        try:
+            return {"session": web.new_session()}
+        except UserError as e:
+            return problem(e)
 
     @app.get("/favicon.ico")
     def favicon():
@@ -247,8 +306,9 @@ def create_app(web: WebApp):
     # plain `def` endpoints: FastAPI runs them in its thread pool, so a long decode or a queued answer never blocks
     # the server (Stop must get through while another tab generates)
     @app.post("/api/image")
-    def image(request: Request, body: dict = Body(...)):
+    def image(request: Request, body=Body(...)):
         try:
+            body = _expect(body, files=list, window=(str, list, int, float), frame=(int, str))
             window = body.get("window")
             window = None if window in (None, "", "auto") else _window(window)
             frame = body.get("frame")
@@ -256,13 +316,14 @@ def create_app(web: WebApp):
             return web.set_image(request.headers.get("x-session", ""), body.get("files") or [], window, frame)
         except UserError as e:
             return problem(e)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):
             return problem(UserError("the upload could not be read; choose the files again"))
 
     @app.post("/api/ask")
-    def ask(request: Request, body: dict = Body(...)):
+    def ask(request: Request, body=Body(...)):
         sid = request.headers.get("x-session", "")
         try:
+            body = _expect(body, question=str, settings=dict, regenerate=bool)
             events = web.ask(sid, body.get("question"), body.get("settings") or {},
                              regenerate=bool(body.get("regenerate")))
             first = next(events)  # validation errors surface here, before the stream starts
@@ -301,14 +362,15 @@ def _window(value) -> tuple[float, float]:
         c, w = (float(x) for x in (value if isinstance(value, (list, tuple)) else str(value).split(",")))
     except (TypeError, ValueError):
         raise UserError("window: a preset or CENTER,WIDTH (e.g. 40,400)") from None
-    if not w >= 1:
-        raise UserError(f"window width must be >= 1, got {w:g}")
+    if not (math.isfinite(c) and math.isfinite(w) and w >= 1):
+        raise UserError(f"window: a finite centre and a width >= 1, got {c:g},{w:g}")
     return c, w
 
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 7860, bits: int | None = None,
           log_dir: Path | None = None, temperature: float = 0.2, max_new_tokens: int = 512,
-          dtype: str | None = None, attn: str = "auto") -> None:
+          dtype: str | None = None, attn: str = "auto", allow_hosts: list[str] | None = None,
+          token: str | None = None, no_auth: bool = False) -> None:
     import socket
 
     import uvicorn
@@ -324,8 +386,16 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 7860, bits: int | 
     with quiet(False):
         generator, info = load_generator(model, bits=bits, dtype=dtype, attn=attn, temperature=temperature,
                                          max_new_tokens=max_new_tokens)
-    app = create_app(WebApp(generator, info, str(model), log_dir))
-    where = f"http://{host}:{port}"
+    exposed = not is_loopback(host)
+    if token is None and exposed and not no_auth:  # reachable from other machines: a token unless refused on purpose
+        token = secrets.token_urlsafe(18)
+    guard = Guard(allowed_hosts(host, allow_hosts), token)
+    app = create_app(WebApp(generator, info, str(model), log_dir), guard)
+    where = f"http://{'[' + host + ']' if ':' in host else host}:{port}/" + (f"#token={token}" if token else "")
+    if exposed:
+        print(f"warning: listening on {host}, not only this machine: anyone who can reach port {port} "
+              + ("and has the token below can use the model" if token else "can use the model (--no-auth)")
+              + f"; answers to host names {', '.join(sorted(guard.hosts))} (--allow-host adds one)", flush=True)
     print(f"qilin-lite web: {where}  (model {model}; {'transcripts in ' + str(log_dir) if log_dir else 'nothing is stored'})"
           "\n仅供研究，不构成医疗诊断 / for research only, not a diagnosis", flush=True)
     # access_log off: request lines carry nothing private, but there is no need to keep them either
@@ -343,6 +413,9 @@ def register(app: typer.Typer) -> None:
         log_dir: Annotated[Optional[Path], typer.Option("--log-dir", help="save transcripts here (images as the model's PNG view); default: nothing is stored")] = None,
         temperature: Annotated[float, typer.Option("--temperature", help="the page's default (0 = greedy)")] = 0.2,
         max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="the page's default")] = 512,
+        allow_host: Annotated[Optional[list[str]], typer.Option("--allow-host", help="another host name the page may be opened by (repeatable); default: loopback names and --host")] = None,
+        token: Annotated[Optional[str], typer.Option("--token", help="the token the API requires (default off loopback: a random one, printed once)")] = None,
+        no_auth: Annotated[bool, typer.Option("--no-auth", help="off loopback, serve without a token (anyone who can reach the port can use the model)")] = False,
         dtype: Dtype = "auto",
         attn: Attn = "auto",
     ):
@@ -353,4 +426,5 @@ def register(app: typer.Typer) -> None:
         if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
             raise UserError('qilin-lite web needs FastAPI and uvicorn: pip install -e ".[web]"')
         serve(model, host=host, port=port, bits=bits, log_dir=log_dir,
-              temperature=temperature, max_new_tokens=max_new_tokens, dtype=dtype_arg(dtype), attn=attn)
+              temperature=temperature, max_new_tokens=max_new_tokens, dtype=dtype_arg(dtype), attn=attn,
+              allow_hosts=allow_host, token=token, no_auth=no_auth)

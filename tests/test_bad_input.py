@@ -48,6 +48,12 @@ CASES = {
     "roles": (variant(id="b2", conversations=[{"from": "gpt", "value": "答"}, {"from": "human", "value": "<image>\n问"}]),
               "roles must alternate"),
     "not json": ('{"id": "b2", "image": ', "not valid JSON"),
+    # the authors' code masks such a record whole (its prompt renders `USER:ASSISTANT:`): nothing to learn from it
+    "empty later question": (variant(id="b2", conversations=[
+        {"from": "human", "value": "<image>\n问"}, {"from": "gpt", "value": "答"},
+        {"from": "human", "value": ""}, {"from": "gpt", "value": "再答"}]), "turn 3 is an empty question"),
+    "image outside the folder": (variant(id="b2", image="../x.png"), "outside the image folder"),
+    "absolute image path": (variant(id="b2", image="/etc/hostname"), "outside the image folder"),
     "duplicate id": (variant(id="a1"), "duplicate id 'a1'"),
 }
 
@@ -218,8 +224,8 @@ def test_a_recipe_naming_deepspeed_without_it_is_one_line_and_none_off_null_unse
 
     from qilin_lite.config import REPO_RECIPES
 
-    if importlib.util.find_spec("deepspeed") is not None:
-        pytest.skip("DeepSpeed is installed here")
+    real = importlib.util.find_spec  # DeepSpeed is in the test extra: make this process see a machine without it
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "deepspeed" else real(n, *a))
     data = write_jsonl(folder / "d.jsonl", [variant(id=f"g{i}") for i in range(2)])
     recipe = REPO_RECIPES / "qilin-med-vl" / "align.yaml"
     code, out, err = run_cli_captured(monkeypatch, capsys, "align", recipe, "--data", data, "--image-folder", folder,
@@ -230,3 +236,33 @@ def test_a_recipe_naming_deepspeed_without_it_is_one_line_and_none_off_null_unse
     assert not (tmp_path / "a" / ".qilin-data").exists()  # refused before any data work
     for word in ("none", "off", "null", "None"):
         assert load_recipe(recipe, [f"train.deepspeed={word}"]).train.deepspeed is None
+
+
+def test_images_outside_the_folder_only_with_the_flag(folder, tmp_path_factory):
+    """An image name that climbs out of --image-folder is never opened unless the data means it (absolute paths)."""
+    from PIL import Image
+
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    Image.new("RGB", (32, 32)).save(elsewhere / "y.png")
+    data = write_jsonl(folder / "d.jsonl", [variant(id="abs", image=str(elsewhere / "y.png"))])
+    with pytest.raises(UserError, match=r"d\.jsonl:1 \(abs\): image .* is outside the image folder"):
+        read_records(data, folder)
+    (rec,) = read_records(data, folder, allow_outside_images=True)
+    assert rec.images == [elsewhere / "y.png"]
+    # a symlink inside the folder is the user's own arrangement: allowed
+    (folder / "link.png").symlink_to(elsewhere / "y.png")
+    assert read_records(write_jsonl(folder / "l.jsonl", [variant(id="l", image="link.png")]), folder)
+
+
+def test_data_check_reports_outside_images_without_opening_them(folder, monkeypatch):
+    from qilin_lite.data.check import check_data
+
+    opened = []
+    import qilin_lite.images as images_mod
+
+    real = images_mod.load_image
+    monkeypatch.setattr(images_mod, "load_image", lambda p, *a, **k: opened.append(p) or real(p, *a, **k))
+    data = write_jsonl(folder / "d.jsonl", [GOOD, variant(id="up", image="../../etc/hostname")])
+    result = check_data(data, folder)
+    assert result.counts == {"image outside the folder": 1} and not result.ok
+    assert all("hostname" not in str(p) for p in opened)

@@ -187,9 +187,9 @@ def test_json_answer_for_a_composite(qlora_run, tiny_data):
     assert set(reply) == {"answer", "model", "tokens", "seconds", "prompt_ids"}
     assert reply["answer"] == answer and reply["model"] == str(qlora_run)
     # the ids the model was given: the composite is one image, expanded; the prompt ends where the answer starts
-    from qilin_lite.generate import load_generator as build_generator
+    from qilin_lite.generate import load_generator
 
-    gen, _ = build_generator(str(qlora_run), temperature=0)
+    gen, _ = load_generator(str(qlora_run), temperature=0)
     msgs = [{"role": "user", "content": f"<image>\n{Q1}"}]
     assert reply["prompt_ids"] == gen.prompt_ids(msgs).tolist()
     assert reply["prompt_ids"].count(gen.layout.image_token_id) == gen.layout.num_image_tokens
@@ -341,3 +341,29 @@ def test_image_command_writes_what_training_saw_for_servers(lora_run, tmp_path, 
 
     code, _, err = run_cli_captured(monkeypatch, capsys, "image", dcm, "--out", tmp_path / "ct.jpg")
     assert code == 2 and err.strip().startswith("error:") and ".png" in err and "\n" not in err.strip()
+
+
+def test_a_typed_image_tag_is_text_in_every_mode(lora_run, tiny_data, monkeypatch, capfd):
+    """People who know LLaVA prompts type `<image>`: it is left out (the image is attached already), as
+    HuatuoGPT-Vision's cli.py does, never a second placeholder, a traceback or a lost session."""
+    first = demo_images(tiny_data)[0]
+    (answer,) = expected(lora_run, ([first], [Q1]))
+    capfd.readouterr()
+    assert run_cli(["chat", str(first), "--model", str(lora_run), "--prompt", f"<image>\n{Q1}", *GREEDY],
+                   monkeypatch) == 0
+    assert capfd.readouterr().out.strip() == answer
+    assert run_cli(["chat", str(first), "--model", str(lora_run), "--prompt", "<image>", *GREEDY], monkeypatch) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: the question is empty") and "Traceback" not in "\n".join(err)
+    # interactive: the bad line is one error, and the session answers the next question
+    session = ChatSession.load(str(lora_run), temperature=0, max_new_tokens=8)
+    session.load_image([first])
+    lines = iter(["<image>", f"{Q1}<image>", "/quit"])
+    from io import StringIO
+
+    from qilin_lite.chat import repl
+
+    out = StringIO()
+    repl(session, read=lambda prompt: next(lines), out=out)
+    assert "error: the question is empty" in out.getvalue()
+    assert session.history[-1]["content"] == answer and session.history[0]["content"] == f"<image>\n{Q1}"

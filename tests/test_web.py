@@ -190,19 +190,19 @@ def test_a_corrupt_upload_is_a_message_and_the_next_question_works(browser, serv
 def test_bad_requests_are_one_message_each(lora_run):
     """The HTTP layer without a browser: too many images, an empty question, no image yet, a bad window."""
     from qilin_lite.errors import UserError
-    from qilin_lite.generate import load_generator as build_generator
+    from qilin_lite.generate import load_generator
     from qilin_lite.web import WebApp, _window
 
-    gen, info = build_generator(str(lora_run), temperature=0, max_new_tokens=4)
+    gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
     web = WebApp(gen, info, "run")
-    sid = "test-session-1"
+    sid = web.new_session()
     with pytest.raises(UserError, match="at most 4 images"):
         web.set_image(sid, [{"name": f"{i}.png", "data": "AA=="} for i in range(5)])
     with pytest.raises(UserError, match="upload an image first"):
         next(web.ask(sid, Q, {}))
     with pytest.raises(UserError, match="not-base64.png: the upload arrived damaged"):
         web.set_image(sid, [{"name": "not-base64.png", "data": "%%%"}])
-    with pytest.raises(UserError, match="window width must be >= 1"):
+    with pytest.raises(UserError, match="a width >= 1, got 40,0"):
         _window("40,0")
     with pytest.raises(UserError, match="session id"):
         web.session("../x")
@@ -211,16 +211,17 @@ def test_bad_requests_are_one_message_each(lora_run):
 def test_requests_queue_behind_the_one_model_and_say_so(lora_run, tiny_data):
     import base64
 
-    from qilin_lite.generate import load_generator as build_generator
+    from qilin_lite.generate import load_generator
     from qilin_lite.web import WebApp
 
-    gen, info = build_generator(str(lora_run), temperature=0, max_new_tokens=4)
+    gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
     web = WebApp(gen, info, "run")
+    sid = web.new_session()
     first = sorted(Path(tiny_data["images"]).iterdir())[0]
-    web.set_image("tab-aaaaaaaa", [{"name": first.name, "data": base64.b64encode(first.read_bytes()).decode()}])
+    web.set_image(sid, [{"name": first.name, "data": base64.b64encode(first.read_bytes()).decode()}])
     web.lock.acquire()  # another tab is generating
     events: list = []
-    t = threading.Thread(target=lambda: events.extend(web.ask("tab-aaaaaaaa", Q, {})))
+    t = threading.Thread(target=lambda: events.extend(web.ask(sid, Q, {})))
     t.start()
     time.sleep(0.5)
     assert t.is_alive()  # waiting for the lock
@@ -233,22 +234,24 @@ def test_requests_queue_behind_the_one_model_and_say_so(lora_run, tiny_data):
 def test_nothing_is_stored_unless_log_dir_and_then_only_the_models_view(lora_run, tmp_path, monkeypatch):
     import base64
 
-    from qilin_lite.generate import load_generator as build_generator
+    from qilin_lite.generate import load_generator
     from qilin_lite.web import WebApp
 
-    gen, info = build_generator(str(lora_run), temperature=0, max_new_tokens=4)
+    gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
     dcm = dicom(tmp_path, "ct.dcm", left=True)
     upload = [{"name": "张三_CT.dcm", "data": base64.b64encode(dcm.read_bytes()).decode()}]
     monkeypatch.chdir(tmp_path)
     before = set(tmp_path.rglob("*"))
     plain = WebApp(gen, info, "run")
-    plain.set_image("tab-bbbbbbbb", upload, window=(40, 400))
-    list(plain.ask("tab-bbbbbbbb", Q, {}))
+    sid = plain.new_session()
+    plain.set_image(sid, upload, window=(40, 400))
+    list(plain.ask(sid, Q, {}))
     assert set(tmp_path.rglob("*")) == before  # nothing written
 
     logged = WebApp(gen, info, "run", log_dir=tmp_path / "logs")
-    logged.set_image("tab-cccccccc", upload, window=(40, 400))
-    events = list(logged.ask("tab-cccccccc", Q, {}))
+    sid = logged.new_session()
+    logged.set_image(sid, upload, window=(40, 400))
+    events = list(logged.ask(sid, Q, {}))
     [conv] = list((tmp_path / "logs").iterdir())
     assert sorted(p.name for p in conv.iterdir()) == ["image.png", "transcript.json"]
     transcript = json.loads((conv / "transcript.json").read_text(encoding="utf-8"))
@@ -263,12 +266,12 @@ def test_nothing_is_stored_unless_log_dir_and_then_only_the_models_view(lora_run
 def test_stop_regenerate_and_clear(lora_run, tiny_data):
     import base64
 
-    from qilin_lite.generate import load_generator as build_generator
+    from qilin_lite.generate import load_generator
     from qilin_lite.web import WebApp
 
-    gen, info = build_generator(str(lora_run), temperature=0, max_new_tokens=6)
+    gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=6)
     web = WebApp(gen, info, "run")
-    sid = "tab-dddddddd"
+    sid = web.new_session()
     img = sorted(Path(tiny_data["images"]).iterdir())[0]
     web.set_image(sid, [{"name": img.name, "data": base64.b64encode(img.read_bytes()).decode()}])
     first = list(web.ask(sid, Q, {}))[-1]["answer"]

@@ -25,7 +25,7 @@ _PROBLEM_KINDS = (
     ("roles must alternate", "roles out of order"), ("no reply to learn from", "roles out of order"),
     ("no user/assistant turns", "roles out of order"),
     ("tag(s) but the record has", "image count mismatch"),
-    ("not found", "missing image"),
+    ("not found", "missing image"), ("outside the image folder", "image outside the folder"),
     ("empty reply", "empty text"), ("empty question", "empty text"),
     ("duplicate id", "duplicate id"),
 )
@@ -89,6 +89,7 @@ def check_data(
     decode: bool = True,
     workers: int | None = None,
     length_mode: str = "text",
+    allow_outside_images: bool = False,
 ) -> CheckResult:
     """Every record against what training needs; the same rules as `align`/`tune` (records.py, processing.py)."""
     from ..conversation import get_template
@@ -99,7 +100,8 @@ def check_data(
     problems: list[tuple[int, str, str, str]] = []  # (order, kind, where, problem)
     rejects: list[Reject] = []
     try:
-        records = read_records(path, image_folder, skip_bad=True, rejects=rejects)
+        records = read_records(path, image_folder, skip_bad=True, rejects=rejects,
+                               allow_outside_images=allow_outside_images)
     except UserError:
         if not rejects:
             raise

@@ -81,6 +81,7 @@ def check_cmd(
     examples: Annotated[int, typer.Option("--examples", help="examples shown per problem")] = 5,
     decode: Annotated[bool, typer.Option("--decode/--no-decode", help="decode every image (slowest part)")] = True,
     workers: Annotated[Optional[int], typer.Option("--workers", help="threads decoding images")] = None,
+    allow_outside_images: Annotated[bool, typer.Option("--allow-outside-images", help="image names may lead outside --image-folder (absolute paths on purpose)")] = False,
 ):
     """Validate every record as training would; exit 1 when any record fails."""
     from ..errors import UserError
@@ -89,7 +90,8 @@ def check_cmd(
     if length_mode not in ("text", "total"):
         raise UserError(f"--length-mode must be text or total, not '{length_mode}'")
     result = check_data(file, image_folder, model=model, max_length=max_length, template=template,
-                        examples=examples, decode=decode, workers=workers, length_mode=length_mode)
+                        examples=examples, decode=decode, workers=workers, length_mode=length_mode,
+                        allow_outside_images=allow_outside_images)
     typer.echo(result.format())
     if not result.ok:
         # SystemExit, not typer.Exit: cli.main runs the app with standalone_mode=False, which turns Exit into a

@@ -12,6 +12,7 @@ instead, so one bad row never ends a run.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,8 +75,12 @@ def read_records(
     split: str = "train",
     image_column: str = "image",
     messages_column: str | None = None,
+    allow_outside_images: bool = False,
 ) -> list[Record]:
-    """Read and validate every record; raise UserError on the first bad one unless `skip_bad`."""
+    """Read and validate every record; raise UserError on the first bad one unless `skip_bad`. With an
+    `image_folder`, an image name that leads outside it (`../`, an absolute path) is that record's problem unless
+    `allow_outside_images` (data that names absolute paths on purpose). Without one, names are relative to the data
+    file and may climb out of its folder: `data build` writes such paths when the images live beside its output."""
     rejects = rejects if rejects is not None else []
     p = Path(path)
     if is_data_file(p):
@@ -86,7 +91,8 @@ def read_records(
         if not folder.is_dir():
             raise UserError(f"{folder}: image folder not found; pass --image-folder with the folder holding the images")
         # a record without an id (LLaMA-Factory, ms-swift and trl files have none) is named by its file and line
-        convert = lambda row, line: _from_llava(row, folder, f"{p.name}:{line}")  # noqa: E731
+        contain = image_folder is not None and not allow_outside_images
+        convert = lambda row, line: _from_llava(row, folder, f"{p.name}:{line}", not contain)  # noqa: E731
     else:
         rows, convert = _iter_hf_rows(str(path), split, image_column, messages_column)
     out: list[Record] = []
@@ -160,6 +166,10 @@ def validate_messages(messages: list[dict], n_images: int) -> None:
                 raise BadRecord(f"turn {i} is an empty reply; remove the turn or fill in the answer")
             if IMAGE_TOKEN in m["content"]:
                 raise BadRecord(f"turn {i}: '{IMAGE_TOKEN}' inside a reply; images belong in user turns")
+        elif m["role"] == "user" and not m["content"].strip():
+            # only an image may stand alone (a caption prompt); an empty later question renders `USER:ASSISTANT:`,
+            # and the authors' code masks such a record whole, so it never teaches anything
+            raise BadRecord(f"turn {i} is an empty question; remove the turn or fill in the question")
         elif m["role"] == "user" and not m["content"].replace(IMAGE_TOKEN, "").strip() and n_images == 0:
             raise BadRecord(f"turn {i} is an empty question")
     tags = sum(m["content"].count(IMAGE_TOKEN) for m in messages if m["role"] == "user")
@@ -170,7 +180,7 @@ def validate_messages(messages: list[dict], n_images: int) -> None:
         )
 
 
-def _from_llava(row: dict, folder: Path, default_id: str) -> Record:
+def _from_llava(row: dict, folder: Path, default_id: str, allow_outside_images: bool = False) -> Record:
     """LLaVA (`conversations` of from/value) or ShareGPT / OpenAI (`messages` of role/content, text or trl's typed
     parts) with `image` or `images`; the id is optional."""
     rid = row.get("id")
@@ -185,6 +195,11 @@ def _from_llava(row: dict, folder: Path, default_id: str) -> Record:
     paths = []
     for n in names:
         path = folder / n
+        # judged on the names, not on links: a folder of symlinks the user made stays usable
+        if not allow_outside_images and not _inside(path, folder):
+            raise BadRecord(f"image '{n[:120]}' is outside the image folder {folder}; give names relative to "
+                            "--image-folder, or allow such paths with --set data.allow_outside_images=true "
+                            "(data check: --allow-outside-images)")
         try:
             found = path.is_file()
         except OSError as e:  # a name longer than the file system allows, a path through a file, ...: this record's
@@ -194,6 +209,10 @@ def _from_llava(row: dict, folder: Path, default_id: str) -> Record:
             raise BadRecord(f"image '{path}' not found; check --image-folder or the record's 'image' field")
         paths.append(path)
     return Record(id=str(rid), messages=messages, images=paths)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return os.path.normpath(os.path.abspath(path)).startswith(os.path.normpath(os.path.abspath(folder)) + os.sep)
 
 
 def open_hf_dataset(name: str, split: str):

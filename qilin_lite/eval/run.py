@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from ..conversation import IMAGE_TOKEN, get_template
+from ..conversation import IMAGE_TOKEN, get_template, typed_text
 from ..errors import UserError, where
 from .benchmarks import ANSWER_KEYS, ID_KEYS, first_of, load_eval_items, read_benchmark_records
 from .items import METRICS, PREDICTIONS, REPORT, EvalItem, format_prompt, scan_predictions
@@ -184,7 +184,7 @@ def model_generate(
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
             conversations = [
-                [{"role": "user", "content": (f"{IMAGE_TOKEN}\n" if it.image else "") + format_prompt(it)}]
+                [{"role": "user", "content": (f"{IMAGE_TOKEN}\n" if it.image else "") + typed_text(format_prompt(it))}]
                 for it in batch
             ]
             answers += gen.generate(conversations, [[it.image] if it.image else [] for it in batch])

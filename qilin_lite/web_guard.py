@@ -1,0 +1,67 @@
+"""Who may talk to `qilin-lite web`. Loopback is no security boundary: any web page the user opens can send requests
+to 127.0.0.1, and a page on a domain that re-points its DNS to 127.0.0.1 (DNS rebinding) can read the answers.
+
+- Host: only the names this server was started for (loopback names and the bound address, plus `--allow-host`):
+  a rebinding page's requests carry its own domain as Host and are refused.
+- Origin: a browser names the page a request comes from; only the same names may call the API, so another site's
+  page cannot post images or questions.
+- Token: off loopback the API needs the token shown once in the banner (header `X-Token`, or the `qilin_token`
+  cookie the page sets from the address it was opened with), unless the operator says `--no-auth` on purpose.
+- Every response forbids framing (`frame-ancestors 'none'`, X-Frame-Options) and content sniffing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+HEADERS = {"X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+           "Cache-Control": "no-store"}
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host in LOOPBACK or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def hostname(value: str) -> str:
+    """A Host header or an Origin's network location -> the lower-case host name alone (no port, no brackets)."""
+    try:
+        return (urlsplit(f"//{value}").hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+def allowed_hosts(bound: str, extra: list[str] | None = None) -> set[str]:
+    names = set(LOOPBACK) | {hostname(h) for h in (extra or [])}
+    if bound in ("0.0.0.0", "::", ""):  # every interface: this machine's own names, the rest by --allow-host
+        names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+    else:
+        names.add(hostname(bound))
+    return {n for n in names if n}
+
+
+@dataclass
+class Guard:
+    hosts: set[str]
+    token: str | None = None
+
+    def refuse(self, path: str, headers, cookies) -> tuple[int, str] | None:
+        """(status, message) for a request this server must not answer; None to let it through."""
+        if hostname(headers.get("host", "")) not in self.hosts:
+            return 403, ("this server answers only to " + ", ".join(sorted(self.hosts)) +
+                         "; open it by one of those names (qilin-lite web --allow-host NAME adds one)")
+        origin = headers.get("origin")
+        if origin is not None and hostname(urlsplit(origin).netloc if "://" in origin else "") not in self.hosts:
+            return 403, "requests from other sites' pages are refused"
+        if self.token and path.startswith("/api/"):
+            given = headers.get("x-token") or cookies.get("qilin_token") or ""
+            if not hmac.compare_digest(given.encode(), self.token.encode()):
+                return 401, "this server needs its token: open the address the server printed (with #token=...)"
+        return None
