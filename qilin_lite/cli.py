@@ -74,17 +74,26 @@ def align(
     set_: Sets = None,
 ):
     """Stage 1: train the projector only (vision tower and LLM frozen) on image-caption pairs."""
-    from .config import load_recipe
-
-    r = load_recipe(recipe, set_, stage="align", output_dir=str(out) if out else None, **_fields(**{
-        "data.train": data, "data.image_folder": str(image_folder) if image_folder else None,
-        "model.base": model, "model.vision": vision, "model.llm": llm, "model.projector": projector,
-        "model.load_4bit": load_4bit, "data.max_length": max_length, "model.attn": attn, "data.skip_bad": skip_bad,
-        "data.packing": packing, "data.eval": eval_data,
-    }))
-    done = _run(r, resume, overwrite=overwrite)
+    done = _stage("align", recipe, set_, out, resume, overwrite, {
+        "model.vision": vision, "model.llm": llm, "model.projector": projector, "model.load_4bit": load_4bit,
+        **_data_fields(data, image_folder, model, max_length, attn, skip_bad, packing, eval_data)})
     if done and _main_process():
         typer.echo(f"align done: {done}  (next: qilin-lite tune --from {done} --qlora ...)")
+
+
+def _data_fields(data, image_folder, model, max_length, attn, skip_bad, packing, eval_data) -> dict:
+    """The recipe fields align and tune both take from their flags."""
+    return {"data.train": data, "data.image_folder": str(image_folder) if image_folder else None,
+            "model.base": model, "data.max_length": max_length, "model.attn": attn, "data.skip_bad": skip_bad,
+            "data.packing": packing, "data.eval": eval_data}
+
+
+def _stage(stage: str, recipe, set_, out, resume: bool, overwrite: bool, fields: dict):
+    """The recipe (file, `--set`s, then the flags given) -> a trained output directory, or None when stopped."""
+    from .config import load_recipe
+
+    r = load_recipe(recipe, set_, stage=stage, output_dir=str(out) if out else None, **_fields(**fields))
+    return _run(r, resume, overwrite=overwrite)
 
 
 def _run(recipe, resume: bool, trainer_cls=None, overwrite: bool = False):
@@ -122,18 +131,12 @@ def tune(
     set_: Sets = None,
 ):
     """Stage 2: train projector + LLM (full, LoRA or QLoRA) on image question-answer dialogs."""
-    from .config import load_recipe
-
     modes = [m for m, on in (("lora", lora), ("qlora", qlora), ("full", full)) if on]
     if len(modes) > 1:
         raise UserError(f"choose one of --lora, --qlora, --full (got {', '.join('--' + m for m in modes)})")
-    r = load_recipe(recipe, set_, stage="tune", output_dir=str(out) if out else None, **_fields(**{
+    done = _stage("tune", recipe, set_, out, resume, overwrite, {
         "train.mode": modes[0] if modes else None, "model.from_run": str(from_run) if from_run else None,
-        "data.train": data, "data.image_folder": str(image_folder) if image_folder else None,
-        "model.base": model, "data.max_length": max_length, "model.attn": attn, "data.skip_bad": skip_bad,
-        "data.packing": packing, "data.eval": eval_data,
-    }))
-    done = _run(r, resume, overwrite=overwrite)
+        **_data_fields(data, image_folder, model, max_length, attn, skip_bad, packing, eval_data)})
     if done and _main_process():
         typer.echo(f"tune done: {done}  (next: qilin-lite chat IMAGE --model {done})")
 

@@ -3,6 +3,7 @@ and short align / tune runs. Built once per test session, offline, on the CPU.""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -55,6 +56,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def web_server(args: list, log: Path):
+    """`qilin-lite web ARGS` on a free port of 127.0.0.1, its output in `log`; yields the port once it listens."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    with open(log, "w") as f:
+        p = subprocess.Popen([str(Path(sys.executable).with_name("qilin-lite")), "web", "--port", str(port),
+                              *map(str, args)], stdout=f, stderr=subprocess.STDOUT,
+                             env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
+        try:
+            deadline = time.time() + 180
+            while time.time() < deadline:
+                if p.poll() is not None:
+                    raise RuntimeError(log.read_text())
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", port)) == 0:
+                        break
+                time.sleep(0.5)
+            yield port
+        finally:
+            p.terminate()
+            p.wait(timeout=30)
 
 
 _MEMORY: dict = {}

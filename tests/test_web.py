@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import web_server
 
 CLI = str(Path(sys.executable).with_name("qilin-lite"))
 Q = "病灶位于哪一侧？"
@@ -39,23 +39,9 @@ def _env():
 
 @pytest.fixture(scope="module")
 def server(lora_run, tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("web") / "server.log"
-    f = open(log, "w")
-    p = subprocess.Popen([CLI, "web", "--model", str(lora_run), "--port", str(port), "--temperature", "0",
-                          "--max-new-tokens", MAX_NEW], stdout=f, stderr=subprocess.STDOUT, env=_env())
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if p.poll() is not None:
-            raise RuntimeError(log.read_text())
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.5)
-    yield f"http://127.0.0.1:{port}", log
-    p.terminate()
-    p.wait(timeout=30)
-    f.close()
+    with web_server(["--model", lora_run, "--temperature", "0", "--max-new-tokens", MAX_NEW], log) as port:
+        yield f"http://127.0.0.1:{port}", log
 
 
 @pytest.fixture(scope="module")

@@ -5,34 +5,14 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import web_server
 
 CLI = str(Path(sys.executable).with_name("qilin-lite"))
 pytest.importorskip("fastapi")
-
-
-def start(args: list[str], log: Path):
-    port = free_port()
-    f = open(log, "w")
-    p = subprocess.Popen([CLI, "web", "--port", str(port), "--max-new-tokens", "4", "--temperature", "0", *args],
-                         stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if p.poll() is not None:
-            raise RuntimeError(log.read_text())
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return p, port, f
-        time.sleep(0.5)
-    raise RuntimeError("the server did not start")
 
 
 def request(port: int, method: str, path: str, body=None, **headers) -> tuple[int, dict, dict]:
@@ -53,11 +33,9 @@ def request(port: int, method: str, path: str, body=None, **headers) -> tuple[in
 
 @pytest.fixture(scope="module")
 def web(lora_run, tmp_path_factory):
-    p, port, f = start(["--model", str(lora_run)], tmp_path_factory.mktemp("websec") / "server.log")
-    yield port
-    p.terminate()
-    p.wait(timeout=30)
-    f.close()
+    args = ["--model", lora_run, "--max-new-tokens", "4", "--temperature", "0"]
+    with web_server(args, tmp_path_factory.mktemp("websec") / "server.log") as port:
+        yield port
 
 
 def test_only_its_own_host_and_origin_get_an_answer(web, lora_run):
@@ -97,17 +75,12 @@ def test_a_full_server_evicts_only_idle_tabs(lora_run):
 
 
 def test_a_token_guards_the_api(lora_run, tmp_path):
-    p, port, f = start(["--model", str(lora_run), "--token", "s3cret-token"], tmp_path / "server.log")
-    try:
+    with web_server(["--model", lora_run, "--token", "s3cret-token"], tmp_path / "server.log") as port:
         assert request(port, "POST", "/api/session")[0] == 401
         assert request(port, "GET", "/api/info", X_Token="wrong")[0] == 401
         assert request(port, "GET", "/api/info", X_Token="s3cret-token")[0] == 200
         assert request(port, "GET", "/api/info", Cookie="qilin_token=s3cret-token")[0] == 200
         assert request(port, "GET", "/")[0] == 200  # the page itself holds nothing; it reads the token from #token=
-    finally:
-        p.terminate()
-        p.wait(timeout=30)
-        f.close()
 
 
 def test_listening_beyond_loopback_warns_and_makes_a_token(lora_run, monkeypatch, capsys):
