@@ -77,6 +77,7 @@ def load_image(
     frame: int | None = None,
     window: tuple[float, float] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int | None = None,
 ) -> Image.Image:
     """Read one image file as 8-bit RGB.
 
@@ -84,6 +85,8 @@ def load_image(
     window: (center, width) in stored units (Hounsfield for CT after rescale) for DICOM and 16-bit/float grey;
         overrides the DICOM header's window. 8-bit images are already rendered for display and ignore it.
     max_pixels: refuse anything larger (width x height, read from the header before decoding).
+    max_bytes: refuse a decoded size above this (width x height x frames x bytes per sample, from the header):
+        what a server that decodes uploads uses to bound its memory; None: no such bound.
     """
     path = Path(path)
     try:
@@ -97,9 +100,10 @@ def load_image(
         raise UserError(f"{path}: window width must be >= 1, got {window[1]}; pass window=(center, width)")
     if frame is not None and frame < 0:
         raise UserError(f"{path}: frame must be >= 0, got {frame}")
+    limits = {"max_pixels": max_pixels, "max_bytes": max_bytes}
     if _is_dicom(path):
-        return _load_dicom(path, frame=frame, window=window, max_pixels=max_pixels)
-    return _load_pil(path, frame=frame, window=window, max_pixels=max_pixels)
+        return _load_dicom(path, frame=frame, window=window, **limits)
+    return _load_pil(path, frame=frame, window=window, **limits)
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -146,7 +150,8 @@ def load_images(paths: PathType | Sequence[PathType], **kwargs) -> Image.Image:
 # ---------------------------------------------------------------- PIL formats
 
 
-def _load_pil(path: Path, *, frame: int | None, window: tuple[float, float] | None, max_pixels: int) -> Image.Image:
+def _load_pil(path: Path, *, frame: int | None, window: tuple[float, float] | None, max_pixels: int,
+              max_bytes: int | None = None) -> Image.Image:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Some library set this process-wide; half-grey images would then train silently. Say so instead of
         # flipping a global that someone else relies on.
@@ -165,6 +170,8 @@ def _load_pil(path: Path, *, frame: int | None, window: tuple[float, float] | No
                     _check_frame(path, frame, n_frames)
                     im.seek(frame)
                     _check_pixels(path, im.width, im.height, max_pixels)  # TIFF pages may differ in size
+                sample = {"I": 4, "F": 4}.get(im.mode, 2 if im.mode.startswith("I;16") else 1)
+                _check_bytes(path, im.width * im.height * len(im.getbands()) * sample, max_bytes)
                 im.load()  # decode everything now, so a truncated file fails here, not in a DataLoader worker
                 if im.getexif().get(ExifTags.Base.Orientation, 1) != 1:
                     # Phone photos (skin, wounds, endoscopy screens) are stored sideways with a rotate flag;
@@ -223,12 +230,13 @@ def _is_dicom(path: Path) -> bool:
     return head[128:132] == b"DICM"
 
 
-def _load_dicom(path: Path, *, frame: int | None, window: tuple[float, float] | None, max_pixels: int) -> Image.Image:
+def _load_dicom(path: Path, *, frame: int | None, window: tuple[float, float] | None, max_pixels: int,
+                max_bytes: int | None = None) -> Image.Image:
     token = _READING_DICOM.set(True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warnings can quote header values (patient data)
-            return _decode_dicom(path, frame=frame, window=window, max_pixels=max_pixels)
+            return _decode_dicom(path, frame=frame, window=window, max_pixels=max_pixels, max_bytes=max_bytes)
     finally:
         _READING_DICOM.reset(token)
 
@@ -239,7 +247,8 @@ def _dicom_error(path: Path, problem: str, fix: str, exc: BaseException | None =
     return UserError(f"{path}: {problem}{detail}; {fix}")
 
 
-def _decode_dicom(path: Path, *, frame: int | None, window: tuple[float, float] | None, max_pixels: int) -> Image.Image:
+def _decode_dicom(path: Path, *, frame: int | None, window: tuple[float, float] | None, max_pixels: int,
+                  max_bytes: int | None = None) -> Image.Image:
     reexport = "re-export it from the PACS/viewer or drop the record"
     try:
         # Old ACR-NEMA style .dcm files have no preamble; `force` reads them, and the checks below catch garbage.
@@ -253,6 +262,9 @@ def _decode_dicom(path: Path, *, frame: int | None, window: tuple[float, float] 
     if not isinstance(rows, int) or not isinstance(cols, int) or rows < 1 or cols < 1:
         raise _dicom_error(path, "DICOM file has no valid Rows/Columns", reexport)
     _check_pixels(path, cols, rows, max_pixels)
+    # every frame is decoded at once (pydicom's pixel_array), so all of them count
+    frames, samples = _int(ds.get("NumberOfFrames"), 1), _int(ds.get("SamplesPerPixel"), 1)
+    _check_bytes(path, rows * cols * frames * samples * -(-_int(ds.get("BitsAllocated"), 8) // 8), max_bytes)
 
     meta = ds.get("file_meta") or pydicom.dataset.FileMetaDataset()
     if "TransferSyntaxUID" not in meta:
@@ -393,6 +405,20 @@ def _to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 def _grey_to_rgb(grey: np.ndarray) -> Image.Image:
     return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def _int(value, default: int) -> int:
+    try:
+        return max(int(value), 1)
+    except (TypeError, ValueError):
+        return default
+
+
+def _check_bytes(path: Path, nbytes: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and nbytes > max_bytes:
+        raise UserError(f"{path}: decoding it would take {nbytes / 2**20:.0f} MB (width x height x frames x bytes "
+                        f"per sample), above this server's {max_bytes / 2**20:.0f} MB per image; downscale it, or "
+                        "send one frame")
 
 
 def _check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:

@@ -17,7 +17,7 @@ from .config import Recipe, load_recipe, save_recipe
 from .errors import UserError
 
 INPUTS = ".qilin-run.json"
-FINISHED = "train_summary.json"  # written last, once the model is saved
+FINISHED = "qilin.json"  # the run-directory contract, written with the final weights: a model is there
 # settings that change how a run reports or saves, not what it learns: a resume may change them
 MAY_CHANGE = {"data.num_workers", "train.report_to", "train.logging_steps", "train.save_steps",
               "train.save_total_limit", "output_dir"}

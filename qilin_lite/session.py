@@ -48,14 +48,16 @@ def parse_window(text: str | None) -> tuple[float, float] | None:
     return center, width
 
 
-def load_chat_image(paths, *, window: tuple[float, float] | None = None, frame: int | None = None):
-    """1-4 image paths -> one RGB image (a composite when several). Raises UserError for any bad file."""
+def load_chat_image(paths, *, window: tuple[float, float] | None = None, frame: int | None = None,
+                    max_bytes: int | None = None):
+    """1-4 image paths -> one RGB image (a composite when several). Raises UserError for any bad file.
+    `max_bytes`: refuse an image whose decoded size (from its header) is larger (the web server's bound)."""
     from .images import load_images
 
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     if not 1 <= len(paths) <= MAX_IMAGES:
         raise UserError(f"chat takes 1 to {MAX_IMAGES} images (several are joined into one), got {len(paths)}")
-    return load_images(paths, window=window, frame=frame)
+    return load_images(paths, window=window, frame=frame, **({"max_bytes": max_bytes} if max_bytes else {}))
 
 
 class ChatSession:

@@ -21,11 +21,9 @@ import io
 import json
 import logging
 import math
-import os
 import queue
 import re
 import secrets
-import tempfile
 import threading
 import time
 import uuid
@@ -36,6 +34,7 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import UserError
+from .uploads import held, remove_stale
 from .options import Attn, Dtype, Load4bit, Load8bit, ModelDir, dtype_arg, quant_bits
 from .web_guard import HEADERS, Guard, allowed_hosts, is_loopback
 
@@ -47,7 +46,9 @@ WINDOWS = {  # DICOM window presets (centre, width) in Hounsfield units
     "bone": (400.0, 1800.0),  # 骨窗
     "brain": (40.0, 80.0),  # 脑窗
 }
-MAX_UPLOAD_BYTES = 64 * 2**20  # per file
+MAX_UPLOAD_BYTES = 64 * 2**20  # the files of one upload, together
+MAX_BODY_BYTES = MAX_UPLOAD_BYTES * 4 // 3 + 2**20  # their base64 and the JSON around it: refused from the header
+MAX_DECODED_BYTES = 128 * 2**20  # one image decoded (width x height x frames x bytes per sample), from its header
 MAX_SESSIONS = 64
 IDLE_EVICT_S = 30 * 60  # a new tab may push out only a tab idle this long: no client can evict an active one
 SUFFIX = re.compile(r"\.(dcm|dicom|png|jpe?g|tiff?|bmp|webp|gif)$", re.IGNORECASE)
@@ -77,6 +78,7 @@ class WebApp:
         self.log_dir = Path(log_dir) if log_dir else None
         self.sessions: dict[str, Session] = {}
         self.sessions_lock = threading.Lock()
+        self.decoding = threading.Lock()  # one upload decoded at a time: a decode can take gigabytes
         self.lock = threading.Lock()  # one model: one generation at a time
         self.waiting = 0
         self.defaults = {"temperature": generator.temperature, "top_p": 1.0,
@@ -125,32 +127,30 @@ class WebApp:
             raise UserError("choose an image first")
         if len(files) > MAX_IMAGES:
             raise UserError(f"{len(files)} files: at most {MAX_IMAGES} images (several are joined into one)")
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        with tempfile.TemporaryDirectory(prefix="qilin-web-", dir=shm) as tmp:
-            paths, names = [], {}
-            for i, f in enumerate(files):
-                name = str(f.get("name") or f"image{i}")
-                try:
-                    data = base64.b64decode(f.get("data") or "", validate=True)
-                except ValueError:
-                    raise UserError(f"{name}: the upload arrived damaged; try again") from None
-                if not data:
-                    raise UserError(f"{name}: empty file")
-                if len(data) > MAX_UPLOAD_BYTES:
-                    raise UserError(f"{name}: larger than {MAX_UPLOAD_BYTES // 2**20} MB; downscale it first")
-                m = SUFFIX.search(name)
-                # neutral file names: the user's name stays out of any path, and the suffix tells the decoder the kind
-                p = Path(tmp) / f"upload{i}{m.group(0).lower() if m else ''}"
-                p.write_bytes(data)
-                paths.append(p)
-                names[str(p)] = name
+        uploads = []
+        for i, f in enumerate(files):
+            name = str(f.get("name") or f"image{i}")
+            if len(f.get("data") or "") > MAX_BODY_BYTES:  # (the HTTP layer already refused larger bodies)
+                raise UserError(f"{name}: larger than {MAX_UPLOAD_BYTES // 2**20} MB; downscale it first")
             try:
-                image = load_chat_image(paths, window=window, frame=frame)
+                data = base64.b64decode(f.get("data") or "", validate=True)
+            except ValueError:
+                raise UserError(f"{name}: the upload arrived damaged; try again") from None
+            if not data:
+                raise UserError(f"{name}: empty file")
+            m = SUFFIX.search(name)
+            uploads.append((name, f"upload{i}{m.group(0).lower() if m else ''}", data))
+        # in memory with no name on disk (uploads.py); one decode at a time bounds the server's peak memory
+        with self.decoding, held([(neutral, data) for _, neutral, data in uploads]) as paths:
+            try:
+                image = load_chat_image(paths, window=window, frame=frame, max_bytes=MAX_DECODED_BYTES)
             except UserError as e:
                 msg = str(e)
-                for tmp_name, shown in names.items():
-                    msg = msg.replace(tmp_name, shown)
+                # longest first: /proc/self/fd/1 must not rewrite part of /proc/self/fd/12
+                for p, shown in sorted(((str(p), u[0]) for p, u in zip(paths, uploads)), key=lambda x: -len(x[0])):
+                    msg = msg.replace(p, shown)
                 raise UserError(msg) from None
+        names = {str(p): shown for p, (shown, _, _) in zip(paths, uploads)}
         loader = self.generator.images  # the run's squaring rule and fill colour, as training and chat use them
         view = expand_to_square(image, loader.fill) if loader.mode == "pad" else image
         s.chat.show(image, [Path(n) for n in names.values()])
@@ -221,8 +221,14 @@ class WebApp:
                 events.put(None)
 
         threading.Thread(target=run, daemon=True).start()
-        while (e := events.get()) is not None:
-            yield e
+        finished = False
+        try:
+            while (e := events.get()) is not None:
+                yield e
+            finished = True
+        finally:  # the reader went away (a closed tab: the response stream is closed): stop, free the model
+            if not finished:
+                s.stop.set()
 
     def _log(self, s: Session, stopped: bool) -> None:
         if s.transcript is None or stopped:
@@ -269,11 +275,11 @@ def create_app(web: WebApp, guard: Guard | None = None):
 
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     page = (Path(__file__).parent / "web_page.html").read_text(encoding="utf-8")
-    guard = guard or Guard(allowed_hosts("127.0.0.1"))
+    guard = guard or Guard(allowed_hosts("127.0.0.1"), max_body=MAX_BODY_BYTES)
 
     @app.middleware("http")
     async def only_our_own(request: Request, call_next):
-        refused = guard.refuse(request.url.path, request.headers, request.cookies)
+        refused = guard.refuse(request.url.path, request.headers, request.cookies, request.method)
         response = JSONResponse({"error": refused[1]}, status_code=refused[0]) if refused else await call_next(request)
         response.headers.update(HEADERS)
         return response
@@ -378,6 +384,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 7860, bits: int | 
     from .generate import load_generator
     from .session import quiet
 
+    for stale in remove_stale():  # upload folders of a server that died mid-decode (SIGKILL): nothing may stay
+        log.warning("removed %s, left by a server that stopped while decoding an upload", stale)
     with socket.socket() as probe:  # before minutes of model loading, and before the banner names the address
         try:
             probe.bind((host, port))
@@ -389,7 +397,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 7860, bits: int | 
     exposed = not is_loopback(host)
     if token is None and exposed and not no_auth:  # reachable from other machines: a token unless refused on purpose
         token = secrets.token_urlsafe(18)
-    guard = Guard(allowed_hosts(host, allow_hosts), token)
+    guard = Guard(allowed_hosts(host, allow_hosts), token, MAX_BODY_BYTES)
     app = create_app(WebApp(generator, info, str(model), log_dir), guard)
     where = f"http://{'[' + host + ']' if ':' in host else host}:{port}/" + (f"#token={token}" if token else "")
     if exposed:

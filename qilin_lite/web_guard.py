@@ -51,8 +51,9 @@ def allowed_hosts(bound: str, extra: list[str] | None = None) -> set[str]:
 class Guard:
     hosts: set[str]
     token: str | None = None
+    max_body: int | None = None  # bytes a request body may have, judged from its Content-Length before reading it
 
-    def refuse(self, path: str, headers, cookies) -> tuple[int, str] | None:
+    def refuse(self, path: str, headers, cookies, method: str = "GET") -> tuple[int, str] | None:
         """(status, message) for a request this server must not answer; None to let it through."""
         if hostname(headers.get("host", "")) not in self.hosts:
             return 403, ("this server answers only to " + ", ".join(sorted(self.hosts)) +
@@ -60,6 +61,13 @@ class Guard:
         origin = headers.get("origin")
         if origin is not None and hostname(urlsplit(origin).netloc if "://" in origin else "") not in self.hosts:
             return 403, "requests from other sites' pages are refused"
+        if self.max_body is not None and method == "POST":
+            length = headers.get("content-length")
+            if length is None or not length.isdigit():
+                return 411, "send the request with its Content-Length (the page does)"
+            if int(length) > self.max_body:
+                return 413, (f"the upload is {int(length) / 2**20:.0f} MB; this server takes "
+                             f"{self.max_body / 2**20:.0f} MB per request (64 MB of files): downscale or send fewer")
         if self.token and path.startswith("/api/"):
             given = headers.get("x-token") or cookies.get("qilin_token") or ""
             if not hmac.compare_digest(given.encode(), self.token.encode()):

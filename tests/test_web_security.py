@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import web_server
 
-CLI = str(Path(sys.executable).with_name("qilin-lite"))
 pytest.importorskip("fastapi")
 
 
@@ -122,3 +124,123 @@ def test_malformed_bodies_are_4xx_with_a_message(web):
 
     post()
     assert request(web, "GET", "/api/info")[0] == 200
+
+
+def test_uploads_rest_in_no_named_file_and_stale_folders_are_removed(lora_run, tmp_path, monkeypatch):
+    """A patient's upload is decoded from memory with no name on disk (so a SIGKILL mid-decode leaves nothing); the
+    rare DICOM known only by its .dcm name goes through a folder named with the server's pid, which a later server
+    removes once that pid is gone."""
+    import base64
+
+    from test_web import PATIENT, dicom
+
+    import qilin_lite.session as session_mod
+    from qilin_lite.errors import UserError
+    from qilin_lite.generate import load_generator
+    from qilin_lite.uploads import PREFIX, remove_stale, scratch_root
+    from qilin_lite.web import WebApp
+
+    root = Path(scratch_root() or "/tmp")
+    seen = []
+    real = session_mod.load_chat_image
+
+    def spying(paths, **kw):  # what exists while the decoder runs
+        seen.append(([str(p) for p in paths], sorted(p.name for p in root.glob(f"{PREFIX}*"))))
+        return real(paths, **kw)
+
+    monkeypatch.setattr(session_mod, "load_chat_image", spying)
+    gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
+    app = WebApp(gen, info, "run")
+    sid = app.new_session()
+    dcm = dicom(tmp_path, "ct.dcm", left=True)
+    app.set_image(sid, [{"name": "张三_CT.dcm", "data": base64.b64encode(dcm.read_bytes()).decode()}], window=(40, 400))
+    paths, folders = seen[-1]
+    assert paths[0].startswith("/proc/self/fd/") and not any(n.startswith(f"{PREFIX}{os.getpid()}-") for n in folders)
+    # a .dcm without the DICM magic: a pid-named folder while decoding, gone after
+    headless = dcm.read_bytes()[132:]
+    try:  # pydicom may read it (force=True) or not: either way nothing stays behind
+        app.set_image(sid, [{"name": "x.dcm", "data": base64.b64encode(headless).decode()}])
+    except UserError:
+        pass
+    assert any(n.startswith(f"{PREFIX}{os.getpid()}-") for n in seen[-1][1])
+    assert not list(root.glob(f"{PREFIX}{os.getpid()}-*"))
+    # a folder left by a server that was killed (its pid no longer runs) goes; a live server's stays
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    left = root / f"{PREFIX}{dead}-abc"
+    left.mkdir()
+    (left / "upload0.dcm").write_bytes(dcm.read_bytes())
+    live = root / f"{PREFIX}{os.getpid()}-def"
+    live.mkdir()
+    assert remove_stale() == [left] and not left.exists() and live.exists()
+    live.rmdir()
+    for value in PATIENT:
+        assert all(value not in p for p in seen[-1][0])
+
+
+def test_memory_is_bounded_before_anything_is_read_or_decoded(web, lora_run, tmp_path):
+    """A body over the limit is refused from its Content-Length (nothing read); an image whose header promises
+    more decoded bytes than the server takes is refused before decoding: a 16-bit PNG under the pixel limit, a
+    DICOM claiming many frames."""
+    import base64
+
+    import pydicom
+    from PIL import Image
+
+    from qilin_lite.errors import UserError
+    from qilin_lite.generate import load_generator
+    from qilin_lite.web import MAX_DECODED_BYTES, WebApp
+    from test_web import dicom
+
+    c = http.client.HTTPConnection("127.0.0.1", web, timeout=30)
+    c.putrequest("POST", "/api/image")
+    c.putheader("Content-Length", str(300 * 2**20))  # announced, never sent
+    c.endheaders()
+    r = c.getresponse()
+    assert r.status == 413 and "MB per request" in json.loads(r.read())["error"]
+    c.close()
+    c = http.client.HTTPConnection("127.0.0.1", web, timeout=30)
+    c.putrequest("POST", "/api/image")
+    c.putheader("Transfer-Encoding", "chunked")
+    c.endheaders()
+    c.send(b"2\r\n{}\r\n0\r\n\r\n")
+    assert c.getresponse().status == 411
+
+    gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
+    app = WebApp(gen, info, "run")
+    sid = app.new_session()
+    side = int((MAX_DECODED_BYTES / 2) ** 0.5) + 64  # 16-bit grey: just over the bound, far under the pixel limit
+    Image.new("I;16", (side, side)).save(tmp_path / "big.png")
+    ds = pydicom.dcmread(dicom(tmp_path, "ct.dcm", left=True))
+    ds.NumberOfFrames = MAX_DECODED_BYTES // (ds.Rows * ds.Columns * 2) + 1
+    ds.save_as(tmp_path / "frames.dcm")
+    for name in ("big.png", "frames.dcm"):
+        upload = [{"name": name, "data": base64.b64encode((tmp_path / name).read_bytes()).decode()}]
+        with pytest.raises(UserError, match=rf"^{name}: decoding it would take \d+ MB .* above this server's 128 MB"):
+            app.set_image(sid, upload)
+
+
+def test_an_abandoned_answer_stops_and_frees_the_model(lora_run, tiny_data):
+    """When the page's stream is closed (the tab went away), the answer stops after the current token, so the next
+    tab's question does not wait for it."""
+    import base64
+
+    from qilin_lite.generate import load_generator
+    from qilin_lite.web import WebApp
+
+    gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
+    app = WebApp(gen, info, "run")
+    sid = app.new_session()
+    image = sorted(Path(tiny_data["images"]).iterdir())[0]
+    app.set_image(sid, [{"name": image.name, "data": base64.b64encode(image.read_bytes()).decode()}])
+    app.lock.acquire()  # another tab is generating: this answer waits in the queue
+    events = app.ask(sid, "病灶位于哪一侧？", {"max_new_tokens": 4096})
+    assert next(events) == {"queued": 1}
+    events.close()  # what the server does with the stream of a closed tab
+    assert app.session(sid).stop.is_set()
+    app.lock.release()
+    deadline = time.time() + 30
+    while app.lock.locked() or app.waiting:  # the abandoned answer ends at once instead of generating 4096 tokens
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert app.session(sid).chat.history == []  # a stopped answer is not kept
