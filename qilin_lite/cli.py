@@ -224,6 +224,15 @@ def main() -> None:
     except Exception as e:  # click usage errors print themselves; anything else is a bug and keeps its traceback
         import click
 
+        from .errors import disk_full
+
+        full = disk_full(e)
+        if full:  # an operator's problem, not a bug: one line, and how to go on
+            training = len(sys.argv) > 1 and sys.argv[1] in ("align", "tune")
+            typer.echo(f"error: the disk is full ({full}); free space, then run the same command again"
+                       + (" with --resume: training goes on from the last checkpoint saved completely"
+                          if training else ""), err=True)
+            sys.exit(2)
         # typer bundles its own click: its usage errors are not click's classes, so match either
         if isinstance(e, (click.exceptions.ClickException, getattr(typer, "TyperException", ()))) and hasattr(e, "show"):
             e.show()

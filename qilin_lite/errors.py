@@ -17,3 +17,22 @@ def where(path, line: int | None = None, record_id: str | None = None) -> str:
     if record_id is not None:
         out += f" ({record_id})"
     return out
+
+
+# what torch's checkpoint writer says when the disk fills mid-save: it reports positions, never ENOSPC
+_TORCH_SHORT_WRITE = ("unexpected pos", "PytorchStreamWriter failed writing", "file write failed")
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """A description of the full disk behind `exc` (or anything it was raised from), else None."""
+    import errno
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+            return exc.strerror + (f": {exc.filename}" if exc.filename else "")
+        if isinstance(exc, RuntimeError) and any(m in str(exc) for m in _TORCH_SHORT_WRITE):
+            return "a checkpoint file could not be written to the end"
+        exc = exc.__cause__ or exc.__context__
+    return None
