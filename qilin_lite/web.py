@@ -48,6 +48,7 @@ WINDOWS = {  # DICOM window presets (centre, width) in Hounsfield units
 }
 MAX_UPLOAD_BYTES = 64 * 2**20  # the files of one upload, together
 MAX_BODY_BYTES = MAX_UPLOAD_BYTES * 4 // 3 + 2**20  # their base64 and the JSON around it: refused from the header
+MAX_KEPT_BYTES = 2**30  # what all tabs together keep (images, conversations); the least recently used go first
 MAX_DECODED_BYTES = 128 * 2**20  # one image decoded (width x height x frames x bytes per sample), from its header
 MAX_SESSIONS = 64
 IDLE_EVICT_S = 30 * 60  # a new tab may push out only a tab idle this long: no client can evict an active one
@@ -68,6 +69,14 @@ class Session:
     stop: threading.Event = field(default_factory=threading.Event)
     used: float = field(default_factory=time.time)
     transcript: Path | None = None
+    busy: bool = False  # answering now: its image is never let go
+    released: bool = False  # its image was let go to make room for other tabs
+
+    def kept_bytes(self) -> int:
+        """What this tab holds in memory: the decoded image and the conversation's text."""
+        img = self.chat.image
+        pixels = img.width * img.height * len(img.getbands()) if img is not None else 0
+        return pixels + sum(len(m["content"].encode()) for m in self.chat.history)
 
 
 class WebApp:
@@ -154,7 +163,8 @@ class WebApp:
         loader = self.generator.images  # the run's squaring rule and fill colour, as training and chat use them
         view = expand_to_square(image, loader.fill) if loader.mode == "pad" else image
         s.chat.show(image, [Path(n) for n in names.values()])
-        s.transcript = None
+        s.transcript, s.released = None, False
+        self.make_room(keep=s)
         buf = io.BytesIO()
         view.save(buf, format="PNG")
         png = buf.getvalue()
@@ -164,6 +174,21 @@ class WebApp:
             (s.transcript / "image.png").write_bytes(png)
         return {"preview": base64.b64encode(png).decode("ascii"), "width": view.width, "height": view.height,
                 "images": len(files)}
+
+    def make_room(self, keep: Session) -> int:
+        """Let go of the least recently used tabs' images (and conversations) until everything kept fits in
+        MAX_KEPT_BYTES; never `keep`'s or an answering tab's. Returns the bytes kept."""
+        with self.sessions_lock:
+            total = sum(s.kept_bytes() for s in self.sessions.values())
+            for s in sorted(self.sessions.values(), key=lambda s: s.used):
+                if total <= MAX_KEPT_BYTES:
+                    break
+                if s is keep or s.busy or s.chat.image is None:
+                    continue
+                total -= s.kept_bytes()
+                s.chat.image, s.released = None, True
+                s.chat.reset()
+        return total
 
     def clear(self, sid: str) -> None:
         s = self.session(sid)
@@ -178,7 +203,8 @@ class WebApp:
         if not regenerate and not (question or "").strip():
             raise UserError("the question is empty")
         if s.chat.image is None:
-            raise UserError("upload an image first")
+            raise UserError("upload an image first" + (" again: this tab's image was let go to make room for "
+                                                         "other tabs" if s.released else ""))
         if regenerate and len(s.chat.history) < 2:
             raise UserError("nothing to regenerate yet: ask a question first")
         temperature, top_p, max_new = _sampling(settings, self.defaults)
@@ -204,6 +230,7 @@ class WebApp:
                     events.put({"done": True, "stopped": True, "answer": ""})
                     return
                 events.put({"started": True})
+                s.busy = True
                 g = self.generator
                 g.temperature, g.top_p, g.max_new_tokens = temperature, top_p, max_new
                 s.chat.stream = Pipe()
@@ -217,6 +244,7 @@ class WebApp:
                 log.exception("generation failed")
                 events.put({"error": "generation failed; see the server log"})
             finally:
+                s.busy = False
                 self.lock.release()
                 events.put(None)
 

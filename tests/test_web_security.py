@@ -244,3 +244,31 @@ def test_an_abandoned_answer_stops_and_frees_the_model(lora_run, tiny_data):
         assert time.time() < deadline
         time.sleep(0.05)
     assert app.session(sid).chat.history == []  # a stopped answer is not kept
+
+
+def test_what_tabs_keep_is_capped_and_the_least_recently_used_let_go(lora_run, tiny_data, monkeypatch):
+    """Images and conversations kept by all tabs together stay under a byte cap: the least recently used tab's image
+    is let go (never the current one's), and that tab is told to upload again."""
+    import base64
+
+    import qilin_lite.web as web_mod
+    from qilin_lite.errors import UserError
+    from qilin_lite.generate import load_generator
+    from qilin_lite.web import WebApp
+
+    gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
+    app = WebApp(gen, info, "run")
+    image = sorted(Path(tiny_data["images"]).iterdir())[0]
+    upload = [{"name": image.name, "data": base64.b64encode(image.read_bytes()).decode()}]
+    tabs = [app.new_session() for _ in range(3)]
+    for sid in tabs:
+        app.set_image(sid, upload)
+    one = app.session(tabs[0]).kept_bytes()
+    assert one > 0 and app.make_room(keep=None) == 3 * one
+    monkeypatch.setattr(web_mod, "MAX_KEPT_BYTES", 2 * one)  # room for two tabs' images
+    app.session(tabs[1])  # tab 1 used again: tab 0 is now the least recently used
+    app.set_image(tabs[2], upload)
+    assert [app.sessions[t].chat.image is None for t in tabs] == [True, False, False]
+    with pytest.raises(UserError, match="upload an image first again: this tab's image was let go"):
+        next(app.ask(tabs[0], "病灶位于哪一侧？", {}))
+    assert sum(app.sessions[t].kept_bytes() for t in tabs) <= 2 * one
