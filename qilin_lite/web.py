@@ -20,7 +20,6 @@ import base64
 import io
 import json
 import logging
-import math
 import queue
 import re
 import secrets
@@ -34,18 +33,13 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import UserError
-from .uploads import held, remove_stale
 from .options import Attn, Dtype, Load4bit, Load8bit, ModelDir, dtype_arg, quant_bits
+from .uploads import held, remove_stale
 from .web_guard import HEADERS, Guard, allowed_hosts, is_loopback
+from .web_input import WINDOWS, expect, sampling, window_setting
 
 log = logging.getLogger(__name__)
 
-WINDOWS = {  # DICOM window presets (centre, width) in Hounsfield units
-    "lung": (-600.0, 1500.0),  # 肺窗
-    "mediastinum": (40.0, 400.0),  # 纵隔窗 / soft tissue
-    "bone": (400.0, 1800.0),  # 骨窗
-    "brain": (40.0, 80.0),  # 脑窗
-}
 MAX_UPLOAD_BYTES = 64 * 2**20  # the files of one upload, together
 MAX_BODY_BYTES = MAX_UPLOAD_BYTES * 4 // 3 + 2**20  # their base64 and the JSON around it: refused from the header
 MAX_KEPT_BYTES = 2**30  # what all tabs together keep (images, conversations); the least recently used go first
@@ -207,7 +201,7 @@ class WebApp:
                                                          "other tabs" if s.released else ""))
         if regenerate and len(s.chat.history) < 2:
             raise UserError("nothing to regenerate yet: ask a question first")
-        temperature, top_p, max_new = _sampling(settings, self.defaults)
+        temperature, top_p, max_new = sampling(settings, self.defaults)
         events: queue.Queue = queue.Queue()
         s.stop.clear()
 
@@ -267,36 +261,6 @@ class WebApp:
             indent=1), encoding="utf-8")
 
 
-def _sampling(settings: dict, defaults: dict) -> tuple[float, float | None, int]:
-    if not isinstance(settings, dict):
-        raise UserError("malformed request: settings must be an object; reload the page")
-    try:
-        temperature = float(settings.get("temperature", defaults["temperature"]))
-        top_p = float(settings.get("top_p", defaults["top_p"]))
-        max_new = int(settings.get("max_new_tokens", defaults["max_new_tokens"]))
-    except (TypeError, ValueError, OverflowError):
-        raise UserError("temperature, top-p and max new tokens must be numbers") from None
-    if not 0 <= temperature <= 5 or not 0 < top_p <= 1 or not 1 <= max_new <= 4096:
-        raise UserError("temperature 0-5 (0 = greedy), top-p in (0, 1], max new tokens 1-4096")
-    return temperature, (top_p if top_p < 1 else None), max_new
-
-
-def _expect(body, **kinds) -> dict:
-    """The JSON body an endpoint takes, its fields of the expected types (absent = None); anything else is one
-    message (HTTP 400), never a traceback."""
-    if not isinstance(body, dict):
-        raise UserError("malformed request: the body must be a JSON object; reload the page")
-    for key, kind in kinds.items():
-        value = body.get(key)
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
-            raise UserError(f"malformed request: '{key}' has the wrong type; reload the page")
-    files = body.get("files")
-    if files is not None and not all(isinstance(f, dict) and isinstance(f.get("data", ""), str)
-                                     and isinstance(f.get("name", ""), (str, type(None))) for f in files):
-        raise UserError("malformed request: each file needs a name and base64 data; reload the page")
-    return body
-
-
 def create_app(web: WebApp, guard: Guard | None = None):
     from fastapi import Body, FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -342,9 +306,9 @@ def create_app(web: WebApp, guard: Guard | None = None):
     @app.post("/api/image")
     def image(request: Request, body=Body(...)):
         try:
-            body = _expect(body, files=list, window=(str, list, int, float), frame=(int, str))
+            body = expect(body, files=list, window=(str, list, int, float), frame=(int, str))
             window = body.get("window")
-            window = None if window in (None, "", "auto") else _window(window)
+            window = None if window in (None, "", "auto") else window_setting(window)
             frame = body.get("frame")
             frame = None if frame in (None, "") else int(frame)
             return web.set_image(request.headers.get("x-session", ""), body.get("files") or [], window, frame)
@@ -357,7 +321,7 @@ def create_app(web: WebApp, guard: Guard | None = None):
     def ask(request: Request, body=Body(...)):
         sid = request.headers.get("x-session", "")
         try:
-            body = _expect(body, question=str, settings=dict, regenerate=bool)
+            body = expect(body, question=str, settings=dict, regenerate=bool)
             events = web.ask(sid, body.get("question"), body.get("settings") or {},
                              regenerate=bool(body.get("regenerate")))
             first = next(events)  # validation errors surface here, before the stream starts
@@ -387,18 +351,6 @@ def create_app(web: WebApp, guard: Guard | None = None):
     app.post("/api/clear")(session_action(web.clear))  # Clear: the tab's history, not its image
 
     return app
-
-
-def _window(value) -> tuple[float, float]:
-    if isinstance(value, str) and value in WINDOWS:
-        return WINDOWS[value]
-    try:
-        c, w = (float(x) for x in (value if isinstance(value, (list, tuple)) else str(value).split(",")))
-    except (TypeError, ValueError):
-        raise UserError("window: a preset or CENTER,WIDTH (e.g. 40,400)") from None
-    if not (math.isfinite(c) and math.isfinite(w) and w >= 1):
-        raise UserError(f"window: a finite centre and a width >= 1, got {c:g},{w:g}")
-    return c, w
 
 
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 7860, bits: int | None = None,

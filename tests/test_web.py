@@ -177,7 +177,8 @@ def test_bad_requests_are_one_message_each(lora_run):
     """The HTTP layer without a browser: too many images, an empty question, no image yet, a bad window."""
     from qilin_lite.errors import UserError
     from qilin_lite.generate import load_generator
-    from qilin_lite.web import WebApp, _window
+    from qilin_lite.web import WebApp
+    from qilin_lite.web_input import window_setting
 
     gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
     web = WebApp(gen, info, "run")
@@ -189,7 +190,7 @@ def test_bad_requests_are_one_message_each(lora_run):
     with pytest.raises(UserError, match="not-base64.png: the upload arrived damaged"):
         web.set_image(sid, [{"name": "not-base64.png", "data": "%%%"}])
     with pytest.raises(UserError, match="a width >= 1, got 40,0"):
-        _window("40,0")
+        window_setting("40,0")
     with pytest.raises(UserError, match="session id"):
         web.session("../x")
 
