@@ -40,7 +40,7 @@ def expect(body, **kinds) -> dict:
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
             raise UserError(f"malformed request: '{key}' has the wrong type; reload the page")
     files = body.get("files")
-    if files is not None and not all(isinstance(f, dict) and isinstance(f.get("data", ""), str)
+    if "files" in kinds and isinstance(files, list) and not all(isinstance(f, dict) and isinstance(f.get("data", ""), str)
                                      and isinstance(f.get("name", ""), (str, type(None))) for f in files):
         raise UserError("malformed request: each file needs a name and base64 data; reload the page")
     return body
