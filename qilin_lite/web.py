@@ -153,10 +153,9 @@ class WebApp:
                 for p, shown in sorted(((str(p), u[0]) for p, u in zip(paths, uploads)), key=lambda x: -len(x[0])):
                     msg = msg.replace(p, shown)
                 raise UserError(msg) from None
-        names = {str(p): shown for p, (shown, _, _) in zip(paths, uploads)}
         loader = self.generator.images  # the run's squaring rule and fill colour, as training and chat use them
         view = expand_to_square(image, loader.fill) if loader.mode == "pad" else image
-        s.chat.show(image, [Path(n) for n in names.values()])
+        s.chat.show(image, [Path(shown) for shown, _, _ in uploads])
         s.transcript, s.released = None, False
         self.make_room(keep=s)
         buf = io.BytesIO()
