@@ -8,14 +8,15 @@ Out: answers streamed to the page; with `--log-dir`, one transcript per conversa
 
 Each browser tab is a session (an id kept in the tab) with its own image and history. One model, so generation
 requests queue behind one lock; a waiting request is told its place. Uploads are decoded by the code `chat` uses
-(`load_chat_image`: DICOM windowing, 16-bit, composites), from a private temporary directory (memory-backed
-/dev/shm where there is one) that is deleted as soon as the image is decoded. No DICOM header value is read into
-anything the page, the server log or a transcript receives: only pixels leave the decoder.
+(`load_chat_image`: DICOM windowing, 16-bit, composites) from memory with no name on disk (uploads.py). No DICOM
+header value is read into anything the page, the server log or a transcript receives: only pixels leave the decoder.
+Who may call it and how much memory a request may cost: web_guard.py and the README's security model.
 """
 
 # no `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at runtime, and the classes
 # they name are imported inside create_app
 
+import asyncio
 import base64
 import io
 import json
@@ -268,10 +269,20 @@ def create_app(web: WebApp, guard: Guard | None = None):
     page = (Path(__file__).parent / "web_page.html").read_text(encoding="utf-8")
     guard = guard or Guard(allowed_hosts("127.0.0.1"), max_body=MAX_BODY_BYTES)
 
+    # one upload read, parsed and decoded at a time: the others wait here with their bodies unread (uvicorn stops
+    # reading a socket whose body nobody consumes), so N clients uploading at once cost one upload's memory, not N
+    uploading = asyncio.Semaphore(1)
+
     @app.middleware("http")
     async def only_our_own(request: Request, call_next):
         refused = guard.refuse(request.url.path, request.headers, request.cookies, request.method)
-        response = JSONResponse({"error": refused[1]}, status_code=refused[0]) if refused else await call_next(request)
+        if refused:
+            response = JSONResponse({"error": refused[1]}, status_code=refused[0])
+        elif request.method == "POST" and request.url.path in guard.upload_paths:
+            async with uploading:
+                response = await call_next(request)
+        else:
+            response = await call_next(request)
         response.headers.update(HEADERS)
         return response
 

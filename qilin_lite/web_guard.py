@@ -51,7 +51,9 @@ def allowed_hosts(bound: str, extra: list[str] | None = None) -> set[str]:
 class Guard:
     hosts: set[str]
     token: str | None = None
-    max_body: int | None = None  # bytes a request body may have, judged from its Content-Length before reading it
+    max_body: int | None = None  # bytes an upload's body may have, judged from its Content-Length before reading it
+    upload_paths: tuple[str, ...] = ("/api/image",)
+    max_small_body: int = 64 * 2**10  # any other POST: a question (20,000 Chinese characters) and its settings
 
     def refuse(self, path: str, headers, cookies, method: str = "GET") -> tuple[int, str] | None:
         """(status, message) for a request this server must not answer; None to let it through."""
@@ -65,9 +67,12 @@ class Guard:
             length = headers.get("content-length")
             if length is None or not length.isdigit():
                 return 411, "send the request with its Content-Length (the page does)"
-            if int(length) > self.max_body:
+            if path in self.upload_paths and int(length) > self.max_body:
                 return 413, (f"the upload is {int(length) / 2**20:.0f} MB; this server takes "
                              f"{self.max_body / 2**20:.0f} MB per request (64 MB of files): downscale or send fewer")
+            if path not in self.upload_paths and int(length) > self.max_small_body:
+                return 413, (f"the request is {int(length) / 2**10:.0f} KB; questions and settings may have "
+                             f"{self.max_small_body // 2**10} KB: shorten the question")
         if self.token and path.startswith("/api/"):
             given = headers.get("x-token") or cookies.get("qilin_token") or ""
             if not hmac.compare_digest(given.encode(), self.token.encode()):

@@ -36,8 +36,17 @@ def request(port: int, method: str, path: str, body=None, **headers) -> tuple[in
 @pytest.fixture(scope="module")
 def web(lora_run, tmp_path_factory):
     args = ["--model", lora_run, "--max-new-tokens", "4", "--temperature", "0"]
-    with web_server(args, tmp_path_factory.mktemp("websec") / "server.log") as port:
+    SERVER_LOG["path"] = tmp_path_factory.mktemp("websec") / "server.log"
+    with web_server(args, SERVER_LOG["path"]) as port:
         yield port
+
+
+SERVER_LOG: dict = {}
+
+
+def no_traceback_logged():
+    text = SERVER_LOG["path"].read_text(errors="replace")
+    assert "Traceback" not in text, text[-3000:]
 
 
 def test_only_its_own_host_and_origin_get_an_answer(web, lora_run):
@@ -126,6 +135,51 @@ def test_malformed_bodies_are_4xx_with_a_message(web):
 
     post()
     assert request(web, "GET", "/api/info")[0] == 200
+    no_traceback_logged()
+
+
+def test_random_files_are_a_message_each(web, tmp_path):
+    """Random bytes and damaged real images (truncated, bytes flipped) under every name the page accepts: a 4xx
+    with a message or a decoded image, never a 500, and the server keeps answering."""
+    import base64
+    import io
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from PIL import Image
+
+    from test_web import dicom
+
+    png = io.BytesIO()
+    Image.new("I;16", (40, 30), 900).save(png, format="PNG")
+    jpeg = io.BytesIO()
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(jpeg, format="JPEG")
+    real = [png.getvalue(), jpeg.getvalue(), dicom(tmp_path, "ct.dcm", left=True).read_bytes()]
+    sid = request(web, "POST", "/api/session")[2]["session"]
+
+    @st.composite
+    def damaged(draw):
+        data = bytearray(draw(st.sampled_from(real)))
+        for _ in range(draw(st.integers(0, 8))):
+            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+        return bytes(data[: draw(st.integers(0, len(data)))])
+
+    names = st.sampled_from(["a.png", "b.jpg", "c.dcm", "d.tif", "e", "张三.DCM", "../../x.png", ""])
+    files = st.lists(st.fixed_dictionaries({"name": names, "data": st.binary(max_size=600) | damaged()}),
+                     min_size=1, max_size=4)
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(files=files, frame=st.none() | st.integers(-2, 3), window=st.sampled_from([None, "lung", [40, 400]]))
+    def post(files, frame, window):
+        body = {"files": [{"name": f["name"], "data": base64.b64encode(f["data"]).decode()} for f in files],
+                "frame": frame, "window": window}
+        status, _, payload = request(web, "POST", "/api/image", body, **{"X-Session": sid})
+        assert status in (200, 400), (status, payload)
+        assert status == 200 or (isinstance(payload.get("error"), str) and payload["error"]), payload
+
+    post()
+    assert request(web, "GET", "/api/info")[0] == 200
+    no_traceback_logged()
 
 
 def test_uploads_rest_in_no_named_file_and_stale_folders_are_removed(lora_run, tmp_path, monkeypatch):
@@ -202,6 +256,13 @@ def test_memory_is_bounded_before_anything_is_read_or_decoded(web, lora_run, tmp
     assert r.status == 413 and "MB per request" in json.loads(r.read())["error"]
     c.close()
     c = http.client.HTTPConnection("127.0.0.1", web, timeout=30)
+    c.putrequest("POST", "/api/ask")  # a question has no business being megabytes long
+    c.putheader("Content-Length", str(2**20))
+    c.endheaders()
+    r = c.getresponse()
+    assert r.status == 413 and "shorten the question" in json.loads(r.read())["error"]
+    c.close()
+    c = http.client.HTTPConnection("127.0.0.1", web, timeout=30)
     c.putrequest("POST", "/api/image")
     c.putheader("Transfer-Encoding", "chunked")
     c.endheaders()
@@ -274,3 +335,115 @@ def test_what_tabs_keep_is_capped_and_the_least_recently_used_let_go(lora_run, t
     with pytest.raises(UserError, match="upload an image first again: this tab's image was let go"):
         next(app.ask(tabs[0], "病灶位于哪一侧？", {}))
     assert sum(app.sessions[t].kept_bytes() for t in tabs) <= 2 * one
+
+
+def test_uploads_are_read_one_at_a_time(lora_run):
+    """Clients uploading at once cost one upload's memory: the second body is not read until the first upload is
+    answered (ASGI driven directly, so the order of reads is observed, not timed)."""
+    import asyncio
+
+    from qilin_lite.generate import load_generator
+    from qilin_lite.web import WebApp, create_app
+
+    gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
+    web = WebApp(gen, info, "run")
+    app = create_app(web)
+    sid = web.new_session()
+    body = json.dumps({"files": [{"name": "a.png", "data": "bm90IGFuIGltYWdl"}]}).encode()
+    reads: list[str] = []
+
+    async def upload(name: str, go: asyncio.Event):
+        async def receive():
+            if reads.count(name):
+                await asyncio.sleep(3600)  # the client stays connected
+            await go.wait()
+            reads.append(name)
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/api/image", "raw_path": b"/api/image", "query_string": b"",
+                 "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+                 "headers": [(b"host", b"127.0.0.1"), (b"content-length", str(len(body)).encode()),
+                             (b"content-type", b"application/json"), (b"x-session", sid.encode())]}
+        await app(scope, receive, send)
+        return sent[0]["status"]
+
+    async def main():
+        first_go, second_go = asyncio.Event(), asyncio.Event()
+        second_go.set()  # the second client's body is all there
+        first = asyncio.create_task(upload("first", first_go))
+        await asyncio.sleep(0.2)  # the first holds the upload slot, its body still arriving
+        second = asyncio.create_task(upload("second", second_go))
+        await asyncio.sleep(0.5)
+        assert reads == []  # the second body waits unread behind the first upload
+        first_go.set()
+        assert await asyncio.wait_for(first, 60) == 400  # not an image: a message
+        assert await asyncio.wait_for(second, 60) == 400
+        assert reads == ["first", "second"]
+
+    asyncio.run(main())
+
+
+def test_a_disconnected_tab_stops_its_answer(lora_run, tiny_data, monkeypatch):
+    """Over real HTTP: closing the connection of a streaming answer stops it, and the next tab is not queued
+    behind it. The model's answer is replaced by one that streams until stopped, so only the disconnect can end it."""
+    import base64
+    import socket
+    import threading
+
+    import uvicorn
+
+    import qilin_lite.session as session_mod
+    from conftest import free_port
+    from qilin_lite.generate import load_generator
+    from qilin_lite.web import WebApp, create_app
+
+    def endless(self, text, stop=None):
+        while not stop.is_set():
+            self.stream.write("嗯")
+            time.sleep(0.02)
+        self.last = session_mod.Reply("", 0, 0.0, stopped=True)
+        return ""
+
+    monkeypatch.setattr(session_mod.ChatSession, "ask", endless)
+    gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
+    web = WebApp(gen, info, "run")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(web), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        image = sorted(Path(tiny_data["images"]).iterdir())[0]
+        tabs = [request(port, "POST", "/api/session")[2]["session"] for _ in range(2)]
+        for sid in tabs:
+            upload = {"files": [{"name": image.name, "data": base64.b64encode(image.read_bytes()).decode()}]}
+            assert request(port, "POST", "/api/image", upload, X_Session=sid)[0] == 200
+        body = json.dumps({"question": "病灶位于哪一侧？"}).encode()
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(b"POST /api/ask HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     + f"X-Session: {tabs[0]}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        got = b""
+        while "嗯".encode() not in got:  # the answer is streaming
+            got += sock.recv(4096)
+        assert web.lock.locked()
+        sock.close()  # the tab is closed
+        deadline = time.time() + 20
+        while web.lock.locked():  # without the disconnect, the endless answer would hold the model forever
+            assert time.time() < deadline, "the answer went on after its tab disconnected"
+            time.sleep(0.05)
+        assert web.session(tabs[0]).stop.is_set()
+        monkeypatch.undo()
+        status, _, first = request(port, "POST", "/api/ask", {"question": "病灶位于哪一侧？"}, X_Session=tabs[1])
+        assert status == 200 and first == {"started": True}  # not queued behind the abandoned answer
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
