@@ -26,6 +26,7 @@ _TORCH_SHORT_WRITE = ("unexpected pos", "PytorchStreamWriter failed writing", "f
 def disk_full(exc: BaseException) -> str | None:
     """A description of the full disk behind `exc` (or anything it was raised from), else None."""
     import errno
+    import re
 
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -34,5 +35,9 @@ def disk_full(exc: BaseException) -> str | None:
             return exc.strerror + (f": {exc.filename}" if exc.filename else "")
         if isinstance(exc, RuntimeError) and any(m in str(exc) for m in _TORCH_SHORT_WRITE):
             return "a checkpoint file could not be written to the end"
+        if isinstance(exc, OSError) and exc.errno is None and re.fullmatch(r"\d+ requested and \d+ written", str(exc)):
+            return "a file could not be written to the end"  # numpy's tofile (the GGUF writer) on a short write
+        if "No space left on device" in str(exc):  # safetensors' writer (Rust) raises its own type with this text
+            return "No space left on device"
         exc = exc.__cause__ or exc.__context__
     return None

@@ -18,6 +18,7 @@ into a reject or an error, because case reports describe patients.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..files import write_text_atomic
 from .items import Drop, Item, conversation, row_to_item, source_text, too_short
 from .records import BadRecord, Reject, messages_from_llava, validate_messages
 from .rows import iter_rows
@@ -92,6 +94,13 @@ class BuildConfig:
             raise UserError("--workers and --min-chars must be >= 0")
 
 
+def discard(f, path: Path) -> None:
+    """Close `f` and remove its file; closing flushes, which fails again on a full disk, and must not stop this."""
+    with contextlib.suppress(OSError):
+        f.close()
+    path.unlink(missing_ok=True)
+
+
 class _Writer:
     """OUT as JSONL or a JSON list, written to OUT.tmp and renamed at the end, so a failed run leaves no
     complete-looking file."""
@@ -112,13 +121,13 @@ class _Writer:
         self.n += 1
 
     def close(self, ok: bool) -> None:
-        if self.fmt == "json":
-            self.f.write("\n]\n")
-        self.f.close()
         if ok:
+            if self.fmt == "json":
+                self.f.write("\n]\n")
+            self.f.close()
             os.replace(self.tmp, self.out)
         else:
-            self.tmp.unlink(missing_ok=True)
+            discard(self.f, self.tmp)
 
 
 def build(
@@ -152,16 +161,21 @@ def build(
         translator = Translator(cfg.translate, cfg.translate.cache or out.with_suffix(".translations.sqlite"))
     t0 = time.perf_counter()
     state = _BuildState(cfg, out, fmt, translator)
+    report_path, reported = out.with_suffix(".report.json"), False
     try:
         for path, folder in zip(inputs, folders):
             state.run_input(path, folder)
         state.flush()
+        report = state.report()
+        # the report first, the output last: whatever a full disk stops, no output stands without its report
+        write_text_atomic(report_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        reported = True
+        state.finish(ok=True)
     except BaseException:
         state.finish(ok=False)
+        if reported:  # this run's report describes an output that did not get written
+            report_path.unlink(missing_ok=True)
         raise
-    state.finish(ok=True)
-    report = state.report()
-    out.with_suffix(".report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     log.info("data build: %d records in %.1f s", report["written"], time.perf_counter() - t0)
     return report
 
@@ -188,12 +202,13 @@ class _BuildState:
             self.pool.shutdown()
         if self.translator:
             self.translator.close()
+        if not ok:
+            self.writer.close(ok)
+            discard(self.rejects, self.rejects_tmp)
+            return
+        self.rejects.close()  # before the output appears: a full disk here still leaves no output
         self.writer.close(ok)
-        self.rejects.close()
-        if ok:
-            os.replace(self.rejects_tmp, self.rejects_path)
-        else:
-            self.rejects_tmp.unlink(missing_ok=True)
+        os.replace(self.rejects_tmp, self.rejects_path)
 
     def reject(self, file: str, line: int | None, rid: str | None, step: str, reason: str) -> None:
         self.dropped[step] += 1

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ..conversation import IMAGE_TOKEN, get_template, typed_text
 from ..errors import UserError, where
+from ..files import write_text_atomic
 from .benchmarks import ANSWER_KEYS, ID_KEYS, first_of, load_eval_items, read_benchmark_records
 from .items import METRICS, PREDICTIONS, REPORT, EvalItem, format_prompt, scan_predictions
 from .metrics import aggregate, as_text, score_item
@@ -70,8 +71,8 @@ def run_eval(
 
     written = {rec["id"]: rec for _, rec in scan_predictions(pred_path)[0]}
     metrics = aggregate(items, [written[it.id]["prediction"] for it in items])
-    (out / METRICS).write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    (out / REPORT).write_text(render_report(metrics), encoding="utf-8")
+    write_text_atomic(out / REPORT, render_report(metrics))  # metrics.json last: its presence means finished
+    write_text_atomic(out / METRICS, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
     return metrics
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -68,6 +69,8 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path, *, quant: str = "f16",
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
+        # everything is written inside OUT_DIR/.export-*/ and moved out only when whole: a full disk or a kill
+        # leaves no GGUF under its final name (llama.cpp would load half of one)
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
             model_dir = run_dir
             if not standalone:
@@ -76,22 +79,28 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path, *, quant: str = "f16",
             cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
             tok, ip = load_tokenizer_and_processor(str(model_dir))
             weights = Weights(model_dir)
-            f16 = out_dir / f"{name}-f16.gguf"
-            llm_f16 = f16 if quant == "f16" else Path(tmp) / f16.name
+            staged = Path(tmp) / "out"
+            staged.mkdir()
+            llm_f16 = staged / f"{name}-f16.gguf"
             write_llm(llm_f16, model_dir, cfg, weights, tok, template, name)
-            model_path = out_dir / f"{name}-{quant}.gguf"
+            model = staged / f"{name}-{quant}.gguf"
             if quant != "f16":
-                quantize(llm_f16, model_path, quant, quantizer)
-            mmproj = out_dir / f"mmproj-{name}-f16.gguf"
+                quantize(llm_f16, model, quant, quantizer)
+                llm_f16.unlink()
+            mmproj = staged / f"mmproj-{name}-f16.gguf"
             write_mmproj(mmproj, model_dir, cfg, weights, ip, info.image_mode, name)
+            (staged / "Modelfile").write_text(ollama_modelfile(model.name, mmproj.name, template.system),
+                                              encoding="utf-8")
+            (staged / "README.md").write_text(export_readme(model.name, mmproj.name, name, info.image_mode),
+                                              encoding="utf-8")
+            for f in (model, mmproj, staged / "Modelfile", staged / "README.md"):
+                os.replace(f, out_dir / f.name)  # a rename: needs no space
     except BaseException:
         if created:  # nothing half-written is left to look like an export
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
-    modelfile = out_dir / "Modelfile"
-    modelfile.write_text(ollama_modelfile(model_path.name, mmproj.name, template.system), encoding="utf-8")
-    readme = out_dir / "README.md"
-    readme.write_text(export_readme(model_path.name, mmproj.name, name, info.image_mode), encoding="utf-8")
+    model_path, mmproj = out_dir / model.name, out_dir / mmproj.name
+    modelfile, readme = out_dir / "Modelfile", out_dir / "README.md"
     return Exported(model_path, mmproj, modelfile, readme, round(time.time() - t0, 1))
 
 
