@@ -48,6 +48,11 @@ class Generator:
         prompts = [self.prompt_ids(m) for m in conversations]
         self.last_prompt_ids = prompts[-1].tolist()
         longest = max(len(p) for p in prompts)
+        context = self.context_length()
+        if context and longest >= context:  # past its positions a model answers garbage, or fails deep inside
+            raise UserError(f"the conversation is {longest} tokens (image included), more than this model's "
+                            f"context of {context}; clear the conversation or ask a shorter question")
+        max_new = min(self.max_new_tokens, context - longest) if context else self.max_new_tokens
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
         attention = torch.zeros((len(prompts), longest), dtype=torch.long)
@@ -64,7 +69,7 @@ class Generator:
         sample = self.temperature > 0
         out = self.model.generate(
             **kwargs,
-            max_new_tokens=self.max_new_tokens,
+            max_new_tokens=max_new,
             do_sample=sample,
             temperature=self.temperature if sample else None,
             top_p=self.top_p if sample else None,
@@ -77,6 +82,10 @@ class Generator:
         )
         new = out[:, longest:]
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+
+    def context_length(self) -> int | None:
+        cfg = getattr(self.model.config, "text_config", self.model.config)
+        return getattr(cfg, "max_position_embeddings", None)
 
     def answer(self, images: list, question: str, history: list[dict] | None = None) -> str:
         msgs = list(history or []) + [{"role": "user", "content": question}]

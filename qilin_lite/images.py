@@ -33,6 +33,7 @@ from pydicom.pixels import pixel_array as dicom_pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .errors import UserError
+from .pixels import data_bounds, to_uint8, window_bounds
 
 PathType = str | PathLike
 
@@ -201,9 +202,9 @@ def _pil_to_rgb(im: Image.Image, window: tuple[float, float] | None) -> Image.Im
     if im.mode in _HIGH_DEPTH_MODES:
         # 16-bit/32-bit/float grey: convert("L") would clip to 255 (a 0..4095 scan comes out almost all white),
         # so stretch its own range, or the window, onto 0..255.
-        values = np.asarray(im).astype(np.float64)
-        lo, hi = _window_bounds(window) if window is not None else _data_bounds(values)
-        rgb = _grey_to_rgb(_to_uint8(values, lo, hi))
+        values = np.asarray(im)
+        lo, hi = window_bounds(window) if window is not None else data_bounds(values)
+        rgb = _grey_to_rgb(to_uint8(values, lo, hi))
     elif im.mode in _ALPHA_MODES or "transparency" in im.info or (im.mode == "P" and im.palette.mode.endswith("A")):
         # Transparent areas go over black: medical images sit on black (film, CT/MR surround, endoscope vignette),
         # and the composite canvas is black too; white would read as over-exposed tissue.
@@ -312,7 +313,7 @@ def _decode_dicom(path: Path, *, frame: int | None, window: tuple[float, float] 
             # pydicom has already turned YBR_* into RGB (pixel_array's default as_rgb).
             rgb = _scale_color(pixels, bits=int(ds.get("BitsStored", 8)))
         elif photometric in ("MONOCHROME1", "MONOCHROME2"):
-            grey = _dicom_grey_to_uint8(pixels, ds, window, path)
+            grey = _dicom_greyto_uint8(pixels, ds, window, path)
             if photometric == "MONOCHROME1":
                 grey = 255 - grey  # MONOCHROME1 stores "bright = low value" (some CR/DX); invert for display
             rgb = np.stack([grey] * 3, axis=-1)
@@ -332,22 +333,21 @@ def _has_dicm_magic(path: Path) -> bool:
         return f.read(132)[128:132] == b"DICM"
 
 
-def _dicom_grey_to_uint8(pixels: np.ndarray, ds, window: tuple[float, float] | None, path: Path) -> np.ndarray:
+def _dicom_greyto_uint8(pixels: np.ndarray, ds, window: tuple[float, float] | None, path: Path) -> np.ndarray:
     values = apply_modality_lut(pixels, ds)  # stored values -> real units (HU for CT) via slope/intercept or LUT
     if window is not None:
-        return _to_uint8(values.astype(np.float64), *_window_bounds(window))
+        return to_uint8(values, *window_bounds(window))
     if _has_voi_lut(ds) or ("WindowCenter" in ds and "WindowWidth" in ds):
         try:
             if _has_voi_lut(ds):
                 values = np.rint(values).astype(np.int64)  # LUTs index by integer value
             shown = apply_voi_lut(values, ds)
             lo, hi = _voi_output_range(ds)
-            return _to_uint8(np.asarray(shown, dtype=np.float64), lo, hi)
+            return to_uint8(np.asarray(shown, dtype=np.float64), lo, hi)
         except (ValueError, NotImplementedError, TypeError, IndexError, AttributeError):
             # A nonsense window (width 0, unknown function) in one file should not drop the record.
             logging.getLogger(__name__).warning("%s: unusable DICOM VOI LUT/window; scaling by min/max instead", path)
-    values = np.asarray(values, dtype=np.float64)
-    return _to_uint8(values, *_data_bounds(values))
+    return to_uint8(values, *data_bounds(values))
 
 
 def _has_voi_lut(ds) -> bool:
@@ -374,33 +374,10 @@ def _voi_output_range(ds) -> tuple[float, float]:
 def _scale_color(rgb: np.ndarray, bits: int) -> np.ndarray:
     if rgb.dtype == np.uint8:
         return rgb
-    return _to_uint8(rgb.astype(np.float64), 0.0, float(2**bits - 1))
+    return to_uint8(rgb.astype(np.float64), 0.0, float(2**bits - 1))
 
 
 # ---------------------------------------------------------------- shared helpers
-
-
-def _window_bounds(window: tuple[float, float]) -> tuple[float, float]:
-    # DICOM PS3.3 C.11.2.1.2.1 "LINEAR", the formula viewers use, so a window copied from a viewer looks the same.
-    center, width = window
-    return center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
-
-
-def _data_bounds(values: np.ndarray) -> tuple[float, float]:
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return 0.0, 0.0
-    return float(finite.min()), float(finite.max())
-
-
-def _to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Linear map lo -> 0, hi -> 255, clipped; a flat image (hi == lo) comes out black."""
-    if hi > lo:
-        scaled = (values - lo) * (255.0 / (hi - lo))
-    else:
-        scaled = np.where(values > lo, 255.0, 0.0)
-    scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 def _grey_to_rgb(grey: np.ndarray) -> Image.Image:

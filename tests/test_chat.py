@@ -367,3 +367,23 @@ def test_a_typed_image_tag_is_text_in_every_mode(lora_run, tiny_data, monkeypatc
     repl(session, read=lambda prompt: next(lines), out=out)
     assert "error: the question is empty" in out.getvalue()
     assert session.history[-1]["content"] == answer and session.history[0]["content"] == f"<image>\n{Q1}"
+
+
+def test_a_conversation_longer_than_the_context_is_one_line(lora_run, tiny_data, monkeypatch, capsys):
+    """A question past the model's positions is refused with its length; one that fits gets what room is left."""
+    from qilin_lite.errors import UserError
+    from qilin_lite.generate import load_generator
+
+    gen, _ = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
+    image = sorted(Path(tiny_data["images"]).iterdir())[0]
+    context = gen.context_length()
+    assert context and context >= 64
+    with pytest.raises(UserError, match=rf"^the conversation is \d+ tokens .* context of {context}; clear"):
+        gen.answer([image], "<image>\n" + "肺 " * context)
+    gen.max_new_tokens = 10 * context  # more than fits: capped at the context, not an error deep in the model
+    prompt = len(gen.prompt_ids([{"role": "user", "content": "<image>\n病灶位于哪一侧？"}]))
+    seen = {}
+    real = gen.model.generate
+    monkeypatch.setattr(gen.model, "generate", lambda **kw: seen.update(kw) or real(**{**kw, "max_new_tokens": 2}))
+    gen.answer([image], "<image>\n病灶位于哪一侧？")
+    assert seen["max_new_tokens"] == context - prompt
