@@ -447,3 +447,48 @@ def test_a_disconnected_tab_stops_its_answer(lora_run, tiny_data, monkeypatch):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_a_server_killed_mid_decode_leaves_no_patient_file(lora_run, tmp_path):
+    """SIGKILL (what the out-of-memory killer sends) while a DICOM carrying a patient's name is being decoded:
+    afterwards no file the server could have written (its scratch folder in memory, its log) holds the name."""
+    import base64
+    import signal
+    import threading
+
+    import numpy as np
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+    from test_images import write_dicom
+    from test_web import PATIENT
+
+    from qilin_lite.uploads import PREFIX, scratch_root
+
+    rng = np.random.default_rng(0)
+    big = write_dicom(tmp_path / "ct.dcm", rng.integers(0, 4096, (8, 1024, 1024), dtype=np.uint16),
+                      syntax=DeflatedExplicitVRLittleEndian)  # seconds of inflating and windowing
+    body = {"files": [{"name": "张三_CT.dcm", "data": base64.b64encode(big.read_bytes()).decode()}], "frame": 7}
+    log = tmp_path / "server.log"
+    with web_server(["--model", lora_run], log) as port:
+        (pid,) = [int(p) for p in subprocess.run(["pgrep", "-f", f"web --port {port}"], capture_output=True,
+                                                  text=True).stdout.split()]
+        sid = request(port, "POST", "/api/session")[2]["session"]
+        threading.Thread(target=lambda: request(port, "POST", "/api/image", body, X_Session=sid),
+                         daemon=True).start()
+        root = Path(scratch_root() or "/tmp")
+        deadline = time.time() + 60
+        while True:  # the upload is held for decoding: an anonymous memory file is open (or a scratch folder made)
+            fds = []
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    fds.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+                except OSError:
+                    pass
+            if any(f.startswith("/memfd:") for f in fds) or list(root.glob(f"{PREFIX}{pid}-*")):
+                break
+            assert time.time() < deadline, "the upload never reached the decoder"
+            time.sleep(0.02)
+        os.kill(pid, signal.SIGKILL)
+    assert not list(root.glob(f"{PREFIX}{pid}-*"))
+    for f in [log, *(p for p in root.rglob("*") if p.is_file() and os.access(p, os.R_OK))]:
+        data = f.read_bytes()
+        assert not any(v.encode() in data for v in PATIENT), f
