@@ -228,7 +228,7 @@ def test_cli_scores_predictions_without_a_model_and_compares(tmp_path, tiny_data
     assert r.returncode == 0, r.stderr
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["n"] == 5 and metrics["groups"]["all"]["accuracy"] == 0.6
-    assert "# qilin-lite eval: llava" in r.stdout and "| accuracy | 60.00 |" in r.stdout
+    assert "# qilin-lite eval: llava" in r.stdout and "| accuracy | 60.00 [20.0, 100.0] |" in r.stdout
     assert f"written: {tmp_path / 'a' / 'predictions.jsonl'}, " in r.stdout
 
     # `eval --data ...` is short for `eval run --data ...`
@@ -237,9 +237,17 @@ def test_cli_scores_predictions_without_a_model_and_compares(tmp_path, tiny_data
     assert len(read_lines(tmp_path / "b" / "predictions.jsonl")) == len(records)
 
     r = qilin("eval", "compare", tmp_path / "a", tmp_path / "b" / "metrics.json")
+    assert r.returncode == 2 and r.stderr.strip() == (  # 5 questions against 8: not one protocol
+        "error: a and b were not scored the same way (benchmark.limit: 5 vs null; benchmark.n: 5 vs 8); compare "
+        "runs of one protocol, or pass --allow-protocol-diff")
+    r = qilin("eval", "compare", tmp_path / "a", tmp_path / "b" / "metrics.json", "--allow-protocol-diff")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[:2] == ["| metric | a | b |", "|---|---|---|"]
-    assert "| accuracy | 60.00 | 100.00 |" in r.stdout.splitlines()
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("**WARNING: a and b were not scored the same way**: benchmark.limit: 5 vs null")
+    assert lines[2:4] == ["| metric | a | b |", "|---|---|---|"]
+    assert "| accuracy | 60.00 [20.0, 100.0] | 100.00 [100.0, 100.0] |" in lines
+    assert "| accuracy | b − a | 5 | +40.00 | [" in r.stdout  # paired on the 5 questions both answered
+    assert "- b: paired tests on the 5 questions both runs answered" in lines
 
 
 @pytest.mark.parametrize(

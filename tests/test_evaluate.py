@@ -212,7 +212,9 @@ def test_run_eval_writes_predictions_metrics_and_report(tmp_path, slake_items):
     assert json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8")) == metrics
     report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
     assert "| metric | all | en | zh |" in report
-    assert "| closed acc, strict | 60.00 | 66.67 | 50.00 |" in report
+    ci = groups["all"]["ci95"]["closed_strict"]
+    assert ci[0] < 0.6 < ci[1]
+    assert f"| closed acc, strict | 60.00 [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}] | 66.67 [" in report
 
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, slake_items):
@@ -296,22 +298,25 @@ def test_choice_run_and_compare_table(tmp_path):
     run_eval(items, lambda b: [good[it.id] for it in b], tmp_path / "good")
     run_eval(items, lambda b: [bad[it.id] for it in b], tmp_path / "bad")
     table = compare([tmp_path / "good", tmp_path / "bad" / "predictions.jsonl", tmp_path / "good" / "metrics.json"])
-    assert table.splitlines() == [
+    assert table.splitlines()[:7] == [
         "| metric | good | bad | good (2) |",
         "|---|---|---|---|",
         "| task | pmc-vqa | pmc-vqa | pmc-vqa |",
         "| n | 3 | 3 | 3 |",
         "| n (choice) | 3 | 3 | 3 |",
-        "| accuracy | 100.00 | 33.33 | 100.00 |",
+        "| accuracy | 100.00 [100.0, 100.0] | 33.33 [0.0, 100.0] | 100.00 [100.0, 100.0] |",
         "| no option found (count) | 0 | 1 | 0 |",
     ]
+    # two questions differ (good right, bad wrong): McNemar's exact p = 2 * (1/2)^2 = 0.5
+    assert "| accuracy | bad − good | 3 | -66.67 | [" in table and "| 0.5 | mcnemar-exact | no |" in table
+    assert "| accuracy | good (2) − good | 3 | +0.00 | [+0.00, +0.00] | 1 | mcnemar-exact | no |" in table
 
 
 def test_compare_languages_and_bad_inputs(tmp_path, slake_items):
     run_eval(slake_items, FakeModel(), tmp_path / "run1")
     table = compare([tmp_path / "run1"])
-    assert "| closed acc, LLaVA-Med rule [zh] | 100.00 |" in table
-    assert "| open recall [zh] | 100.00 |" in table
+    assert "| closed acc, LLaVA-Med rule [zh] | 100.00 [100.0, 100.0] |" in table
+    assert "| open recall [zh] | 100.00 [100.0, 100.0] |" in table
     (tmp_path / "other.json").write_text('{"accuracy": 1}', encoding="utf-8")
     with pytest.raises(UserError, match="not a metrics.json"):
         compare([tmp_path / "other.json"])

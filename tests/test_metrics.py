@@ -207,6 +207,8 @@ def test_aggregate_splits_slake_languages():
     preds = ["Yes, it is.", "yes, no doubt", "the left side", "不是", "左肺", ""]
     # closed hits (LLaVA-Med / strict): T/T, T/F, -, T/F, -, F/F; open recall: 1/2, 1/2
     m = aggregate(items, preds)
+    cis = {g: m["groups"][g].pop("ci95") for g in m["groups"]}
+    assert cis["en"]["open_recall"] == [0.5, 0.5]  # one question: no spread
     assert m["task"] == "slake" and m["n"] == 6
     assert m["groups"]["all"] == {
         "n": 6, "n_closed": 4, "closed_llavamed": 0.75, "closed_strict": 0.25, "n_open": 2, "open_recall": 0.5
@@ -222,6 +224,7 @@ def test_aggregate_splits_slake_languages():
 def test_aggregate_choice_and_caption():
     items = [item("choice", x, choices=CHOICES, task="pmc-vqa") for x in "BAC"]
     m = aggregate(items, ["B", "答案是C", "不确定"])  # right, wrong, no option
+    assert m["groups"]["all"].pop("ci95")["accuracy"][0] == 0.0
     assert m["groups"]["all"] == {"n": 3, "n_choice": 3, "accuracy": round(1 / 3, 6), "n_no_option": 1}
     assert "en" not in m["groups"]
 

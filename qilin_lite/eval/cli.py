@@ -47,13 +47,20 @@ def eval_run(
     load_8bit: Load8bit = False,
     predictions: Annotated[Optional[Path], typer.Option(
         "--predictions", help="score answers made elsewhere (JSONL / JSON with id + prediction); no model")] = None,
+    instruction: Annotated[Optional[str], typer.Option(
+        "--instruction", help="a line added after every question (e.g. 'Answer with a single word or phrase.'); "
+                              "recorded in the protocol")] = None,
+    image_blind: Annotated[bool, typer.Option(
+        "--image-blind", help="ask every question again with a blank image and with another question's image; "
+                              "report how much the score depends on the image")] = False,
     dtype: Dtype = "auto",
     attn: Attn = "auto",
 ):
     """Answer a benchmark with a model (or score answers made elsewhere); write predictions, metrics and a report."""
     metrics = run_benchmark(data, task, out, model=model, predictions=predictions, image_folder=image_folder,
                             limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                            bits=quant_bits(load_4bit, load_8bit), dtype=dtype, attn=attn)
+                            bits=quant_bits(load_4bit, load_8bit), dtype=dtype, attn=attn,
+                            instruction=instruction, image_blind=image_blind)
     typer.echo(render_report(metrics))
     typer.echo("written: " + ", ".join(str(Path(out) / name) for name in (PREDICTIONS, METRICS, REPORT)))
 
@@ -61,9 +68,12 @@ def eval_run(
 @eval_app.command("compare")
 def eval_compare(
     paths: Annotated[list[Path], typer.Argument(help="eval --out directories, metrics.json or predictions.jsonl")],
+    allow_protocol_diff: Annotated[bool, typer.Option(
+        "--allow-protocol-diff", help="compare runs scored under different protocols anyway (flagged)")] = False,
 ):
-    """One Markdown table with a column per run."""
-    typer.echo(compare(paths), nl=False)
+    """One Markdown table with a column per run; each run after the first is tested against the first on the same
+    questions (95% intervals, McNemar / paired bootstrap), and runs scored differently are refused."""
+    typer.echo(compare(paths, allow_protocol_diff=allow_protocol_diff), nl=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -16,6 +16,8 @@ PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
 REPORT = "report.md"
 DEFAULT_CAPTION_PROMPT = "请描述这张图片。"
+# what a multiple-choice question is told after its options, by the language of the question
+CHOICE_INSTRUCTIONS = {"zh": "请直接回答选项字母。", "en": "Answer with the option's letter from the given choices directly."}
 
 
 @dataclass
@@ -38,17 +40,20 @@ class EvalItem:
             raise ValueError(f"choice item {self.id} needs choices and a reference letter among them")
 
 
-def format_prompt(item: EvalItem) -> str:
-    """The text to show the model: the question, plus lettered options and how to answer for multiple choice.
+def format_prompt(item: EvalItem, instruction: str | None = None) -> str:
+    """The text to show the model: the question, plus lettered options and how to answer for multiple choice, plus
+    `instruction` (eval --instruction) on a line of its own.
 
     LLaVA-format items (task "llava") are shown as written: their prompt is the one the model was trained on.
     """
     if item.kind != "choice" or item.task == "llava":
-        return item.question
-    lines = [item.question] + [f"{letter}. {c}" for letter, c in zip(LETTERS, item.choices)]
-    zh = re.search(r"[\u4e00-\u9fff]", item.question + "".join(item.choices))
-    lines.append("请直接回答选项字母。" if zh else "Answer with the option's letter from the given choices directly.")
-    return "\n".join(lines)
+        text = item.question
+    else:
+        lines = [item.question] + [f"{letter}. {c}" for letter, c in zip(LETTERS, item.choices)]
+        zh = re.search(r"[\u4e00-\u9fff]", item.question + "".join(item.choices))
+        lines.append(CHOICE_INSTRUCTIONS["zh" if zh else "en"])
+        text = "\n".join(lines)
+    return f"{text}\n{instruction}" if instruction else text
 
 
 def scan_predictions(path: Path) -> tuple[list[tuple[int, dict]], int]:

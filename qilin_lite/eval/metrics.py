@@ -322,7 +322,18 @@ def _mean(xs: Sequence[float]) -> float:
     return round(sum(float(x) for x in xs) / len(xs), 6)
 
 
+# the per-question value each mean metric averages, from a score_item result (and `eval compare`'s paired tests)
+MEAN_METRICS = {"choice": {"accuracy": "correct"}, "closed": {"closed_llavamed": "correct_llavamed",
+                "closed_strict": "correct"}, "open": {"open_recall": "correct"}, "caption": {"rougeL": "correct"}}
+
+
+def item_values(kind: str, score: dict) -> dict[str, float]:
+    return {metric: float(score[field]) for metric, field in MEAN_METRICS.get(kind, {}).items()}
+
+
 def _group(items: Sequence[Any], predictions: Sequence[Any]) -> dict:
+    from .stats import bootstrap_ci
+
     scores = [score_item(it, p) for it, p in zip(items, predictions, strict=True)]
     out: dict[str, Any] = {"n": len(items)}
     by_kind: dict[str, list[int]] = {}
@@ -330,21 +341,22 @@ def _group(items: Sequence[Any], predictions: Sequence[Any]) -> dict:
         by_kind.setdefault(it.kind, []).append(i)
     if idx := by_kind.get("choice"):
         out["n_choice"] = len(idx)
-        out["accuracy"] = _mean([scores[i]["correct"] for i in idx])
         out["n_no_option"] = sum(scores[i]["extracted"] is None for i in idx)
-    if idx := by_kind.get("closed"):
-        out["n_closed"] = len(idx)
-        out["closed_llavamed"] = _mean([scores[i]["correct_llavamed"] for i in idx])
-        out["closed_strict"] = _mean([scores[i]["correct"] for i in idx])
-    if idx := by_kind.get("open"):
-        out["n_open"] = len(idx)
-        out["open_recall"] = _mean([scores[i]["correct"] for i in idx])
+    for kind in ("closed", "open", "caption"):
+        if idx := by_kind.get(kind):
+            out[f"n_{kind}"] = len(idx)
     if idx := by_kind.get("caption"):
-        out["n_caption"] = len(idx)
         bleu = corpus_bleu([tokenize(predictions[i]) for i in idx], [tokenize(items[i].reference) for i in idx])
         for n, b in enumerate(bleu, start=1):
             out[f"bleu{n}"] = round(b, 6)
-        out["rougeL"] = _mean([scores[i]["correct"] for i in idx])
+    ci = {}
+    for kind, idx in by_kind.items():
+        for metric in MEAN_METRICS.get(kind, {}):
+            values = [item_values(kind, scores[i])[metric] for i in idx]
+            out[metric] = _mean(values)
+            ci[metric] = bootstrap_ci(values)
+    if ci:
+        out["ci95"] = ci
     return out
 
 
@@ -357,4 +369,6 @@ def aggregate(items: Sequence[Any], predictions: Sequence[Any]) -> dict:
     for lang in sorted({it.lang for it in items if it.lang}):
         pick = [i for i, it in enumerate(items) if it.lang == lang]
         groups[lang] = _group([items[i] for i in pick], [predictions[i] for i in pick])
-    return {"task": "+".join(tasks) if tasks else None, "n": len(items), "groups": groups}
+    from .stats import BOOTSTRAP
+
+    return {"task": "+".join(tasks) if tasks else None, "n": len(items), "groups": groups, "bootstrap": BOOTSTRAP}

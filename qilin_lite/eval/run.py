@@ -19,6 +19,8 @@ from ..files import write_text_atomic
 from .benchmarks import ANSWER_KEYS, ID_KEYS, first_of, load_eval_items, read_benchmark_records
 from .items import METRICS, PREDICTIONS, REPORT, EvalItem, format_prompt, scan_predictions
 from .metrics import aggregate, as_text, score_item
+from .protocol import PROTOCOL, build_protocol, differences, file_sha256, model_protocol
+from .reliance import control_items, reliance
 from .report import render_report
 
 
@@ -30,50 +32,96 @@ def run_eval(
     batch_size: int = 8,
     limit: int | None = None,
     predictions_file: str | Path | None = None,
+    controls: Sequence[str] = (),
+    fill: tuple[int, int, int] = (127, 127, 127),
+    protocol: dict | None = None,
 ) -> dict:
     """Answer (or take answers for) each item, append them to OUT/predictions.jsonl, then write metrics and report.
 
     With `generate`, a rerun into the same `out_dir` resumes: ids already in predictions.jsonl are not generated
-    again. With `predictions_file`, answers come from that file (matched by id) and no model runs.
+    again. With `predictions_file`, answers come from that file (matched by id) and no model runs. `controls`
+    (reliance.CONTROLS) asks every question again without its image (blank images in `fill`, or swapped).
+    `protocol` (protocol.build_protocol) is recorded; a rerun with another protocol is refused.
     """
-    if (generate is None) == (predictions_file is None):
-        raise UserError("give either a model (--model) or answers made elsewhere (--predictions FILE), not both")
+    _check_flags(generate is not None, predictions_file is not None, limit, batch_size, bool(controls))
     if limit is not None:
-        if limit < 1:
-            raise UserError(f"--limit must be at least 1, got {limit}")
         items = list(items[:limit])
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if not items:
         raise UserError("no items to evaluate; check --data")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pred_path = out / PREDICTIONS
-    by_id = {it.id: it for it in items}
+    if protocol is not None:
+        _same_protocol(out, protocol)
 
     if predictions_file is not None:
         answers = _read_external(Path(predictions_file), items)
         with open(pred_path, "w", encoding="utf-8") as f:
             f.write("".join(_prediction_line(it, answers[it.id]) for it in items))
     else:
-        done = _resume(pred_path, by_id)
-        todo = [it for it in items if it.id not in done]
-        _check_images(todo)
-        with open(pred_path, "a", encoding="utf-8") as f:
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start : start + batch_size]
-                answers = list(generate(batch))
-                if len(answers) != len(batch):
-                    raise ValueError(f"generate returned {len(answers)} answers for a batch of {len(batch)}")
-                f.write("".join(_prediction_line(it, a) for it, a in zip(batch, answers)))
-                f.flush()
-                os.fsync(f.fileno())  # what is on disk is what a rerun resumes from
-
-    written = {rec["id"]: rec for _, rec in scan_predictions(pred_path)[0]}
-    metrics = aggregate(items, [written[it.id]["prediction"] for it in items])
+        _answer(pred_path, items, generate, batch_size)
+    predictions = _read_answers(pred_path, items)
+    metrics = aggregate(items, predictions)
+    if controls:
+        metrics["image_reliance"] = {}
+        for control in controls:
+            shown = control_items(items, control, out / "controls", fill)
+            path = out / f"predictions.{control}.jsonl"
+            _answer(path, shown, generate, batch_size)
+            metrics["image_reliance"][control] = reliance(items, predictions, _read_answers(path, shown))
+    if protocol is not None:
+        metrics["protocol"] = protocol
     write_text_atomic(out / REPORT, render_report(metrics))  # metrics.json last: its presence means finished
     write_text_atomic(out / METRICS, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
     return metrics
+
+
+def _check_flags(model: bool, predictions: bool, limit: int | None, batch_size: int, controls: bool) -> None:
+    if model == predictions:
+        raise UserError("give either a model (--model) or answers made elsewhere (--predictions FILE), not both")
+    if controls and not model:
+        raise UserError("--image-blind asks the model again without the images: it needs --model, not --predictions")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+
+
+def _answer(pred_path: Path, items: Sequence[EvalItem], generate, batch_size: int) -> None:
+    """Append the answers of the items not yet in `pred_path`, a batch at a time, each batch synced to disk."""
+    done = _resume(pred_path, {it.id: it for it in items})
+    todo = [it for it in items if it.id not in done]
+    _check_images(todo)
+    with open(pred_path, "a", encoding="utf-8") as f:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            answers = list(generate(batch))
+            if len(answers) != len(batch):
+                raise ValueError(f"generate returned {len(answers)} answers for a batch of {len(batch)}")
+            f.write("".join(_prediction_line(it, a) for it, a in zip(batch, answers)))
+            f.flush()
+            os.fsync(f.fileno())  # what is on disk is what a rerun resumes from
+
+
+def _read_answers(pred_path: Path, items: Sequence[EvalItem]) -> list[str]:
+    written = {rec["id"]: rec for _, rec in scan_predictions(pred_path)[0]}
+    return [written[it.id]["prediction"] for it in items]
+
+
+def _same_protocol(out: Path, protocol: dict) -> None:
+    """Record the protocol at the first run; a resume under another one would mix two protocols in one file."""
+    path = out / PROTOCOL
+    if path.is_file():
+        try:
+            before = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            before = None
+        changed = differences(before, protocol, include_model=True)
+        changed = [c for c in changed if not c.startswith(("benchmark.n:", "benchmark.limit:", "controls:"))]
+        if changed:
+            raise UserError(f"{out}: answered before under another protocol ({'; '.join(changed[:3])}); "
+                            "use a new --out for this run")
+    write_text_atomic(path, json.dumps(protocol, ensure_ascii=False, indent=2) + "\n")
 
 
 def _prediction_line(item: EvalItem, prediction: Any) -> str:
@@ -161,6 +209,7 @@ def model_generate(
     dtype: str = "auto",
     template: str | None = None,
     attn: str = "auto",
+    instruction: str | None = None,
 ) -> Callable[[list[EvalItem]], list[str]]:
     """Load a model directory once; return `generate(items) -> answers` for `run_eval` (greedy decoding).
 
@@ -185,7 +234,7 @@ def model_generate(
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
             conversations = [
-                [{"role": "user", "content": (f"{IMAGE_TOKEN}\n" if it.image else "") + typed_text(format_prompt(it))}]
+                [{"role": "user", "content": (f"{IMAGE_TOKEN}\n" if it.image else "") + typed_text(format_prompt(it, instruction))}]
                 for it in batch
             ]
             answers += gen.generate(conversations, [[it.image] if it.image else [] for it in batch])
@@ -221,16 +270,36 @@ def run_benchmark(
     bits: int | None = None,
     dtype: str = "auto",
     attn: str = "auto",
+    instruction: str | None = None,
+    image_blind: bool = False,
 ) -> dict:
     """`qilin-lite eval run`: read DATA as TASK, answer with MODEL (or take PREDICTIONS), write OUT; the metrics."""
+    from ..processing import pad_fill
+    from .reliance import CONTROLS
+
     items = load_eval_items(data, task, image_folder)
-    generate = None
+    _check_flags(model is not None, predictions is not None, limit, batch_size, image_blind)
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    generate, fill, controls = None, (127, 127, 127), list(CONTROLS) if image_blind else []
     if model is not None:
+        _check_images(items[:limit] if limit else items)  # before anything about the model is read
         generate = _load_on_first_call(
             lambda: model_generate(model, bits=bits, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
-                                   attn=attn)
+                                   attn=attn, instruction=instruction)
         )
-    return run_eval(items, generate, out, batch_size=batch_size, limit=limit, predictions_file=predictions)
+        described = model_protocol(str(model))
+        fill = pad_fill(described["image_processor"]["image_mean"] or (0.5, 0.5, 0.5))
+        decoding = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "dtype": dtype, "bits": bits}
+    else:
+        described = {"predictions": Path(predictions).name, "sha256": file_sha256(Path(predictions))
+                     if Path(predictions).is_file() else None}
+        decoding = {"made_elsewhere": True}
+    n = min(len(items), limit) if limit else len(items)
+    protocol = build_protocol(data=Path(data), task=task, limit=limit, n=n, instruction=instruction,
+                              decoding=decoding, controls=controls, model=described)
+    return run_eval(items, generate, out, batch_size=batch_size, limit=limit, predictions_file=predictions,
+                    controls=controls, fill=fill, protocol=protocol)
 
 
 def score_demo_heldout(

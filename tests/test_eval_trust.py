@@ -1,0 +1,150 @@
+"""Evaluation the field can trust: intervals, paired tests, a recorded protocol, and whether the image mattered."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qilin_lite.errors import UserError
+from qilin_lite.eval import EvalItem
+from qilin_lite.eval.report import compare
+from qilin_lite.eval.run import run_eval
+from qilin_lite.eval.stats import bootstrap_ci, mcnemar_exact, paired
+
+CLI = str(Path(sys.executable).with_name("qilin-lite"))
+
+
+def test_bootstrap_interval_matches_a_direct_computation():
+    rng = np.random.default_rng(1)
+    values = (rng.random(400) < 0.7).astype(float)
+    lo, hi = bootstrap_ci(values)
+    # direct: resample the questions 2000 times with the recorded seed, take the 2.5th and 97.5th percentiles
+    direct = np.random.default_rng(0)
+    means = [values[direct.integers(0, 400, 400)].mean() for _ in range(2000)]
+    assert [lo, hi] != [0, 0]
+    # (the implementation draws 256 resamples per call; the same stream drawn one at a time gives the same numbers)
+    assert [lo, hi] == [round(float(x), 6) for x in np.percentile(means, [2.5, 97.5])]
+    # and the textbook normal interval for a proportion agrees to within a point
+    p, half = values.mean(), 1.96 * math.sqrt(values.mean() * (1 - values.mean()) / 400)
+    assert lo == pytest.approx(p - half, abs=0.01) and hi == pytest.approx(p + half, abs=0.01)
+    assert bootstrap_ci(values) == [lo, hi]  # seeded: the same numbers every time
+    assert bootstrap_ci([]) is None
+
+
+def test_mcnemar_and_paired_bootstrap():
+    # 10 discordant questions, 9 of them for b: exact two-sided p = 2 * (C(10,0) + C(10,1)) / 2^10
+    a = [0] * 9 + [1] + [1] * 20
+    b = [1] * 9 + [0] + [1] * 20
+    assert mcnemar_exact(a, b) == pytest.approx(2 * (1 + 10) / 1024)
+    t = paired(a, b)
+    assert t["test"] == "mcnemar-exact" and t["diff"] == pytest.approx(8 / 30, abs=1e-6) and t["significant"]
+    assert t["ci95"][0] > 0 < t["ci95"][1]
+    assert paired(a, a)["p"] == 1.0 and not paired(a, a)["significant"]
+    rng = np.random.default_rng(2)
+    x = rng.random(200)
+    t = paired(x, x + 0.05 + rng.normal(0, 0.05, 200))  # recall-like values: the paired bootstrap
+    assert t["test"] == "paired-bootstrap" and t["significant"] and t["p"] < 0.001
+    t = paired(x, x + rng.normal(0, 0.05, 200))
+    assert not t["significant"] or t["p"] > 0.01
+
+
+class Sighted:
+    """A fake model that answers from its image: the right option for the right image, else the first one."""
+
+    def __init__(self, items):
+        self.right = {it.image: it for it in items}
+
+    def __call__(self, batch):
+        out = []
+        for it in batch:
+            seen = self.right.get(it.image)
+            out.append(seen.reference if seen is not None and seen.id == it.id else "A")
+        return out
+
+
+def choice_items(tmp_path, n=40):
+    from PIL import Image
+
+    items = []
+    for i in range(n):
+        img = tmp_path / f"img{i}.png"
+        Image.new("RGB", (30 + i % 3, 20), (i, 0, 0)).save(img)
+        items.append(EvalItem(str(i), str(img), "哪一侧？", "ABCD"[1 + i % 3], "llava", "choice", ["左", "右", "双侧", "无"]))
+    return items
+
+
+def test_image_blind_reports_the_drop_and_flags_a_model_that_ignores_the_image(tmp_path):
+    items = choice_items(tmp_path)
+    m = run_eval(items, Sighted(items), tmp_path / "sighted", controls=("blank", "swapped"), fill=(122, 116, 104))
+    blank = m["image_reliance"]["blank"]
+    assert blank["metrics"]["accuracy"]["with_image"] == 1.0 and blank["metrics"]["accuracy"]["control"] == 0.0
+    assert blank["changed"] == 1.0 and blank["metrics"]["accuracy"]["paired"]["significant"]
+    assert m["image_reliance"]["swapped"]["metrics"]["accuracy"]["control"] == 0.0
+    report = (tmp_path / "sighted" / "report.md").read_text(encoding="utf-8")
+    assert report.splitlines()[2].startswith("**The image matters**: accuracy 100.00 with the image, 0.00 with a blank")
+    # what the model was shown: a blank of each image's own size in the padding colour; swapped: another's image
+    from PIL import Image
+
+    shown = [json.loads(x) for x in (tmp_path / "sighted" / "predictions.blank.jsonl").read_text().splitlines()]
+    with Image.open(shown[1]["image"]) as im:
+        assert im.size == (31, 20) and im.getcolors() == [(31 * 20, (122, 116, 104))]
+    swapped = [json.loads(x)["image"] for x in (tmp_path / "sighted" / "predictions.swapped.jsonl").read_text().splitlines()]
+    assert all(s != it.image for s, it in zip(swapped, items)) and sorted(swapped) == sorted(it.image for it in items)
+
+    blind = run_eval(items, lambda b: [it.reference for it in b], tmp_path / "blind", controls=("blank",))
+    report = (tmp_path / "blind" / "report.md").read_text(encoding="utf-8")
+    assert report.splitlines()[2].startswith("**Warning: this model scores the same without the image** (accuracy "
+                                             "100.00 with the image, 100.00 with a blank one")
+    assert blind["image_reliance"]["blank"]["changed"] == 0.0
+    # resumable like the main predictions: a rerun generates nothing
+    calls = []
+    run_eval(items, lambda b: calls.append(b) or [it.reference for it in b], tmp_path / "blind", controls=("blank",))
+    assert calls == []
+
+
+def test_a_rerun_under_another_protocol_is_refused(tmp_path):
+    from qilin_lite.eval.protocol import build_protocol
+
+    items = choice_items(tmp_path, 4)
+    proto = build_protocol(data=tmp_path / "img0.png", task="llava", limit=None, n=4, instruction=None,
+                           decoding={"max_new_tokens": 8}, controls=[], model={"name": "m"})
+    run_eval(items, lambda b: ["A"] * len(b), tmp_path / "out", protocol=proto)
+    other = {**proto, "decoding": {"greedy": True, "max_new_tokens": 64}}
+    with pytest.raises(UserError, match=r"answered before under another protocol \(decoding.max_new_tokens: 8 vs 64\)"):
+        run_eval(items, lambda b: ["A"] * len(b), tmp_path / "out", protocol=other)
+
+
+@pytest.fixture(scope="module")
+def two_instructions(qlora_run, tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("proto")
+    data = ["--data", tiny_data["heldout"], "--task", "llava", "--image-folder", tiny_data["images"], "--model",
+            qlora_run, "--max-new-tokens", "4", "--limit", "4"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for name, extra in (("plain", []), ("told", ["--instruction", "请只回答一个词。"])):
+        r = subprocess.run([CLI, "eval", *map(str, data), "--out", str(root / name), *extra], capture_output=True,
+                           text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr
+    return root
+
+
+def test_a_changed_prompt_is_flagged_by_compare(two_instructions, qlora_run):
+    root = two_instructions
+    proto = json.loads((root / "told" / "metrics.json").read_text(encoding="utf-8"))["protocol"]
+    assert proto["prompt"]["instruction"] == "请只回答一个词。" and proto["benchmark"]["sha256"]
+    assert proto["model"]["name"] == Path(qlora_run).name and len(proto["model"]["fingerprint"]) == 16
+    assert proto["model"]["template"] == "vicuna_v1" and proto["model"]["image_processor"]["image_mean"]
+    assert proto["model"]["base"]["fingerprint"] and proto["decoding"]["max_new_tokens"] == 4
+    with pytest.raises(UserError, match=r"^plain and told were not scored the same way \(prompt.instruction: null "
+                                        r"vs '请只回答一个词。'\); compare runs of one protocol"):
+        compare([root / "plain", root / "told"])
+    table = compare([root / "plain", root / "told"], allow_protocol_diff=True)
+    assert table.startswith("**WARNING: plain and told were not scored the same way**: prompt.instruction")
+    assert "| accuracy | told − plain | 4 |" in table
+    assert "plain" in compare([root / "plain", root / "plain" / "predictions.jsonl"])  # one protocol: no fuss
