@@ -73,4 +73,4 @@ def paired(a: Sequence[float], b: Sequence[float], *, resamples: int = BOOTSTRAP
         p = min(1.0, 2 * min(np.mean(means <= 0), np.mean(means >= 0))) if d.any() else 1.0
         test = "paired-bootstrap"
     return {"diff": round(float(d.mean()), 6), "ci95": [round(float(lo), 6), round(float(hi), 6)],
-            "p": round(float(p), 6), "test": test, "significant": bool(p < ALPHA)}
+            "p": float(f"{p:.4g}"), "test": test, "significant": bool(p < ALPHA)}
