@@ -148,3 +148,81 @@ def test_a_changed_prompt_is_flagged_by_compare(two_instructions, qlora_run):
     assert table.startswith("**WARNING: plain and told were not scored the same way**: prompt.instruction")
     assert "| accuracy | told − plain | 4 |" in table
     assert "plain" in compare([root / "plain", root / "plain" / "predictions.jsonl"])  # one protocol: no fuss
+
+
+@pytest.fixture
+def fake_judge():
+    """A local OpenAI-compatible endpoint: CORRECT when the model's answer shares a character with the reference."""
+    import http.server
+    import threading
+
+    asked = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            prompt = body["messages"][0]["content"]
+            asked.append((self.path, body["model"], body["temperature"], prompt))
+            ref = prompt.split("Reference answer: ")[1].split("\n")[0]
+            answer = prompt.split("Model answer: ")[1]
+            reply = "CORRECT" if set(ref) & set(answer) else "INCORRECT."
+            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", asked
+    server.shutdown()
+
+
+def open_items(tmp_path):
+    refs = [("病灶在哪里?", "右肺"), ("哪个器官最大?", "肝脏"), ("What organ?", "liver"), ("哪一侧?", "左侧")]
+    return [EvalItem(str(i), None, q, r, "slake", "open") for i, (q, r) in enumerate(refs)]
+
+
+def test_the_judge_end_to_end_with_its_cache(tmp_path, fake_judge):
+    from qilin_lite.eval.judge import PROMPT, http_judge
+
+    url, asked = fake_judge
+    items = open_items(tmp_path)
+    answers = {"0": "右侧肺部", "1": "肾", "2": "the liver", "3": "左边"}  # judge: right, wrong, right, right
+    judge = (http_judge(url, "fake-judge"), "fake-judge")
+    m = run_eval(items, lambda b: [answers[it.id] for it in b], tmp_path / "out", judge=judge)
+    j = m["judge"]
+    assert len(asked) == 4 and asked[0][:3] == ("/v1/chat/completions", "fake-judge", 0)
+    assert asked[0][3] == PROMPT.format(question="病灶在哪里?", reference="右肺", answer="右侧肺部")  # the pinned prompt
+    assert j["accuracy"] == 0.75 and j["n_open"] == 4 and j["unreadable"] == 0
+    # token recall >= 0.5: 右侧肺部 has 右 and 肺 (1.0), 肾 (0), the liver (1.0), 左边 (0.5): agrees on all four
+    assert j["agreement_with_recall"] == 1.0 and j["kappa_with_recall"] == 1.0
+    report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "## Judge (fake-judge, prompt v1)" in report and "| 4 | 75.00 [" in report
+    run_eval(items, lambda b: [answers[it.id] for it in b], tmp_path / "out", judge=judge)
+    assert len(asked) == 4  # a rerun costs nothing: every verdict came from OUT/judge.jsonl
+    answers["1"] = "肝"  # a changed answer is a new question for the judge, and only it is asked
+    run_eval(items, lambda b: [answers[it.id] for it in b], tmp_path / "new", judge=judge)
+    assert len(asked) == 8
+
+
+def test_judge_flags_and_an_unreachable_judge_are_one_line(tmp_path, tiny_data):
+    rows = [{"qid": 1, "image_name": "a.png", "question": "哪一侧?", "answer": "左侧", "answer_type": "OPEN"}]
+    data = tmp_path / "test.json"
+    data.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(json.dumps({"id": "1", "prediction": "左"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    base = [CLI, "eval", "--data", str(data), "--task", "vqa-rad", "--predictions", str(answers)]
+    r = subprocess.run([*base, "--out", str(tmp_path / "a"), "--judge", "http://127.0.0.1:9"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: --judge URL and --judge-model NAME go together")
+    r = subprocess.run([*base, "--out", str(tmp_path / "a"), "--judge", "http://127.0.0.1:9", "--judge-model", "x"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --judge http://127.0.0.1:9/v1/chat/completions: "
+                                                         "cannot reach the judge")
+    assert (tmp_path / "a" / "predictions.jsonl").is_file()  # the answers scored so far are kept

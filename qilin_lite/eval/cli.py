@@ -53,6 +53,10 @@ def eval_run(
     image_blind: Annotated[bool, typer.Option(
         "--image-blind", help="ask every question again with a blank image and with another question's image; "
                               "report how much the score depends on the image")] = False,
+    judge: Annotated[Optional[str], typer.Option(
+        "--judge", help="score open answers with a judge model at this OpenAI-compatible server too (e.g. a local "
+                        "llama-server: http://127.0.0.1:8080); off by default")] = None,
+    judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="the judge's model name")] = None,
     dtype: Dtype = "auto",
     attn: Attn = "auto",
 ):
@@ -60,7 +64,8 @@ def eval_run(
     metrics = run_benchmark(data, task, out, model=model, predictions=predictions, image_folder=image_folder,
                             limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
                             bits=quant_bits(load_4bit, load_8bit), dtype=dtype, attn=attn,
-                            instruction=instruction, image_blind=image_blind)
+                            instruction=instruction, image_blind=image_blind, judge_url=judge,
+                            judge_model=judge_model)
     typer.echo(render_report(metrics))
     typer.echo("written: " + ", ".join(str(Path(out) / name) for name in (PREDICTIONS, METRICS, REPORT)))
 

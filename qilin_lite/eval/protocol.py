@@ -4,7 +4,7 @@
 - benchmark: the file's name and sha256, the task (layout), --limit, and the number of questions scored;
 - prompt: the instruction added to every question (--instruction) and the multiple-choice instructions;
 - decoding: greedy, max new tokens, batch size, dtype, 4/8-bit;
-- controls: the image-reliance controls asked for (--image-blind);
+- controls: the image-reliance controls asked for (--image-blind); judge: its model and prompt version;
 - model: its directory name and a fingerprint of its files, its kind and base, the template it is asked in, and
   its image processing (squaring rule, size, mean and std), all read from its files without loading weights;
 - qilin_lite: the version (scoring rules may change between versions).
@@ -83,7 +83,7 @@ def _plain(value):
 
 
 def build_protocol(*, data: Path, task: str, limit: int | None, n: int, instruction: str | None,
-                   decoding: dict, controls: list[str], model: dict) -> dict:
+                   decoding: dict, controls: list[str], model: dict, judge: dict | None = None) -> dict:
     from .. import __version__
 
     return {
@@ -92,6 +92,7 @@ def build_protocol(*, data: Path, task: str, limit: int | None, n: int, instruct
         "prompt": {"instruction": instruction, "choice_instructions": CHOICE_INSTRUCTIONS},
         "decoding": {"greedy": True, **decoding},
         "controls": sorted(controls),
+        "judge": judge,
         "model": model,
         "qilin_lite": __version__,
     }

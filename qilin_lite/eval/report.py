@@ -52,6 +52,12 @@ def render_report(metrics: dict) -> str:
         notes.append("Captions: corpus BLEU with brevity penalty; ROUGE-L F1 (LCS) averaged over captions.")
     body = _table(["metric", *groups], rows) + "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     head = f"# qilin-lite eval: {metrics.get('task')}\n\n"
+    if metrics.get("judge", {}).get("n_open"):
+        j = metrics["judge"]
+        body += (f"\n## Judge ({j['model']}, prompt v{j['prompt_version']})\n\n" + _table(
+            ["open questions", "judged right", "unreadable verdicts", "agreement with recall >= 0.5", "Cohen's kappa"],
+            [[str(j["n_open"]), _fmt("accuracy", j["accuracy"], j["ci95"]), str(j["unreadable"]),
+              f"{100 * j['agreement_with_recall']:.1f}%", f"{j['kappa_with_recall']:.2f}"]]))
     if metrics.get("image_reliance"):
         head += verdict(metrics["image_reliance"]) + "\n\n"
         body += "\n" + _reliance_table(metrics["image_reliance"])

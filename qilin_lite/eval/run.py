@@ -9,6 +9,7 @@ demo's held-out accuracy, computed by this same code.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -18,10 +19,13 @@ from ..errors import UserError, where
 from ..files import write_text_atomic
 from .benchmarks import ANSWER_KEYS, ID_KEYS, first_of, load_eval_items, read_benchmark_records
 from .items import METRICS, PREDICTIONS, REPORT, EvalItem, format_prompt, scan_predictions
+from .judge import JUDGE_CACHE, PROMPT_VERSION, http_judge, is_local, judge_open
 from .metrics import aggregate, as_text, score_item
 from .protocol import PROTOCOL, build_protocol, differences, file_sha256, model_protocol
 from .reliance import control_items, reliance
 from .report import render_report
+
+log = logging.getLogger(__name__)
 
 
 def run_eval(
@@ -35,13 +39,15 @@ def run_eval(
     controls: Sequence[str] = (),
     fill: tuple[int, int, int] = (127, 127, 127),
     protocol: dict | None = None,
+    judge: tuple[Callable[[str], str], str] | None = None,
 ) -> dict:
     """Answer (or take answers for) each item, append them to OUT/predictions.jsonl, then write metrics and report.
 
     With `generate`, a rerun into the same `out_dir` resumes: ids already in predictions.jsonl are not generated
     again. With `predictions_file`, answers come from that file (matched by id) and no model runs. `controls`
     (reliance.CONTROLS) asks every question again without its image (blank images in `fill`, or swapped).
-    `protocol` (protocol.build_protocol) is recorded; a rerun with another protocol is refused.
+    `protocol` (protocol.build_protocol) is recorded; a rerun with another protocol is refused. `judge` (ask, model
+    name) scores open answers with a judge model (judge.py), cached in OUT/judge.jsonl.
     """
     _check_flags(generate is not None, predictions_file is not None, limit, batch_size, bool(controls))
     if limit is not None:
@@ -69,6 +75,8 @@ def run_eval(
             path = out / f"predictions.{control}.jsonl"
             _answer(path, shown, generate, batch_size)
             metrics["image_reliance"][control] = reliance(items, predictions, _read_answers(path, shown))
+    if judge is not None:
+        metrics["judge"] = judge_open(items, predictions, judge[0], judge[1], out / JUDGE_CACHE)
     if protocol is not None:
         metrics["protocol"] = protocol
     write_text_atomic(out / REPORT, render_report(metrics))  # metrics.json last: its presence means finished
@@ -272,6 +280,8 @@ def run_benchmark(
     attn: str = "auto",
     instruction: str | None = None,
     image_blind: bool = False,
+    judge_url: str | None = None,
+    judge_model: str | None = None,
 ) -> dict:
     """`qilin-lite eval run`: read DATA as TASK, answer with MODEL (or take PREDICTIONS), write OUT; the metrics."""
     from ..processing import pad_fill
@@ -281,6 +291,17 @@ def run_benchmark(
     _check_flags(model is not None, predictions is not None, limit, batch_size, image_blind)
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if (judge_url is None) != (judge_model is None):
+        raise UserError("--judge URL and --judge-model NAME go together (e.g. --judge http://127.0.0.1:8080 "
+                        "--judge-model qwen2.5-7b-instruct)")
+    judge = None
+    if judge_url is not None:
+        if not judge_url.startswith(("http://", "https://")):
+            raise UserError(f"--judge {judge_url}: give the server's address, e.g. http://127.0.0.1:8080")
+        if not is_local(judge_url):
+            log.warning("--judge %s is not this machine: questions, reference answers and the model's answers are "
+                        "sent there", judge_url)
+        judge = (http_judge(judge_url, judge_model), judge_model)
     generate, fill, controls = None, (127, 127, 127), list(CONTROLS) if image_blind else []
     if model is not None:
         _check_images(items[:limit] if limit else items)  # before anything about the model is read
@@ -297,9 +318,10 @@ def run_benchmark(
         decoding = {"made_elsewhere": True}
     n = min(len(items), limit) if limit else len(items)
     protocol = build_protocol(data=Path(data), task=task, limit=limit, n=n, instruction=instruction,
-                              decoding=decoding, controls=controls, model=described)
+                              decoding=decoding, controls=controls, model=described,
+                              judge={"model": judge_model, "prompt_version": PROMPT_VERSION} if judge else None)
     return run_eval(items, generate, out, batch_size=batch_size, limit=limit, predictions_file=predictions,
-                    controls=controls, fill=fill, protocol=protocol)
+                    controls=controls, fill=fill, protocol=protocol, judge=judge)
 
 
 def score_demo_heldout(
