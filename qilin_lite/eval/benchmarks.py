@@ -29,13 +29,23 @@ def load_eval_items(path: str | Path, task: str, image_folder: str | Path | None
     path = Path(path)
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; use one of: {', '.join(TASKS)}")
-    if not path.is_file():
+    if task in ("omnimedvqa", "mmmu") and path.is_dir():
+        pass  # a folder of their files
+    elif not path.is_file():
         raise UserError(f"{path}: no such data file; check --data")
     folder = Path(image_folder) if image_folder is not None else path.parent
     if task == "pmc-vqa":
         if path.suffix.lower() != ".csv":
             raise UserError(f"{path}: PMC-VQA is read from its CSV (test.csv or test_clean.csv); pass that file")
         items = _load_pmc_vqa(path, folder)
+    elif task == "omnimedvqa":
+        from .newer import load_omnimedvqa
+
+        items = load_omnimedvqa(path, Path(image_folder) if image_folder is not None else None)
+    elif task == "mmmu":
+        from .newer import load_mmmu
+
+        items = load_mmmu(path, Path.home() / ".cache" / "qilin-lite" / "mmmu-images")
     else:
         records = list(read_benchmark_records(path))
         if task == "vqa-rad" and any("phrase_type" in r for _, _, r in records if isinstance(r, dict)):

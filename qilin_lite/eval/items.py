@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import UserError, where
 from .metrics import LETTERS
 
-TASKS = ("pmc-vqa", "vqa-rad", "slake", "pathvqa", "caption", "llava")
+TASKS = ("pmc-vqa", "vqa-rad", "slake", "pathvqa", "caption", "llava", "omnimedvqa", "mmmu")
 KINDS = ("closed", "open", "choice", "caption")
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
@@ -48,6 +48,10 @@ def format_prompt(item: EvalItem, instruction: str | None = None) -> str:
     """
     if item.kind != "choice" or item.task == "llava":
         text = item.question
+    elif item.task in ("omnimedvqa", "mmmu"):  # their authors' prompts (newer.py)
+        from .newer import mmmu_prompt, omnimedvqa_prompt
+
+        text = (omnimedvqa_prompt if item.task == "omnimedvqa" else mmmu_prompt)(item.question, item.choices)
     else:
         lines = [item.question] + [f"{letter}. {c}" for letter, c in zip(LETTERS, item.choices)]
         zh = re.search(r"[\u4e00-\u9fff]", item.question + "".join(item.choices))

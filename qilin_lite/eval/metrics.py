@@ -303,7 +303,13 @@ def rouge_l(hypothesis: Sequence[str], reference: Sequence[str], beta: float = 1
 def score_item(item: Any, prediction: Any) -> dict:
     """{"correct": bool or float, "extracted": ...} (+ "correct_llavamed" for closed) for one EvalItem."""
     if item.kind == "choice":
-        letter = extract_option(prediction, item.choices or [])
+        if item.task in ("omnimedvqa", "mmmu"):  # their authors' rules (newer.py)
+            from .newer import mmmu_choice, omnimedvqa_choice
+
+            letter = (omnimedvqa_choice(prediction, item.choices or []) if item.task == "omnimedvqa"
+                      else mmmu_choice(prediction, item.choices or [], item.id))
+        else:
+            letter = extract_option(prediction, item.choices or [])
         return {"correct": letter is not None and letter == item.reference, "extracted": letter}
     if item.kind == "closed":
         return {

@@ -28,7 +28,12 @@ MODEL_FIELDS = ("model",)  # differ between the runs being compared, by design
 
 
 def file_sha256(path: Path) -> str:
+    """A file's sha256; for a folder of benchmark files (OmniMedVQA, MMMU), one over its files' names and hashes."""
     h = hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.suffix in (".json", ".parquet", ".jsonl", ".csv")):
+            h.update(f"{f.relative_to(path)}\0{file_sha256(f)}\0".encode())
+        return h.hexdigest()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
@@ -87,7 +92,7 @@ def build_protocol(*, data: Path, task: str, limit: int | None, n: int, instruct
     from .. import __version__
 
     return {
-        "benchmark": {"file": data.name, "sha256": file_sha256(data) if data.is_file() else None, "task": task,
+        "benchmark": {"file": data.name, "sha256": file_sha256(data) if data.exists() else None, "task": task,
                       "limit": limit, "n": n},
         "prompt": {"instruction": instruction, "choice_instructions": CHOICE_INSTRUCTIONS},
         "decoding": {"greedy": True, **decoding},

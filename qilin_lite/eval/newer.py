@@ -1,0 +1,188 @@
+"""The benchmarks newer medical VLM papers report beside the classic four: OmniMedVQA and MMMU Health & Medicine.
+
+Both are multiple choice. Each is read in its published layout, shown to the model in its authors' prompt, and scored
+by its authors' rule (reimplemented here; the files matched against are named in docs/eval.md and each function):
+
+- **omnimedvqa** (`QA_information/Open-access/*.json`, one JSON list per source dataset; pass one file or the
+  folder): `{question_id, question_type, question, gt_answer, image_path, option_A, option_B[, option_C, option_D],
+  modality_type, dataset}`; `image_path` is relative to the OmniMedVQA root (found above `QA_information/`).
+  Prompt and rule from OpenGVLab/Multi-Modality-Arena `MedicalEval/Question-answering_Score`
+  (`task_datasets/medical_datasets.py`, `utils/medicalqa.py`): the options are listed as a Python list after the
+  question, and the answer is the option most similar to the model's text by `difflib.SequenceMatcher.ratio`
+  (the first of equals; no similarity at all is wrong).
+- **mmmu** (the MMMU dataset's parquet files, `<Subject>/validation-*.parquet`; pass one file or the root folder,
+  whose Health & Medicine subjects are read): `{id, question, options (a Python list as text), answer,
+  image_1..image_7 ({bytes, path}), question_type, subfield}`. Prompt from MMMU's LLaVA-1.5 setting
+  (`multi_choice_example_format`: question, `(A) option` lines, "Answer with the option's letter from the given
+  choices directly."); rule from MMMU-Benchmark/MMMU `eval/eval_utils.py` `parse_multi_choice_response`: "(A)",
+  then " A ", then (answers over 5 words) the option's text, the last one mentioned winning; nothing found is a
+  random letter, as theirs, but seeded per question (theirs draws from one sequence seeded 42, so it depends on the
+  order). The question's images, interleaved as `<image k>`, are joined into one composite in order of mention
+  (this toolkit's models take one image); the `<image k>` text stays. Open questions (a few in these subjects) are
+  skipped and counted, since MMMU scores them by its own number parser, not implemented here.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import hashlib
+import json
+import logging
+import random
+import re
+from pathlib import Path
+
+from ..errors import UserError, where
+from .items import EvalItem
+from .metrics import LETTERS, as_text
+
+log = logging.getLogger(__name__)
+
+MMMU_HEALTH = ("Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine", "Pharmacy",
+               "Public_Health")
+MMMU_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def omnimedvqa_prompt(question: str, options: list[str]) -> str:
+    return (question + f"Here are {len(options)} candidate answers:" + str(options) +
+            " Only return what you think is the correct answer from the candidate answers, do not return any other "
+            "irrelevant text!")
+
+
+def mmmu_prompt(question: str, options: list[str]) -> str:
+    listed = "".join(f"({LETTERS[i]}) {o}\n" for i, o in enumerate(options))
+    return f"{question}\n{listed}\n{MMMU_INSTRUCTION}"
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def omnimedvqa_choice(prediction, options: list[str]) -> str | None:
+    """The letter of the option most similar to the answer (strictly greater wins: the first of equals)."""
+    text, best, index = as_text(prediction), 0.0, None
+    for i, option in enumerate(options):
+        ratio = difflib.SequenceMatcher(None, option, text).ratio()
+        if ratio > best:
+            best, index = ratio, i
+    return None if index is None else LETTERS[index]
+
+
+def mmmu_choice(prediction, options: list[str], qid: str) -> str:
+    """MMMU's parse_multi_choice_response, with its random fallback seeded by the question's id."""
+    response = as_text(prediction)
+    for char in [",", ".", "!", "?", ";", ":", "'"]:
+        response = response.strip(char)
+    response = f" {response} "
+    letters = list(LETTERS[: len(options)])
+    found = [c for c in letters if f"({c})" in response]
+    bracketed, by_text = bool(found), False
+    if not found:
+        found = [c for c in letters if f" {c} " in response]
+    if not found and len(response.split()) > 5:
+        found = [c for c, o in zip(letters, options) if o.lower() in response.lower()]
+        by_text = bool(found)
+    if not found:
+        return random.Random(f"mmmu:{qid}").choice(letters)
+    if len(found) == 1:
+        return found[0]
+    if by_text:
+        where_ = [response.lower().rfind(options[letters.index(c)].lower()) for c in found]
+    else:
+        where_ = [response.rfind(f"({c})" if bracketed else f" {c} ") for c in found]
+    return found[where_.index(max(where_))]
+
+
+# ---------------------------------------------------------------- readers
+
+
+def load_omnimedvqa(path: Path, image_folder: Path | None) -> list[EvalItem]:
+    files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+    if not files:
+        raise UserError(f"{path}: no .json files; pass QA_information/Open-access or one of its files")
+    root = image_folder or next((p.parent for p in path.resolve().parents if p.name == "QA_information"), None)
+    root = root or (path if path.is_dir() else path.parent)
+    items = []
+    for f in files:
+        try:
+            rows = json.loads(f.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where(f, e.lineno)}: not valid JSON ({e.msg}); re-download the file") from None
+        if not isinstance(rows, list):
+            raise UserError(f"{f}: expected a JSON list of questions (OmniMedVQA's layout)")
+        for n, r in enumerate(rows):
+            loc = where(f, record_id=str(r.get("question_id", n)) if isinstance(r, dict) else str(n))
+            if not isinstance(r, dict) or not all(k in r for k in ("question", "gt_answer", "image_path", "option_A")):
+                raise UserError(f"{loc}: needs question, gt_answer, image_path and option_A.. (OmniMedVQA's layout)")
+            options = [str(r[k]) for k in ("option_A", "option_B", "option_C", "option_D") if r.get(k) is not None]
+            if str(r["gt_answer"]) not in options:
+                raise UserError(f"{loc}: gt_answer {r['gt_answer']!r} is none of the options")
+            items.append(EvalItem(str(r.get("question_id", f"{f.stem}-{n}")), str(root / r["image_path"]),
+                                  str(r["question"]), LETTERS[options.index(str(r["gt_answer"]))], "omnimedvqa",
+                                  "choice", options))
+    return items
+
+
+def load_mmmu(path: Path, cache: Path) -> list[EvalItem]:
+    import pandas as pd
+
+    if path.is_dir():
+        files = [f for s in MMMU_HEALTH for f in sorted((path / s).glob("*.parquet"))]
+        files = files or sorted(path.glob("*.parquet"))
+    else:
+        files = [path]
+    if not files:
+        raise UserError(f"{path}: no parquet files; pass MMMU's folder (its Health & Medicine subjects are read) "
+                        "or one subject's parquet file")
+    items, skipped = [], 0
+    for f in files:
+        try:
+            frame = pd.read_parquet(f)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+            raise UserError(f"{f}: cannot read it as parquet ({type(e).__name__}); re-download it") from None
+        for row in frame.to_dict("records"):
+            qid = str(row.get("id"))
+            if row.get("question_type") != "multiple-choice":
+                skipped += 1
+                continue
+            try:
+                options = [str(o) for o in ast.literal_eval(str(row["options"]))]
+            except (ValueError, SyntaxError, KeyError):
+                raise UserError(f"{where(f, record_id=qid)}: options are not a list; re-download the file") from None
+            answer = str(row.get("answer", "")).strip()
+            if answer not in LETTERS[: len(options)]:
+                raise UserError(f"{where(f, record_id=qid)}: answer {answer!r} is not an option letter")
+            image = _mmmu_image(row, qid, cache)
+            items.append(EvalItem(qid, image, str(row["question"]), answer, "mmmu", "choice", options))
+    if skipped:
+        log.warning("%s: %d open questions skipped (MMMU scores them with its own number parser)", path, skipped)
+    return items
+
+
+def _mmmu_image(row: dict, qid: str, cache: Path) -> str | None:
+    """The question's images (in order of mention, else image_1) as one PNG in `cache`, written once."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    from ..images import composite
+
+    mentioned = [int(k) for k in re.findall(r"<image (\d+)>", str(row.get("question", "")))]
+    order = list(dict.fromkeys(mentioned)) or [1]
+    blobs = [row.get(f"image_{k}") for k in order]
+    blobs = [b["bytes"] for b in blobs if isinstance(b, dict) and b.get("bytes")]
+    if not blobs:
+        return None
+    digest = hashlib.sha256(b"".join(blobs)).hexdigest()[:20]
+    out = cache / f"{digest}.png"
+    if not out.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        images = [Image.open(BytesIO(b)).convert("RGB") for b in blobs]
+        img = images[0] if len(images) == 1 else composite(images[:4])
+        tmp = out.with_name(f".{out.name}.tmp")
+        img.save(tmp, format="PNG")
+        tmp.replace(out)
+    return str(out)
