@@ -84,7 +84,8 @@ class Generator:
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
     def context_length(self) -> int | None:
-        cfg = getattr(self.model.config, "text_config", self.model.config)
+        cfg = getattr(self.model, "config", None)
+        cfg = getattr(cfg, "text_config", cfg)
         return getattr(cfg, "max_position_embeddings", None)
 
     def answer(self, images: list, question: str, history: list[dict] | None = None) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -123,14 +122,12 @@ def test_a_rerun_under_another_protocol_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def two_instructions(qlora_run, tiny_data, tmp_path_factory):
+    from qilin_lite.eval.run import run_benchmark  # what `qilin-lite eval` calls
+
     root = tmp_path_factory.mktemp("proto")
-    data = ["--data", tiny_data["heldout"], "--task", "llava", "--image-folder", tiny_data["images"], "--model",
-            qlora_run, "--max-new-tokens", "4", "--limit", "4"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    for name, extra in (("plain", []), ("told", ["--instruction", "请只回答一个词。"])):
-        r = subprocess.run([CLI, "eval", *map(str, data), "--out", str(root / name), *extra], capture_output=True,
-                           text=True, env=env, timeout=600)
-        assert r.returncode == 0, r.stderr
+    for name, instruction in (("plain", None), ("told", "请只回答一个词。")):
+        run_benchmark(tiny_data["heldout"], "llava", root / name, model=str(qlora_run), image_folder=tiny_data["images"],
+                      max_new_tokens=4, limit=4, instruction=instruction)
     return root
 
 
