@@ -2,7 +2,7 @@
 their authors' rules.
 
 tests/data/newer_cases.json holds what the authors' own functions return for a set of answers: MMMU's
-`parse_multi_choice_response` (MMMU-Benchmark/MMMU eval/eval_utils.py) and OmniMedVQA's `find_most_similar_index`
+`parse_multi_choice_response` and `parse_open_response` + `eval_open` (MMMU-Benchmark/MMMU eval/eval_utils.py) and OmniMedVQA's `find_most_similar_index`
 (OpenGVLab/Multi-Modality-Arena MedicalEval/Question-answering_Score/utils/medicalqa.py), run unchanged in a scratch
 directory. `expected` is null where theirs draws a random letter (MMMU, nothing found) or finds no similar option
 (OmniMedVQA: counted wrong).
@@ -18,7 +18,7 @@ import pytest
 
 from qilin_lite.errors import UserError
 from qilin_lite.eval import format_prompt, load_eval_items
-from qilin_lite.eval.newer import mmmu_choice, omnimedvqa_choice
+from qilin_lite.eval.newer import mmmu_choice, mmmu_short_correct, omnimedvqa_choice
 from qilin_lite.eval.run import run_eval
 
 CASES = json.loads((Path(__file__).parent / "data" / "newer_cases.json").read_text(encoding="utf-8"))
@@ -31,6 +31,11 @@ def test_mmmu_parsing_is_the_authors(case):
         assert got in "ABCD"[: len(case["options"])] and got == mmmu_choice(case["response"], case["options"], "q1")
     else:
         assert got == case["expected"]
+
+
+@pytest.mark.parametrize("case", CASES["mmmu_short"], ids=lambda c: f"{c['reference']}-{c['response'][:16]}")
+def test_mmmu_open_answers_are_scored_as_the_authors_do(case):
+    assert mmmu_short_correct(case["response"], case["reference"]) is case["expected"]
 
 
 @pytest.mark.parametrize("case", CASES["omnimedvqa"], ids=lambda c: c["response"][:20])
@@ -92,7 +97,10 @@ def test_mmmu_health_and_medicine_in_its_published_layout(tmp_path, monkeypatch)
         (root / subject).mkdir(parents=True)
         pd.DataFrame(data).to_parquet(root / subject / "validation-00000-of-00001.parquet")
     items = load_eval_items(root, "mmmu")
-    assert [it.id for it in items] == ["validation_Clinical_Medicine_1"]  # Art is not Health & Medicine; open skipped
+    # Art is not Health & Medicine; the open question is a short-answer item with MMMU's own prompt and rule
+    assert [(it.id, it.kind) for it in items] == [("validation_Clinical_Medicine_1", "choice"),
+                                                  ("validation_Clinical_Medicine_2", "short")]
+    assert format_prompt(items[1]) == "What dose? <image 1>\nAnswer the question using a single word or phrase."
     item = items[0]
     assert item.choices == ["The first", "The second", "Both"] and item.reference == "B"
     assert format_prompt(item) == ("<image 1> and <image 2>: which shows effusion?\n(A) The first\n(B) The second\n"
@@ -100,5 +108,5 @@ def test_mmmu_health_and_medicine_in_its_published_layout(tmp_path, monkeypatch)
     with Image.open(item.image) as im:  # both images, joined into one composite in order of mention
         colors = {c for _, c in im.convert("RGB").getcolors(10**6)}
     assert (255, 0, 0) in colors and (0, 0, 255) in colors
-    m = run_eval(items, lambda b: ["(B)"], tmp_path / "out")
-    assert m["groups"]["all"]["accuracy"] == 1.0
+    m = run_eval(items, lambda b: ["(B)", "The dose is 20 mg."], tmp_path / "out")
+    assert m["groups"]["all"]["accuracy"] == 1.0 and m["groups"]["all"]["short_accuracy"] == 1.0

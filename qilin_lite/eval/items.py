@@ -11,7 +11,7 @@ from ..errors import UserError, where
 from .metrics import LETTERS
 
 TASKS = ("pmc-vqa", "vqa-rad", "slake", "pathvqa", "caption", "llava", "omnimedvqa", "mmmu")
-KINDS = ("closed", "open", "choice", "caption")
+KINDS = ("closed", "open", "choice", "caption", "short")  # short: one exact answer (MMMU's open questions)
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
 REPORT = "report.md"
@@ -46,7 +46,11 @@ def format_prompt(item: EvalItem, instruction: str | None = None) -> str:
 
     LLaVA-format items (task "llava") are shown as written: their prompt is the one the model was trained on.
     """
-    if item.kind != "choice" or item.task == "llava":
+    if item.kind == "short" and item.task == "mmmu":
+        from .newer import mmmu_short_prompt
+
+        text = mmmu_short_prompt(item.question)
+    elif item.kind != "choice" or item.task == "llava":
         text = item.question
     elif item.task in ("omnimedvqa", "mmmu"):  # their authors' prompts (newer.py)
         from .newer import mmmu_prompt, omnimedvqa_prompt

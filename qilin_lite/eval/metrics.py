@@ -63,6 +63,8 @@ METRIC_LABELS = {
     "bleu3": "BLEU-3",
     "bleu4": "BLEU-4",
     "rougeL": "ROUGE-L (F1)",
+    "n_short": "n (short answer)",
+    "short_accuracy": "short-answer acc (MMMU rule)",
 }
 
 _ARTICLES = {"a", "an", "the"}
@@ -321,6 +323,10 @@ def score_item(item: Any, prediction: Any) -> dict:
         return {"correct": open_recall(prediction, item.reference), "extracted": None}
     if item.kind == "caption":
         return {"correct": rouge_l(tokenize(prediction), tokenize(item.reference)), "extracted": None}
+    if item.kind == "short":  # MMMU's open questions, by MMMU's rule (newer.py)
+        from .newer import mmmu_short_correct
+
+        return {"correct": mmmu_short_correct(prediction, item.reference), "extracted": None}
     raise ValueError(f"unknown item kind {item.kind!r}")
 
 
@@ -330,7 +336,8 @@ def _mean(xs: Sequence[float]) -> float:
 
 # the per-question value each mean metric averages, from a score_item result (and `eval compare`'s paired tests)
 MEAN_METRICS = {"choice": {"accuracy": "correct"}, "closed": {"closed_llavamed": "correct_llavamed",
-                "closed_strict": "correct"}, "open": {"open_recall": "correct"}, "caption": {"rougeL": "correct"}}
+                "closed_strict": "correct"}, "open": {"open_recall": "correct"}, "caption": {"rougeL": "correct"},
+                "short": {"short_accuracy": "correct"}}
 
 
 def item_values(kind: str, score: dict) -> dict[str, float]:
@@ -348,7 +355,7 @@ def _group(items: Sequence[Any], predictions: Sequence[Any]) -> dict:
     if idx := by_kind.get("choice"):
         out["n_choice"] = len(idx)
         out["n_no_option"] = sum(scores[i]["extracted"] is None for i in idx)
-    for kind in ("closed", "open", "caption"):
+    for kind in ("closed", "open", "caption", "short"):
         if idx := by_kind.get(kind):
             out[f"n_{kind}"] = len(idx)
     if idx := by_kind.get("caption"):

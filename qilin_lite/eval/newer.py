@@ -19,7 +19,8 @@ by its authors' rule (reimplemented here; the files matched against are named in
   random letter, as theirs, but seeded per question (theirs draws from one sequence seeded 42, so it depends on the
   order). The question's images, interleaved as `<image k>`, are joined into one composite in order of mention
   (this toolkit's models take one image); the `<image k>` text stays. Open questions (a few in these subjects) are
-  skipped and counted, since MMMU scores them by its own number parser, not implemented here.
+  items of kind "short", asked with MMMU's `short_ans_example_format` and scored by its `parse_open_response` +
+  `eval_open` (numbers compared as floats rounded to 2 places, text by containment of the normalized answer).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 MMMU_HEALTH = ("Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine", "Pharmacy",
                "Public_Health")
 MMMU_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+MMMU_SHORT = "Answer the question using a single word or phrase."
 
 
 # ---------------------------------------------------------------- prompts
@@ -56,6 +58,10 @@ def omnimedvqa_prompt(question: str, options: list[str]) -> str:
 def mmmu_prompt(question: str, options: list[str]) -> str:
     listed = "".join(f"({LETTERS[i]}) {o}\n" for i, o in enumerate(options))
     return f"{question}\n{listed}\n{MMMU_INSTRUCTION}"
+
+
+def mmmu_short_prompt(question: str) -> str:
+    return f"{question}\n{MMMU_SHORT}"
 
 
 # ---------------------------------------------------------------- scoring
@@ -94,6 +100,70 @@ def mmmu_choice(prediction, options: list[str], qid: str) -> str:
     else:
         where_ = [response.rfind(f"({c})" if bracketed else f" {c} ") for c in found]
     return found[where_.index(max(where_))]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.replace(",", ""))
+        return True
+    except ValueError:
+        return False
+
+
+def _normalized(text: str) -> list:
+    """MMMU's normalize_str: a number -> [float rounded to 2]; one character -> padded forms; else lower case."""
+    text = text.strip()
+    if _is_number(text):
+        return [round(float(text.replace(",", "")), 2)]
+    text = text.lower()
+    return [" " + text, text + " "] if len(text) == 1 else [text]
+
+
+_NUMBERS = (r"-?\b\d{1,3}(?:,\d{3})+\b", r"-?\d+(?:\.\d+)?[eE][+-]?\d+", r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])")
+_KEYS = ["could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result "]
+
+
+def _open_candidates(response: str) -> list:
+    """MMMU's parse_open_response: the tail after a key phrase in each sentence (or the whole answer), plus the
+    numbers in them, normalized."""
+    response = response.strip().strip(".").lower()
+    parts = re.split(r"\.\s(?=[A-Z])|\n", response)
+    tails = []
+    for i, part in enumerate(parts):
+        keys = _KEYS + (["="] if i == len(parts) - 1 else [])
+        found = [part.split(k)[-1].strip() for k in keys if k in part]
+        shortest = min(found, key=len) if found else ""  # the first of the shortest, as theirs keeps the first
+        if shortest:  # an empty tail ("... answer is") counts as none, as theirs
+            if shortest.strip() not in [":", ",", ".", "!", "?", ";", "'"]:
+                tails.append(shortest)
+    tails = tails or [response]
+    preds = list(tails)
+    for t in tails:
+        for pattern in _NUMBERS:
+            preds.extend(re.findall(pattern, t))
+    out = []
+    for p in preds:
+        out.extend(_normalized(p))
+    return list(dict.fromkeys(out))
+
+
+def mmmu_short_correct(prediction, reference) -> bool:
+    """MMMU's eval_open: a text reference inside a text candidate, or a number equal to a number candidate."""
+    if isinstance(reference, str) and reference.startswith("["):  # several accepted answers, as MMMU writes them
+        try:
+            reference = [str(r) for r in ast.literal_eval(reference)]
+        except (ValueError, SyntaxError):
+            pass
+    refs = []
+    for r in reference if isinstance(reference, list) else [reference]:
+        refs.extend(_normalized(str(r)))
+    for cand in _open_candidates(as_text(prediction)):
+        if isinstance(cand, str):
+            if any(isinstance(r, str) and r in cand for r in refs):
+                return True
+        elif cand in refs:
+            return True
+    return False
 
 
 # ---------------------------------------------------------------- readers
@@ -146,7 +216,12 @@ def load_mmmu(path: Path, cache: Path) -> list[EvalItem]:
         for row in frame.to_dict("records"):
             qid = str(row.get("id"))
             if row.get("question_type") != "multiple-choice":
-                skipped += 1
+                answer = _open_answer(row.get("answer"))
+                if answer is None:
+                    skipped += 1
+                    continue
+                items.append(EvalItem(qid, _mmmu_image(row, qid, cache), str(row["question"]), answer, "mmmu",
+                                      "short"))
                 continue
             try:
                 options = [str(o) for o in ast.literal_eval(str(row["options"]))]
@@ -158,8 +233,15 @@ def load_mmmu(path: Path, cache: Path) -> list[EvalItem]:
             image = _mmmu_image(row, qid, cache)
             items.append(EvalItem(qid, image, str(row["question"]), answer, "mmmu", "choice", options))
     if skipped:
-        log.warning("%s: %d open questions skipped (MMMU scores them with its own number parser)", path, skipped)
+        log.warning("%s: %d open questions without an answer skipped", path, skipped)
     return items
+
+
+def _open_answer(value) -> str | None:
+    """An open question's answer; MMMU writes several accepted answers as a Python list in text ("['1', '1.0']"),
+    kept as that text and read back as a list when scored."""
+    text = str(value).strip() if value is not None else ""
+    return text or None
 
 
 def _mmmu_image(row: dict, qid: str, cache: Path) -> str | None:
