@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import run_dir
+from . import run_dir, segments
 from .config import Recipe
 from .device import training_placement
 from .distributed import world_size
@@ -57,11 +57,27 @@ def train_stage(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
     out = prepare_output(recipe, resume, overwrite)
     base, model, tokenizer, image_processor = load_model(recipe, out)
     data = build_datasets(recipe, tokenizer, image_processor, model.config, out)
+    attention = packed_attention(model, data)
     trainer = build_trainer(trainer_cls, recipe, model, tokenizer, data, out)
     train(trainer, out, resume)
+    if attention is not None:  # the saved model attends as it was loaded; segments are for packed training only
+        segments.use(model, attention)
     save_outputs(trainer, recipe, out, base, tokenizer, image_processor)
     write_summary(trainer, recipe, out, data, time.time() - t0)
     return out, trainer.model
+
+
+def packed_attention(model, data: "Datasets") -> str | None:
+    """Packed rows without flash-attn train with per-sample attention (segments.py); returns the implementation to
+    switch back to before saving, or None when nothing was switched."""
+    current = model.config.get_text_config()._attn_implementation
+    data.attention = current
+    if not isinstance(data.train, PackedDataset) or current == "flash_attention_2":
+        return None
+    data.attention = segments.SEGMENTS
+    log.info("packed rows: each sample attends only to itself (%s, instead of %s over the whole row)",
+             segments.SEGMENTS, current)
+    return segments.use(model, segments.SEGMENTS)
 
 
 def prepare_output(recipe: Recipe, resume: bool, overwrite: bool = False) -> Path:
@@ -132,6 +148,7 @@ class Datasets:
     rejected: int
     lengths: object  # each training row's length, for length grouping
     packing: object | None = None  # packing.PackingChoice when --packing chose the layout
+    attention: str | None = None  # the language model's attention while training (train_summary.json)
 
 
 def build_datasets(recipe: Recipe, tokenizer, image_processor, model_config, out: Path) -> Datasets:
@@ -222,7 +239,7 @@ def write_summary(trainer, recipe: Recipe, out: Path, data: Datasets, seconds: f
     summary = {
         "stage": recipe.stage, "mode": tr.mode, "samples": data.samples, "rows": len(data.train),
         "rejected": data.rejected, "steps": trainer.state.global_step, "seconds": round(seconds, 1),
-        "processes": world_size(),
+        "processes": world_size(), "attention": data.attention,
         "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
     }
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]

@@ -33,7 +33,11 @@ def per_sample_losses(logits, labels, segments):
     return torch.stack(out)
 
 
-def test_packed_loss_and_projector_gradient_equal_padded(tiny_base, tiny_data):
+@pytest.mark.parametrize("attention", ["sdpa", "qilin_segments"])
+def test_packed_loss_and_projector_gradient_equal_padded(tiny_base, tiny_data, attention):
+    """Both ways a packed row trains without flash-attn: transformers' block-diagonal mask over the whole row (sdpa),
+    and per-sample attention (segments.py), give each sample the loss and gradients it gets in a padded batch."""
+    from qilin_lite import segments
     from qilin_lite.conversation import TEMPLATES
     from qilin_lite.data.records import read_records
     from qilin_lite.model import load_llava, load_tokenizer_and_processor, token_layout
@@ -62,6 +66,7 @@ def test_packed_loss_and_projector_gradient_equal_padded(tiny_base, tiny_data):
     padded = Collator(tok.pad_token_id)(items)
     pad_losses, pad_grad = run(padded, [(k, 0, len(it["input_ids"])) for k, it in enumerate(items)])
 
+    segments.use(model, attention)
     row = packed[0]
     order = packed.rows[0]
     batch = Collator(tok.pad_token_id)([row])
@@ -84,12 +89,16 @@ def test_packed_training_run(tmp_path, tiny_base, tiny_data):
 
     from qilin_lite.train import train_stage
 
-    out, _ = train_stage(tiny_recipe("tune", "lora", tmp_path / "p", tiny_data["tune"], tiny_data["images"],
+    out, model = train_stage(tiny_recipe("tune", "lora", tmp_path / "p", tiny_data["tune"], tiny_data["images"],
                                      **{"model.base": str(tiny_base), "data.packing": True,
                                         "data.packing_row_length": 256,  # as given, whatever the estimate says
                                         "train.global_batch": 2, "train.per_device_batch": 2}))
     summary = json.loads((Path(out) / "train_summary.json").read_text())
     assert summary["rows"] < summary["samples"] and np.isfinite(summary["final_loss"])
+    assert summary["attention"] == "qilin_segments"
+    # trained with per-sample attention (the log says so), then switched back before saving: the model attends as
+    # it was loaded
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
 
 
 def _cfg(width: int, ff: int, heads: int = 8):
@@ -98,38 +107,64 @@ def _cfg(width: int, ff: int, heads: int = 8):
     return SimpleNamespace(hidden_size=width, intermediate_size=ff, num_attention_heads=heads, num_key_value_heads=heads)
 
 
-def test_without_varlen_attention_packing_is_declined_when_it_costs_more():
-    """ChiMed-VL-like tune samples (576 image tokens + a short dialog), length-grouped: padding is already small, and
-    a packed 2048-row pays 2048^2 attention for three samples of ~650: packing would be more work, so it is off."""
-    from qilin_lite.packing import choose_packing
+def test_packing_is_declined_when_it_saves_too_little():
+    """ChiMed-VL-like tune samples (576 image tokens + a short dialog), length-grouped: padding is already under 3%,
+    so packed rows would save too little to pay for their per-sample attention calls: packing is off."""
+    from qilin_lite.packing import PACKING_MIN_GAIN, choose_packing
 
     rng = np.random.default_rng(0)
     lengths = (576 + rng.lognormal(4.0, 0.6, 2000)).astype(int).tolist()
-    tiny = choose_packing(lengths, 8, 2048, "sdpa", _cfg(256, 512))
-    assert tiny.row_length is None and tiny.packed_at_max_vs_unpacked > 1.0
-    assert "training unpacked" in tiny.reason and "flash-attention 2" in tiny.reason
-    # with flash-attention 2 the same data packs at max_length: no attention spent across samples (the padding it
-    # saves is small here, length grouping having removed most of it)
+    grouped = choose_packing(lengths, 8, 2048, "sdpa", _cfg(256, 512))
+    assert grouped.row_length is None and grouped.packed_at_max_vs_unpacked > 1 - PACKING_MIN_GAIN
+    assert "training unpacked" in grouped.reason
+    # with flash-attention 2 the same data packs at max_length (its kernel makes that free)
     flash = choose_packing(lengths, 8, 2048, "flash_attention_2", _cfg(256, 512))
     assert flash.row_length == 2048 and flash.work_vs_unpacked < 1.01
 
 
-def test_without_varlen_attention_packing_picks_the_cheapest_row_when_padding_dominates():
-    """Random order, mostly short samples and a few long ones, a 13B-wide model (linear layers dominate): padded
-    batches waste most of their tokens, so packing pays even with full-row attention, at the row length the
-    estimate finds cheapest; and the estimate is never above the unpacked work."""
+def test_without_flash_attn_packing_uses_per_sample_attention_when_padding_dominates():
+    """Random order, mostly short samples and a few long ones: padded batches waste most of their tokens and all
+    their attention, so packed rows of max_length with per-sample attention (segments.py) cost a fraction."""
     from qilin_lite.packing import choose_packing, layout_flops, pack
+    from qilin_lite.segments import SEGMENTS
 
     rng = np.random.default_rng(1)
     lengths = np.where(rng.random(800) < 0.1, 1500, rng.integers(40, 120, 800)).tolist()
-    wide = _cfg(5120, 13824, heads=40)
-    c = choose_packing(lengths, 8, 2048, "sdpa", wide, grouped=False)
-    assert c.row_length is not None and c.work_vs_unpacked < 0.5
-    # the reported ratio is the layout's own estimate
-    rows = pack(lengths, c.row_length)
+    for cfg in (_cfg(256, 512), _cfg(5120, 13824, heads=40)):
+        c = choose_packing(lengths, 8, 2048, "sdpa", cfg, grouped=False)
+        assert c.row_length == 2048 and c.attention == SEGMENTS and c.work_vs_unpacked < 0.5, c
+    # the reported ratio is the layout's own estimate: packed rows with per-sample attention over padded batches
+    rows = pack(lengths, 2048)
     per_row = [[lengths[i] for i in r] for r in rows]
-    assert c.row_length >= max(lengths) and all(sum(r) <= c.row_length for r in per_row)
-    assert layout_flops([[i] for i in range(len(per_row))], per_row, 5120, 13824, 5120, False) > 0
+    assert all(sum(r) <= 2048 for r in per_row)
+    assert layout_flops([[i] for i in range(len(per_row))], per_row, 256, 512, 256, True) < \
+        layout_flops([[i] for i in range(len(per_row))], per_row, 256, 512, 256, False)
+
+
+def test_per_sample_attention_equals_each_sample_alone():
+    """A packed row under segments.py gives every sample exactly the logits it gets alone (GQA included), and the
+    model attends as loaded again after switching back."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from qilin_lite.segments import SEGMENTS, spans, use
+
+    assert spans(torch.tensor([0, 1, 2, 0, 1, 0, 0, 1])) == [(0, 3), (3, 5), (5, 6), (6, 8)]
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                     num_attention_heads=2, image_size=16, patch_size=8),
+                      text_config=LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=200),
+                      image_token_index=199)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    a, b = torch.randint(0, 190, (1, 30)), torch.randint(0, 190, (1, 50))
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=a).logits, model(input_ids=b).logits], 1)
+        before = use(model, SEGMENTS)
+        packed = model(input_ids=torch.cat([a, b], 1), position_ids=torch.cat([torch.arange(30), torch.arange(50)])[None])
+        use(model, before)
+    assert before == "sdpa" and model.config.get_text_config()._attn_implementation == "sdpa"
+    assert torch.equal(packed.logits, alone)
 
 
 def test_packing_decision_is_in_the_summary(tmp_path, tiny_base, tiny_data):
@@ -142,7 +177,7 @@ def test_packing_decision_is_in_the_summary(tmp_path, tiny_base, tiny_data):
                                         "train.global_batch": 2, "train.per_device_batch": 2}))
     summary = json.loads((Path(out) / "train_summary.json").read_text())
     p = summary["packing"]
-    assert p["attention"] == "sdpa" and p["reason"]
+    assert p["attention"] == ("sdpa" if p["row_length"] is None else "qilin_segments") and p["reason"]
     # declined: one sample per row; chosen: fewer rows than samples, and never more estimated work than unpacked
     assert (summary["rows"] == summary["samples"]) == (p["row_length"] is None)
     assert p["work_vs_unpacked"] <= 1.0

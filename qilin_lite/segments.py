@@ -1,0 +1,61 @@
+"""Packed rows without flash-attn: each sample attends only to itself, at the cost of its own attention.
+
+Without a variable-length kernel, transformers gives a packed row (several samples, `position_ids` restarting at each)
+a block-diagonal mask and sdpa/eager still compute the whole L x L row, so packing paid only with flash-attn.
+`qilin_segments` is an attention function registered with transformers' AttentionInterface: it finds each sample's
+span from the row's `position_ids` (a new span wherever a position is not the previous one plus one) and runs causal
+sdpa on that span alone, so a row costs the sum of its samples' attention, as flash-attn's varlen kernel does. The
+padding at the end of a shorter row is one more span (its positions run 0, 1, ...; its labels are ignored).
+
+torch's FlexAttention (a block mask from the same positions) would do this in one kernel, but in torch 2.13 it has
+no backward on the CPU; on a GPU without flash-attn this per-span sdpa works too.
+
+Used for training only, while a packed dataset trains (train.py switches the language model to it and back before
+saving): there is no attention mask and no cache, so it is not for generation or left-padded batches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SEGMENTS = "qilin_segments"
+
+
+def spans(position_ids: torch.Tensor) -> list[tuple[int, int]]:
+    """[(start, end)] of one row's runs of consecutive positions."""
+    breaks = (position_ids[1:] != position_ids[:-1] + 1).nonzero().flatten() + 1
+    edges = [0, *breaks.tolist(), int(position_ids.numel())]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None,
+                      **kwargs):
+    """query (B, H, L, D), key/value (B, Hkv, L, D) -> (B, L, H, D), as transformers' attention functions return."""
+    B, H, L, D = query.shape
+    if position_ids is None:
+        position_ids = torch.arange(L, device=query.device).expand(B, L)
+    out = query.new_empty(B, L, H, D)
+    for b in range(B):
+        for s, e in spans(position_ids[b]):
+            o = F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
+                                               dropout_p=dropout, is_causal=True, scale=scaling,
+                                               enable_gqa=key.shape[1] != H)
+            out[b, s:e] = o[0].transpose(0, 1)
+    return out, None
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(SEGMENTS, segment_attention)
+
+
+def use(model, implementation: str) -> str:
+    """Set the language model's attention implementation; returns the one it had (to switch back before saving)."""
+    cfg = model.config.get_text_config()
+    before = cfg._attn_implementation
+    if implementation == SEGMENTS:
+        register()
+    cfg._attn_implementation = implementation
+    return before
