@@ -5,8 +5,11 @@
 One tiny Llava (LLM 256 x 2 layers, 64 image tokens), ChiMed-VL-shaped tune records (synth.py), full fine-tune,
 fp32, 1 thread, no workers, batch 8, one epoch; for each attention implementation the CPU has (sdpa, eager) and each
 order (length-grouped, the default; random): unpacked, packed as the automatic choice decides (`data.packing: true`),
-and packed into rows of max_length whatever the estimate (`data.packing_row_length`). Interleaved rounds, medians of
-samples/s; the estimate's own work ratio beside each, so a wrong estimate shows.
+and packed into rows of max_length whatever the estimate (`data.packing_row_length`). Interleaved rounds; the median
+of the per-round ratios to the same round's unpacked run, each round's ratio, the attention the language model
+trained with (packed rows train with segments.py's per-sample attention), the estimate's own work ratio (so a wrong
+estimate shows), and the epoch's training loss beside the unpacked run's (packing changes which samples share a
+step, so this agrees only approximately; per-sample equality is tested in tests/test_packing.py).
 """
 
 from __future__ import annotations
@@ -46,7 +49,14 @@ def run_one(base: Path, data: dict, out: Path, *, attn: str, grouped: bool, layo
     done, _ = train_mod.train_stage(recipe, trainer_cls=instrumented(QilinTrainer, probe))
     summary = json.loads((Path(done) / "train_summary.json").read_text(encoding="utf-8"))
     return {"samples_per_s": summary["samples"] / probe.loop_s, "rows": summary["rows"],
-            "samples": summary["samples"], "packing": summary.get("packing")}
+            "samples": summary["samples"], "packing": summary.get("packing"), "attention": summary.get("attention"),
+            "final_loss": summary["final_loss"], "epoch_loss": _epoch_loss(Path(done))}
+
+
+def _epoch_loss(run: Path) -> float:
+    """The epoch's mean training loss over samples' tokens as the Trainer logged it (train_loss of the last entry)."""
+    history = json.loads((run / "log_history.json").read_text(encoding="utf-8"))
+    return next(h["train_loss"] for h in reversed(history) if "train_loss" in h)
 
 
 def main(argv=None) -> dict:
@@ -80,25 +90,29 @@ def main(argv=None) -> dict:
     rows = {}
     for key, runs in results.items():
         p = runs[0]["packing"]
+        unpacked = results[key.rsplit("/", 1)[0] + "/unpacked"]
+        per_round = [x["samples_per_s"] / u["samples_per_s"] for x, u in zip(runs, unpacked)]
         rows[key] = {"samples_per_s": statistics.median(x["samples_per_s"] for x in runs), "rows": runs[0]["rows"],
-                     "samples": runs[0]["samples"],
+                     "samples": runs[0]["samples"], "attention": runs[0]["attention"],
                      "estimate_vs_unpacked": p["work_vs_unpacked"] if p else None,
-                     "row_length": p["row_length"] if p else (args.max_length if "packed-max" in key else None)}
-    for key in rows:
-        unpacked = rows[key.rsplit("/", 1)[0] + "/unpacked"]["samples_per_s"]
-        rows[key]["vs_unpacked"] = rows[key]["samples_per_s"] / unpacked
+                     "row_length": p["row_length"] if p else (args.max_length if "packed-max" in key else None),
+                     "vs_unpacked": statistics.median(per_round), "per_round": per_round,
+                     "epoch_loss": runs[0]["epoch_loss"], "loss_vs_unpacked": runs[0]["epoch_loss"] -
+                     unpacked[0]["epoch_loss"]}
     print(table(rows))
     return rows
 
 
 def table(rows: dict) -> str:
-    lines = ["| attention / order / layout | samples/s | vs unpacked | rows (samples) | row length | estimate |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| attention / order / layout | trained with | samples/s | vs unpacked (per round) | rows (samples) | "
+             "row length | estimate | epoch loss (vs unpacked) |", "|---|---|---|---|---|---|---|---|"]
     for key, x in rows.items():
         est = "" if x["estimate_vs_unpacked"] is None else f"{x['estimate_vs_unpacked']:.2f}x"
         rl = "" if x["row_length"] is None else str(x["row_length"])
-        lines.append(f"| {key} | {x['samples_per_s']:.1f} | {x['vs_unpacked']:.2f}x | {x['rows']} ({x['samples']}) | "
-                     f"{rl} | {est} |")
+        rounds = ", ".join(f"{r:.2f}" for r in x["per_round"])
+        lines.append(f"| {key} | {x['attention']} | {x['samples_per_s']:.1f} | {x['vs_unpacked']:.2f}x ({rounds}) | "
+                     f"{x['rows']} ({x['samples']}) | {rl} | {est} | {x['epoch_loss']:.4f} "
+                     f"({x['loss_vs_unpacked']:+.4f}) |")
     return "\n".join(lines)
 
 

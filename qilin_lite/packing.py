@@ -2,8 +2,9 @@
 
 In:  a `VisionTextDataset` (processing.py) and its sample lengths.
 Out: `PackedDataset` rows whose `position_ids` restart at each sample (no sample attends to another), and
-`choose_packing`'s verdict for `--packing`: rows of max_length when they save work, each sample attending only to
-itself (flash-attn's varlen kernel, or segments.py's per-sample sdpa without it), else none.
+`choose_packing`'s verdict for `--packing`: the row length with the least estimated work, or none when training
+unpacked costs less. Packed rows train with each sample attending only to itself (flash-attn's varlen kernel, or
+segments.py's per-sample sdpa without it).
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def pack(lengths, max_length: int) -> list[list[int]]:
     return rows
 
 
-# Without flash-attn, pack only for at least this much less estimated work: the estimate counts FLOPs, and the
-# per-sample attention calls cost some host time; one sample per row would be packing in name only.
+# Without a variable-length kernel, pack only for at least this much less estimated work: the estimate counts FLOPs,
+# and a masked packed row also costs a mask per row; one sample per row would be packing in name only.
 PACKING_MIN_GAIN = 0.03
 
 
@@ -82,19 +83,21 @@ def choose_packing(lengths, batch_size: int, max_length: int, attention: str, te
                    grouped: bool = True, accumulation: int = 1) -> PackingChoice:
     """Rows for `--packing` that never cost more than training unpacked.
 
-    Packed rows cost only their samples' own attention: with flash-attention 2 (its variable-length kernel), else
-    with `qilin_segments` (segments.py: sdpa per sample). So rows of max_length, which remove the most padding, win;
-    packing is left off when that saves less than PACKING_MIN_GAIN of the unpacked work (length-grouped or random
-    batches, as the run samples them; grouped in the training sampler's own order, over per-device batch x
-    `accumulation`). Unpacked batches under sdpa/eager pay every padded row's full attention; under flash-attn only
-    the real tokens'."""
-    from .segments import SEGMENTS
+    With flash-attention 2 (variable-length) packing saves the padding and costs no attention: rows of max_length.
+    Without it every packed row pays full L x L attention, so longer rows trade padding saved for attention spent:
+    the row length with the least estimated work wins among max_length and shorter candidates, and packing is left
+    off when no row length beats the unpacked batches (length-grouped or random, as the run samples them; grouped
+    in the training sampler's own order, over per-device batch x `accumulation`).
 
+    Packed rows train with per-sample attention without flash-attn (segments.py), so the full-row estimate is an
+    upper bound; it stays the rule because on the CPU packed rows measured slower than that FLOP count alone says
+    (benchmarks/README.md: rows of 2048 at 0.58-0.73x the unpacked speed where the per-sample count predicted 0.84x
+    the work), and `--packing` must never be slower than not packing."""
     lengths = [int(x) for x in lengths]
     width, ff = int(text_config.hidden_size), int(text_config.intermediate_size)
     heads = int(text_config.num_attention_heads)
     kv_width = width // heads * int(getattr(text_config, "num_key_value_heads", None) or heads)
-    flash = attention == "flash_attention_2"
+    varlen = attention == "flash_attention_2"
 
     def epoch_batches(row_lengths: list[int]) -> list[list[int]]:
         if grouped:
@@ -103,20 +106,33 @@ def choose_packing(lengths, batch_size: int, max_length: int, attention: str, te
             order = torch.randperm(len(row_lengths), generator=torch.Generator().manual_seed(seed)).tolist()
         return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
-    unpacked = layout_flops(epoch_batches(lengths), [[n] for n in lengths], width, ff, kv_width, flash)
-    rows = pack(lengths, max(max_length, max(lengths)))  # the authors' cut counts an image as one id: a sample can
-    per_row = [[lengths[i] for i in r] for r in rows]    # exceed max_length, and then gets a row of its own
-    at_max = layout_flops(epoch_batches([sum(r) for r in per_row]), per_row, width, ff, kv_width, True) / unpacked
-    if flash:
+    unpacked = layout_flops(epoch_batches(lengths), [[n] for n in lengths], width, ff, kv_width, varlen)
+
+    def packed_work(row_length: int) -> float:
+        rows = pack(lengths, row_length)
+        per_row = [[lengths[i] for i in r] for r in rows]
+        return layout_flops(epoch_batches([sum(r) for r in per_row]), per_row, width, ff, kv_width, varlen)
+
+    at_max = packed_work(max_length) / unpacked
+    if varlen:
         return PackingChoice(max_length, attention, at_max, at_max,
                              "flash-attention 2 computes each sample's own attention: rows of max_length")
-    if at_max > 1.0 - PACKING_MIN_GAIN:
+    longest = max(lengths)
+    top = max(max_length, longest)  # the authors' cut counts an image as one id: a sample can exceed max_length
+    candidates = sorted({top, *range(longest, top, max(1, (top - longest) // 16))})
+    work = {c: at_max if c == max_length else packed_work(c) / unpacked for c in candidates}  # max_length: known
+    best = min(work, key=lambda c: (work[c], -c))
+    if work[best] > 1.0 - PACKING_MIN_GAIN:
         return PackingChoice(None, attention, 1.0, at_max, (
-            f"rows of {max_length} would cost {at_max:.2f}x the unpacked work (little padding to remove), less than "
-            f"{PACKING_MIN_GAIN:.0%} saved: training unpacked"))
-    return PackingChoice(max_length, SEGMENTS, at_max, at_max, (
-        f"each sample in a packed row attends only to itself ({SEGMENTS}: sdpa per sample, no flash-attn needed): "
-        f"rows of {max_length} cost {at_max:.2f}x the unpacked work"))
+            f"without flash-attention 2 each packed row pays full L x L attention ({attention}); on this data rows of "
+            f"{max_length} would cost {at_max:.2f}x the unpacked work and no shorter row saves "
+            f"{PACKING_MIN_GAIN:.0%}: training unpacked (install flash-attn on a CUDA GPU to pack)"))
+    from .segments import SEGMENTS
+
+    return PackingChoice(best, SEGMENTS, work[best], at_max, (
+        f"without flash-attention 2, estimated as if each packed row paid full L x L attention; rows of {best} "
+        f"tokens cost the least: {work[best]:.2f}x the unpacked work (rows of {max_length}: {at_max:.2f}x); they "
+        f"train with per-sample attention ({SEGMENTS}), which costs less than that estimate"))
 
 
 class PackedDataset(torch.utils.data.Dataset):
