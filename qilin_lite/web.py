@@ -19,6 +19,7 @@ Who may call it and how much memory a request may cost: web_guard.py and the REA
 import asyncio
 import base64
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -51,14 +52,23 @@ IDLE_EVICT_S = 30 * 60  # a new tab may push out only a tab idle this long: no c
 SUFFIX = re.compile(r"\.(dcm|dicom|png|jpe?g|tiff?|bmp|webp|gif)$", re.IGNORECASE)
 
 
-def release_freed_memory() -> None:
-    """Hand memory freed by a decode (or a let-go image) back to the system. glibc keeps freed blocks of the decode
-    threads' arenas for reuse, so without this the server's RSS stayed ~700 MB above what the tabs keep."""
+@functools.cache
+def _libc():
+    """The C library, looked up once: find_library runs `ldconfig -p` in a subprocess each time it is called."""
     import ctypes
     import ctypes.util
 
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by a decode (or a let-go image) back to the system. glibc keeps freed blocks of the decode
+    threads' arenas for reuse, so without this the server's RSS stayed ~700 MB above what the tabs keep."""
+    with contextlib.suppress(AttributeError):  # not glibc: nothing to trim
+        _libc().malloc_trim(0)
 
 
 class SessionGone(UserError):

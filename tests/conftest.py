@@ -58,6 +58,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def reply_chat_completion(handler, content: str) -> None:
+    """Answer an http.server request as an OpenAI-compatible chat endpoint does (the fake translator and judge)."""
+    import json
+
+    data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 @contextlib.contextmanager
 def web_server(args: list, log: Path):
     """`qilin-lite web ARGS` on a free port of 127.0.0.1, its output in `log`; yields the port once it listens."""

@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import reply_chat_completion
 from conftest import run_cli_captured as run_cli
 from PIL import Image
 
@@ -258,12 +259,7 @@ class Stub:
                     return
                 out = ["译文:" + t for t in texts]
                 reply = json.dumps(out, ensure_ascii=False) if isinstance(batch, list) else out[0]
-                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                reply_chat_completion(self, reply)
 
             def log_message(self, *args):
                 pass

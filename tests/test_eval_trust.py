@@ -153,6 +153,8 @@ def fake_judge():
     import http.server
     import threading
 
+    from conftest import reply_chat_completion
+
     asked = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -163,12 +165,7 @@ def fake_judge():
             ref = prompt.split("Reference answer: ")[1].split("\n")[0]
             answer = prompt.split("Model answer: ")[1]
             reply = "CORRECT" if set(ref) & set(answer) else "INCORRECT."
-            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            reply_chat_completion(self, reply)
 
         def log_message(self, *a):
             pass

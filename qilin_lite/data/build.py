@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..files import write_text_atomic
+from ..files import save_image_atomic, write_text_atomic
 from .items import Drop, Item, conversation, row_to_item, source_text, too_short
 from .records import BadRecord, Reject, messages_from_llava, validate_messages
 from .rows import iter_rows
@@ -49,9 +49,7 @@ def _make_composite(job: tuple[list[str], str]) -> str | None:
         image = load_images(paths)
     except UserError as e:
         return str(e)
-    tmp = f"{dest}.{os.getpid()}.tmp"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, dest)  # atomic: a killed run never leaves half a PNG under the final name
+    save_image_atomic(image, dest)  # a killed run never leaves half a PNG under the final name
     return None
 
 

@@ -35,6 +35,7 @@ import re
 from pathlib import Path
 
 from ..errors import UserError, where
+from ..files import save_image_atomic
 from .items import EvalItem
 from .metrics import LETTERS, as_text
 
@@ -263,8 +264,5 @@ def _mmmu_image(row: dict, qid: str, cache: Path) -> str | None:
     if not out.exists():
         cache.mkdir(parents=True, exist_ok=True)
         images = [Image.open(BytesIO(b)).convert("RGB") for b in blobs]
-        img = images[0] if len(images) == 1 else composite(images[:4])
-        tmp = out.with_name(f".{out.name}.tmp")
-        img.save(tmp, format="PNG")
-        tmp.replace(out)
+        save_image_atomic(images[0] if len(images) == 1 else composite(images[:4]), out)
     return str(out)

@@ -14,11 +14,11 @@ flagged in the report's first lines: its answers do not come from the image.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import UserError
+from ..files import save_image_atomic
 from .items import EvalItem
 from .metrics import MEAN_METRICS, item_values, normalize_text, score_item
 from .stats import paired
@@ -59,9 +59,7 @@ def control_items(items: Sequence[EvalItem], control: str, folder: Path, fill: t
             w, h = image_size(it.image)
             path = folder / f"blank-{w}x{h}.png"
             if not path.exists():
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                Image.new("RGB", (w, h), fill).save(tmp, format="PNG")
-                os.replace(tmp, path)
+                save_image_atomic(Image.new("RGB", (w, h), fill), path)
             blanks[it.image] = str(path)
         out.append(dataclasses.replace(it, image=blanks[it.image]) if it.image else it)
     return out
