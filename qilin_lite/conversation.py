@@ -13,7 +13,14 @@ Templates follow LLaVA's conversation formats (see ../shared/REFERENCE.md):
 
 Both are the authors' formats, so both follow their `preprocess_multimodal` (`place_image`): a record's single
 `<image>` moves to the front of its turn, followed by a newline (`问题\n<image>` -> `<image>\n问题`), and `plain`
-takes exactly one caption per record.
+takes exactly one caption per record. Several images become one composite (ChiMed-VL's way).
+
+Newer LLaVA-family models (see chatformats.py for their rules):
+- `huatuo` (HuatuoGPT-Vision, its authors' cli.py): `<|user|>\n{q}\n` `<|assistant|>\n{a} \n` per round, each piece
+  tokenized on its own (`Rendered.breaks`); one `<image>\n` per image in front of the question, each image its own
+  576 tokens; the reply, its ` \n` and the tokenizer's end token are supervised.
+- `chatml` (Qwen2 / Qwen2.5 chat models): `<|im_start|>role\n...<|im_end|>\n`; the reply and its `<|im_end|>` are
+  supervised; images as in `huatuo`.
 """
 
 from __future__ import annotations
@@ -23,16 +30,24 @@ from dataclasses import dataclass, field
 IMAGE_TOKEN = "<image>"
 
 
-def typed_text(text: str) -> str:
+def typed_text(text: str, template: "Template | None" = None) -> str:
     """What a person typed, as text only: a literal `<image>` (people who know LLaVA prompts type it) is removed,
     since the program places the image itself; HuatuoGPT-Vision's cli.py removes it from user text the same way.
-    Left in, it would become a second image placeholder with no image behind it."""
+    Left in, it would become a second image placeholder with no image behind it. For the `huatuo` template exactly
+    as its cli.py does (`<image>`, `<s>`, `</s>` deleted, nothing else touched), so its models get their own ids."""
+    if template is not None and template.style == "huatuo":
+        from .chatformats import moderate
+
+        return moderate(text)
     return " ".join(part.strip() for part in text.split(IMAGE_TOKEN) if part.strip()) if IMAGE_TOKEN in text else text
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
+
+
+MULTI_IMAGE = ("composite", "separate")
 
 
 @dataclass(frozen=True)
@@ -44,18 +59,33 @@ class Template:
     # text between a user turn and the assistant tag, and after each assistant reply
     user_end: str = " "
     reply_end: str = "</s>"
-    plain: bool = False  # LLaVA "plain": no roles, no system, one caption per image
+    style: str = "roles"  # roles (vicuna) | plain (LLaVA align) | huatuo | chatml: which renderer
     llava: bool = False  # the authors' LLaVA rules: image first, text tokenized between images (processing.py)
+    # several images of one question: "composite" (ChiMed-VL: joined into one image, one <image>) or "separate"
+    # (HuatuoGPT-Vision, LLaVA-1.5 multi-image: each image its own tokens)
+    multi_image: str = "composite"
+    max_images: int = 4  # a composite of more is unreadably small; HuatuoGPT-Vision's cli.py takes 6
+    # the model's own decoding defaults (generate() keyword arguments), applied unless the user sets them
+    generation: tuple = ()
+    # token texts that also end an answer, besides the tokenizer's end token (ChatML's <|im_end|>)
+    stop: tuple = ()
+
+    @property
+    def plain(self) -> bool:  # LLaVA "plain": no roles, no system, one caption per image
+        return self.style == "plain"
 
 
 @dataclass
 class Rendered:
     text: str
     supervised: list[tuple[int, int]] = field(default_factory=list)
+    # character offsets where the template's own code tokenizes a new piece (HuatuoGPT-Vision tokenizes each round's
+    # user and assistant text separately); empty: the text is tokenized whole
+    breaks: list[int] = field(default_factory=list)
 
 
 TEMPLATES: dict[str, Template] = {
-    "plain": Template(name="plain", reply_end="\n", plain=True, llava=True),
+    "plain": Template(name="plain", reply_end="\n", style="plain", llava=True),
     "vicuna_v1": Template(name="vicuna_v1", system=VICUNA_SYSTEM, llava=True),
 }
 
@@ -86,6 +116,10 @@ def place_image(messages: list[dict], template: Template) -> list[dict]:
     """The authors' `preprocess_multimodal` for their templates: a conversation's one `<image>` goes to the front of
     the turn that holds it, then a newline, and that turn's text is stripped. Records with several images (a
     qilin-lite extension) keep their placement: the authors' code has no rule for them."""
+    if template.style in ("huatuo", "chatml"):
+        from .chatformats import images_in_front
+
+        return images_in_front(messages, template)
     if not template.llava or sum(m["content"].count(IMAGE_TOKEN) for m in messages) != 1:
         return messages
     out = []
@@ -111,14 +145,20 @@ def check_plain(messages: list[dict]) -> None:
                          "add its image or leave it out of the align data")
 
 
-def render(messages: list[dict], template: Template, *, add_generation_prompt: bool = False) -> Rendered:
+def render(messages: list[dict], template: Template, *, add_generation_prompt: bool = False,
+           eos: str = "") -> Rendered:
     """Render a whole conversation (training) or a prompt ending where the assistant speaks (inference).
 
     For training, `messages` ends with an assistant turn; for inference it ends with a user turn and
-    `add_generation_prompt=True` appends the assistant tag, giving exactly the prefix training saw.
+    `add_generation_prompt=True` appends the assistant tag, giving exactly the prefix training saw. `eos`: the
+    tokenizer's end token text, for templates that close a reply with it (huatuo).
     """
     if template.plain:
         return _render_plain(messages, add_generation_prompt)
+    if template.style != "roles":
+        from .chatformats import render_family
+
+        return render_family(messages, template, add_generation_prompt, eos)
     system = template.system
     if messages and messages[0]["role"] == "system":
         system, messages = messages[0]["content"], messages[1:]
@@ -153,6 +193,10 @@ def _render_plain(messages: list[dict], add_generation_prompt: bool) -> Rendered
 def chat_template_jinja(template: Template) -> str:
     """A Jinja chat template giving the same prompt string, saved with the processor so servers and
     `apply_chat_template` users (vLLM, transformers pipelines) prompt the model exactly as it was trained."""
+    if template.style not in ("roles", "plain"):
+        from .chatformats import family_jinja
+
+        return family_jinja(template)
     if template.plain:
         return (
             "{% for m in messages %}{% if m['role'] == 'user' %}"
@@ -175,3 +219,6 @@ def chat_template_jinja(template: Template) -> str:
         "{{ '" + template.reply_end + "' }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ '" + template.assistant + ":' }}{% endif %}"
     )
+
+
+from . import chatformats  # noqa: E402,F401 - registers the newer families' templates (it imports this module)

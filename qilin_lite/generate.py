@@ -37,8 +37,9 @@ class Generator:
     def prompt_ids(self, messages: list[dict]) -> np.ndarray:
         """The prompt as training encoded it (image placement, the authors' tokenization for their templates on
         LLaMA SentencePiece tokenizers), ending where the assistant speaks; images expanded."""
-        text = render(place_image(messages, self.template), self.template, add_generation_prompt=True).text
-        ids = np.asarray(text_ids(text, self.tokenizer, self.template, self.layout.image_token_id), dtype=np.int64)
+        r = render(place_image(messages, self.template), self.template, add_generation_prompt=True)
+        ids = np.asarray(text_ids(r.text, self.tokenizer, self.template, self.layout.image_token_id, r.breaks),
+                         dtype=np.int64)
         ids, _ = expand_images(ids, np.zeros_like(ids), self.layout)
         return ids
 
@@ -67,6 +68,7 @@ class Generator:
         device = next(self.model.parameters()).device
         kwargs = {k: v.to(device) for k, v in kwargs.items()}
         sample = self.temperature > 0
+        extra = {**dict(self.template.generation), **self.extra}  # the model family's defaults, then the caller's
         out = self.model.generate(
             **kwargs,
             max_new_tokens=max_new,
@@ -74,14 +76,23 @@ class Generator:
             temperature=self.temperature if sample else None,
             top_p=self.top_p if sample else None,
             top_k=None,
-            eos_token_id=self.tokenizer.eos_token_id,
+            eos_token_id=self.stop_ids(),
             pad_token_id=pad,
             use_cache=True,
             streamer=streamer,
-            **self.extra,
+            **extra,
         )
         new = out[:, longest:]
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+
+    def stop_ids(self) -> list[int]:
+        """The tokenizer's end token and the template's own stop tokens (ChatML's <|im_end|>)."""
+        ids = [self.tokenizer.eos_token_id]
+        for t in self.template.stop:
+            tid = self.tokenizer.convert_tokens_to_ids(t)
+            if tid is not None and tid != self.tokenizer.unk_token_id and tid not in ids:
+                ids.append(tid)
+        return ids
 
     def context_length(self) -> int | None:
         cfg = getattr(self.model, "config", None)

@@ -88,12 +88,38 @@ def uses_authors_encoding(tokenizer, template: Template) -> bool:
     return template.llava and slow_llama(tokenizer) is not None
 
 
-def text_ids(text: str, tokenizer, template: Template, image_token_id: int) -> list[int]:
-    """A rendered prompt -> ids with one image id per `<image>` (not yet expanded)."""
+def text_ids(text: str, tokenizer, template: Template, image_token_id: int, breaks=()) -> list[int]:
+    """A rendered prompt -> ids with one image id per `<image>` (not yet expanded); `breaks` from `Rendered`."""
+    if breaks:
+        return piece_ids(text, breaks, tokenizer, image_token_id)[0]
     sp = slow_llama(tokenizer) if template.llava else None
     if sp is None:
         return tokenizer(text, add_special_tokens=True)["input_ids"]
     return image_split_ids(text, sp, image_token_id, sp.bos_id)
+
+
+def piece_ids(text: str, breaks, tokenizer, image_token_id: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """(ids, character offsets) of a text whose template tokenizes pieces on their own (`Rendered.breaks`), each
+    piece split at `<image>` as LLaVA's `tokenizer_image_token` does, no special tokens added (HuatuoGPT-Vision's
+    cli.py)."""
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    bounds = list(breaks) + [len(text)]
+    if bounds[0] != 0:
+        bounds = [0] + bounds
+    for lo, hi in zip(bounds, bounds[1:]):
+        pos = lo
+        for k, chunk in enumerate(text[lo:hi].split(IMAGE_TOKEN)):
+            if k:
+                ids.append(image_token_id)
+                offsets.append((pos, pos + len(IMAGE_TOKEN)))
+                pos += len(IMAGE_TOKEN)
+            if chunk:
+                enc = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
+                ids.extend(enc["input_ids"])
+                offsets.extend((pos + a, pos + b) for a, b in enc["offset_mapping"])
+            pos += len(chunk)
+    return ids, offsets
 
 
 def _authors_labels(text: str, template: Template, tokenizer, image_token_id: int, max_length: int):
@@ -141,9 +167,13 @@ def encode_detail(messages: list[dict], template: Template, tokenizer, layout: T
             check_plain(messages)
         except ValueError as e:
             raise BadRecord(str(e)) from None
-    r = render(messages, template)
+    r = render(messages, template, eos=tokenizer.eos_token or "")
     if uses_authors_encoding(tokenizer, template):
         ids, labels = _authors_labels(r.text, template, tokenizer, layout.image_token_id, layout.max_length)
+    elif r.breaks:
+        piece, offsets = piece_ids(r.text, r.breaks, tokenizer, layout.image_token_id)
+        ids = np.asarray(piece, dtype=np.int64)
+        labels = _labels_from_offsets(piece, offsets, r.supervised)
     else:
         enc = tokenizer(r.text, add_special_tokens=True, return_offsets_mapping=True)
         ids = np.asarray(enc["input_ids"], dtype=np.int64)
@@ -194,7 +224,7 @@ def sample_lengths(records: list[Record], template: Template, tokenizer, layout:
     """
     lengths = np.zeros(len(records), dtype=np.int64)
     bad: dict[int, str] = {}
-    if uses_authors_encoding(tokenizer, template):  # sentencepiece in C++ per piece: no batching needed
+    if uses_authors_encoding(tokenizer, template) or template.style == "huatuo":  # tokenized piece by piece anyway
         for i, rec in enumerate(records):
             try:
                 lengths[i] = len(encode(rec.messages, template, tokenizer, layout)[0])
@@ -213,7 +243,7 @@ def sample_lengths(records: list[Record], template: Template, tokenizer, layout:
                     bad[lo + j] = str(e)
                     rendered.append(None)
                     continue
-            rendered.append(render(msgs, template))
+            rendered.append(render(msgs, template, eos=tokenizer.eos_token or ""))
         texts = [x.text if x is not None else "" for x in rendered]
         enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
         for j, (ids, off, x) in enumerate(zip(enc["input_ids"], enc["offset_mapping"], rendered)):

@@ -118,7 +118,7 @@ class ChatSession:
         from .conversation import IMAGE_TOKEN, typed_text
         from .data.records import LazyImage
 
-        text = typed_text(text)
+        text = typed_text(text, self.template)
         if not text.strip():
             raise UserError("the question is empty (a typed <image> is left out: the image is attached already)")
         content = text

@@ -36,6 +36,7 @@ class TinySpec:
     pretrain_steps: int = 300
     seed: int = 0
     tokenizer: str = "bpe"  # bpe (tokenizer.json) | sentencepiece (tokenizer.model, as LLaMA-2 ships it)
+    llm: str = "llama"  # llama | qwen2 (Qwen2ForCausalLM + a byte-level BPE with Qwen2's rules: demo/qwen.py)
 
 
 def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 600):
@@ -89,14 +90,14 @@ def train_sentencepiece(texts: list[str], out_dir: Path, vocab_size: int = 600, 
     return load_tokenizer(str(out_dir))
 
 
-def chat_texts(spec_texts: dict, n: int, seed: int) -> list[str]:
-    """Text-only dialogs in the vicuna_v1 format with random answers: format knowledge, no image knowledge."""
+def chat_texts(spec_texts: dict, n: int, seed: int, template: str = "vicuna_v1", eos: str = "") -> list[str]:
+    """Text-only dialogs in a chat format with random answers: format knowledge, no image knowledge."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         q, choices = rng.choice(spec_texts["questions"])
         msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": rng.choice(choices)}]
-        out.append(render(msgs, TEMPLATES["vicuna_v1"]).text)
+        out.append(render(msgs, TEMPLATES[template], eos=eos).text)
     return out
 
 
@@ -126,6 +127,11 @@ def build_tiny_base(out_dir: Path, texts: list[str], questions: list[tuple[str, 
         size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size}
     ).save_pretrained(vision_dir)
 
+    if spec.llm == "qwen2":
+        from .qwen import build_tiny_qwen2
+
+        build_tiny_qwen2(llm_dir, texts, questions, spec)
+        return vision_dir, llm_dir
     dialogs = chat_texts({"questions": questions}, n=2000, seed=spec.seed)
     corpus = texts + dialogs
     if spec.tokenizer == "sentencepiece":

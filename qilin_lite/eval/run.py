@@ -242,7 +242,7 @@ def model_generate(
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
             conversations = [
-                [{"role": "user", "content": (f"{IMAGE_TOKEN}\n" if it.image else "") + typed_text(format_prompt(it, instruction))}]
+                [{"role": "user", "content": (f"{IMAGE_TOKEN}\n" if it.image else "") + typed_text(format_prompt(it, instruction), gen.template)}]
                 for it in batch
             ]
             answers += gen.generate(conversations, [[it.image] if it.image else [] for it in batch])

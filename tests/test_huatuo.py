@@ -1,0 +1,123 @@
+"""HuatuoGPT-Vision's prompt format against its authors' own code.
+
+`data/huatuo/expected.json` was produced once by running FreedomIntelligence/HuatuoGPT-Vision's `cli.py`
+(`HuatuoChatbot.input_moderation`, `insert_image_placeholder`, `get_conv_without_history` / `get_conv` with its
+history, `preprocess_huatuo`, `tokenizer_image_token`) in a scratch environment with transformers 4.40.2 and
+tokenizers 0.19.1, on `data/huatuo/tokenizer.json`: a small byte-level BPE with Qwen2's pre-tokenizer and special
+tokens (`demo.qwen.train_qwen_tokenizer`), shipped so no third-party file is needed. Their image placeholder is the
+index -200; here it is the `<image>` token's id, and each image expands to its own 576 tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qilin_lite.conversation import IMAGE_TOKEN, get_template, render
+from qilin_lite.generate import Generator
+from qilin_lite.processing import IGNORE, TokenLayout, encode
+
+DATA = Path(__file__).parent / "data" / "huatuo"
+EXPECTED = json.loads((DATA / "expected.json").read_text(encoding="utf-8"))
+PATCHES = 576  # CLIP ViT-L/14-336: 24 x 24 patch tokens per image
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from qilin_lite.model import load_tokenizer
+
+    d = tmp_path_factory.mktemp("qwen_tok")
+    for f in DATA.glob("tokenizer*"):
+        shutil.copy(f, d)
+    t = load_tokenizer(str(d))
+    t.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})  # as convert / base add it
+    return t
+
+
+def _theirs_expanded(ids: list[int], image_id: int) -> list[int]:
+    out = []
+    for i in ids:
+        out.extend([image_id] * PATCHES if i == EXPECTED["image_token_index"] else [i])
+    return out
+
+
+def _conversation(case) -> list[dict]:
+    """The messages chat builds: the images in front of the question they came with, answers in between."""
+    msgs = []
+    for k, turn in enumerate(case["turns"]):
+        msgs.append({"role": "user", "content": f"{IMAGE_TOKEN}\n" * turn["images"] + turn["question"]})
+        if k < len(case["answers"]):
+            msgs.append({"role": "assistant", "content": case["answers"][k]})
+    return msgs
+
+
+@pytest.mark.parametrize("case", EXPECTED["cases"], ids=[c["name"] for c in EXPECTED["cases"]])
+def test_prompt_ids_equal_their_cli(case, tok):
+    from qilin_lite.conversation import typed_text
+
+    template = get_template("huatuo")
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    gen = Generator(model=None, tokenizer=tok, images=None, template=template,
+                    layout=TokenLayout(image_id, PATCHES, 10**9))
+    msgs = _conversation(case)
+    for m in msgs:  # what a person typed goes through the same moderation chat applies
+        if m["role"] == "user":
+            n = m["content"].count(f"{IMAGE_TOKEN}\n")
+            m["content"] = f"{IMAGE_TOKEN}\n" * n + typed_text(m["content"].replace(f"{IMAGE_TOKEN}\n", "", n),
+                                                               template)
+    ours = gen.prompt_ids(msgs).tolist()
+    assert ours == _theirs_expanded(case["ids"], image_id)
+    assert ours.count(image_id) == PATCHES * sum(t["images"] for t in case["turns"])
+
+
+def test_training_supervises_the_reply_its_newline_and_the_end_token(tok):
+    """Training encodes the same pieces; only `{answer} \\n<|endoftext|>` of each round is learned, and a whole
+    conversation starts with exactly the ids of its own prompt (what chat sends) for its first question."""
+    template = get_template("huatuo")
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    layout = TokenLayout(image_id, PATCHES, 4096)
+    case = next(c for c in EXPECTED["cases"] if c["name"] == "second turn")
+    msgs = _conversation(case) + [{"role": "assistant", "content": "位于肝右叶。"}]
+    ids, labels = encode(msgs, template, tok, layout)
+    assert (ids == image_id).sum() == 3 * PATCHES
+    assert (labels[ids == image_id] == IGNORE).all()
+    supervised = tok.decode(ids[labels != IGNORE])
+    assert supervised == "右下肺野可见片状高密度影，考虑肺炎。 \n<|endoftext|>位于肝右叶。 \n<|endoftext|>"
+    # the ids before the first answer are what chat sends for the first question (then `<|assistant|>\n`)
+    gen = Generator(model=None, tokenizer=tok, images=None, template=template, layout=layout)
+    first = gen.prompt_ids(msgs[:1])
+    assert ids[: len(first)].tolist() == first.tolist()
+    assert labels[len(first) - 1] == IGNORE and labels[len(first)] != IGNORE
+
+
+def test_template_facts():
+    t = get_template("huatuo")
+    assert (t.multi_image, t.max_images) == ("separate", 6)  # cli.py: max_image_num 6, each image its own tokens
+    assert dict(t.generation) == {"repetition_penalty": 1.2, "min_new_tokens": 1}
+    r = render([{"role": "system", "content": "ignored"}, {"role": "user", "content": "q"}], t,
+               add_generation_prompt=True)
+    assert r.text == "<|user|>\nq\n<|assistant|>\n"
+    assert np.all(np.diff(r.breaks) > 0)
+
+
+@pytest.mark.parametrize("name", ["huatuo", "chatml"])
+def test_saved_chat_template_renders_what_chat_sends(name, tok):
+    """The Jinja template saved with a run (servers, apply_chat_template users) gives chat's prompt text, for string
+    and for list-of-parts contents, several images and a second turn."""
+    template = get_template(name)
+    tok.chat_template = __import__("qilin_lite.conversation", fromlist=["x"]).chat_template_jinja(template)
+    from qilin_lite.conversation import place_image
+
+    msgs = [{"role": "user", "content": f"{IMAGE_TOKEN}\n{IMAGE_TOKEN}\n 两张图有何不同？ "},
+            {"role": "assistant", "content": "第二张图可见积液。"},
+            {"role": "user", "content": "积液多吗？"}]
+    want = render(place_image(msgs, template), template, add_generation_prompt=True).text
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == want
+    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": " 两张图有何不同？ "}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "第二张图可见积液。"}]},
+             {"role": "user", "content": [{"type": "text", "text": "积液多吗？"}]}]
+    assert tok.apply_chat_template(parts, tokenize=False, add_generation_prompt=True) == want
