@@ -24,7 +24,7 @@ import typer
 
 from .errors import UserError
 from .options import Attn, Dtype, Frame, ImageFiles, Load4bit, Load8bit, ModelDir, Window, dtype_arg, quant_bits
-from .session import COMMANDS, DISCLAIMER, ChatSession, load_chat_image, parse_window, quiet, utf8_stdio
+from .session import COMMANDS, DISCLAIMER, ChatSession, load_chat_images, parse_window, quiet, utf8_stdio
 
 
 def repl(session: ChatSession, *, read: Callable[[str], str] = input, out: TextIO | None = None,
@@ -119,7 +119,10 @@ def chat(
     utf8_stdio()
     if as_json and prompt is None:
         raise UserError("--json needs --prompt TEXT (it prints one answer as JSON)")
-    image = load_chat_image(images, window=window, frame=frame)
+    from .conversation import get_template
+    from .model import template_of
+
+    image = load_chat_images(images, get_template(template_of(model)), window=window, frame=frame)
     with quiet(verbose):
         session = ChatSession.load(model, adapter=adapter, bits=bits, dtype=dtype, attn=attn, temperature=temperature,
                                    max_new_tokens=max_new_tokens, window=window, frame=frame)

@@ -9,6 +9,10 @@ In:  SRC, a directory (or hub id) as the original LLaVA code saves it, which is 
      `allow_pickle`, PyTorch pickles (pytorch_model*.bin, read with `torch.load(weights_only=True)`).
      The vision tower is not in the checkpoint: it comes from the CLIP model that `mm_vision_tower` names (a private
      path in the Qilin release) or `vision_tower=` (`--vision-tower`) overrides.
+     Also HuatuoGPT-Vision's release (`LlavaQwen2ForCausalLM`, `model_type: "llava_qwen2"`): Qwen2 weights under
+     the same names, and its CLIP tower both in the weights (`model.vision_tower.vision_tower.*`, used: safetensors)
+     and in `./vit/clip_vit_large_patch14_336` beside them (only its config and preprocessing are read: its weights
+     are a pickle). Converted with the `huatuo` template and its cli.py's decoding defaults in generation_config.json.
 Out: DST with safetensors shards + index in the layout transformers itself saves Llava in, config (LlavaConfig:
      CLIP layer -2, patch tokens only, the projector's activation), a minimal generation config, tokenizer with
      `<image>` added, image processor, LlavaProcessor with the `vicuna_v1` chat template, qilin.json (kind
@@ -39,6 +43,8 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 TEMPLATE = "vicuna_v1"  # LLaVA "v1" conversation, what Qilin-Med-VL-Chat was tuned with
+QWEN2_TEMPLATE = "huatuo"  # the llava_qwen2 release convert reads is HuatuoGPT-Vision's
+CKPT_VISION = "model.vision_tower.vision_tower."  # a CLIP tower saved inside the checkpoint (HuatuoGPT-Vision)
 SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
 PICKLE_INDEX, PICKLE_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
 # LLaVA-only config keys that must not leak into the LLaMA text config
@@ -183,8 +189,10 @@ def _load_pickle(path: Path) -> dict:
 # ---------------------------------------------------------------- names
 
 
-def target_name(name: str, projector: str) -> str | None:
+def target_name(name: str, projector: str, vision_in_ckpt: bool = False) -> str | None:
     """Source tensor name -> name in the converted files; None to skip; UserError for names convert does not know."""
+    if vision_in_ckpt and name.startswith(CKPT_VISION) and not name.endswith("position_ids"):
+        return "vision_tower." + name[len(CKPT_VISION):]
     if any(p.search(name) for p in SKIP):
         return None
     for old, new in RENAMES:
@@ -220,20 +228,42 @@ def module_name(disk_name: str) -> str:
 # ---------------------------------------------------------------- conversion
 
 
+def family(cfg: dict) -> str:
+    """qwen2 for `llava_qwen2` checkpoints (HuatuoGPT-Vision-7B), else llama (LLaVA, Qilin-Med-VL)."""
+    archs = cfg.get("architectures") or []
+    return "qwen2" if cfg.get("model_type") == "llava_qwen2" or any("Qwen2" in a for a in archs) else "llama"
+
+
 def text_config(cfg: dict, vocab_size: int, pad_token_id: int):
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, Qwen2Config
 
     keep = {k: v for k, v in cfg.items() if not k.startswith("mm_") and k not in LLAVA_KEYS}
     if keep.get("rope_scaling") is None:
         keep.pop("rope_scaling", None)  # an explicit null only earns a deprecation warning
     keep.update(vocab_size=vocab_size, pad_token_id=pad_token_id)
-    text = LlamaConfig(**keep)
-    text.architectures = ["LlamaForCausalLM"]
+    qwen = family(cfg) == "qwen2"
+    text = (Qwen2Config if qwen else LlamaConfig)(**keep)
+    text.architectures = ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"]
     return text
 
 
+def vision_source(src_dir: Path, cfg: dict, override: str | None) -> str:
+    """Where the CLIP config (and, unless the checkpoint has them, weights) come from: `--vision-tower`, else
+    `mm_vision_tower`, a relative one resolved against the checkpoint (HuatuoGPT-Vision ships `./vit/...`)."""
+    vision = override or cfg.get("mm_vision_tower")
+    if not vision:
+        raise UserError(f"{src_dir}: config.json names no mm_vision_tower; "
+                        "pass --vision-tower openai/clip-vit-large-patch14-336")
+    if not override and (src_dir / vision).is_dir():
+        return str((src_dir / vision).resolve())
+    if not override and not Path(vision).exists() and (vision.startswith((".", "/", "~")) or vision.count("/") > 1):
+        raise UserError(f"{src_dir}: config.json's vision tower '{vision}' is a path that is not here; pass "
+                        "--vision-tower openai/clip-vit-large-patch14-336 (or a local copy of it)")
+    return vision
+
+
 def convert_checkpoint(src: str | Path, dst: str | Path, *, vision_tower: str | None = None,
-                       allow_pickle: bool = False) -> Path:
+                       allow_pickle: bool = False, template: str | None = None) -> Path:
     """Convert an original-LLaVA checkpoint (Qilin-Med-VL's release format) into a transformers Llava directory."""
     from .merge import check_out_dir
 
@@ -245,18 +275,15 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, vision_tower: str | 
 
     import torch
     from safetensors.torch import save_file
-    from transformers import CLIPVisionModel, GenerationConfig, LlavaConfig
+    from transformers import CLIPVisionConfig, CLIPVisionModel, GenerationConfig, LlavaConfig
 
-    from .conversation import IMAGE_TOKEN
+    from .conversation import IMAGE_TOKEN, get_template
     from .model import RunInfo, friendly_load, load_image_processor, load_tokenizer, save_processor, torch_dtype
 
-    vision = vision_tower or cfg.get("mm_vision_tower")
-    if not vision:
-        raise UserError(f"{src_dir}: config.json names no mm_vision_tower; "
-                        "pass --vision-tower openai/clip-vit-large-patch14-336")
-    if not vision_tower and not Path(vision).exists() and (vision.startswith((".", "/", "~")) or vision.count("/") > 1):
-        raise UserError(f"{src_dir}: config.json's vision tower '{vision}' is a path that is not here; pass "
-                        "--vision-tower openai/clip-vit-large-patch14-336 (or a local copy of it)")
+    qwen = family(cfg) == "qwen2"
+    template = template or (QWEN2_TEMPLATE if qwen else TEMPLATE)
+    chat_format = get_template(template)  # an unknown name fails before any work
+    vision = vision_source(src_dir, cfg, vision_tower)
     dtype_name = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float16")
     dt = torch_dtype(dtype_name)
 
@@ -269,11 +296,20 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, vision_tower: str | 
         log.warning("config says mm_projector_type %s but the weights are %s; following the weights",
                     declared, projector)
 
-    vision_model = friendly_load(CLIPVisionModel.from_pretrained, vision, "vision tower (CLIP)", dtype=dt,
-                                  use_safetensors=None if allow_pickle else True)
+    # a tower saved in the checkpoint is the one the model was trained with; the named CLIP then gives its config
+    in_ckpt = not vision_tower and any(k.startswith(CKPT_VISION) for k in shapes)
+    if in_ckpt:
+        vision_config = friendly_load(CLIPVisionConfig.from_pretrained, vision, "vision tower config (CLIP)")
+        vision_state = {}
+    else:
+        vision_model = friendly_load(CLIPVisionModel.from_pretrained, vision, "vision tower (CLIP)", dtype=dt,
+                                      use_safetensors=None if allow_pickle else True)
+        vision_config = vision_model.config
+        vision_state = {"vision_tower." + k: v.to(dt) for k, v in vision_model.state_dict().items()}
+        del vision_model
     image_processor = load_image_processor(vision)
-    if vision_model.config.hidden_size != cfg["mm_hidden_size"]:
-        raise UserError(f"{vision}: hidden size {vision_model.config.hidden_size} != the checkpoint's mm_hidden_size "
+    if vision_config.hidden_size != cfg["mm_hidden_size"]:
+        raise UserError(f"{vision}: hidden size {vision_config.hidden_size} != the checkpoint's mm_hidden_size "
                         f"{cfg['mm_hidden_size']}; pass the vision tower it was trained with (--vision-tower)")
     tok = load_tokenizer(str(src_dir))
     if IMAGE_TOKEN not in tok.get_vocab():
@@ -287,9 +323,9 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, vision_tower: str | 
     vocab = max(rows, image_id + 1, len(tok))
 
     select = cfg.get("mm_vision_select_feature", "patch")
-    patches = (vision_model.config.image_size // vision_model.config.patch_size) ** 2
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
     config = LlavaConfig(
-        vision_config=vision_model.config,
+        vision_config=vision_config,
         text_config=text_config(cfg, vocab, tok.pad_token_id),
         image_token_id=image_id,
         projector_hidden_act="gelu" if projector == "mlp2x_gelu" else "linear",
@@ -304,10 +340,9 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, vision_tower: str | 
     # Plan every output name and shape, and check them against the model transformers will build, before writing.
     planned: dict[str, tuple[int, ...]] = {}
     for name, shape in shapes.items():
-        new = target_name(name, projector)
+        new = target_name(name, projector, in_ckpt)
         if new is not None:
             planned[new] = (vocab,) + shape[1:] if name in (EMBED, LM_HEAD) else shape
-    vision_state = {"vision_tower." + k: v.to(dt) for k, v in vision_model.state_dict().items()}
     planned.update({k: tuple(v.shape) for k, v in vision_state.items()})
     extra = {}
     if projector == "linear":  # a single linear layer: an identity linear_2 (and act "linear") keeps it exact
@@ -318,14 +353,14 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, vision_tower: str | 
     _check_plan(planned, config, src_dir)
 
     dst.mkdir(parents=True, exist_ok=True)
-    n = len(files) + 1
+    n = len(files) + (1 if vision_state or extra else 0)
     weight_map: dict[str, str] = {}
     total = 0
     for i, f in enumerate(files, start=1):
         log.info("converting %s (%d/%d)", f.name, i, len(files))
         out = {}
         for name, t in iter_tensors(f):
-            new = target_name(name, projector)
+            new = target_name(name, projector, in_ckpt)
             if new is None:
                 continue
             t = t.to(dt) if t.is_floating_point() else t
@@ -334,20 +369,26 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, vision_tower: str | 
             out[new] = t.contiguous()
         total += _save_shard(out, dst, i, n, weight_map, save_file)
         del out
-    total += _save_shard({**vision_state, **extra}, dst, n, n, weight_map, save_file)
+    if vision_state or extra:
+        total += _save_shard({**vision_state, **extra}, dst, n, n, weight_map, save_file)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (dst / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
     config.save_pretrained(dst)
+    own = dict(chat_format.generation)  # the model's own decoding (HuatuoGPT-Vision: its cli.py's gen_kwargs)
+    if own:
+        own.update(do_sample=True, temperature=0.2, max_new_tokens=512)
     GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         suppress_tokens=[image_id],  # never generate the placeholder the original model did not have
+        **own,
     ).save_pretrained(dst)
-    save_processor(dst, tok, image_processor, config, TEMPLATE)
+    save_processor(dst, tok, image_processor, config, template)
     image_mode = "pad" if cfg.get("image_aspect_ratio") == "pad" else "crop"
-    RunInfo(kind="converted", base=None, template=TEMPLATE, image_mode=image_mode).save(dst)
+    RunInfo(kind="converted", base=None, template=template, image_mode=image_mode).save(dst)
     source = str(Path(src).resolve()) if Path(src).is_dir() else str(src)
-    provenance = {"source": source, "vision_tower": vision, "projector": projector, "dtype": dtype_name,
+    provenance = {"source": source, "vision_tower": vision, "vision_weights": "checkpoint" if in_ckpt else vision,
+                  "llm": family(cfg), "template": template, "projector": projector, "dtype": dtype_name,
                   "image_token_id": image_id, "added_rows": vocab - rows}
     (dst / "conversion.json").write_text(json.dumps(provenance, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return dst
@@ -392,7 +433,8 @@ def register(app: typer.Typer) -> None:
         dst: Annotated[Path, typer.Argument(help="new directory for the transformers Llava model")],
         vision_tower: Annotated[Optional[str], typer.Option("--vision-tower", help="CLIP model instead of config's mm_vision_tower (Qilin-Med-VL: openai/clip-vit-large-patch14-336)")] = None,
         allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="accept pytorch_model*.bin (pickles can run code)")] = False,
+        template: Annotated[Optional[str], typer.Option("--template", help="chat template of the converted model (default: vicuna_v1 for LLaVA/Qilin-Med-VL, huatuo for llava_qwen2)")] = None,
     ):
         """Import a checkpoint in the original LLaVA layout (the Qilin-Med-VL release) as a transformers Llava model."""
-        done = convert_checkpoint(src, dst, vision_tower=vision_tower, allow_pickle=allow_pickle)
+        done = convert_checkpoint(src, dst, vision_tower=vision_tower, allow_pickle=allow_pickle, template=template)
         typer.echo(f"converted: {done}  (next: qilin-lite chat IMAGE --model {done})")

@@ -139,6 +139,11 @@ def composite(images: list[Image.Image]) -> Image.Image:
     return min(candidates, key=lambda im: max(im.size) / min(im.size))  # min() keeps the first on ties
 
 
+def side_by_side(images: list[Image.Image]) -> Image.Image:
+    """Images in one row at a common height: how the web page previews separate images (not what a model sees)."""
+    return _concatenate([im if im.mode == "RGB" else im.convert("RGB") for im in images], horizontal=True)
+
+
 def load_images(paths: PathType | Sequence[PathType], **kwargs) -> Image.Image:
     """Load one image, or 2-4 images composited into one; keyword arguments go to `load_image`."""
     if isinstance(paths, (str, PathLike)):

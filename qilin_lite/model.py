@@ -277,6 +277,28 @@ def load_llava(
     return model
 
 
+def guess_template(source: str) -> str:
+    """The chat template of a Llava directory or hub id that qilin-lite did not write (no qilin.json): HuatuoGPT-Vision
+    by its name (as its own cli.py tells its models apart), other Qwen2-based ones ChatML, the rest LLaVA's v1."""
+    if "huatuogpt-vision" in source.lower():
+        return "huatuo"
+    try:
+        from transformers.utils import cached_file
+
+        f = cached_file(source, "config.json", _raise_exceptions_for_missing_entries=False)
+        text = json.loads(Path(f).read_text(encoding="utf-8")).get("text_config", {}) if f else {}
+    except (OSError, ValueError):
+        text = {}
+    return "chatml" if str(text.get("model_type", "")).startswith("qwen2") else "vicuna_v1"
+
+
+def template_of(source: str) -> str:
+    """The template a model directory (a run, a Llava directory, a hub id) is prompted with, without loading it."""
+    p = Path(source)
+    info = RunInfo.load(p) if p.is_dir() else None
+    return info.template if info is not None else guess_template(str(source))
+
+
 def resolve_base(run_dir: Path, info: RunInfo) -> str:
     """The base a run builds on, as written; a relative path is relative to the run directory."""
     base = info.base
@@ -296,7 +318,7 @@ def load_run(path: str | Path, *, bits: int | None = None, dtype: str = "bfloat1
     p = Path(path)
     info = RunInfo.load(p) if p.is_dir() else None
     if info is None:
-        info = RunInfo(kind="base", base=None, template="vicuna_v1", image_mode="pad")
+        info = RunInfo(kind="base", base=None, template=guess_template(str(path)), image_mode="pad")
     if info.kind in ("align", "lora", "qlora"):
         base = resolve_base(p, info)
         model = load_llava(base, bits=bits, dtype=dtype, attn=attn, device_map=device_map)

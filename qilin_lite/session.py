@@ -48,6 +48,22 @@ def parse_window(text: str | None) -> tuple[float, float] | None:
     return center, width
 
 
+def load_chat_images(paths, template, *, window: tuple[float, float] | None = None, frame: int | None = None,
+                     max_bytes: int | None = None) -> list:
+    """Image paths -> what the model is shown, by the template's rule: `[composite]` (one image; ChiMed-VL's way) or
+    each image on its own (`separate`: HuatuoGPT-Vision, up to 6). Raises UserError for any bad file."""
+    from .images import load_images
+
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    if template.multi_image != "separate":
+        return [load_chat_image(paths, window=window, frame=frame, max_bytes=max_bytes)]
+    if not 1 <= len(paths) <= template.max_images:
+        raise UserError(f"the {template.name} template takes 1 to {template.max_images} images (each its own image "
+                        f"tokens), got {len(paths)}")
+    kw = {"window": window, "frame": frame, **({"max_bytes": max_bytes} if max_bytes else {})}
+    return [load_images([p], **kw) for p in paths]
+
+
 def load_chat_image(paths, *, window: tuple[float, float] | None = None, frame: int | None = None,
                     max_bytes: int | None = None):
     """1-4 image paths -> one RGB image (a composite when several). Raises UserError for any bad file.
@@ -75,7 +91,7 @@ class ChatSession:
         self.kind = kind
         self.stream = stream
         self.window, self.frame = window, frame
-        self.image = None  # PIL image shown to the model (composite when several files)
+        self.images: list = []  # PIL images shown to the model: one composite, or several (separate templates)
         self.image_paths: list[Path] = []
         self.history: list[dict] = []
         self.last: Reply | None = None
@@ -96,13 +112,22 @@ class ChatSession:
     def template(self):
         return self.generator.template
 
-    def load_image(self, paths) -> None:
-        """Show the model new image(s); starts a new conversation (the image belongs to the first turn)."""
-        self.show(load_chat_image(paths, window=self.window, frame=self.frame), paths)
+    @property
+    def image(self):
+        """The first image shown (the composite, for composite templates), or None."""
+        return self.images[0] if self.images else None
 
-    def show(self, image, paths) -> None:
-        """Like `load_image`, for an image already loaded from `paths`."""
-        self.image = image
+    @image.setter
+    def image(self, value) -> None:
+        self.images = [] if value is None else [value]
+
+    def load_image(self, paths) -> None:
+        """Show the model new image(s); starts a new conversation (the images belong to the first turn)."""
+        self.show(load_chat_images(paths, self.template, window=self.window, frame=self.frame), paths)
+
+    def show(self, images, paths) -> None:
+        """Like `load_image`, for images already loaded from `paths` (one image or a list)."""
+        self.images = list(images) if isinstance(images, (list, tuple)) else [images]
         self.image_paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
         self.reset()
 
@@ -122,11 +147,11 @@ class ChatSession:
         if not text.strip():
             raise UserError("the question is empty (a typed <image> is left out: the image is attached already)")
         content = text
-        if not self.history and self.image is not None:
-            content = f"{IMAGE_TOKEN}\n{text}"
+        if not self.history and self.images:
+            content = f"{IMAGE_TOKEN}\n" * len(self.images) + text
         messages = self.history + [{"role": "user", "content": content}]
-        # ImageLoader takes paths or dataset cells; a one-row "dataset" hands it the already loaded composite.
-        images = [LazyImage([{"image": self.image}], 0, "image")] if self.image is not None else []
+        # ImageLoader takes paths or dataset cells; a one-row "dataset" hands it the already loaded image(s).
+        images = [LazyImage([{"image": img}], 0, "image") for img in self.images]
         tok = self.generator.tokenizer
         stop = stop if stop is not None else threading.Event()
         streamer = Streamer(tok, self.stream)
@@ -147,8 +172,8 @@ class ChatSession:
         if len(self.history) < 2:
             raise UserError("nothing to regenerate yet: ask a question first")
         question = self.history[-2]["content"]
-        if len(self.history) == 2 and self.image is not None:
-            question = question.removeprefix(f"{IMAGE_TOKEN}\n")
+        if len(self.history) == 2 and self.images:
+            question = question.removeprefix(f"{IMAGE_TOKEN}\n" * len(self.images))
         self.history = self.history[:-2]
         return self.ask(question, stop=stop)
 
@@ -166,8 +191,10 @@ class ChatSession:
         return "\n".join(lines)
 
     def describe_image(self) -> str:
-        if self.image is None:
+        if not self.images:
             return "none"
+        if len(self.images) > 1:
+            return ", ".join(p.name for p in self.image_paths) + f" ({len(self.images)} separate images)"
         names = " + ".join(p.name for p in self.image_paths)
         joined = f" (composite {self.image.width}x{self.image.height})" if len(self.image_paths) > 1 else ""
         return names + joined

@@ -90,8 +90,7 @@ class Session:
 
     def kept_bytes(self) -> int:
         """What this tab holds in memory: the decoded image and the conversation's text."""
-        img = self.chat.image
-        pixels = img.width * img.height * len(img.getbands()) if img is not None else 0
+        pixels = sum(img.width * img.height * len(img.getbands()) for img in self.chat.images)
         return pixels + sum(len(m["content"].encode()) for m in self.chat.history)
 
 
@@ -143,15 +142,17 @@ class WebApp:
                 "defaults": self.defaults, "windows": {k: list(v) for k, v in WINDOWS.items()}}
 
     def set_image(self, sid: str, files: list[dict], window=None, frame: int | None = None) -> dict:
-        """Decode 1-4 uploads (`{"name", "data": base64}`) as chat does; returns the model's view as a PNG."""
-        from .images import expand_to_square
-        from .session import MAX_IMAGES, load_chat_image
+        """Decode the uploads (`{"name", "data": base64}`) as chat does; returns the model's view as a PNG."""
+        from .images import expand_to_square, side_by_side
+        from .session import load_chat_images
 
         s = self.session(sid)
+        t = self.generator.template
         if not files:
             raise UserError("choose an image first")
-        if len(files) > MAX_IMAGES:
-            raise UserError(f"{len(files)} files: at most {MAX_IMAGES} images (several are joined into one)")
+        if len(files) > t.max_images:
+            raise UserError(f"{len(files)} files: at most {t.max_images} images "
+                            + ("(each its own image tokens)" if t.multi_image == "separate" else "(several are joined into one)"))
         uploads = []
         for i, f in enumerate(files):
             name = str(f.get("name") or f"image{i}")
@@ -168,7 +169,7 @@ class WebApp:
         # in memory with no name on disk (uploads.py); one decode at a time bounds the server's peak memory
         with self.decoding, held([(neutral, data) for _, neutral, data in uploads]) as paths:
             try:
-                image = load_chat_image(paths, window=window, frame=frame, max_bytes=MAX_DECODED_BYTES)
+                images = load_chat_images(paths, t, window=window, frame=frame, max_bytes=MAX_DECODED_BYTES)
             except UserError as e:
                 msg = str(e)
                 # longest first: /proc/self/fd/1 must not rewrite part of /proc/self/fd/12
@@ -177,8 +178,9 @@ class WebApp:
                 raise UserError(msg) from None
         release_freed_memory()
         loader = self.generator.images  # the run's squaring rule and fill colour, as training and chat use them
-        view = expand_to_square(image, loader.fill) if loader.mode == "pad" else image
-        s.chat.show(image, [Path(shown) for shown, _, _ in uploads])
+        views = [expand_to_square(img, loader.fill) if loader.mode == "pad" else img for img in images]
+        view = views[0] if len(views) == 1 else side_by_side(views)  # separate images: shown in a row
+        s.chat.show(images, [Path(shown) for shown, _, _ in uploads])
         s.transcript, s.released = None, False
         self.make_room(keep=s)
         release_freed_memory()

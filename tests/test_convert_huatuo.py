@@ -1,0 +1,157 @@
+"""convert reads HuatuoGPT-Vision's release layout: a tiny `LlavaQwen2ForCausalLM` checkpoint (Qwen2 weights, the
+projector, the CLIP tower inside the weights, `./vit/clip_vit_large_patch14_336` beside them with a config and a
+pickle that must not be read) converts to a Llava directory whose logits equal a hand computation from the source
+tensors, carries the `huatuo` template and its cli.py's decoding, and chats with the prompt ids its authors' cli.py
+builds (tests/data/huatuo/expected.json, see test_huatuo.py) for 1, 2 and 6 images and a second turn."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from qilin_lite.conversation import IMAGE_TOKEN
+
+DATA = Path(__file__).parent / "data" / "huatuo"
+EXPECTED = {c["name"]: c for c in json.loads((DATA / "expected.json").read_text(encoding="utf-8"))["cases"]}
+
+
+def write_huatuo_checkpoint(tiny_parts, out: Path) -> dict:
+    """A tiny model saved as HuatuoGPT-Vision-7B is released; returns its tensors (names as in the release)."""
+    from transformers import AutoTokenizer, CLIPConfig, CLIPVisionModel, Qwen2Config, Qwen2ForCausalLM
+
+    vision_dir = Path(tiny_parts[0])
+    out.mkdir(parents=True)
+    for f in DATA.glob("tokenizer*"):
+        shutil.copy(f, out)
+    n_tok = len(AutoTokenizer.from_pretrained(out))
+    torch.manual_seed(0)
+    clip = CLIPVisionModel.from_pretrained(vision_dir)
+    h = clip.config.hidden_size
+    qcfg = Qwen2Config(vocab_size=n_tok + 13, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                       tie_word_embeddings=False, eos_token_id=n_tok - 3, bos_token_id=n_tok - 3)
+    lm = Qwen2ForCausalLM(qcfg)
+    state = {k: v.detach().clone() for k, v in lm.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    for layer in ("0", "2"):
+        state[f"model.mm_projector.{layer}.weight"] = torch.randn(h, h, generator=g) * 0.2
+        state[f"model.mm_projector.{layer}.bias"] = torch.randn(h, generator=g) * 0.2
+    state.update({"model.vision_tower.vision_tower." + k: v.detach().clone() for k, v in clip.state_dict().items()})
+    cfg = {k: v for k, v in qcfg.to_dict().items() if k not in ("dtype", "torch_dtype", "transformers_version")}
+    cfg.update({  # the keys HuatuoGPT-Vision-7B's config.json has beyond Qwen2's
+        "architectures": ["LlavaQwen2ForCausalLM"], "model_type": "llava_qwen2", "torch_dtype": "float32",
+        "image_aspect_ratio": "pad", "mm_hidden_size": h, "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2,
+        "mm_vision_tower": "./vit/clip_vit_large_patch14_336", "tokenizer_model_max_length": 4096,
+        "tokenizer_padding_side": "right", "tune_mm_mlp_adapter": False, "use_cache": False, "use_mm_proj": True,
+    })
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    vit = out / "vit" / "clip_vit_large_patch14_336"
+    vit.mkdir(parents=True)
+    CLIPConfig(vision_config=clip.config.to_dict()).save_pretrained(vit)  # the release ships the whole CLIP config
+    shutil.copy(vision_dir / "preprocessor_config.json", vit)
+    (vit / "pytorch_model.bin").write_bytes(b"a pickle convert must never open")
+    names = sorted(state)
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:]), start=1):
+        fname = f"model-0000{i}-of-00002.safetensors"
+        save_file({k: state[k].contiguous() for k in part}, str(out / fname))
+        weight_map.update({k: fname for k in part})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return state
+
+
+@torch.no_grad()
+def reference_logits(state: dict, src: Path, input_ids, image_id: int, pixel_values):
+    """LlavaQwen2's forward by hand from the source tensors: CLIP layer -2 patches -> mlp2x_gelu -> Qwen2."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, Qwen2Config, Qwen2ForCausalLM
+
+    clip = CLIPVisionModel(CLIPVisionConfig.from_pretrained(src / "vit" / "clip_vit_large_patch14_336")).eval()
+    prefix = "model.vision_tower.vision_tower."
+    clip.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    cfg = {k: v for k, v in json.loads((src / "config.json").read_text()).items() if not k.startswith("mm_")}
+    qwen = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in cfg.items() if k != "model_type"})).eval()
+    qwen.load_state_dict({k: v for k, v in state.items() if not k.startswith(("model.mm_projector", prefix))})
+    patches = clip(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
+    hidden = F.gelu(F.linear(patches, state["model.mm_projector.0.weight"], state["model.mm_projector.0.bias"]))
+    features = F.linear(hidden, state["model.mm_projector.2.weight"], state["model.mm_projector.2.bias"])
+    is_image = input_ids == image_id
+    embeds = qwen.model.embed_tokens(torch.where(is_image, 0, input_ids))
+    embeds[is_image] = features.reshape(-1, features.shape[-1])
+    return qwen(inputs_embeds=embeds).logits
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_parts, tmp_path_factory):
+    from conftest import run_cli
+
+    root = tmp_path_factory.mktemp("huatuo")
+    src, dst = root / "HuatuoGPT-Vision-7B", root / "converted"
+    state = write_huatuo_checkpoint(tiny_parts, src)
+    mp = pytest.MonkeyPatch()
+    try:
+        assert run_cli(["convert", str(src), str(dst)], mp) == 0  # no --vision-tower: the release's own ./vit
+    finally:
+        mp.undo()
+    return src, dst, state
+
+
+def test_converted_logits_equal_the_source_computation(converted, tiny_data):
+    from transformers import AutoTokenizer, GenerationConfig, LlavaForConditionalGeneration
+
+    from qilin_lite.conversation import get_template
+    from qilin_lite.generate import Generator
+    from qilin_lite.model import RunInfo, load_image_processor, token_layout
+    from qilin_lite.processing import ImageLoader
+
+    src, dst, state = converted
+    info = RunInfo.load(dst)
+    assert (info.kind, info.template, info.image_mode) == ("converted", "huatuo", "pad")
+    assert json.loads((dst / "conversion.json").read_text())["vision_weights"] == "checkpoint"
+    gen_cfg = GenerationConfig.from_pretrained(dst)  # its cli.py's gen_kwargs, for any transformers user too
+    assert (gen_cfg.do_sample, gen_cfg.temperature, gen_cfg.repetition_penalty, gen_cfg.max_new_tokens) == \
+        (True, 0.2, 1.2, 512)
+
+    model, loading = LlavaForConditionalGeneration.from_pretrained(dst, dtype=torch.float32, output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"] and not loading["mismatched_keys"]
+    tok = AutoTokenizer.from_pretrained(dst)
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    rows = state["lm_head.weight"].shape[0]
+    assert image_id < rows and model.config.text_config.vocab_size == rows  # a padded vocabulary: no row added
+    images = sorted(Path(tiny_data["images"]).glob("img_*.png"))[:2]
+    prompt = Generator(None, tok, None, get_template("huatuo"), token_layout(model.config, 10**9))
+    ids = torch.from_numpy(prompt.prompt_ids([{"role": "user", "content": f"{IMAGE_TOKEN}\n{IMAGE_TOKEN}\n病灶位于哪里？"}]))[None]
+    pixels = ImageLoader(load_image_processor(str(dst)), "pad")(images)
+    with torch.no_grad():
+        got = model.eval()(input_ids=ids, pixel_values=pixels).logits
+    want = reference_logits(state, src, ids, image_id, pixels)
+    assert (got - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("case,n", [("one image", 1), ("two images", 2), ("six images", 6),
+                                    ("second turn, no new image", 1)])
+def test_chat_sends_the_prompt_ids_their_cli_builds(case, n, converted, tiny_data):
+    from qilin_lite.session import ChatSession
+
+    _, dst, _ = converted
+    want = EXPECTED[case]
+    session = ChatSession.load(str(dst), temperature=0, max_new_tokens=2)
+    paths = sorted(Path(tiny_data["images"]).glob("img_*.png"))[:n]
+    session.load_image(paths)
+    assert len(session.images) == n and session.template.name == "huatuo"
+    turns = want["turns"]
+    if len(turns) == 2:  # the first answer as their history holds it, then the second question
+        session.history = [{"role": "user", "content": f"{IMAGE_TOKEN}\n" * n + turns[0]["question"]},
+                           {"role": "assistant", "content": want["answers"][0]}]
+    session.ask(turns[-1]["question"])
+    image_id = session.generator.layout.image_token_id
+    per_image = session.generator.layout.num_image_tokens
+    theirs = [x for i in want["ids"] for x in ([image_id] * per_image if i == -200 else [i])]
+    assert session.generator.last_prompt_ids == theirs
+    assert "repetition_penalty" in dict(session.template.generation)
