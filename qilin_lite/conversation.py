@@ -120,6 +120,8 @@ def place_image(messages: list[dict], template: Template) -> list[dict]:
         from .chatformats import images_in_front
 
         return images_in_front(messages, template)
+    if template.multi_image == "composite":
+        messages = one_tag(messages)
     if not template.llava or sum(m["content"].count(IMAGE_TOKEN) for m in messages) != 1:
         return messages
     out = []
@@ -128,6 +130,21 @@ def place_image(messages: list[dict], template: Template) -> list[dict]:
             text = m["content"].replace(IMAGE_TOKEN, "").strip()
             m = {**m, "content": (IMAGE_TOKEN + "\n" + text).strip()}
         out.append(m)
+    return out
+
+
+def one_tag(messages: list[dict]) -> list[dict]:
+    """Several images joined into one composite (ChiMed-VL's way): the first `<image>` stays, the others go."""
+    if sum(m["content"].count(IMAGE_TOKEN) for m in messages) < 2:
+        return messages
+    out, seen = [], False
+    for m in messages:
+        parts = m["content"].split(IMAGE_TOKEN)
+        text = parts[0]
+        for part in parts[1:]:
+            text += ("" if seen else IMAGE_TOKEN) + part
+            seen = True
+        out.append({**m, "content": text})
     return out
 
 

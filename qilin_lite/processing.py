@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from .conversation import IMAGE_TOKEN, Template, check_plain, place_image, render
-from .data.records import BadRecord, LazyImage, Record
+from .data.records import BadRecord, Record
+from .image_loader import ImageLoader, pad_fill  # noqa: F401 - re-exported: the loader training and chat share
 from .tokens import image_split_ids, slow_llama
 
 IGNORE = -100
@@ -161,6 +162,7 @@ def encode_detail(messages: list[dict], template: Template, tokenizer, layout: T
 
     Raises BadRecord when the template cannot express the record, an image does not fit, or no supervised token is
     left after the cut."""
+    check_image_count(messages, template)
     messages = place_image(messages, template)
     if template.plain:
         try:
@@ -179,6 +181,14 @@ def encode_detail(messages: list[dict], template: Template, tokenizer, layout: T
         ids = np.asarray(enc["input_ids"], dtype=np.int64)
         labels = _labels_from_offsets(enc["input_ids"], enc["offset_mapping"], r.supervised)
     return cut(ids, labels, layout)
+
+
+def check_image_count(messages: list[dict], template: Template) -> None:
+    n = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+    if n > template.max_images:
+        how = "joined into one composite" if template.multi_image == "composite" else "each its own image tokens"
+        raise BadRecord(f"{n} images; the {template.name} template takes at most {template.max_images} ({how}); "
+                        "split the record or drop images")
 
 
 def encode(messages: list[dict], template: Template, tokenizer, layout: TokenLayout) -> tuple[np.ndarray, np.ndarray]:
@@ -236,13 +246,14 @@ def sample_lengths(records: list[Record], template: Template, tokenizer, layout:
         rendered = []
         for j, rec in enumerate(chunk):
             msgs = place_image(rec.messages, template)
-            if template.plain:
-                try:
+            try:
+                check_image_count(rec.messages, template)
+                if template.plain:
                     check_plain(msgs)
-                except ValueError as e:
-                    bad[lo + j] = str(e)
-                    rendered.append(None)
-                    continue
+            except ValueError as e:  # BadRecord is one
+                bad[lo + j] = str(e)
+                rendered.append(None)
+                continue
             rendered.append(render(msgs, template, eos=tokenizer.eos_token or ""))
         texts = [x.text if x is not None else "" for x in rendered]
         enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
@@ -255,52 +266,6 @@ def sample_lengths(records: list[Record], template: Template, tokenizer, layout:
             except BadRecord as e:
                 bad[lo + j] = str(e)
     return lengths, bad
-
-
-def pad_fill(image_mean) -> tuple[int, int, int]:
-    """The padding colour for a processor's mean, truncated as LLaVA's expand2square: the authors' exact pixels."""
-    return tuple(int(x * 255) for x in image_mean)
-
-
-class ImageLoader:
-    """Record images -> one processed `pixel_values` tensor per image, with the stage's squaring rule.
-
-    `mode="pad"` pads to a square with the processor's mean colour (LLaVA's `pad`, stage 2);
-    `mode="crop"` leaves it to the processor's resize + centre crop (LLaVA's default, stage 1).
-    """
-
-    def __init__(self, image_processor, mode: str = "pad"):
-        if mode not in ("pad", "crop"):
-            raise ValueError(f"image mode must be 'pad' or 'crop', not {mode!r}")
-        self.processor = image_processor
-        self.mode = mode
-        mean = getattr(image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
-        self.fill = pad_fill(mean)
-
-    def __call__(self, images) -> torch.Tensor:
-        return self.process([self.open(ref) for ref in images])
-
-    def open(self, ref):
-        """One image reference -> the RGB PIL image, squared by the stage's rule (not yet resized or normalised)."""
-        from PIL import Image
-
-        from .images import expand_to_square, load_image
-
-        if isinstance(ref, Image.Image):
-            img = ref
-        elif isinstance(ref, LazyImage):
-            img = ref.open()
-        else:
-            img = load_image(ref)
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        if self.mode == "pad":
-            img = expand_to_square(img, self.fill)
-        return img
-
-    def process(self, pil: list) -> torch.Tensor:
-        """Opened images -> pixel_values, one processor call for all of them."""
-        return self.processor(images=pil, return_tensors="pt")["pixel_values"]
 
 
 class VisionTextDataset(torch.utils.data.Dataset):
@@ -348,7 +313,7 @@ class VisionTextDataset(torch.utils.data.Dataset):
         """Tokens and labels, and the record's images decoded and squared (what can fail per record)."""
         ids, labels = encode(rec.messages, self.template, self.tokenizer, self.layout)
         return ({"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)},
-                [self.images.open(ref) for ref in rec.images or ()])
+                self.images.open_record(list(rec.images or ()), self.template))
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
         """A batch, as the DataLoader asks for it: each record tokenized and its images opened as in `__getitem__`

@@ -88,9 +88,11 @@ def inspect_records(file, model: str, *, image_folder=None, recipe: str | None =
             print(json.dumps(row, ensure_ascii=False), file=out)
             continue
         supervised = sum(x != IGNORE for x in labels)
-        print(f"── {rec.where} ── template {tpl.name}, {len(ids)} positions ({sum(i == image_id for i in ids)} "
-              f"image), {supervised} supervised; cut: {e.cut or 'none'}", file=out)
-        print(_render(ids, labels, tok, image_id, color), file=out)
+        n_img = sum(i == image_id for i in ids)
+        shown_as = (f"{n_img // per_image} image(s) of {per_image}, {tpl.multi_image}" if n_img else "no image")
+        print(f"── {rec.where} ── template {tpl.name}, {len(ids)} positions ({n_img} image: {shown_as}), "
+              f"{supervised} supervised; cut: {e.cut or 'none'}", file=out)
+        print(_render(ids, labels, tok, image_id, color, per_image), file=out)
     if not as_json:
         legend = f"{GREEN}green{RESET}" if color else "[brackets]"
         print(f"supervised tokens in {legend}; max_length {layout.max_length} ({mode}: "
@@ -98,7 +100,7 @@ def inspect_records(file, model: str, *, image_folder=None, recipe: str | None =
     return shown
 
 
-def _render(ids: list[int], labels: list[int], tok, image_id: int, color: bool) -> str:
+def _render(ids: list[int], labels: list[int], tok, image_id: int, color: bool, per_image: int) -> str:
     from ..processing import IGNORE
 
     pieces, k = [], 0
@@ -108,7 +110,7 @@ def _render(ids: list[int], labels: list[int], tok, image_id: int, color: bool) 
             j = k
             while j < len(ids) and ids[j] == image_id:
                 j += 1
-            pieces.append(f"<image ×{j - k}>")
+            pieces.extend([f"<image ×{per_image}>"] * ((j - k) // per_image))  # adjacent images: one run each
             k = j
             continue
         name = names[k] if names[k] is not None else f"<{ids[k]}>"

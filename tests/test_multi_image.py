@@ -1,0 +1,106 @@
+"""Several images per question, the two ways the field uses, chosen by the template: joined into one composite
+(ChiMed-VL; `vicuna_v1`, `plain`) or each image its own image tokens (HuatuoGPT-Vision, LLaVA-1.5 multi-image;
+`huatuo`, `chatml`). `data inspect`, the training dataset and a training step all see the same count."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_cli_captured, tiny_recipe
+
+from qilin_lite.conversation import get_template
+from qilin_lite.data.records import read_records
+from qilin_lite.processing import IGNORE, encode
+
+QUESTION, ANSWER = "病灶位于哪一侧？", "右侧"  # words the tiny tokenizer knows
+
+
+@pytest.fixture(scope="module")
+def two_image_data(tiny_data, tmp_path_factory):
+    images = sorted(Path(tiny_data["images"]).glob("img_*.png"))
+    rows = [{"id": f"pair{i}", "image": [images[2 * i].name, images[2 * i + 1].name],
+             "conversations": [{"from": "human", "value": f"<image>\n<image>\n{QUESTION}"},
+                               {"from": "gpt", "value": ANSWER}]} for i in range(4)]
+    f = tmp_path_factory.mktemp("pairs") / "pairs.json"
+    f.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    return f
+
+
+@pytest.mark.parametrize("template,runs", [("vicuna_v1", 1), ("huatuo", 2), ("chatml", 2)])
+def test_inspect_shows_one_composite_or_separate_images(template, runs, two_image_data, tiny_base, tiny_data,
+                                                        tok_layout, monkeypatch, capsys):
+    tok, layout = tok_layout
+    args = ["data", "inspect", two_image_data, "--model", tiny_base, "--image-folder", tiny_data["images"], "-n", "1",
+            "--template", template]
+    code, out, err = run_cli_captured(monkeypatch, capsys, *args, "--no-color")
+    assert code == 0, err
+    head, body = out.splitlines()[:2]
+    per = layout.num_image_tokens
+    mode = get_template(template).multi_image
+    assert f"({runs * per} image: {runs} image(s) of {per}, {mode})" in head
+    assert body.count(f"<image ×{per}>") == runs
+    row = json.loads(run_cli_captured(monkeypatch, capsys, *args, "--json")[1])
+    assert row["input_ids"].count(layout.image_token_id) == runs * per
+    supervised = [i for i, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE]
+    assert tok.decode(supervised).replace(" ", "").startswith(ANSWER.replace(" ", ""))
+    assert all(lab == IGNORE for i, lab in zip(row["input_ids"], row["labels"]) if i == layout.image_token_id)
+
+
+@pytest.mark.parametrize("template,rows", [("vicuna_v1", 1), ("huatuo", 2)])
+def test_the_training_dataset_shows_the_model_as_many_images(template, rows, two_image_data, tiny_base, tiny_data,
+                                                             tok_layout):
+    """pixel_values rows = image runs in input_ids: the composite is made from the record's images in order."""
+    from qilin_lite.model import load_image_processor
+    from qilin_lite.processing import ImageLoader, VisionTextDataset
+
+    tok, layout = tok_layout
+    recs = read_records(two_image_data, tiny_data["images"])
+    t = get_template(template)
+    ds = VisionTextDataset(recs, tok, ImageLoader(load_image_processor(str(tiny_base)), "pad"), t, layout,
+                           lengths=[0] * len(recs))
+    item = ds[0]
+    assert item["pixel_values"].shape[0] == rows
+    assert int((item["input_ids"] == layout.image_token_id).sum()) == rows * layout.num_image_tokens
+    ids, _ = encode(recs[0].messages, t, tok, layout)
+    assert ids.tolist() == item["input_ids"].tolist()
+
+
+def test_a_separate_image_run_trains(two_image_data, tiny_base, tiny_data, tmp_path):
+    from qilin_lite.model import RunInfo
+    from qilin_lite.train import train_stage
+
+    out = tmp_path / "tune"
+    recipe = tiny_recipe("tune", "lora", out, two_image_data, Path(tiny_data["images"]), **{
+        "model.base": str(tiny_base), "data.template": "huatuo", "train.max_steps": 1})
+    train_stage(recipe)
+    assert RunInfo.load(out).template == "huatuo"
+    summary = json.loads((out / "train_summary.json").read_text())
+    # the first step's loss (LoRA starts as the identity) is the base model's on the 4 records, each shown 2 images
+    import torch
+
+    from qilin_lite.model import load_llava, load_tokenizer_and_processor, token_layout
+    from qilin_lite.processing import Collator, ImageLoader, VisionTextDataset
+
+    model = load_llava(str(tiny_base), dtype="float32", attn="sdpa").eval()
+    tok, ip = load_tokenizer_and_processor(str(tiny_base))
+    recs = read_records(two_image_data, tiny_data["images"])
+    ds = VisionTextDataset(recs, tok, ImageLoader(ip, "pad"), get_template("huatuo"),
+                           token_layout(model.config, 256), lengths=[0] * 4)
+    batch = Collator(tok.pad_token_id)([ds[i] for i in range(4)])
+    assert batch["pixel_values"].shape[0] == 8
+    with torch.no_grad():
+        want = model(**batch).loss.item()
+    assert abs(summary["final_loss"] - want) < 1e-3 * max(1.0, want)
+
+
+def test_too_many_images_is_the_records_problem(tiny_base, tok_layout):
+    from qilin_lite.data.records import BadRecord
+
+    tok, layout = tok_layout
+    msgs = [{"role": "user", "content": "<image>" * 7 + QUESTION}, {"role": "assistant", "content": ANSWER}]
+    with pytest.raises(BadRecord, match="7 images; the huatuo template takes at most 6"):
+        encode(msgs, get_template("huatuo"), tok, layout)
+    with pytest.raises(BadRecord, match="5 images; the vicuna_v1 template takes at most 4"):
+        encode([{**msgs[0], "content": "<image>" * 5 + QUESTION}, msgs[1]], get_template("vicuna_v1"), tok, layout)
