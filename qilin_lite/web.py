@@ -139,6 +139,7 @@ class WebApp:
         return {"model": Path(self.model_name).name, "kind": self.info.kind,
                 "base": Path(self.info.base).name if self.info.base else None,
                 "template": self.info.template, "image_mode": self.info.image_mode, "notice": DISCLAIMER,
+                "images": {"max": self.generator.template.max_images, "mode": self.generator.template.multi_image},
                 "defaults": self.defaults, "windows": {k: list(v) for k, v in WINDOWS.items()}}
 
     def set_image(self, sid: str, files: list[dict], window=None, frame: int | None = None) -> dict:

@@ -155,3 +155,34 @@ def test_chat_sends_the_prompt_ids_their_cli_builds(case, n, converted, tiny_dat
     theirs = [x for i in want["ids"] for x in ([image_id] * per_image if i == -200 else [i])]
     assert session.generator.last_prompt_ids == theirs
     assert "repetition_penalty" in dict(session.template.generation)
+
+
+def test_web_shows_the_model_separate_images_as_chat_does(converted, tiny_data):
+    """The page learns the template's rule from /api/info; three uploads reach the model as three images, with the
+    prompt ids chat sends for the same files and question."""
+    import base64
+
+    from qilin_lite.errors import UserError
+    from qilin_lite.generate import load_generator
+    from qilin_lite.session import ChatSession
+    from qilin_lite.web import WebApp
+
+    _, dst, _ = converted
+    gen, info = load_generator(str(dst), temperature=0, max_new_tokens=2)
+    web = WebApp(gen, info, "run")
+    assert web.describe()["images"] == {"max": 6, "mode": "separate"}
+    sid = web.new_session()
+    paths = sorted(Path(tiny_data["images"]).glob("img_*.png"))[:3]
+    files = [{"name": p.name, "data": base64.b64encode(p.read_bytes()).decode()} for p in paths]
+    shown = web.set_image(sid, files)
+    assert shown["images"] == 3 and shown["width"] == 3 * shown["height"]  # previewed in a row
+    events = list(web.ask(sid, "病灶位于哪里？", {}))
+    assert events[-1].get("done")
+    served = list(gen.last_prompt_ids)
+    chat = ChatSession.load(str(dst), temperature=0, max_new_tokens=2)
+    chat.load_image(paths)
+    chat.ask("病灶位于哪里？")
+    assert served == chat.generator.last_prompt_ids
+    assert served.count(gen.layout.image_token_id) == 3 * gen.layout.num_image_tokens
+    with pytest.raises(UserError, match="at most 6 images"):
+        web.set_image(sid, files * 3)
