@@ -122,7 +122,7 @@ def assemble_base(
     projector: str = "mlp2x_gelu",
     vision_feature_layer: int = -2,
     dtype: str = "bfloat16",
-    template: str = "vicuna_v1",
+    template: str | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     seed: int = 0,
@@ -132,7 +132,8 @@ def assemble_base(
 
     The `<image>` token is added to the tokenizer (embeddings resized, new row = mean of the others) when the LLM
     lacks it. Writing the base once means every later step loads a plain Llava directory with
-    `from_pretrained`, quantized or not, exactly as users of transformers and peft would.
+    `from_pretrained`, quantized or not, exactly as users of transformers and peft would. `template` None: the
+    LLM's own dialog format (ChatML for Qwen2 chat models, else LLaVA's vicuna_v1).
     """
     from transformers import (
         AutoModelForCausalLM,
@@ -145,6 +146,7 @@ def assemble_base(
         raise UserError(f"projector must be one of {PROJECTOR_TYPES}, not '{projector}'")
     kw = _pretrained_kwargs(trust_remote_code, allow_pickle)
     dt = torch_dtype(dtype)
+    template = template or guess_template(str(llm))
     tok = load_tokenizer(llm, "LLM tokenizer", trust_remote_code=trust_remote_code)
     image_processor = load_image_processor(vision)
     vision_model = friendly_load(CLIPVisionModel.from_pretrained, vision, "vision encoder", dtype=dt, **kw)
@@ -286,10 +288,11 @@ def guess_template(source: str) -> str:
         from transformers.utils import cached_file
 
         f = cached_file(source, "config.json", _raise_exceptions_for_missing_entries=False)
-        text = json.loads(Path(f).read_text(encoding="utf-8")).get("text_config", {}) if f else {}
+        cfg = json.loads(Path(f).read_text(encoding="utf-8")) if f else {}
     except (OSError, ValueError):
-        text = {}
-    return "chatml" if str(text.get("model_type", "")).startswith("qwen2") else "vicuna_v1"
+        cfg = {}
+    kind = str((cfg.get("text_config") or cfg).get("model_type", ""))  # a Llava directory's LLM, or an LLM's own
+    return "chatml" if kind.startswith("qwen2") else "vicuna_v1"
 
 
 def template_of(source: str) -> str:

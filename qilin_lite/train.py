@@ -84,9 +84,28 @@ def prepare_output(recipe: Recipe, resume: bool, overwrite: bool = False) -> Pat
     """Check everything that can fail without work (the recipe, the tracker, DeepSpeed), then claim the output:
     never over a finished run without --overwrite, never a --resume with other settings or data (run_dir.py)."""
     recipe.check()
+    settle_template(recipe)
     report_targets(recipe.train.report_to)  # a missing tracker fails now, not after minutes of data checks
     check_deepspeed(recipe.train.deepspeed)  # so does a DeepSpeed config without DeepSpeed
     return run_dir.prepare(recipe, resume, overwrite)
+
+
+def settle_template(recipe: Recipe) -> None:
+    """A tune recipe that names no template takes the model's own: a converted or earlier-tuned model's (HuatuoGPT-
+    Vision keeps `huatuo`), else its LLM's dialog format (ChatML for Qwen2, vicuna_v1 for LLaMA). Settled before
+    recipe.yaml is written, so the run records it and --resume compares it."""
+    from .model import guess_template, template_of
+
+    d, m = recipe.data, recipe.model
+    if d.template or recipe.stage != "tune":
+        return
+    source = m.base
+    if m.from_run:
+        info = RunInfo.load(Path(m.from_run))
+        source = resolve_base(Path(m.from_run), info) if info is not None and info.kind == "align" else m.from_run
+    found = template_of(source) if source else guess_template(m.llm)
+    d.template = found if found != "plain" else guess_template(source)
+    log.info("template: %s (the model's own; --set data.template=NAME to choose another)", d.template)
 
 
 def resolve_base_for(recipe: Recipe, out: Path) -> tuple[str, Path | None]:
@@ -95,8 +114,11 @@ def resolve_base_for(recipe: Recipe, out: Path) -> tuple[str, Path | None]:
     if m.from_run:
         src = Path(m.from_run)
         info = RunInfo.load(src)
+        if info is not None and info.kind in ("converted", "merged", "full"):
+            return str(src), None  # a whole model (HuatuoGPT-Vision converted, an earlier run merged): tuned on
         if info is None or info.kind != "align":
-            raise UserError(f"{src}: not an align output directory (no qilin.json of kind 'align'); pass --from ALIGN_DIR")
+            raise UserError(f"{src}: not an align output directory or a whole model (no qilin.json of kind 'align', "
+                            "'converted', 'merged' or 'full'); pass --from ALIGN_DIR, or --model for other models")
         return resolve_base(src, info), src / PROJECTOR_FILE
     if m.base:
         return m.base, None

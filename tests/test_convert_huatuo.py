@@ -186,3 +186,26 @@ def test_web_shows_the_model_separate_images_as_chat_does(converted, tiny_data):
     assert served.count(gen.layout.image_token_id) == 3 * gen.layout.num_image_tokens
     with pytest.raises(UserError, match="at most 6 images"):
         web.set_image(sid, files * 3)
+
+
+def test_tune_from_the_converted_model_keeps_its_template(converted, tiny_data, tmp_path):
+    """`tune --lora --from CONVERTED` continues training HuatuoGPT-Vision on a user's data in its own format."""
+    from conftest import tiny_recipe
+
+    from qilin_lite.generate import load_generator
+    from qilin_lite.model import RunInfo
+    from qilin_lite.train import run_stage
+
+    _, dst, _ = converted
+    out = tmp_path / "tuned"
+    recipe = tiny_recipe("tune", "lora", out, Path(tiny_data["tune"]), Path(tiny_data["images"]),
+                         **{"model.from_run": str(dst), "train.max_steps": 1})
+    assert recipe.data.template is None  # not named: the model's own is taken
+    run_stage(recipe)
+    info = RunInfo.load(out)
+    assert (info.kind, info.template) == ("lora", "huatuo")
+    from qilin_lite.config import load_recipe
+
+    assert load_recipe(str(out / "recipe.yaml")).data.template == "huatuo"  # recorded, so --resume compares it
+    gen, _ = load_generator(str(out), temperature=0, max_new_tokens=2)
+    assert gen.template.name == "huatuo" and dict(gen.template.generation)["repetition_penalty"] == 1.2
