@@ -204,6 +204,26 @@ def test_paper_recipes_plan_from_configs_alone():
     assert d["settings"]["accumulation"] == 128
 
 
+def test_qwen_recipes_plan_on_24_and_80_gb():
+    """The Qilin curriculum on Qwen2.5-7B-Instruct: its published parameter count, `<image>` in a spare embedding
+    row, the paper's global batches, and what fits where."""
+    from qilin_lite.config import load_recipe
+
+    q24 = plan_recipe(REPO_RECIPES / "qwen2.5-7b/tune-qlora.yaml", gpu_memory="24GiB")
+    a24 = plan_recipe(REPO_RECIPES / "qwen2.5-7b/align.yaml", gpu_memory="24GiB")
+    l80 = plan_recipe(REPO_RECIPES / "qwen2.5-7b/tune-lora.yaml", gpu_memory="80GiB")
+    l24 = plan_recipe(REPO_RECIPES / "qwen2.5-7b/tune-lora.yaml", gpu_memory="24GiB")
+    assert q24.shape.llm == 7_615_616_512  # Qwen2.5-7B-Instruct's model card: 7.61B
+    assert q24.shape.vocab == 152064  # the padded vocabulary holds <image>: no row added
+    assert q24.fits and a24.fits and l80.fits and not l24.fits
+    assert q24.estimate.total < l80.estimate.total
+    for name, batch in (("align", 256), ("tune-qlora", 128), ("tune-lora", 128)):
+        r = load_recipe(str(REPO_RECIPES / f"qwen2.5-7b/{name}.yaml"))
+        paper = load_recipe(str(REPO_RECIPES / f"qilin-med-vl/{'align' if name == 'align' else 'tune-full'}.yaml"))
+        assert r.train.global_batch == paper.train.global_batch == batch
+        assert r.data.max_length == paper.data.max_length and r.train.epochs == paper.train.epochs
+
+
 def test_fsdp_recipe_plans_as_the_matching_zero_stage_with_full_logits():
     full = REPO_RECIPES / "qilin-med-vl/tune-full.yaml"
     zero3 = plan_recipe(full, gpus=8)

@@ -22,8 +22,15 @@ LLAMA2_13B = dict(
     hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
     vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu",
 )
+# Qwen2.5-7B-Instruct: 151,665 tokens in an embedding of 152,064 rows, so `<image>` takes a spare row (no resize)
+QWEN2_5_7B = dict(
+    model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+    num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1e6,
+    tie_word_embeddings=False, hidden_act="silu", tokenizer_size=151665,
+)
 KNOWN_VISION = {"openai/clip-vit-large-patch14-336": CLIP_VIT_L14_336}
 KNOWN_LLM = {
+    "Qwen/Qwen2.5-7B-Instruct": QWEN2_5_7B,
     "FlagAlpha/Llama2-Chinese-13b-Chat": LLAMA2_13B,
     "meta-llama/Llama-2-13b-hf": LLAMA2_13B,
     "meta-llama/Llama-2-13b-chat-hf": LLAMA2_13B,
@@ -119,13 +126,17 @@ def count_parameters(config) -> Shape:
 
 
 def llava_config(vision: dict, llm: dict, projector: str = "mlp2x_gelu", vision_feature_layer: int = -2):
-    """Two plain config dicts -> the LlavaConfig `assemble_base` would write (the LLM gains the `<image>` token)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    """Two plain config dicts -> the LlavaConfig `assemble_base` would write (the LLM gains the `<image>` token: a
+    new embedding row, or a spare one where the vocabulary is padded beyond the tokenizer, as Qwen2's is)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, Qwen2Config
 
     vc = CLIPVisionConfig(**vision)
-    tc = LlamaConfig(**{**llm, "vocab_size": llm["vocab_size"] + 1})
+    llm = dict(llm)
+    kind, tokens = llm.pop("model_type", "llama"), llm.pop("tokenizer_size", llm["vocab_size"])
+    rows = max(llm["vocab_size"], tokens + 1)
+    tc = (Qwen2Config if kind == "qwen2" else LlamaConfig)(**{**llm, "vocab_size": rows})
     return LlavaConfig(
-        vision_config=vc, text_config=tc, image_token_id=llm["vocab_size"],
+        vision_config=vc, text_config=tc, image_token_id=tokens,
         projector_hidden_act="gelu" if projector == "mlp2x_gelu" else "linear",
         vision_feature_layer=vision_feature_layer, vision_feature_select_strategy="default",
         image_seq_length=(vc.image_size // vc.patch_size) ** 2, tie_word_embeddings=llm.get("tie_word_embeddings", False),
