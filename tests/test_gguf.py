@@ -48,8 +48,8 @@ def test_unknown_llm_family_is_refused(full_run, tmp_path):
     from qilin_lite.export import check_exportable
 
     cfg = json.loads((Path(full_run) / "config.json").read_text(encoding="utf-8"))
-    cfg["text_config"]["model_type"] = "qwen2"
-    with pytest.raises(UserError, match="the LLM is 'qwen2'.*llama architecture only"):
+    cfg["text_config"]["model_type"] = "mistral"
+    with pytest.raises(UserError, match="the LLM is 'mistral'.*llama and qwen2 architectures only"):
         check_exportable(cfg, Path(full_run))
     cfg["text_config"]["model_type"] = "llama"
     cfg["vision_feature_select_strategy"] = "full"

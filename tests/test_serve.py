@@ -28,24 +28,31 @@ def _post(url: str, body: dict) -> dict:
 
 @pytest.mark.slow
 def test_transformers_serve_answers_like_qilin_chat(full_run, tiny_data, tmp_path):
+    image = sorted(Path(tiny_data["images"]).glob("*.png"))[0]  # square: no pad-vs-crop difference (README)
+    serve_answers_like_chat(full_run, image, QUESTION, tmp_path)
+
+
+def serve_answers_like_chat(model_dir, image: Path, question: str, tmp_path: Path) -> None:
+    """`transformers serve MODEL_DIR` (its saved chat template, its processor) answers `question` about `image` with
+    chat's prompt length, greedy answer and seeded sample. Shared with the Qwen2 family's test (test_qwen.py)."""
     from qilin_lite.generate import load_generator
 
-    image = sorted(Path(tiny_data["images"]).glob("*.png"))[0]  # square: no pad-vs-crop difference (README)
-    gen, _ = load_generator(str(full_run), dtype="float32", max_new_tokens=12, attn="sdpa", temperature=0.0)
-    turn = [{"role": "user", "content": "<image>\n" + QUESTION}]  # as `qilin-lite chat` sends the first turn
+    gen, _ = load_generator(str(model_dir), dtype="float32", max_new_tokens=12, attn="sdpa", temperature=0.0)
+    turn = [{"role": "user", "content": "<image>\n" + question}]  # as `qilin-lite chat` sends the first turn
     greedy = gen.generate([turn], [[image]])[0]
     prompt = torch.from_numpy(gen.prompt_ids(turn))[None]
     # a tiny model's greedy answer repeats one token; seeded sampling from its near-flat distribution only
     # matches if the logits match at every step, a much sharper check of prompt and image processing
     torch.manual_seed(SEED)
     sampled = gen.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), pixel_values=gen.images([image]),
-                                 do_sample=True, temperature=1.0, top_k=50, top_p=1.0, max_new_tokens=12)
+                                 do_sample=True, temperature=1.0, top_k=50, top_p=1.0, max_new_tokens=12,
+                                 eos_token_id=gen.stop_ids(), **dict(gen.template.generation))
     sampled = gen.tokenizer.decode(sampled[0, prompt.shape[1]:], skip_special_tokens=True).strip()
 
     port = free_port()
     cli = Path(sys.executable).parent / "transformers"
     log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen([str(cli), "serve", str(full_run), "--device", "cpu", "--host", "127.0.0.1",
+    server = subprocess.Popen([str(cli), "serve", str(model_dir), "--device", "cpu", "--host", "127.0.0.1",
                                "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
                               env=dict(os.environ, HF_HUB_OFFLINE="1"))
     try:
@@ -59,11 +66,11 @@ def test_transformers_serve_answers_like_qilin_chat(full_run, tiny_data, tmp_pat
                 time.sleep(1)
         url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
         messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                 {"type": "text", "text": QUESTION}]}]
+                                                 {"type": "text", "text": question}]}]
         chat = f"http://127.0.0.1:{port}/v1/chat/completions"
-        reply = _post(chat, {"model": str(full_run), "max_tokens": 12, "temperature": 0, "messages": messages})
+        reply = _post(chat, {"model": str(model_dir), "max_tokens": 12, "temperature": 0, "messages": messages})
         sampling = json.dumps({"do_sample": True, "temperature": 1.0, "top_k": 50, "top_p": 1.0})
-        reply_sampled = _post(chat, {"model": str(full_run), "max_tokens": 12, "seed": SEED,
+        reply_sampled = _post(chat, {"model": str(model_dir), "max_tokens": 12, "seed": SEED,
                                      "generation_config": sampling, "messages": messages})
     finally:
         server.terminate()

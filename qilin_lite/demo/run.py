@@ -49,8 +49,10 @@ def run_demo(out: Path, *, data_spec: DemoDataSpec | None = None, tiny: TinySpec
     run_stage(align)
     heldout = json.loads(Path(paths["heldout"]).read_text(encoding="utf-8"))
     echo("   scoring held-out questions before tuning ...")
-    # before tuning = the model tuning starts from, asked in the tuning template
-    before = score(out / "align", paths, template="vicuna_v1")
+    # before tuning = the model tuning starts from, asked in the tuning template (the LLM's own dialog format)
+    from ..model import guess_template
+
+    before = score(out / "align", paths, template=guess_template(str(llm)))
 
     echo("4/5 tune --qlora: 4-bit LLM + LoRA + projector ...")
     tune = load_recipe(recipes / "tune-qlora.yaml", overrides, **common, output_dir=str(out / "tune"),

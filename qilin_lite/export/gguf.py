@@ -24,6 +24,9 @@ PREFIXES = {
     "vision": ("model.vision_tower.vision_model.", "model.vision_tower.", "vision_tower.vision_model.", "vision_tower."),
     "projector": ("model.multi_modal_projector.", "multi_modal_projector."),
 }
+ARCHS = ("llama", "qwen2")  # llama.cpp architectures the language model is written as
+QWEN2_BIASES = {"self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+                "self_attn.v_proj.bias": "attn_v.bias"}
 LLM_NAMES = {
     "embed_tokens.weight": "token_embd.weight",
     "norm.weight": "output_norm.weight",
@@ -105,10 +108,11 @@ def _split(key: str) -> tuple[str | None, str]:
 def check_exportable(cfg: dict, model_dir: Path) -> None:
     """Refuse, in one line each, what llama.cpp's LLaVA-1.5 path cannot represent."""
     text, vision = cfg.get("text_config") or {}, cfg.get("vision_config") or {}
-    fix = "; export covers LLaVA-1.5-shaped models (LLaMA + CLIP + mlp2x_gelu), as Qilin-Med-VL is"
-    if text.get("model_type") != "llama":
-        raise UserError(f"{model_dir}: the LLM is '{text.get('model_type')}', and export writes llama.cpp's llama "
-                        f"architecture only{fix}")
+    fix = ("; export covers LLaVA-1.5-shaped models (LLaMA or Qwen2 + CLIP + mlp2x_gelu), as Qilin-Med-VL and "
+           "HuatuoGPT-Vision are")
+    if text.get("model_type") not in ARCHS:
+        raise UserError(f"{model_dir}: the LLM is '{text.get('model_type')}', and export writes llama.cpp's "
+                        f"{' and '.join(ARCHS)} architectures only{fix}")
     if vision.get("model_type") != "clip_vision_model":
         raise UserError(f"{model_dir}: the vision tower is '{vision.get('model_type')}', not CLIP{fix}")
     if vision.get("hidden_act") not in ("quick_gelu", "gelu"):
@@ -130,6 +134,10 @@ def check_exportable(cfg: dict, model_dir: Path) -> None:
     if (rope.get("rope_type") or rope.get("type") or "default") != "default":
         raise UserError(f"{model_dir}: RoPE scaling '{rope.get('rope_type') or rope.get('type')}' is not exported "
                         "(LLaMA-2 has none)")
+    if text.get("model_type") == "qwen2":  # q/k/v biases are Qwen2's own; its tokenizer is tokenizer.json
+        if text.get("use_sliding_window"):
+            raise UserError(f"{model_dir}: sliding-window attention is on; llama.cpp's qwen2 attends globally")
+        return
     if text.get("attention_bias") or text.get("mlp_bias"):
         raise UserError(f"{model_dir}: the LLM's linear layers have biases, which LLaMA-2 has not; not exported")
     if not (model_dir / "tokenizer.model").is_file():
@@ -227,6 +235,7 @@ def write_llm(path: Path, model_dir: Path, cfg: dict, weights: Weights, tok, tem
     import gguf
 
     t = cfg["text_config"]
+    arch = t.get("model_type", "llama")
     n_head, n_kv = t["num_attention_heads"], t.get("num_key_value_heads") or t["num_attention_heads"]
     head_dim = t.get("head_dim") or t["hidden_size"] // n_head
     rope = t.get("rope_parameters") or {}
@@ -249,8 +258,14 @@ def write_llm(path: Path, model_dir: Path, cfg: dict, weights: Weights, tok, tem
         w.add_rope_freq_base(float(theta))
         w.add_vocab_size(int(vocab_rows))
         w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
-        _tokenizer_kv(w, model_dir, tok, vocab_rows)
-        w.add_chat_template(gguf_chat_template(template.system))
+        if arch == "qwen2":
+            from .family import gguf_family_template, tokenizer_kv_bpe
+
+            tokenizer_kv_bpe(w, model_dir, tok, vocab_rows)
+            w.add_chat_template(gguf_family_template(template))
+        else:
+            _tokenizer_kv(w, model_dir, tok, vocab_rows)
+            w.add_chat_template(gguf_chat_template(template.system))
 
     def make(key: str, post=None):
         return lambda: post(weights.get(key)) if post else weights.get(key)
@@ -261,20 +276,23 @@ def write_llm(path: Path, model_dir: Path, cfg: dict, weights: Weights, tok, tem
     head = "head:weight" if weights.has("head:weight") else None
     if head:  # an absent head means tied embeddings: llama.cpp then reads token_embd
         tensors.append(("output.weight", weights.shapes[head], make(head)))
+    names = {**LLM_NAMES, **(QWEN2_BIASES if arch == "qwen2" else {})}
     for i in range(t["num_hidden_layers"]):
-        for src, dst in LLM_NAMES.items():
+        for src, dst in names.items():
             if src in ("embed_tokens.weight", "norm.weight"):
                 continue
             key = f"llm:layers.{i}.{src}"
             if not weights.has(key):
                 raise UserError(f"{model_dir}: tensor for layer {i} '{src}' missing; the weights are incomplete")
             post = None
-            if src == "self_attn.q_proj.weight":
+            if arch == "qwen2":
+                pass  # llama.cpp's qwen2 uses the NEOX rotation, transformers' own layout: nothing to reorder
+            elif src == "self_attn.q_proj.weight":
                 post = lambda a: _permute(a, n_head)  # noqa: E731
             elif src == "self_attn.k_proj.weight":
                 post = lambda a: _permute(a, n_kv)  # noqa: E731
             tensors.append((f"blk.{i}.{dst}", weights.shapes[key], make(key, post)))
-    _write(path, "llama", kv, tensors)
+    _write(path, arch, kv, tensors)
 
 
 def write_mmproj(path: Path, model_dir: Path, cfg: dict, weights: Weights, image_processor, image_mode: str,

@@ -78,17 +78,21 @@ OLLAMA_TEMPLATE = """\
 {{- end }}"""
 
 
-def ollama_modelfile(model: str, mmproj: str, system: str) -> str:
-    return (
-        f"# {NOTICE}\n"
-        "# ollama create NAME -f Modelfile   (then: ollama run NAME \"问题 ./image.png\")\n"
-        f"FROM ./{model}\n"
-        f"FROM ./{mmproj}\n"
-        f'TEMPLATE """{OLLAMA_TEMPLATE}"""\n'
-        f'SYSTEM """{system}"""\n'
-        'PARAMETER stop "</s>"\n'
-        "PARAMETER temperature 0\n"
-    )
+def ollama_modelfile(model: str, mmproj: str, system: str, template=None) -> str:
+    """The Modelfile: vicuna_v1's template (`system` its system prompt), or a newer family's (`template`)."""
+    go, stops, params = OLLAMA_TEMPLATE, ["</s>"], {}
+    if template is not None and template.style in ("chatml", "huatuo"):
+        from .family import ollama_family
+
+        go, system, stops, params = ollama_family(template)
+    lines = [f"# {NOTICE}", "# ollama create NAME -f Modelfile   (then: ollama run NAME \"问题 ./image.png\")",
+             f"FROM ./{model}", f"FROM ./{mmproj}", f'TEMPLATE """{go}"""']
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    lines += [f"PARAMETER {k} {v}" for k, v in params.items() if v is not None]
+    lines.append("PARAMETER temperature 0")
+    return "\n".join(lines) + "\n"
 
 
 def export_readme(model: str, mmproj: str, name: str, image_mode: str) -> str:
