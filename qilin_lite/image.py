@@ -32,6 +32,14 @@ def prepare_image(paths, out: str | Path, *, model: str | None = None, window: t
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise UserError(f"{out}: the output must be a .png (lossless); JPEG would change the pixels again")
+    several = not isinstance(paths, (str, Path)) and len(paths) > 1
+    if several and model is not None:
+        from .conversation import get_template
+        from .model import template_of
+
+        if get_template(template_of(str(model))).multi_image == "separate":
+            raise UserError(f"{model} shows each image to the model on its own (template "
+                            f"'{template_of(str(model))}'); write one PNG per image: qilin-lite image FILE --out ...")
     image = load_chat_image(paths, window=window, frame=frame)
     mode, fill = "pad", pad_fill(CLIP_MEAN)
     if model is not None:

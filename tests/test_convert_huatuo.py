@@ -209,3 +209,14 @@ def test_tune_from_the_converted_model_keeps_its_template(converted, tiny_data, 
     assert load_recipe(str(out / "recipe.yaml")).data.template == "huatuo"  # recorded, so --resume compares it
     gen, _ = load_generator(str(out), temperature=0, max_new_tokens=2)
     assert gen.template.name == "huatuo" and dict(gen.template.generation)["repetition_penalty"] == 1.2
+
+
+def test_image_writes_one_png_per_image_for_separate_templates(converted, tiny_data, tmp_path):
+    from qilin_lite.errors import UserError
+    from qilin_lite.image import prepare_image
+
+    _, dst, _ = converted
+    paths = sorted(Path(tiny_data["images"]).glob("img_*.png"))[:2]
+    with pytest.raises(UserError, match="write one PNG per image"):
+        prepare_image(paths, tmp_path / "both.png", model=str(dst))
+    assert prepare_image(paths[:1], tmp_path / "one.png", model=str(dst)).is_file()

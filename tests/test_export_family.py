@@ -1,0 +1,59 @@
+"""The exported prompt formats of the newer family (chatml, huatuo): the GGUF's jinja chat template (as llama.cpp's
+llama-mtmd-cli and llama-server hand it the image marker) and the Ollama Modelfile's Go template render the text
+training rendered. The llama.cpp run of a Qwen2 export is in test_qwen.py."""
+
+from __future__ import annotations
+
+import pytest
+from test_gguf import go_render, modelfile_value
+
+from qilin_lite.conversation import IMAGE_TOKEN, get_template, place_image, render
+from qilin_lite.export.family import gguf_family_template
+from qilin_lite.export.templates import MARKER
+
+Q1, A1, Q2 = "两张图有何不同？", "第二张图可见积液。", "积液多吗？"
+
+
+def trained(messages: list[dict], name: str, image_text: str) -> str:
+    t = get_template(name)
+    return render(place_image(messages, t), t, add_generation_prompt=True).text.replace(IMAGE_TOKEN, image_text)
+
+
+def jinja(template: str, messages: list[dict]) -> str:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # as transformers / llama-cpp-python
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("name", ["chatml", "huatuo"])
+@pytest.mark.parametrize("images", [0, 1, 2, 6])
+@pytest.mark.parametrize("where", ["after", "before"])  # llama-mtmd-cli appends markers; llama-server puts parts first
+def test_gguf_template_renders_what_training_did(name, images, where):
+    t = gguf_family_template(get_template(name))
+    assert len(t.encode()) < 1024  # llama-cpp-python's metadata buffer
+    marks = MARKER * images
+    content = Q1 + marks if where == "after" else marks + Q1
+    history = [{"role": "user", "content": content}, {"role": "assistant", "content": A1},
+               {"role": "user", "content": Q2}]
+    want = trained([{"role": "user", "content": f"{IMAGE_TOKEN}\n" * images + Q1},
+                    {"role": "assistant", "content": A1}, {"role": "user", "content": Q2}], name, MARKER)
+    assert jinja(t, history) == want
+    assert jinja(t, history[:1]) == trained([{"role": "user", "content": f"{IMAGE_TOKEN}\n" * images + Q1}], name,
+                                            MARKER)
+
+
+def test_ollama_templates_render_text_conversations_as_training_did(tmp_path):
+    """Without images the Modelfile's prompt is training's, a second turn included (images: the README's caveat)."""
+    from qilin_lite.export import ollama_modelfile
+
+    cases, wants = [], []
+    for name in ("chatml", "huatuo"):
+        modelfile = ollama_modelfile("m.gguf", "mmproj.gguf", "", get_template(name))
+        template = modelfile_value(modelfile, "TEMPLATE")
+        system = modelfile_value(modelfile, "SYSTEM") if 'SYSTEM """' in modelfile else ""
+        msgs = [{"role": "user", "content": Q1}, {"role": "assistant", "content": A1}, {"role": "user", "content": Q2}]
+        out = go_render(template, [{"System": system, "Messages": [{**m, "Images": 0} for m in msgs]}], tmp_path)
+        cases.append(out[0])
+        wants.append(trained(msgs, name, MARKER))
+    assert cases == wants
