@@ -224,6 +224,22 @@ def test_qwen_recipes_plan_on_24_and_80_gb():
         assert r.data.max_length == paper.data.max_length and r.train.epochs == paper.train.epochs
 
 
+def test_several_separate_images_are_planned_as_their_tokens():
+    """--images N: each image its own 576 tokens (text cut: 2048 + N x 575 positions), N towers' activations; a
+    composite template refuses it (its images are one)."""
+    one = plan_recipe(REPO_RECIPES / "qwen2.5-7b/tune-qlora.yaml", gpu_memory="24GiB")
+    six = plan_recipe(REPO_RECIPES / "qwen2.5-7b/tune-qlora.yaml", gpu_memory="24GiB", images=6)
+    assert (one.settings.max_length, six.settings.max_length) == (2048 + 575, 2048 + 6 * 575)
+    assert six.estimate.total > one.estimate.total
+    from qilin_lite.plan.cli import format_plan
+
+    assert not six.fits and "--images 6" in format_plan(six)  # the suggested re-check keeps the image count
+    with pytest.raises(UserError, match="joins several images into one composite"):
+        plan_recipe(REPO_RECIPES / "qilin-med-vl/tune-qlora.yaml", gpu_memory="24GiB", images=2)
+    with pytest.raises(UserError, match="takes at most 6"):
+        plan_recipe(REPO_RECIPES / "qwen2.5-7b/tune-qlora.yaml", images=7)
+
+
 def test_fsdp_recipe_plans_as_the_matching_zero_stage_with_full_logits():
     full = REPO_RECIPES / "qilin-med-vl/tune-full.yaml"
     zero3 = plan_recipe(full, gpus=8)

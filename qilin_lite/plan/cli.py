@@ -38,9 +38,11 @@ def plan_recipe(
     mode: str | None = None,
     dtype: str | None = None,
     device: str = "cuda",
+    images: int = 1,
 ) -> Plan:
     """A recipe file (+ `section.key=value` overrides) and the run's shape -> `Plan`."""
     from ..config import load_recipe
+    from ..conversation import get_template
 
     if mode is not None and mode not in MODES:
         raise UserError(f"--mode must be one of {', '.join(MODES)}, not '{mode}'")
@@ -49,9 +51,20 @@ def plan_recipe(
         fields_["stage"] = "align" if mode == "align" else "tune"
     r = load_recipe(recipe, overrides, **{k: v for k, v in fields_.items() if v is not None})
     memory = gpu_memory if isinstance(gpu_memory, (int, float)) else parse_memory(gpu_memory)
-    s = settings_from_recipe(r, gpus=gpus, gpu_memory_gib=memory, per_device_batch=batch, device=device)
+    if images > 1 and get_template(r.template).multi_image != "separate":
+        raise UserError(f"--images {images}: the '{r.template}' template joins several images into one composite, "
+                        "one image's tokens; plan several for a template that keeps them separate (huatuo, chatml)")
+    if images > get_template(r.template).max_images:
+        raise UserError(f"--images {images}: the '{r.template}' template takes at most "
+                        f"{get_template(r.template).max_images}")
+    s = settings_from_recipe(r, gpus=gpus, gpu_memory_gib=memory, per_device_batch=batch, device=device,
+                             images=images)
     _ = s.accumulation  # a batch that does not divide the global batch is the user's to fix, before anything else
     return make_plan(count_parameters(recipe_config(r)), s, str(recipe))
+
+
+def _images(s: Settings, shape: Shape) -> str:
+    return f"{shape.image_tokens} image" if s.images == 1 else f"{s.images} images x {shape.image_tokens}"
 
 
 def _gib(n: int) -> float:
@@ -65,7 +78,7 @@ def _describe(s: Settings, shape: Shape) -> list[str]:
     attn = s.planned_attention
     return [
         f"mode {s.mode} | {s.gpus} GPU{'s' if s.gpus > 1 else ''} x {s.gpu_memory_gib:g} GiB | batch {s.per_device_batch} x "
-        f"accumulation {s.accumulation} x {s.gpus} = {s.global_batch} | {s.max_length} positions ({shape.image_tokens} image)",
+        f"accumulation {s.accumulation} x {s.gpus} = {s.global_batch} | {s.max_length} positions ({_images(s, shape)})",
         f"checkpointing {'on' if s.gradient_checkpointing else 'off'} | {ds} | attention {attn} | {s.dtype}"
         f"{' + autocast' if s.mixed_precision and not s.zero_stage else ''} | {s.device}",
     ]
@@ -127,6 +140,8 @@ def _plan_args(s: Settings, flags: list[str]) -> list[str]:
     args += [f for f in flags if f.startswith("--set")]
     if s.load_4bit:
         args.append("--set model.load_4bit=true")
+    if s.images > 1:
+        args.append(f"--images {s.images}")
     return args
 
 
@@ -166,6 +181,7 @@ def register(app: typer.Typer) -> None:
         max_length: Annotated[Optional[int], typer.Option("--max-length", help="the recipe's cut: text ids with an image as one (length_mode text, planned as + image tokens - 1 positions) or positions (total)")] = None,
         mode: Annotated[Optional[str], typer.Option("--mode", help="align | lora | qlora | full (default: the recipe's)")] = None,
         dtype: Annotated[Optional[str], typer.Option("--dtype", help="weights' dtype: bfloat16 | float16 | float32")] = None,
+        images: Annotated[int, typer.Option("--images", help="images per sample to plan for (templates that keep images separate: huatuo, chatml)")] = 1,
         as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
         set_: Annotated[Optional[list[str]], typer.Option("--set", help="override any recipe field: section.key=value")] = None,
     ):
@@ -174,6 +190,6 @@ def register(app: typer.Typer) -> None:
         Exit status: 0 fits, 1 does not fit, 2 a bad recipe or flag.
         """
         p = plan_recipe(recipe, set_, gpus=gpus, gpu_memory=gpu_memory, batch=batch, max_length=max_length, mode=mode,
-                        dtype=dtype)
+                        dtype=dtype, images=images)
         typer.echo(json.dumps(plan_to_dict(p), indent=2, ensure_ascii=False) if as_json else format_plan(p))
         raise typer.Exit(0 if p.fits else 1)

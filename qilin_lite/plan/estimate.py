@@ -127,8 +127,9 @@ def estimate(shape: Shape, s: Settings) -> Estimate:
     z = _sizes(s)
     notes: list[str] = []
     b, seq = s.per_device_batch, s.max_length
-    if seq <= shape.image_tokens:
-        raise UserError(f"max length {seq} leaves no room for text after the {shape.image_tokens} image tokens")
+    if seq <= s.images * shape.image_tokens:
+        raise UserError(f"max length {seq} leaves no room for text after {s.images} x {shape.image_tokens} image "
+                        "tokens")
     T = b * seq
     h, L = shape.hidden, shape.layers
     N = s.gpus
@@ -273,17 +274,17 @@ def _activations(shape: Shape, s: Settings, z: _Sizes, T: int):
     mask_once = b * seq * seq if masked else 0  # the boolean mask transformers builds
     # outside the layers: the image path (tower output kept by the projector, projector activations), RoPE tables,
     # the final norm, and the LM head's saved input
-    n_img = b * shape.image_tokens
+    n_img = b * s.images * shape.image_tokens
     proj_e = z.e if z.autocast else (4 if s.bits and s.mode in ("align", "qlora") else z.w)
     vis_dtype = 4 if (s.mode == "qlora" and s.zero_stage == 0) else z.w
-    image = vis_dtype * b * shape.vision_tokens * shape.vision_hidden
+    image = vis_dtype * b * s.images * shape.vision_tokens * shape.vision_hidden
     if z.autocast and vis_dtype != z.e:
         image += z.e * n_img * shape.vision_hidden
     image += proj_e * n_img * h * (1 if shape.linear_projector else 2)
     rope = 2 * b * seq * shape.head_dim * z.stream
     final_norm = 4 * T * h + (z.stream * T * h if s.mode == "full" else 0)
     inputs = 3 * 8 * T
-    supervised = b * (seq - shape.image_tokens) if s.device == "cuda" else b * (seq - 1)
+    supervised = b * (seq - s.images * shape.image_tokens) if s.device == "cuda" else b * (seq - 1)
     lm_dtype = 4 if (s.mode == "qlora" and s.zero_stage == 0) else z.w
     ce = z.e if z.autocast else z.stream  # the head's compute dtype
     if s.fused_lm_head:
@@ -320,7 +321,7 @@ def _activations(shape: Shape, s: Settings, z: _Sizes, T: int):
 def _vision_forward(shape: Shape, s: Settings, z: _Sizes, T: int) -> int:
     """Frozen tower, no graph: one CLIP layer's temporaries beside the LLM's input embeddings."""
     vis_dtype = 4 if (s.mode == "qlora" and s.zero_stage == 0) else z.w
-    tok = s.per_device_batch * shape.vision_tokens
+    tok = s.per_device_batch * s.images * shape.vision_tokens
     return T * shape.hidden * z.stream + tok * (3 * shape.vision_hidden + 3 * shape.vision_intermediate) * vis_dtype
 
 

@@ -49,6 +49,7 @@ class Settings:
     per_device_batch: int = 1
     global_batch: int = 1
     max_length: int = 2048
+    images: int = 1  # images per sample planned for (a separate-image template shows each with its own tokens)
     # text: max_length counts text ids with an image as one (the authors' cut), so a sequence holds up to
     # max_length + image tokens - 1 positions, and that is what is planned; total: max_length positions
     length_mode: str = "total"
@@ -72,6 +73,8 @@ class Settings:
             raise UserError(f"mode must be one of {', '.join(MODES)}, not '{self.mode}'")
         if self.gpus < 1 or self.per_device_batch < 1 or self.global_batch < 1:
             raise UserError("--gpus, --batch and the global batch must be at least 1")
+        if self.images < 1:
+            raise UserError(f"--images must be at least 1, not {self.images}")
         if self.gpu_memory_gib <= 0:
             raise UserError(f"GPU memory must be positive, not {self.gpu_memory_gib}")
         if self.zero_stage not in (0, 1, 2, 3):

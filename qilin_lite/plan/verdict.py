@@ -38,10 +38,10 @@ def fits(est: Estimate, s: Settings) -> bool:
 
 def positions(shape: Shape, s: Settings) -> Settings:
     """The settings with max_length in positions: under the authors' text cut, a sequence is the text ids plus
-    each image's tokens but one (2048 + 575 at 336 px), and memory is spent on positions."""
+    each image's tokens but one (2048 + 575 at 336 px, per image planned), and memory is spent on positions."""
     if s.length_mode != "text":
         return s
-    return replace(s, max_length=s.max_length + shape.image_tokens - 1, length_mode="total")
+    return replace(s, max_length=s.max_length + s.images * (shape.image_tokens - 1), length_mode="total")
 
 
 def make_plan(shape: Shape, s: Settings, recipe: str = "") -> Plan:
