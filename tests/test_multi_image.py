@@ -104,3 +104,33 @@ def test_too_many_images_is_the_records_problem(tiny_base, tok_layout):
         encode(msgs, get_template("huatuo"), tok, layout)
     with pytest.raises(BadRecord, match="5 images; the vicuna_v1 template takes at most 4"):
         encode([{**msgs[0], "content": "<image>" * 5 + QUESTION}, msgs[1]], get_template("vicuna_v1"), tok, layout)
+
+
+def test_a_packed_row_carries_every_samples_images_in_order(two_image_data, tiny_base, tiny_data, tok_layout):
+    """Packing counts separate images right: a row of four two-image records holds 8 images' tokens and 8 pixel
+    rows, and the model's loss on the row equals the mean over the same samples unpacked (segments attend apart)."""
+    import numpy as np
+    import torch
+
+    from qilin_lite import segments
+    from qilin_lite.model import load_llava, load_tokenizer_and_processor
+    from qilin_lite.packing import PackedDataset
+    from qilin_lite.processing import Collator, ImageLoader, VisionTextDataset
+
+    tok, layout = tok_layout
+    _, ip = load_tokenizer_and_processor(str(tiny_base))
+    recs = read_records(two_image_data, tiny_data["images"])
+    ds = VisionTextDataset(recs, tok, ImageLoader(ip, "pad"), get_template("huatuo"), layout, np.zeros(4, np.int64))
+    items = [ds[i] for i in range(4)]
+    ds.lengths = np.array([len(it["input_ids"]) for it in items])
+    row = PackedDataset(ds, max_length=int(ds.lengths.sum()))[0]
+    assert row["pixel_values"].shape[0] == 8
+    assert int((row["input_ids"] == layout.image_token_id).sum()) == 8 * layout.num_image_tokens
+    model = load_llava(str(tiny_base), dtype="float32", attn="sdpa").eval()
+    collate = Collator(tok.pad_token_id)
+    with torch.no_grad():
+        segments.use(model, segments.SEGMENTS)
+        packed = model(**collate([row])).loss.item()
+        segments.use(model, "sdpa")
+        unpacked = model(**collate(items)).loss.item()
+    assert abs(packed - unpacked) < 1e-4
