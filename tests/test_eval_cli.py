@@ -130,8 +130,8 @@ def test_model_generate_prompts_batches_and_greedy(monkeypatch):
     assert images1 == [["/img/a.png"], ["/img/b.png"]]
     assert convs2 == [[{"role": "user", "content": "请描述这张图片。"}]] and images2 == [[]]  # no image, no token
 
-    with pytest.raises(UserError, match="unknown template 'chatml'"):
-        model_generate("run-dir", template="chatml")
+    with pytest.raises(UserError, match="unknown template 'alpaca'"):
+        model_generate("run-dir", template="alpaca")
     with pytest.raises(UserError, match="--batch-size must be at least 1"):
         model_generate("run-dir", batch_size=0)
     assert len(loads) == 1  # neither bad call loaded a model
