@@ -43,17 +43,26 @@ def test_gguf_template_renders_what_training_did(name, images, where):
                                             MARKER)
 
 
-def test_ollama_templates_render_text_conversations_as_training_did(tmp_path):
-    """Without images the Modelfile's prompt is training's, a second turn included (images: the README's caveat)."""
+@pytest.mark.parametrize("name", ["chatml", "huatuo"])
+def test_ollama_templates_render_what_training_did(name, tmp_path):
+    """Ollama's prompt is training's text with each image's `[img-N]` tag where training put `<image>` (its newline
+    after it), for 0, 1, 2 and 6 images, tags counted past 9, and a second turn."""
     from qilin_lite.export import ollama_modelfile
 
+    modelfile = ollama_modelfile("m.gguf", "mmproj.gguf", "", get_template(name))
+    template = modelfile_value(modelfile, "TEMPLATE")
+    system = modelfile_value(modelfile, "SYSTEM") if 'SYSTEM """' in modelfile else ""
     cases, wants = [], []
-    for name in ("chatml", "huatuo"):
-        modelfile = ollama_modelfile("m.gguf", "mmproj.gguf", "", get_template(name))
-        template = modelfile_value(modelfile, "TEMPLATE")
-        system = modelfile_value(modelfile, "SYSTEM") if 'SYSTEM """' in modelfile else ""
-        msgs = [{"role": "user", "content": Q1}, {"role": "assistant", "content": A1}, {"role": "user", "content": Q2}]
-        out = go_render(template, [{"System": system, "Messages": [{**m, "Images": 0} for m in msgs]}], tmp_path)
-        cases.append(out[0])
-        wants.append(trained(msgs, name, MARKER))
-    assert cases == wants
+    for first, n in ((0, 0), (0, 1), (0, 2), (0, 6), (9, 2)):
+        tags = "".join(f"[img-{first + k}]" for k in range(n))
+        ours = [{"role": "user", "content": f"{IMAGE_TOKEN}\n" * n + Q1}, {"role": "assistant", "content": A1},
+                {"role": "user", "content": Q2}]
+        want = trained(ours, name, "<<IMG>>")
+        for k in range(n):  # each placeholder, in order, becomes its tag
+            want = want.replace("<<IMG>>", f"[img-{first + k}]", 1)
+        msgs = [{"Role": "user", "Content": tags + Q1, "Images": n}, {"Role": "assistant", "Content": A1, "Images": 0},
+                {"Role": "user", "Content": Q2, "Images": 0}]
+        lead = [{"Role": "system", "Content": system, "Images": 0}] if system else []
+        cases.append({"System": system, "Messages": lead + msgs})
+        wants.append(want)
+    assert go_render(template, cases, tmp_path) == wants

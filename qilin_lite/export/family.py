@@ -93,16 +93,28 @@ def gguf_family_template(template) -> str:
     return t
 
 
-# Ollama (Go templates; what Ollama hands them: see export/templates.py). Images arrive as `[img-N]` tags Ollama puts
-# in front of the user's text; Go templates cannot find and re-space them, so here an image reaches the model as
-# `[img-N]` + the text rather than training's `<image>\n` + text: the README written beside the export says so.
+# Ollama (Go templates; what Ollama hands them: see export/templates.py): a user message's images arrive as
+# `[img-N]` tags in front of its text (N counts the conversation's images, so tags are 7-9 characters up to 999).
+# Each tag gets the newline training put after `<image>`; Go templates have no string search, so a tag's end is
+# found by position, as the vicuna template does. Not done (Go templates cannot): stripping the text.
+_OLLAMA_USER_TEXT = """\
+{{ $r := $m.Content }}
+    {{- range $m.Images }}{{ $end := 0 }}
+      {{- if and (ge (len $r) 7) (eq (slice $r 0 5) "[img-") }}
+        {{- if eq (slice $r 6 7) "]" }}{{ $end = 7 }}
+        {{- else if and (ge (len $r) 8) (eq (slice $r 7 8) "]") }}{{ $end = 8 }}
+        {{- else if and (ge (len $r) 9) (eq (slice $r 8 9) "]") }}{{ $end = 9 }}
+        {{- end }}
+      {{- end }}
+      {{- if $end }}{{ slice $r 0 $end }}{{ "\\n" }}{{ $r = slice $r $end }}{{ end }}
+    {{- end }}{{ $r }}"""
 OLLAMA_CHATML = """\
 {{- if .System }}<|im_start|>system
 {{ .System }}<|im_end|>
 {{ end }}
 {{- range $i, $m := .Messages }}
   {{- if eq $m.Role "user" }}<|im_start|>user
-{{ $m.Content }}<|im_end|>
+""" + _OLLAMA_USER_TEXT + """<|im_end|>
 <|im_start|>assistant
 {{ else if eq $m.Role "assistant" }}{{ $m.Content }}
     {{- if gt (len (slice $.Messages $i)) 1 }}<|im_end|>
@@ -112,7 +124,7 @@ OLLAMA_CHATML = """\
 OLLAMA_HUATUO = """\
 {{- range $i, $m := .Messages }}
   {{- if eq $m.Role "user" }}<|user|>
-{{ $m.Content }}
+""" + _OLLAMA_USER_TEXT + """
 <|assistant|>
 {{ else if eq $m.Role "assistant" }}{{ $m.Content }}
     {{- if gt (len (slice $.Messages $i)) 1 }} 
