@@ -220,3 +220,20 @@ def test_image_writes_one_png_per_image_for_separate_templates(converted, tiny_d
     with pytest.raises(UserError, match="write one PNG per image"):
         prepare_image(paths, tmp_path / "both.png", model=str(dst))
     assert prepare_image(paths[:1], tmp_path / "one.png", model=str(dst)).is_file()
+
+
+def test_a_hf_release_without_qilin_json_gets_its_own_template(converted, tmp_path):
+    """The `-hf` release is already a LlavaForConditionalGeneration: it loads as it is, HuatuoGPT-Vision by its name
+    (as its cli.py tells its models apart) in `huatuo`, another Qwen2 Llava in ChatML."""
+    from qilin_lite.generate import load_generator
+    from qilin_lite.model import template_of
+
+    _, dst, _ = converted
+    hf = tmp_path / "HuatuoGPT-Vision-7B-hf"
+    shutil.copytree(dst, hf)
+    (hf / "qilin.json").unlink()
+    other = tmp_path / "some-qwen2-llava"
+    shutil.copytree(hf, other)
+    assert (template_of(str(hf)), template_of(str(other))) == ("huatuo", "chatml")
+    gen, info = load_generator(str(hf), temperature=0, max_new_tokens=1)
+    assert gen.template.name == "huatuo" and info.kind == "base"
