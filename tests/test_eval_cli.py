@@ -93,7 +93,9 @@ def test_llava_choice_records_that_cannot_be_scored(tmp_path):
 
 
 class FakeGenerator:
-    template = "run's own"
+    from qilin_lite.conversation import get_template
+
+    template = get_template("chatml")  # the run's own: a test that overrides it sees vicuna_v1 instead
 
     def __init__(self):
         self.calls = []
