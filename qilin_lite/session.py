@@ -55,13 +55,18 @@ def load_chat_images(paths, template, *, window: tuple[float, float] | None = No
     from .images import load_images
 
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    check_image_count(len(paths), template)
     if template.multi_image != "separate":
         return [load_chat_image(paths, window=window, frame=frame, max_bytes=max_bytes)]
-    if not 1 <= len(paths) <= template.max_images:
-        raise UserError(f"the {template.name} template takes 1 to {template.max_images} images (each its own image "
-                        f"tokens), got {len(paths)}")
     kw = {"window": window, "frame": frame, **({"max_bytes": max_bytes} if max_bytes else {})}
     return [load_images([p], **kw) for p in paths]
+
+
+def check_image_count(n: int, template) -> None:
+    """1 to the template's maximum: 4 joined into one composite, or up to 6 each with its own tokens."""
+    if not 1 <= n <= template.max_images:
+        how = "each its own image tokens" if template.multi_image == "separate" else "several are joined into one"
+        raise UserError(f"at most {template.max_images} images ({how}; template {template.name}), got {n}")
 
 
 def load_chat_image(paths, *, window: tuple[float, float] | None = None, frame: int | None = None,

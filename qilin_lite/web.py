@@ -145,15 +145,13 @@ class WebApp:
     def set_image(self, sid: str, files: list[dict], window=None, frame: int | None = None) -> dict:
         """Decode the uploads (`{"name", "data": base64}`) as chat does; returns the model's view as a PNG."""
         from .images import expand_to_square, side_by_side
-        from .session import load_chat_images
+        from .session import check_image_count, load_chat_images
 
         s = self.session(sid)
         t = self.generator.template
         if not files:
             raise UserError("choose an image first")
-        if len(files) > t.max_images:
-            raise UserError(f"{len(files)} files: at most {t.max_images} images "
-                            + ("(each its own image tokens)" if t.multi_image == "separate" else "(several are joined into one)"))
+        check_image_count(len(files), t)  # before any upload is decoded
         uploads = []
         for i, f in enumerate(files):
             name = str(f.get("name") or f"image{i}")
