@@ -93,6 +93,16 @@ def _command(session: ChatSession, line: str, out: TextIO) -> bool:
             out.write(f"error: {e}\n")
             return False
         out.write(f"(new image: {session.describe_image()}; new conversation)\n")
+    elif name == "/add":
+        try:
+            paths = shlex.split(rest)
+            if not paths:
+                raise UserError("usage: /add PATH [PATH ...]")
+            session.add_images(paths)
+        except (UserError, ValueError) as e:
+            out.write(f"error: {e}\n")
+            return False
+        out.write(f"(images: {session.describe_image()}; the new ones go with your next question)\n")
     else:
         out.write(f"unknown command {name}; commands: {COMMANDS}\n")
     out.flush()

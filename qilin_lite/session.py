@@ -21,7 +21,8 @@ from typing import TextIO
 from .errors import UserError
 
 DISCLAIMER = "仅供研究，不构成医疗诊断 / for research only, not a diagnosis"
-COMMANDS = "/image PATH... (new image, new conversation)   /reset (clear the conversation)   /quit (or Ctrl-D)"
+COMMANDS = ("/image PATH... (new image, new conversation)   /add PATH... (more images for the next question; "
+            "templates that keep images separate)   /reset (clear the conversation)   /quit (or Ctrl-D)")
 MAX_IMAGES = 4  # ChiMed-VL drops records with more; a composite of more would be unreadably small
 
 
@@ -97,6 +98,7 @@ class ChatSession:
         self.stream = stream
         self.window, self.frame = window, frame
         self.images: list = []  # PIL images shown to the model: one composite, or several (separate templates)
+        self.asked = 0  # how many of them earlier questions carried; the rest go with the next question
         self.image_paths: list[Path] = []
         self.history: list[dict] = []
         self.last: Reply | None = None
@@ -124,7 +126,7 @@ class ChatSession:
 
     @image.setter
     def image(self, value) -> None:
-        self.images = [] if value is None else [value]
+        self.images, self.asked = ([] if value is None else [value]), 0
 
     def load_image(self, paths) -> None:
         """Show the model new image(s); starts a new conversation (the images belong to the first turn)."""
@@ -138,6 +140,18 @@ class ChatSession:
 
     def reset(self) -> None:
         self.history = []
+        self.asked = 0
+
+    def add_images(self, paths) -> None:
+        """More images for the next question of this conversation (templates that keep images separate: their
+        `<image>\n` go in front of that question, as HuatuoGPT-Vision's cli.py adds images in a later round)."""
+        t = self.template
+        if t.multi_image != "separate":
+            raise UserError(f"the {t.name} template joins images into one; use /image to start over with new ones")
+        new = load_chat_images(paths, t, window=self.window, frame=self.frame)
+        check_image_count(len(self.images) + len(new), t)
+        self.images += new
+        self.image_paths += [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
 
     def ask(self, text: str, stop: threading.Event | None = None) -> str:
         """Answer `text` in the current conversation; the answer is streamed and kept in the history.
@@ -151,9 +165,8 @@ class ChatSession:
         text = typed_text(text, self.template)
         if not text.strip():
             raise UserError("the question is empty (a typed <image> is left out: the image is attached already)")
-        content = text
-        if not self.history and self.images:
-            content = f"{IMAGE_TOKEN}\n" * len(self.images) + text
+        new = len(self.images) - self.asked  # images not yet in the conversation go in front of this question
+        content = f"{IMAGE_TOKEN}\n" * new + text
         messages = self.history + [{"role": "user", "content": content}]
         # ImageLoader takes paths or dataset cells; a one-row "dataset" hands it the already loaded image(s).
         images = [LazyImage([{"image": img}], 0, "image") for img in self.images]
@@ -168,6 +181,7 @@ class ChatSession:
         self.last = Reply(answer, streamer.tokens, seconds, stopped=stop.is_set())
         if not stop.is_set():
             self.history = messages + [{"role": "assistant", "content": answer}]
+            self.asked = len(self.images)
         return answer
 
     def regenerate(self, stop: threading.Event | None = None) -> str:
@@ -177,8 +191,10 @@ class ChatSession:
         if len(self.history) < 2:
             raise UserError("nothing to regenerate yet: ask a question first")
         question = self.history[-2]["content"]
-        if len(self.history) == 2 and self.images:
-            question = question.removeprefix(f"{IMAGE_TOKEN}\n" * len(self.images))
+        carried = 0  # the images that question carried go with it again
+        while question.startswith(f"{IMAGE_TOKEN}\n"):
+            question, carried = question[len(IMAGE_TOKEN) + 1:], carried + 1
+        self.asked -= carried
         self.history = self.history[:-2]
         return self.ask(question, stop=stop)
 

@@ -149,6 +149,7 @@ def test_chat_sends_the_prompt_ids_their_cli_builds(case, n, converted, tiny_dat
     if len(turns) == 2:  # the first answer as their history holds it, then the second question
         session.history = [{"role": "user", "content": f"{IMAGE_TOKEN}\n" * n + turns[0]["question"]},
                            {"role": "assistant", "content": want["answers"][0]}]
+        session.asked = n  # the first question carried the images
     session.ask(turns[-1]["question"])
     image_id = session.generator.layout.image_token_id
     per_image = session.generator.layout.num_image_tokens
@@ -237,3 +238,26 @@ def test_a_hf_release_without_qilin_json_gets_its_own_template(converted, tmp_pa
     assert (template_of(str(hf)), template_of(str(other))) == ("huatuo", "chatml")
     gen, info = load_generator(str(hf), temperature=0, max_new_tokens=1)
     assert gen.template.name == "huatuo" and info.kind == "base"
+
+
+def test_images_added_in_a_later_turn_go_in_front_of_that_question(converted, tiny_data):
+    """`/add` (HuatuoGPT-Vision's cli.py adds a round's images to that round): the second question carries its own
+    image, with the prompt ids their cli.py builds (tests/data/huatuo 'second turn': 2 images, then 1 more)."""
+    from qilin_lite.errors import UserError
+    from qilin_lite.session import ChatSession
+
+    _, dst, _ = converted
+    want = EXPECTED["second turn"]
+    paths = sorted(Path(tiny_data["images"]).glob("img_*.png"))[:3]
+    session = ChatSession.load(str(dst), temperature=0, max_new_tokens=2)
+    session.load_image(paths[:2])
+    session.ask(want["turns"][0]["question"])
+    session.history[-1]["content"] = want["answers"][0]  # their history's answer, so the ids can be compared
+    session.add_images(paths[2:])
+    session.ask(want["turns"][1]["question"])
+    image_id, per = session.generator.layout.image_token_id, session.generator.layout.num_image_tokens
+    assert session.generator.last_prompt_ids == [x for i in want["ids"] for x in ([image_id] * per if i == -200 else [i])]
+    session.regenerate()  # the last question again, with the image it carried
+    assert session.generator.last_prompt_ids.count(image_id) == 3 * per
+    with pytest.raises(UserError, match="at most 6 images"):
+        session.add_images(paths[:1] * 4)
