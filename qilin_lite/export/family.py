@@ -127,7 +127,7 @@ OLLAMA_HUATUO = """\
 """ + _OLLAMA_USER_TEXT + """
 <|assistant|>
 {{ else if eq $m.Role "assistant" }}{{ $m.Content }}
-    {{- if gt (len (slice $.Messages $i)) 1 }} 
+    {{- if gt (len (slice $.Messages $i)) 1 }}{{ " " }}
 {{ end }}
   {{- end }}
 {{- end }}"""
