@@ -274,3 +274,21 @@ def test_cli_user_errors_are_one_line(tmp_path, tiny_data, args, message):
 def test_cli_bad_flag_is_a_usage_error(tmp_path):
     r = qilin("eval", "run", "--bogus", "1")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "No such option: --bogus" in r.stderr
+
+
+def test_a_separate_image_template_is_asked_with_each_image(monkeypatch):
+    """An item with several images (MMMU) reaches a huatuo / chatml model as its images, one `<image>\\n` each in
+    front of the question, and a composite template's model as the one composite."""
+    from qilin_lite.conversation import get_template
+
+    for name, want in (("huatuo", ["/img/p1.png", "/img/p2.png"]), ("vicuna_v1", ["/img/both.png"])):
+        fake = FakeGenerator()
+        fake.template = get_template(name)
+        monkeypatch.setattr(qilin_lite.generate, "load_generator", lambda model_dir, **kw: (fake, None))
+        item = EvalItem("0", "/img/both.png", "哪张有积液？", "B", "mmmu", "choice", ["第一张", "第二张"],
+                        parts=("/img/p1.png", "/img/p2.png"))
+        model_generate("run-dir")([item])
+        (convs, images), = fake.calls
+        assert images == [want]
+        assert convs[0][0]["content"].startswith("<image>\n" * len(want) + "哪张")
+        assert convs[0][0]["content"].count("<image>") == len(want)

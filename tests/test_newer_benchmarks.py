@@ -108,5 +108,16 @@ def test_mmmu_health_and_medicine_in_its_published_layout(tmp_path, monkeypatch)
     with Image.open(item.image) as im:  # both images, joined into one composite in order of mention
         colors = {c for _, c in im.convert("RGB").getcolors(10**6)}
     assert (255, 0, 0) in colors and (0, 0, 255) in colors
+    # a template that keeps images separate (HuatuoGPT-Vision, ChatML runs) is shown the two images themselves
+    from qilin_lite.conversation import get_template
+
+    assert item.shown(get_template("vicuna_v1")) == [item.image] and items[1].parts == ()
+    separate = item.shown(get_template("huatuo"))
+    assert len(separate) == 2
+    firsts = []
+    for path in separate:
+        with Image.open(path) as im:
+            firsts.append(im.convert("RGB").getpixel((0, 0)))
+    assert firsts == [(255, 0, 0), (0, 0, 255)]  # in order of mention
     m = run_eval(items, lambda b: ["(B)", "The dose is 20 mg."], tmp_path / "out")
     assert m["groups"]["all"]["accuracy"] == 1.0 and m["groups"]["all"]["short_accuracy"] == 1.0

@@ -32,6 +32,15 @@ class EvalItem:
     kind: str  # "closed" | "open" | "choice" | "caption"
     choices: list[str] | None = None  # option texts, in letter order (choice only)
     lang: str | None = None  # "en" / "zh" where the benchmark says (SLAKE)
+    # a question with several images (MMMU): `image` is their composite, `parts` the images themselves in order;
+    # a template that keeps images separate (huatuo, chatml) is shown the parts, each with its own tokens
+    parts: tuple[str, ...] = ()
+
+    def shown(self, template) -> list[str]:
+        """The image files the model sees for this question under `template`'s multi-image rule."""
+        if self.parts and template.multi_image == "separate":
+            return list(self.parts[: template.max_images])
+        return [self.image] if self.image else []
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -221,8 +221,8 @@ def load_mmmu(path: Path, cache: Path) -> list[EvalItem]:
                 if answer is None:
                     skipped += 1
                     continue
-                items.append(EvalItem(qid, _mmmu_image(row, qid, cache), str(row["question"]), answer, "mmmu",
-                                      "short"))
+                image, parts = _mmmu_image(row, qid, cache)
+                items.append(EvalItem(qid, image, str(row["question"]), answer, "mmmu", "short", parts=parts))
                 continue
             try:
                 options = [str(o) for o in ast.literal_eval(str(row["options"]))]
@@ -231,8 +231,8 @@ def load_mmmu(path: Path, cache: Path) -> list[EvalItem]:
             answer = str(row.get("answer", "")).strip()
             if answer not in LETTERS[: len(options)]:
                 raise UserError(f"{where(f, record_id=qid)}: answer {answer!r} is not an option letter")
-            image = _mmmu_image(row, qid, cache)
-            items.append(EvalItem(qid, image, str(row["question"]), answer, "mmmu", "choice", options))
+            image, parts = _mmmu_image(row, qid, cache)
+            items.append(EvalItem(qid, image, str(row["question"]), answer, "mmmu", "choice", options, parts=parts))
     if skipped:
         log.warning("%s: %d open questions without an answer skipped", path, skipped)
     return items
@@ -245,8 +245,9 @@ def _open_answer(value) -> str | None:
     return text or None
 
 
-def _mmmu_image(row: dict, qid: str, cache: Path) -> str | None:
-    """The question's images (in order of mention, else image_1) as one PNG in `cache`, written once."""
+def _mmmu_image(row: dict, qid: str, cache: Path) -> tuple[str | None, tuple[str, ...]]:
+    """The question's images (in order of mention, else image_1) as one PNG in `cache` (their composite), and, when
+    there are several, each as its own PNG (for templates that show images separately); written once."""
     from io import BytesIO
 
     from PIL import Image
@@ -258,11 +259,14 @@ def _mmmu_image(row: dict, qid: str, cache: Path) -> str | None:
     blobs = [row.get(f"image_{k}") for k in order]
     blobs = [b["bytes"] for b in blobs if isinstance(b, dict) and b.get("bytes")]
     if not blobs:
-        return None
+        return None, ()
     digest = hashlib.sha256(b"".join(blobs)).hexdigest()[:20]
     out = cache / f"{digest}.png"
-    if not out.exists():
+    parts = [cache / f"{hashlib.sha256(b).hexdigest()[:20]}.png" for b in blobs] if len(blobs) > 1 else []
+    if not out.exists() or not all(p.exists() for p in parts):
         cache.mkdir(parents=True, exist_ok=True)
         images = [Image.open(BytesIO(b)).convert("RGB") for b in blobs]
+        for img, p in zip(images, parts):
+            save_image_atomic(img, p)
         save_image_atomic(images[0] if len(images) == 1 else composite(images[:4]), out)
-    return str(out)
+    return str(out), tuple(str(p) for p in parts)

@@ -48,20 +48,26 @@ def control_items(items: Sequence[EvalItem], control: str, folder: Path, fill: t
         if len(distinct) < 2:
             raise UserError("the swapped-image control needs a benchmark with at least two different images")
         other = {img: distinct[(k + len(distinct) // 2) % len(distinct)] for k, img in enumerate(distinct)}
-        return [dataclasses.replace(it, image=other[it.image]) if it.image else it for it in items]
+        # another question's image (its composite): the question's own parts go too
+        return [dataclasses.replace(it, image=other[it.image], parts=()) if it.image else it for it in items]
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     blanks: dict[str, str] = {}
     out = []
-    for it in items:
-        if it.image and it.image not in blanks:
-            w, h = image_size(it.image)
+
+    def blank(image: str) -> str:  # a blank of the image's size, one file per size
+        if image not in blanks:
+            w, h = image_size(image)
             path = folder / f"blank-{w}x{h}.png"
             if not path.exists():
                 save_image_atomic(Image.new("RGB", (w, h), fill), path)
-            blanks[it.image] = str(path)
-        out.append(dataclasses.replace(it, image=blanks[it.image]) if it.image else it)
+            blanks[image] = str(path)
+        return blanks[image]
+
+    for it in items:
+        out.append(dataclasses.replace(it, image=blank(it.image), parts=tuple(blank(p) for p in it.parts))
+                   if it.image else it)
     return out
 
 

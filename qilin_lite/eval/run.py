@@ -140,6 +140,7 @@ def _prediction_line(item: EvalItem, prediction: Any) -> str:
         "kind": item.kind,
         "lang": item.lang,
         "image": item.image,
+        **({"parts": list(item.parts)} if item.parts else {}),
         "question": item.question,
         "choices": item.choices,
         "reference": item.reference,
@@ -179,8 +180,9 @@ def _resume(pred_path: Path, by_id: dict[str, EvalItem]) -> set[str]:
 def _check_images(items: Iterable[EvalItem]) -> None:
     """Fail before generating anything rather than after hours of it."""
     for it in items:
-        if it.image is not None and not Path(it.image).is_file():
-            raise UserError(f"{where(it.image, record_id=it.id)}: image not found; check --image-folder")
+        for image in ([it.image] if it.image is not None else []) + list(it.parts):
+            if not Path(image).is_file():
+                raise UserError(f"{where(image, record_id=it.id)}: image not found; check --image-folder")
 
 
 def _read_external(path: Path, items: Sequence[EvalItem]) -> dict[str, str]:
@@ -242,10 +244,11 @@ def model_generate(
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
             conversations = [
-                [{"role": "user", "content": (f"{IMAGE_TOKEN}\n" if it.image else "") + typed_text(format_prompt(it, instruction), gen.template)}]
+                [{"role": "user", "content": f"{IMAGE_TOKEN}\n" * len(it.shown(gen.template))
+                  + typed_text(format_prompt(it, instruction), gen.template)}]
                 for it in batch
             ]
-            answers += gen.generate(conversations, [[it.image] if it.image else [] for it in batch])
+            answers += gen.generate(conversations, [it.shown(gen.template) for it in batch])
         return answers
 
     return generate
