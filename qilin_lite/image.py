@@ -37,9 +37,10 @@ def prepare_image(paths, out: str | Path, *, model: str | None = None, window: t
         from .conversation import get_template
         from .model import template_of
 
-        if get_template(template_of(str(model))).multi_image == "separate":
-            raise UserError(f"{model} shows each image to the model on its own (template "
-                            f"'{template_of(str(model))}'); write one PNG per image: qilin-lite image FILE --out ...")
+        name = template_of(str(model))
+        if get_template(name).multi_image == "separate":
+            raise UserError(f"{model} shows each image to the model on its own (template '{name}'); write one PNG "
+                            "per image: qilin-lite image FILE --out ...")
     image = load_chat_image(paths, window=window, frame=frame)
     mode, fill = "pad", pad_fill(CLIP_MEAN)
     if model is not None:

@@ -109,8 +109,9 @@ def test_saved_chat_template_renders_what_chat_sends(name, tok):
     """The Jinja template saved with a run (servers, apply_chat_template users) gives chat's prompt text, for string
     and for list-of-parts contents, several images and a second turn."""
     template = get_template(name)
-    tok.chat_template = __import__("qilin_lite.conversation", fromlist=["x"]).chat_template_jinja(template)
-    from qilin_lite.conversation import place_image
+    from qilin_lite.conversation import chat_template_jinja, place_image
+
+    tok.chat_template = chat_template_jinja(template)
 
     msgs = [{"role": "user", "content": f"{IMAGE_TOKEN}\n{IMAGE_TOKEN}\n 两张图有何不同？ "},
             {"role": "assistant", "content": "第二张图可见积液。"},

@@ -51,12 +51,12 @@ def plan_recipe(
         fields_["stage"] = "align" if mode == "align" else "tune"
     r = load_recipe(recipe, overrides, **{k: v for k, v in fields_.items() if v is not None})
     memory = gpu_memory if isinstance(gpu_memory, (int, float)) else parse_memory(gpu_memory)
-    if images > 1 and get_template(r.template).multi_image != "separate":
+    t = get_template(r.template)
+    if images > 1 and t.multi_image != "separate":
         raise UserError(f"--images {images}: the '{r.template}' template joins several images into one composite, "
                         "one image's tokens; plan several for a template that keeps them separate (huatuo, chatml)")
-    if images > get_template(r.template).max_images:
-        raise UserError(f"--images {images}: the '{r.template}' template takes at most "
-                        f"{get_template(r.template).max_images}")
+    if images > t.max_images:
+        raise UserError(f"--images {images}: the '{r.template}' template takes at most {t.max_images}")
     s = settings_from_recipe(r, gpus=gpus, gpu_memory_gib=memory, per_device_batch=batch, device=device,
                              images=images)
     _ = s.accumulation  # a batch that does not divide the global batch is the user's to fix, before anything else

@@ -36,24 +36,19 @@ for name, text, n in [
     ids = preprocess_list(bot.get_conv_without_history(t))
     cases.append({"name": name, "turns": [{"question": text, "images": n}], "answers": [], "ids": ids})
 
-# a second turn, as HuatuoChatbot.chat keeps history: [text with its placeholders, answer]
-bot.history = []
-t1 = bot.insert_image_placeholder(bot.input_moderation("这张胸部X光片显示了什么？"), 2)
-bot.history.append([t1, "右下肺野可见片状高密度影，考虑肺炎。"])
-t2 = bot.insert_image_placeholder(bot.input_moderation("病灶位于哪里？"), 1)
-ids = preprocess_list(bot.get_conv(t2))
-cases.append({"name": "second turn", "turns": [{"question": "这张胸部X光片显示了什么？", "images": 2},
-                                               {"question": "病灶位于哪里？", "images": 1}],
-              "answers": ["右下肺野可见片状高密度影，考虑肺炎。"], "ids": ids})
-# a second turn asked about the first turn's image (how qilin-lite chat continues a conversation)
-bot.history = []
-t1 = bot.insert_image_placeholder(bot.input_moderation("What does the picture show?"), 1)
-bot.history.append([t1, "The CT scan shows a mass in the left lobe."])
-t2 = bot.insert_image_placeholder(bot.input_moderation("位于哪里？"), 0)
-ids = preprocess_list(bot.get_conv(t2))
-cases.append({"name": "second turn, no new image", "turns": [{"question": "What does the picture show?", "images": 1},
-                                                             {"question": "位于哪里？", "images": 0}],
-              "answers": ["The CT scan shows a mass in the left lobe."], "ids": ids})
+def second_turn(name, first, answer, n_first, second, n_second):
+    """HuatuoChatbot.chat's history ([text with its placeholders, answer]), then the next question's ids."""
+    bot.history = [[bot.insert_image_placeholder(bot.input_moderation(first), n_first), answer]]
+    t2 = bot.insert_image_placeholder(bot.input_moderation(second), n_second)
+    cases.append({"name": name, "turns": [{"question": first, "images": n_first},
+                                          {"question": second, "images": n_second}],
+                  "answers": [answer], "ids": preprocess_list(bot.get_conv(t2))})
+
+
+second_turn("second turn", "这张胸部X光片显示了什么？", "右下肺野可见片状高密度影，考虑肺炎。", 2, "病灶位于哪里？", 1)
+# asked about the first turn's image (how qilin-lite chat continues a conversation)
+second_turn("second turn, no new image", "What does the picture show?", "The CT scan shows a mass in the left lobe.", 1,
+            "位于哪里？", 0)
 json.dump({"source": "FreedomIntelligence/HuatuoGPT-Vision cli.py (HuatuoChatbot.input_moderation, "
            "insert_image_placeholder, get_conv(_without_history), preprocess_huatuo, tokenizer_image_token), "
            "transformers 4.40.2, tokenizers 0.19.1", "image_token_index": -200, "cases": cases},
