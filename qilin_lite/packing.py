@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .device import cuda
 from .processing import VisionTextDataset
 from .sampler import grouped_order
 
@@ -44,9 +45,12 @@ def pack(lengths, max_length: int) -> list[list[int]]:
     return rows
 
 
-# Without a variable-length kernel, pack only for at least this much less estimated work: the estimate counts FLOPs,
-# and a masked packed row also costs a mask per row; one sample per row would be packing in name only.
+# Pack only for at least this much less estimated work. The estimate counts FLOPs; one sample per row would be
+# packing in name only. On the CPU a packed micro-batch (rows of 2048) is many times the tokens of an unpacked one and
+# its element-wise work falls out of the caches: per token it measured 1.2x the unpacked cost
+# (benchmarks/packing.py), so there it must save more to pay.
 PACKING_MIN_GAIN = 0.03
+PACKING_MIN_GAIN_CPU = 0.20
 
 
 @dataclass
@@ -61,12 +65,12 @@ class PackingChoice:
 
 
 def layout_flops(batches: list[list[int]], sample_lengths: list[list[int]], width: int, ff: int, kv_width: int,
-                 varlen: bool) -> float:
+                 varlen: bool = True) -> float:
     """Model FLOPs per layer of one epoch laid out as `batches` (each a list of rows; a row holds the lengths of the
     samples packed in it). Every row is padded to its batch's longest. Linear layers cost per token (q, o: width^2;
-    k, v: width x kv_width; the gated MLP: 3 x width x ff); attention costs 4 x width per (query, key) pair. Without a
-    variable-length kernel (sdpa, eager) a row attends as one L x L block, its mask only zeroing the cross-sample
-    pairs; flash-attention's varlen kernel computes each sample's own block."""
+    k, v: width x kv_width; the gated MLP: 3 x width x ff); attention costs 4 x width per (query, key) pair. `varlen`:
+    each sample's own block, as flash-attention's varlen kernel and segments.py compute it (packed rows always train
+    so); otherwise a row attends as one L x L block, as a masked row would under sdpa or eager."""
     linear = 2 * (2 * width * width + 2 * width * kv_width + 3 * width * ff)
     total = 0.0
     for rows in batches:
@@ -80,24 +84,21 @@ def layout_flops(batches: list[list[int]], sample_lengths: list[list[int]], widt
 
 
 def choose_packing(lengths, batch_size: int, max_length: int, attention: str, text_config, seed: int = 0,
-                   grouped: bool = True, accumulation: int = 1) -> PackingChoice:
+                   grouped: bool = True, accumulation: int = 1, on_cpu: bool | None = None) -> PackingChoice:
     """Rows for `--packing` that never cost more than training unpacked.
 
-    With flash-attention 2 (variable-length) packing saves the padding and costs no attention: rows of max_length.
-    Without it every packed row pays full L x L attention, so longer rows trade padding saved for attention spent:
-    the row length with the least estimated work wins among max_length and shorter candidates, and packing is left
-    off when no row length beats the unpacked batches (length-grouped or random, as the run samples them; grouped
-    in the training sampler's own order, over per-device batch x `accumulation`).
-
-    Packed rows train with per-sample attention without flash-attn (segments.py), so the full-row estimate is an
-    upper bound; it stays the rule because on the CPU packed rows measured slower than that FLOP count alone says
-    (benchmarks/README.md: rows of 2048 at 0.58-0.73x the unpacked speed where the per-sample count predicted 0.84x
-    the work), and `--packing` must never be slower than not packing."""
+    Packed rows train with each sample attending only to itself (flash-attention 2's variable-length kernel, or
+    segments.py's per-sample sdpa without it), so a packed layout costs its samples' own work plus the padding left
+    at the end of rows, and packing saves the rest of the padding. With flash-attention 2 (a CUDA GPU): rows of
+    max_length. Otherwise the row length with the least estimated work wins among max_length and shorter candidates,
+    and packing is left off unless it saves at least PACKING_MIN_GAIN of the unpacked work (PACKING_MIN_GAIN_CPU on
+    the CPU, `on_cpu` defaulting to "no CUDA GPU here"). The unpacked batches are laid out as the run samples them:
+    length-grouped in the training sampler's own order over per-device batch x `accumulation`, or random."""
     lengths = [int(x) for x in lengths]
     width, ff = int(text_config.hidden_size), int(text_config.intermediate_size)
     heads = int(text_config.num_attention_heads)
     kv_width = width // heads * int(getattr(text_config, "num_key_value_heads", None) or heads)
-    varlen = attention == "flash_attention_2"
+    on_cpu = not cuda() if on_cpu is None else on_cpu
 
     def epoch_batches(row_lengths: list[int]) -> list[list[int]]:
         if grouped:
@@ -106,15 +107,15 @@ def choose_packing(lengths, batch_size: int, max_length: int, attention: str, te
             order = torch.randperm(len(row_lengths), generator=torch.Generator().manual_seed(seed)).tolist()
         return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
-    unpacked = layout_flops(epoch_batches(lengths), [[n] for n in lengths], width, ff, kv_width, varlen)
+    unpacked = layout_flops(epoch_batches(lengths), [[n] for n in lengths], width, ff, kv_width, True)
 
     def packed_work(row_length: int) -> float:
         rows = pack(lengths, row_length)
         per_row = [[lengths[i] for i in r] for r in rows]
-        return layout_flops(epoch_batches([sum(r) for r in per_row]), per_row, width, ff, kv_width, varlen)
+        return layout_flops(epoch_batches([sum(r) for r in per_row]), per_row, width, ff, kv_width, True)
 
     at_max = packed_work(max_length) / unpacked
-    if varlen:
+    if attention == "flash_attention_2":
         return PackingChoice(max_length, attention, at_max, at_max,
                              "flash-attention 2 computes each sample's own attention: rows of max_length")
     longest = max(lengths)
@@ -122,17 +123,17 @@ def choose_packing(lengths, batch_size: int, max_length: int, attention: str, te
     candidates = sorted({top, *range(longest, top, max(1, (top - longest) // 16))})
     work = {c: at_max if c == max_length else packed_work(c) / unpacked for c in candidates}  # max_length: known
     best = min(work, key=lambda c: (work[c], -c))
-    if work[best] > 1.0 - PACKING_MIN_GAIN:
+    gain = PACKING_MIN_GAIN_CPU if on_cpu else PACKING_MIN_GAIN
+    if work[best] > 1.0 - gain:
+        why = " (the CPU's margin: a packed batch costs more per token there)" if on_cpu else ""
         return PackingChoice(None, attention, 1.0, at_max, (
-            f"without flash-attention 2 each packed row pays full L x L attention ({attention}); on this data rows of "
-            f"{max_length} would cost {at_max:.2f}x the unpacked work and no shorter row saves "
-            f"{PACKING_MIN_GAIN:.0%}: training unpacked (install flash-attn on a CUDA GPU to pack)"))
+            f"on this data rows of {max_length} would cost {at_max:.2f}x the unpacked work and no row length saves "
+            f"{gain:.0%}{why}: training unpacked ({attention})"))
     from .segments import SEGMENTS
 
     return PackingChoice(best, SEGMENTS, work[best], at_max, (
-        f"without flash-attention 2, estimated as if each packed row paid full L x L attention; rows of {best} "
-        f"tokens cost the least: {work[best]:.2f}x the unpacked work (rows of {max_length}: {at_max:.2f}x); they "
-        f"train with per-sample attention ({SEGMENTS}), which costs less than that estimate"))
+        f"rows of {best} tokens cost the least: {work[best]:.2f}x the unpacked work (rows of {max_length}: "
+        f"{at_max:.2f}x); each sample attends only to itself ({SEGMENTS}, as flash-attention 2 would)"))
 
 
 class PackedDataset(torch.utils.data.Dataset):

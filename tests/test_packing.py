@@ -107,26 +107,27 @@ def _cfg(width: int, ff: int, heads: int = 8):
     return SimpleNamespace(hidden_size=width, intermediate_size=ff, num_attention_heads=heads, num_key_value_heads=heads)
 
 
-def test_without_varlen_attention_packing_is_declined_when_it_costs_more():
-    """ChiMed-VL-like tune samples (576 image tokens + a short dialog), length-grouped: padding is already small, and
-    a packed 2048-row pays 2048^2 attention for three samples of ~650: packing would be more work, so it is off."""
-    from qilin_lite.packing import choose_packing
+def test_packing_is_declined_when_it_saves_too_little():
+    """ChiMed-VL-like tune samples (576 image tokens + a short dialog), length-grouped: padding is already small, so
+    packing would save a few percent at most: off on the CPU (whose margin is larger: a packed batch costs more per
+    token there) and on a GPU without flash-attn alike; with flash-attention 2 rows of max_length."""
+    from qilin_lite.packing import PACKING_MIN_GAIN, choose_packing
 
     rng = np.random.default_rng(0)
     lengths = (576 + rng.lognormal(4.0, 0.6, 2000)).astype(int).tolist()
-    tiny = choose_packing(lengths, 8, 2048, "sdpa", _cfg(256, 512))
-    assert tiny.row_length is None and tiny.packed_at_max_vs_unpacked > 1.0
-    assert "training unpacked" in tiny.reason and "flash-attention 2" in tiny.reason
-    # with flash-attention 2 the same data packs at max_length: no attention spent across samples (the padding it
-    # saves is small here, length grouping having removed most of it)
-    flash = choose_packing(lengths, 8, 2048, "flash_attention_2", _cfg(256, 512))
-    assert flash.row_length == 2048 and flash.work_vs_unpacked < 1.01
+    for on_cpu in (True, False):
+        c = choose_packing(lengths, 8, 2048, "sdpa", _cfg(256, 512), on_cpu=on_cpu)
+        assert c.row_length is None and c.work_vs_unpacked == 1.0, on_cpu
+        assert 1.0 - PACKING_MIN_GAIN < c.packed_at_max_vs_unpacked < 1.01
+        assert "training unpacked" in c.reason and ("CPU" in c.reason) == on_cpu
+    flash = choose_packing(lengths, 8, 2048, "flash_attention_2", _cfg(256, 512), on_cpu=False)
+    assert flash.row_length == 2048 and flash.work_vs_unpacked == flash.packed_at_max_vs_unpacked < 1.01
 
 
-def test_without_varlen_attention_packing_picks_the_cheapest_row_when_padding_dominates():
-    """Random order, mostly short samples and a few long ones, a 13B-wide model (linear layers dominate): padded
-    batches waste most of their tokens, so packing pays even with full-row attention, at the row length the
-    estimate finds cheapest; and the estimate is never above the unpacked work."""
+def test_packing_pays_where_padding_dominates_with_per_sample_attention():
+    """Random order, mostly short samples and a few long ones: padded batches waste most of their tokens, so packing
+    pays; the estimate counts each sample's own attention (packed rows train with segments.py without flash-attn),
+    and the reported ratio is that layout's own estimate."""
     from qilin_lite.packing import choose_packing, layout_flops, pack
 
     rng = np.random.default_rng(1)
@@ -134,11 +135,31 @@ def test_without_varlen_attention_packing_picks_the_cheapest_row_when_padding_do
     wide = _cfg(5120, 13824, heads=40)
     c = choose_packing(lengths, 8, 2048, "sdpa", wide, grouped=False)
     assert c.row_length is not None and c.work_vs_unpacked < 0.5 and c.attention == "qilin_segments"
-    # the reported ratio is the layout's own estimate
     rows = pack(lengths, c.row_length)
     per_row = [[lengths[i] for i in r] for r in rows]
     assert c.row_length >= max(lengths) and all(sum(r) <= c.row_length for r in per_row)
-    assert layout_flops([[i] for i in range(len(per_row))], per_row, 5120, 13824, 5120, False) > 0
+    # a row counted as one masked L x L block would cost more than its samples' own blocks
+    assert layout_flops([[i] for i in range(len(per_row))], per_row, 5120, 13824, 5120, False) > \
+        layout_flops([[i] for i in range(len(per_row))], per_row, 5120, 13824, 5120)
+
+
+def test_the_cpu_asks_a_larger_saving_than_a_gpu():
+    """Data where packing saves about 10% of the work: a GPU without flash-attn packs it (per-sample sdpa), the CPU
+    trains unpacked; the device is read from device.cuda() when not given."""
+    from unittest import mock
+
+    from qilin_lite.packing import PACKING_MIN_GAIN, PACKING_MIN_GAIN_CPU, choose_packing
+
+    rng = np.random.default_rng(4)
+    lengths = (576 + rng.lognormal(4.5, 0.7, 1500)).astype(int).tolist()
+    gpu = choose_packing(lengths, 8, 2048, "sdpa", _cfg(256, 512), grouped=False, on_cpu=False)
+    assert 1.0 - PACKING_MIN_GAIN_CPU < gpu.work_vs_unpacked < 1.0 - PACKING_MIN_GAIN
+    assert gpu.row_length is not None and gpu.attention == "qilin_segments"
+    cpu = choose_packing(lengths, 8, 2048, "sdpa", _cfg(256, 512), grouped=False, on_cpu=True)
+    assert cpu.row_length is None and "CPU" in cpu.reason
+    with mock.patch("qilin_lite.packing.cuda", return_value=True):
+        assert choose_packing(lengths, 8, 2048, "sdpa", _cfg(256, 512), grouped=False).row_length == gpu.row_length
+    assert choose_packing(lengths, 8, 2048, "sdpa", _cfg(256, 512), grouped=False).row_length is None
 
 
 def test_per_sample_attention_equals_each_sample_alone():
