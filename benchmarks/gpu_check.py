@@ -12,6 +12,8 @@ Checks, in order, each recorded as ok / failed / skipped with what it measured:
    against what device.placement() promises for this machine (tests/test_placement.py checks the same on a fake);
 4. training: benchmarks/gpu.py's QLoRA (bitsandbytes' CUDA kernels) and LoRA steps at the paper's 13B shapes;
 5. planner: `qilin-lite plan`'s estimate against torch.cuda.max_memory_allocated for QLoRA at 1B, 3B and 13B.
+6. packing: benchmarks/packing.py in random order on a 2048-wide, 8-layer LLM in bf16: unpacked, `--packing` as
+   shipped, rows of 2048 (per-sample sdpa, and flash-attention 2's varlen kernel where installed), samples/s ratios.
 Writes gpu-check.json (everything) and gpu-check.md (the tables for the README). A time budget (default 540 s of
 the 10 minutes a lent machine runs one command) skips what would not finish; the exit code is 1 if a check failed.
 """
@@ -138,6 +140,23 @@ def training(sizes: list[str], modes: list[str], steps: int) -> list[dict]:
     return rows
 
 
+def packing_case(toy: bool) -> dict:
+    """benchmarks/packing.py on this GPU, random order (where padding is left to remove): unpacked, `--packing` as
+    shipped, rows of max_length, and those rows with the batch in tokens, for sdpa (packed rows: segments.py's
+    per-sample sdpa) and flash-attention 2 where installed (its variable-length kernel). ok: every run trained,
+    packed rows never attended across samples (the attention they trained with), and `--packing` as shipped no
+    slower than unpacked beyond the run-to-run noise (0.9x)."""
+    from benchmarks import gpu, packing
+
+    size = ["--records", "32", "--hidden", "64", "--layers", "1"] if toy else \
+        ["--records", "480", "--hidden", "2048", "--layers", "8", "--dtype", "bfloat16"]
+    rows = packing.main(["--rounds", "1", "--orders", "random", "--attn", *gpu.available_attention(), *size])
+    per_sample = {"qilin_segments", "flash_attention_2"}
+    ok = all(x["attention"] in per_sample for k, x in rows.items() if "packed-max" in k) and all(
+        x["vs_unpacked"] >= 0.9 or toy for k, x in rows.items() if k.endswith("packed-auto"))
+    return {"ok": ok, "table": packing.table(rows), "rows": rows}
+
+
 def markdown(report: dict) -> str:
     from benchmarks import gpu
 
@@ -151,6 +170,9 @@ def markdown(report: dict) -> str:
     rows = [r for name in ("training", "planner") for r in report["checks"].get(name, {}).get("result", []) or []]
     if rows:
         lines += ["", gpu.table(rows, report["peak_tflops"])]
+    packed = report["checks"].get("packing", {}).get("result")
+    if packed:
+        lines += ["", "Packing (benchmarks/packing.py, random order):", "", packed["table"]]
     return "\n".join(lines) + "\n"
 
 
@@ -160,6 +182,9 @@ def _short(name: str, c: dict) -> str:
         return c.get("error", "")
     if name == "demo":
         return f"held-out accuracy {r['accuracy_before']} -> {r['accuracy_after']}"
+    if name == "packing":
+        return ", ".join(f"{k.split('/', 1)[0]} {k.rsplit('/', 1)[1]} {x['vs_unpacked']:.2f}x"
+                         for k, x in r["rows"].items() if not k.endswith("unpacked"))
     if name == "placement":
         return "; ".join(f"{k}: weights {r[k].get('weights')} {r[k].get('dtype')}, inputs {r[k].get('inputs')}, "
                          f"{r[k].get('attn')}" for k in ("chat", "eval", "web"))
@@ -193,7 +218,8 @@ def main(argv=None) -> dict:
                                             Path(report["checks"]["demo"]["result"]["dir"]) / "data")),
             ("training", lambda: training(train_sizes, ["qlora", "lora"], 1 if args.toy else 2)),
             # the 13B QLoRA row of "training" is the planner's third size
-            ("planner", lambda: training(plan_sizes, ["qlora"], 1))]
+            ("planner", lambda: training(plan_sizes, ["qlora"], 1)),
+            ("packing", lambda: packing_case(args.toy))]
     for name, check in plan:
         if time.perf_counter() - start > args.budget:
             report["checks"][name] = {"status": "skipped", "error": f"time budget of {args.budget:.0f} s spent"}

@@ -30,12 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def run_one(base: Path, data: dict, out: Path, *, attn: str, grouped: bool, layout: str, max_length: int,
-            batch: int, token_batch: int = 1) -> dict:
+            batch: int, token_batch: int = 1, dtype: str = "float32") -> dict:
     import qilin_lite.train as train_mod
     from benchmarks.speed import Probe, instrumented
     from qilin_lite.config import REPO_RECIPES, load_recipe
 
-    sets = ["train.deepspeed=", "model.dtype=float32", f"model.attn={attn}", "train.bf16=false", "train.tf32=false",
+    sets = ["train.deepspeed=", f"model.dtype={dtype}", f"model.attn={attn}",
+            f"train.bf16={str(dtype == 'bfloat16').lower()}", "train.tf32=false",
             "train.gradient_checkpointing=false", f"train.per_device_batch={batch}", f"train.global_batch={batch}",
             "train.save_steps=1000000", "train.logging_steps=10", "data.num_workers=0",
             f"data.max_length={max_length}", f"data.group_by_length={str(grouped).lower()}"]
@@ -79,7 +80,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--records", type=int, default=480)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-length", type=int, default=2048)
-    ap.add_argument("--attn", nargs="+", default=["sdpa", "eager"], choices=["sdpa", "eager"])
+    ap.add_argument("--attn", nargs="+", default=["sdpa", "eager"], choices=["sdpa", "eager", "flash_attention_2"])
+    ap.add_argument("--orders", nargs="+", default=["grouped", "random"], choices=["grouped", "random"])
+    ap.add_argument("--hidden", type=int, default=256, help="LLM width (the GPU check uses a wider one)")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--quick", action="store_true", help="32 records, 1 round, sdpa only: the code path only")
     args = ap.parse_args(argv)
     attns = tuple(args.attn)
@@ -90,19 +95,22 @@ def main(argv=None) -> dict:
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        base = build_base(work / "model", ModelSize(hidden=256, layers=2))
+        base = build_base(work / "model", ModelSize(hidden=args.hidden, layers=args.layers,
+                                                    heads=max(4, args.hidden // 128)))
         data = write_records(work / "data", load_tokenizer(str(base)), n=args.records, image_size=64)
         for r in range(args.rounds):
             for attn in attns:
-                for grouped in (True, False):
+                for grouped in [o == "grouped" for o in args.orders]:
                     for layout in layouts:
                         key = f"{attn}/{'grouped' if grouped else 'random'}/{layout}"
                         # the unpacked run's real tokens per sample (it runs first) size the batch in tokens
-                        unpacked = results[key.rsplit("/", 1)[0] + "/unpacked"][0]
-                        token_batch = max(1, round(8 * unpacked["tokens"] / unpacked["samples"] / args.max_length))
+                        if layout == "packed-max-tokens":
+                            u = results[key.rsplit("/", 1)[0] + "/unpacked"][0]
+                            token_batch = max(1, round(8 * u["tokens"] / u["samples"] / args.max_length))
                         res = run_one(base, data, work / f"{key.replace('/', '-')}-{r}", attn=attn, grouped=grouped,
                                       layout=layout, max_length=args.max_length, batch=8,
-                                      token_batch=token_batch)
+                                      token_batch=token_batch if layout == "packed-max-tokens" else 1,
+                                      dtype=args.dtype)
                         results.setdefault(key, []).append(res)
     rows = {}
     for key, runs in results.items():

@@ -181,14 +181,19 @@ def ratio_table(rounds: list[dict], names: list[str]) -> tuple[dict, list[str]]:
         pairs.append(("full/ours-grouped", "full/lf-random"))
     ratios = {f"{a} / {b}": [round(x[a]["samples_per_s"] / x[b]["samples_per_s"], 3) for x in rounds]
               for a, b in pairs}
+    # the step profile's median step (robust to a slow first step or a stall) and the whole command's wall time
+    step_ratios = {f"{a} / {b}": [round(x[b]["profile"]["median_s"]["step"] / x[a]["profile"]["median_s"]["step"], 3)
+                                  for x in rounds] for a, b in pairs}
+    wall_ratios = {f"{a} / {b}": [round(x[b]["wall_s"] / x[a]["wall_s"], 3) for x in rounds] for a, b in pairs}
     lines = ["| run | samples/s (median) | train loss (round 1) | trainable parameters |", "|---|---|---|---|"]
     for k in names:
         r = rounds[0][k]
         trainable = f"{r['trainable']:,}" if r["trainable"] else "?"
         lines.append(f"| {k} | {med[k]:.2f} | {r['loss']:.4f} | {trainable} |")
-    lines += ["", "| ratio | median | rounds |", "|---|---|---|"]
-    lines += [f"| {k} | **{statistics.median(v):.2f}x** | {', '.join(f'{x:.2f}' for x in v)} |"
-              for k, v in ratios.items()]
+    lines += ["", "| speed ratio | samples/s (rounds) | by median step time (rounds) | by whole command's wall time "
+              "(rounds) |", "|---|---|---|---|"]
+    fmt = lambda v: f"**{statistics.median(v):.2f}x** ({', '.join(f'{x:.2f}' for x in v)})"  # noqa: E731
+    lines += [f"| {k} | {fmt(v)} | {fmt(step_ratios[k])} | {fmt(wall_ratios[k])} |" for k, v in ratios.items()]
     lines += ["", "Step profile, median seconds per optimizer step (median over rounds):", "",
               "| run | data wait | forward + loss | backward | optimizer | other | step |", "|---|---|---|---|---|---|---|"]
     for k in names:
@@ -198,20 +203,28 @@ def ratio_table(rounds: list[dict], names: list[str]) -> tuple[dict, list[str]]:
             lines.append(f"| {k} | " + " | ".join(f"{m[p]:.4f}" for p in
                                                    ("data", "forward_loss", "backward", "optimizer", "other", "step"))
                          + " |")
-    return {"median_samples_per_s": med, "ratios": ratios}, lines
+    return {"median_samples_per_s": med, "ratios": ratios, "step_ratios": step_ratios,
+            "wall_ratios": wall_ratios}, lines
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lf-python", required=True, help="python of an environment with llamafactory 0.9.5")
+    ap.add_argument("--lf-python", help="python of an environment with llamafactory 0.9.5 (required to run)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--records", type=int, default=480, help="tune records (full, lora, qlora)")
     ap.add_argument("--align-records", type=int, default=96,
                     help="captions for align (contexts run to 2048 tokens: ~1 sample/s here)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--out", type=Path, default=Path("/tmp/vs-llamafactory"))
+    ap.add_argument("--table", type=Path, help="only print the tables of a results.json this script wrote")
     args = ap.parse_args(argv)
+    if args.table:
+        saved = json.loads(args.table.read_text(encoding="utf-8"))
+        print("\n".join(ratio_table(saved["rounds"], list(saved["rounds"][0]))[1]))
+        return saved
     args.out.mkdir(parents=True, exist_ok=True)
+    if not args.lf_python:
+        ap.error("--lf-python is required (an environment with llamafactory 0.9.5; see the docstring)")
     p = prepare(args.out, args.records, args.align_records)
     names = [n for m in args.modes for n in runs_of(m)]
     rounds = []

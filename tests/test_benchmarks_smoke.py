@@ -138,7 +138,7 @@ def test_gpu_check_runs_at_toy_size(demo_run, tmp_path):
     report = json.loads((tmp_path / "gpu-check.json").read_text(encoding="utf-8"))
     checks = report["checks"]
     assert {k: c["status"] for k, c in checks.items()} == dict.fromkeys(
-        ["environment", "demo", "placement", "training", "planner"], "ok")
+        ["environment", "demo", "placement", "training", "planner", "packing"], "ok")
     placed = checks["placement"]["result"]
     assert placed["expected"] == {"weights": "cpu", "dtype": "float32", "attn": "sdpa", "inputs": "cpu"}
     for command in ("chat", "eval", "web"):
@@ -147,3 +147,9 @@ def test_gpu_check_runs_at_toy_size(demo_run, tmp_path):
     assert sizes == [("toy", "qlora"), ("toy", "lora"), ("toy-wide", "qlora"), ("toy-deep", "qlora")]
     table = (tmp_path / "gpu-check.md").read_text(encoding="utf-8")
     assert "| placement | ok |" in table and "| toy-deep | qlora | sdpa |" in table
+    # packing in random order: unpacked and the three packed layouts; packed rows attend per sample (segments.py)
+    packed = checks["packing"]["result"]["rows"]
+    assert set(packed) == {f"sdpa/random/{x}" for x in ("unpacked", "packed-auto", "packed-max", "packed-max-tokens")}
+    assert packed["sdpa/random/packed-max"]["attention"] == "qilin_segments"
+    assert packed["sdpa/random/packed-max"]["rows"] < packed["sdpa/random/unpacked"]["rows"] == 32
+    assert "| sdpa/random/packed-max | qilin_segments |" in table
