@@ -220,11 +220,11 @@ def test_metrics_only_on_logging_steps_train_the_same_weights(tmp_path, align_ru
     assert sum("entropy" in c for c in full["calls"]) == 12
     assert sum("entropy" in c for c in fused["calls"]) == 2 and len(fused["calls"]) == 12
     assert len(plain["calls"]) == 2 and all("entropy" in c for c in plain["calls"])
-    moved = 0.0
     for k, w in full["weights"].items():
         assert torch.equal(w, fused["weights"][k]), k
-        torch.testing.assert_close(plain["weights"][k], w, rtol=1e-5, atol=1e-6)
-        moved = max(moved, (plain["weights"][k] - w).abs().max().item())
+        # Adam divides by the gradient's running size: a rounding-level gradient difference on a near-zero gradient
+        # moves a weight by up to ~lr x steps (1.2e-3 here); 1e-5 is 1% of that
+        torch.testing.assert_close(plain["weights"][k], w, rtol=1e-4, atol=1e-5)
     steps = lambda h: [e for e in h if "loss" in e and "train_loss" not in e]  # noqa: E731
     assert [e["loss"] for e in steps(fused["history"])] == [e["loss"] for e in steps(full["history"])]
     for a, b, c in zip(steps(fused["history"]), steps(full["history"]), steps(plain["history"])):
