@@ -186,8 +186,8 @@ def test_eval_loss_is_the_held_out_supervised_token_loss(tmp_path, align_run, ti
 
 def test_metrics_only_on_logging_steps_train_the_same_weights(tmp_path, align_run, tiny_data, monkeypatch):
     """trl computes token entropy and top-1 accuracy in its fused head on every micro-batch; qilin-lite computes them
-    only for the steps that log. Through trl's head for log-probabilities (a device with Triton: made to look so
-    here) the same loss and weights to the bit; through lm_head.py's plain head over the supervised positions (the
+    only for the steps that log. Through trl's head for log-probabilities (a GPU: made to look so here) the same
+    loss and weights to the bit; through lm_head.py's plain head over the supervised positions (the
     CPU) the same to float rounding, trl's head then running only for the logging micro-batches. Same logged token
     count; the metrics are still in every log."""
     from trl.trainer import utils as trl_utils
@@ -204,9 +204,9 @@ def test_metrics_only_on_logging_steps_train_the_same_weights(tmp_path, align_ru
 
     monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", spy)
     runs = {}
-    for name, lean, triton in (("fused", True, True), ("plain", True, False), ("full", False, False)):
+    for name, lean, plain_head in (("fused", True, False), ("plain", True, True), ("full", False, False)):
         calls.clear()
-        monkeypatch.setattr(trainer_mod, "has_triton", lambda device, _t=triton: _t)
+        monkeypatch.setattr(trainer_mod, "plain_head_for", lambda device, _p=plain_head: _p)
         recipe = tiny_recipe("tune", "lora", tmp_path / name, tiny_data["tune"], tiny_data["images"],
                              **{"model.from_run": str(align_run), "train.max_steps": 6, "train.logging_steps": 3,
                                 "train.global_batch": 4, "train.per_device_batch": 2, "train.lean_metrics": lean})
