@@ -16,7 +16,6 @@ from trl import SFTTrainer
 
 from .distributed import world_size
 from .errors import UserError
-from .lm_head import plain_head_for, plain_head_ok, supervised_log_probs
 from .model import PROJECTOR_FILE, load_projector, projector_from_state_dict, save_projector, save_projector_state
 from .sampler import EpochGroupedSampler
 
@@ -188,9 +187,7 @@ class QilinTrainer(SFTTrainer):
     # every micro-batch: 128 times per optimizer step in the QLoRA recipe (batch 1, 128 accumulated). Here only
     # the last micro-batch of a step that writes a log goes through trl's own path, so a log's entropy and
     # accuracy are that micro-batch's; the others go through a fused head that computes the log-probabilities
-    # alone, giving the same loss to the bit, or, on the CPU, where trl's head (without Triton) scores every
-    # position in torch tiles, through lm_head.py's plain head over the supervised positions (the same loss to
-    # float rounding). The token count is summed locally and gathered when a log is due.
+    # alone, giving the same loss to the bit. The token count is summed locally and gathered when a log is due.
     _lean_now = None  # set by lean_metrics(): a one-item list, True while a lean micro-batch runs
     _pending_tokens = None  # real tokens seen by lean steps, added to trl's count when a log is written
 
@@ -209,12 +206,9 @@ class QilinTrainer(SFTTrainer):
         full = base.forward  # trl's: log-probabilities, entropy, top-1
         add_fused_lm_head(base, outputs=("log_probs",))
         lean, flag = base.forward, [False]
-        plain_head = plain_head_ok(base)
 
         @functools.wraps(type(base).forward)  # generate() checks its kwargs against this signature
         def forward(_self, *args, **kwargs):
-            if flag[0] and plain_head and plain_head_for(base.get_output_embeddings().weight.device):
-                return supervised_log_probs(base, *args, **kwargs)
             return (lean if flag[0] else full)(*args, **kwargs)
 
         base.forward = types.MethodType(forward, base)
