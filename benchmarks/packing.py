@@ -56,20 +56,15 @@ def run_one(base: Path, data: dict, out: Path, *, attn: str, grouped: bool, layo
     summary = json.loads((Path(done) / "train_summary.json").read_text(encoding="utf-8"))
     return {"samples_per_s": summary["samples"] / probe.loop_s, "rows": summary["rows"],
             "samples": summary["samples"], "packing": summary.get("packing"), "attention": summary.get("attention"),
-            "final_loss": summary["final_loss"], "epoch_loss": _epoch_loss(Path(done)),
-            "tokens": _tokens(Path(done)), "batch": batch if layout != "packed-max-tokens" else token_batch}
+            "final_loss": summary["final_loss"], "epoch_loss": _last_logged(Path(done), "train_loss"),
+            "tokens": _last_logged(Path(done), "num_tokens"), "batch": batch if layout != "packed-max-tokens" else token_batch}
 
 
-def _tokens(run: Path) -> float:
-    """Real (non-padding) tokens the epoch trained on, as trl counts them in the log."""
+def _last_logged(run: Path, key: str) -> float:
+    """The last value of `key` the Trainer logged (log_history.json): `num_tokens`, the real (non-padding) tokens
+    the epoch trained on as trl counts them; `train_loss`, the epoch's mean training loss."""
     history = json.loads((run / "log_history.json").read_text(encoding="utf-8"))
-    return next(h["num_tokens"] for h in reversed(history) if "num_tokens" in h)
-
-
-def _epoch_loss(run: Path) -> float:
-    """The epoch's mean training loss over samples' tokens as the Trainer logged it (train_loss of the last entry)."""
-    history = json.loads((run / "log_history.json").read_text(encoding="utf-8"))
-    return next(h["train_loss"] for h in reversed(history) if "train_loss" in h)
+    return next(h[key] for h in reversed(history) if key in h)
 
 
 def main(argv=None) -> dict:

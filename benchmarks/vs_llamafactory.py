@@ -192,7 +192,10 @@ def ratio_table(rounds: list[dict], names: list[str]) -> tuple[dict, list[str]]:
         lines.append(f"| {k} | {med[k]:.2f} | {r['loss']:.4f} | {trainable} |")
     lines += ["", "| speed ratio | samples/s (rounds) | by median step time (rounds) | by whole command's wall time "
               "(rounds) |", "|---|---|---|---|"]
-    fmt = lambda v: f"**{statistics.median(v):.2f}x** ({', '.join(f'{x:.2f}' for x in v)})"  # noqa: E731
+
+    def fmt(v: list[float]) -> str:
+        return f"**{statistics.median(v):.2f}x** ({', '.join(f'{x:.2f}' for x in v)})"
+
     lines += [f"| {k} | {fmt(v)} | {fmt(step_ratios[k])} | {fmt(wall_ratios[k])} |" for k, v in ratios.items()]
     lines += ["", "Step profile, median seconds per optimizer step (median over rounds):", "",
               "| run | data wait | forward + loss | backward | optimizer | other | step |", "|---|---|---|---|---|---|---|"]

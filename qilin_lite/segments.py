@@ -37,7 +37,7 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
     indexing each span (`query[b:b+1, :, s:e]`) would give every span a full-size zero gradient in backward, and
     filling those was most of a packed step (a row of 14 samples: 14 full-row fills per tensor per layer).
     """
-    B, H, L, D = query.shape
+    B, H, L, _ = query.shape
     if position_ids is None:
         position_ids = torch.arange(L, device=query.device).expand(B, L)
     gqa = key.shape[1] != H
