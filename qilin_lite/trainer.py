@@ -16,7 +16,14 @@ from trl import SFTTrainer
 
 from .distributed import world_size
 from .errors import UserError
-from .model import PROJECTOR_FILE, load_projector, projector_from_state_dict, save_projector, save_projector_state
+from .lm_head import plain_head_for, plain_head_ok, supervised_head
+from .model import (
+    PROJECTOR_FILE,
+    load_projector,
+    projector_from_state_dict,
+    save_projector,
+    save_projector_state,
+)
 from .sampler import EpochGroupedSampler
 
 log = logging.getLogger(__name__)
@@ -107,8 +114,7 @@ class QilinTrainer(SFTTrainer):
         if loss_average == "batch":
             self.loss_is_scaled_for_ga = False  # the Trainer then divides each micro-batch's mean by the accumulation
         self.projector_lr = projector_lr
-        if lean_metrics:
-            self.lean_metrics()
+        self.install_loss_head(lean=lean_metrics)
 
     # ---------------------------------------------------------------- optimizer
     def create_optimizer(self, model=None):
@@ -188,12 +194,16 @@ class QilinTrainer(SFTTrainer):
     # the last micro-batch of a step that writes a log goes through trl's own path, so a log's entropy and
     # accuracy are that micro-batch's; the others go through a fused head that computes the log-probabilities
     # alone, giving the same loss to the bit. The token count is summed locally and gathered when a log is due.
-    _lean_now = None  # set by lean_metrics(): a one-item list, True while a lean micro-batch runs
+    # On the CPU, where trl's head has no Triton kernel and scores every position in torch tiles, every
+    # micro-batch (logging or not, training or evaluating) goes through lm_head.py's plain head over the
+    # supervised positions instead: one numerics for every loss of a run, so resuming stays exact.
+    _lean_now = None  # set by install_loss_head(lean=True): a one-item list, True while a lean micro-batch runs
     _pending_tokens = None  # real tokens seen by lean steps, added to trl's count when a log is written
 
-    def lean_metrics(self) -> None:
-        """Install one forward that runs trl's fused head with or without the metric outputs. It is installed
-        before accelerate prepares the model, so accelerate's autocast wrapper still wraps it."""
+    def install_loss_head(self, lean: bool) -> None:
+        """Install one forward that answers trl's `fused_lm_head=True` calls: trl's fused head with or without the
+        metric outputs (`lean`: without, for micro-batches that do not log), or the plain head on the CPU. It is
+        installed before accelerate prepares the model, so accelerate's autocast wrapper still wraps it."""
         import functools
         import types
 
@@ -204,15 +214,20 @@ class QilinTrainer(SFTTrainer):
             return  # paths where trl needs the logits or extra outputs: keep its own compute_loss throughout
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         full = base.forward  # trl's: log-probabilities, entropy, top-1
-        add_fused_lm_head(base, outputs=("log_probs",))
-        lean, flag = base.forward, [False]
+        if lean:
+            add_fused_lm_head(base, outputs=("log_probs",))
+        trimmed, flag = base.forward, [False]
+        plain = plain_head_ok(base)
 
         @functools.wraps(type(base).forward)  # generate() checks its kwargs against this signature
         def forward(_self, *args, **kwargs):
-            return (lean if flag[0] else full)(*args, **kwargs)
+            if plain and kwargs.get("fused_lm_head") and plain_head_for(base.get_output_embeddings().weight.device):
+                return supervised_head(base, *args, metrics=not flag[0], **kwargs)
+            return (trimmed if flag[0] else full)(*args, **kwargs)
 
         base.forward = types.MethodType(forward, base)
-        self._lean_now = flag
+        if lean:
+            self._lean_now = flag
 
     def _logs_now(self) -> bool:
         """Will the optimizer step this micro-batch belongs to write a log? (The Trainer's own rule.)"""

@@ -3,6 +3,7 @@ resumed ends with the same weights, bit for bit, as the run that was never stopp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -58,18 +59,35 @@ def _interrupted(tmp_path, args, at: int, sig: str) -> subprocess.CompletedProce
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_base, tiny_data):
-    """The uninterrupted runs (one per sampling order)."""
+    """The uninterrupted runs (one per sampling order), on one thread as the interrupted runs (`_interrupted`): the
+    CPU's matrix products split their work by the thread count and the shape, so "to the bit" holds for the same
+    machine settings (the loss head's products over the supervised positions differ in the last bit between one
+    thread and two)."""
     from conftest import tiny_recipe
 
     from qilin_lite.train import run_stage
 
     outs = {}
-    for grouped in (True, False):
-        out = tmp_path_factory.mktemp("ref") / "run"
-        pos, kw = _tiny_kwargs(_recipe_args(tiny_base, tiny_data, out, grouped))
-        run_stage(tiny_recipe(*pos, **kw))
-        outs[grouped] = out
+    with _one_thread():
+        for grouped in (True, False):
+            out = tmp_path_factory.mktemp("ref") / "run"
+            pos, kw = _tiny_kwargs(_recipe_args(tiny_base, tiny_data, out, grouped))
+            run_stage(tiny_recipe(*pos, **kw))
+            outs[grouped] = out
     return outs
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """In-process runs on one thread, as `_interrupted`'s subprocess (OMP_NUM_THREADS=1)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _tiny_kwargs(args):
@@ -92,7 +110,8 @@ def test_killed_in_the_second_epoch_resumes_to_the_same_weights(tmp_path, tiny_b
     r = _interrupted(tmp_path, probe_args, 6, "SIGKILL")
     assert r.returncode == -9, r.stderr[-2000:]
     assert (out / "checkpoint-5").is_dir() and not (out / "qilin.json").exists()
-    run_stage(tiny_recipe(*pos, **kw), resume=True)
+    with _one_thread():
+        run_stage(tiny_recipe(*pos, **kw), resume=True)
     ref, got = _weights(reference[grouped]), _weights(out)
     assert ref.keys() == got.keys()
     for k in ref:
@@ -113,7 +132,8 @@ def test_sigterm_saves_at_the_step_boundary_exits_0_and_resumes(tmp_path, tiny_b
     assert "stopped by SIGTERM after step 7" in r.stderr and "--resume" in r.stderr
     assert r.stdout.strip().endswith("stopped")
     assert (out / "checkpoint-7" / ".qilin-complete").exists() and not (out / "qilin.json").exists()
-    run_stage(tiny_recipe(*pos, **kw), resume=True)
+    with _one_thread():
+        run_stage(tiny_recipe(*pos, **kw), resume=True)
     ref, got = _weights(reference[True]), _weights(out)
     for k in ref:
         assert (ref[k] == got[k]).all(), k

@@ -186,10 +186,13 @@ def test_eval_loss_is_the_held_out_supervised_token_loss(tmp_path, align_run, ti
 
 def test_metrics_only_on_logging_steps_train_the_same_weights(tmp_path, align_run, tiny_data, monkeypatch):
     """trl computes token entropy and top-1 accuracy in its fused head on every micro-batch; qilin-lite computes them
-    only for the steps that log. Same loss, same weights to the bit, same logged token count; the metrics are still
-    in every log."""
+    only for the steps that log. Through trl's head (a GPU: made to look so here) the same loss and weights to the
+    bit; through lm_head.py's plain head (the CPU) likewise to the bit between the two, trl's kernel never called,
+    and to float rounding against trl's head. Same logged token count; the metrics are still in every log."""
     from trl.trainer import utils as trl_utils
 
+    from qilin_lite import lm_head
+    from qilin_lite import trainer as trainer_mod
     from qilin_lite.train import train_stage
 
     calls: list[tuple[str, ...]] = []
@@ -199,29 +202,109 @@ def test_metrics_only_on_logging_steps_train_the_same_weights(tmp_path, align_ru
         calls.append(tuple(args[-1]))  # the per-token outputs this call computes
         return real(*args)
 
+    metric_calls: list[bool] = []
+    real_head = lm_head.supervised_head
+
+    def head_spy(*args, metrics=False, **kwargs):
+        metric_calls.append(metrics)
+        return real_head(*args, metrics=metrics, **kwargs)
+
     monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", spy)
+    monkeypatch.setattr(trainer_mod, "supervised_head", head_spy)
     runs = {}
-    for lean in (True, False):
+    for name, lean, plain in (("fused", True, False), ("trl", False, False), ("plain", True, True),
+                              ("plain-full", False, True)):
         calls.clear()
-        recipe = tiny_recipe("tune", "lora", tmp_path / f"lean-{lean}", tiny_data["tune"], tiny_data["images"],
+        metric_calls.clear()
+        monkeypatch.setattr(trainer_mod, "plain_head_for", lambda device, _p=plain: _p)
+        recipe = tiny_recipe("tune", "lora", tmp_path / name, tiny_data["tune"], tiny_data["images"],
                              **{"model.from_run": str(align_run), "train.max_steps": 6, "train.logging_steps": 3,
                                 "train.global_batch": 4, "train.per_device_batch": 2, "train.lean_metrics": lean})
         out, model = train_stage(recipe)
         history = json.loads((out / "log_history.json").read_text(encoding="utf-8"))
-        runs[lean] = (dict(calls=list(calls), history=history,
+        runs[name] = (dict(calls=list(calls), metric_calls=list(metric_calls), history=history,
                            weights={k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}))
-    lean, full = runs[True], runs[False]
-    # 6 steps x 2 micro-batches; trl's path asks for entropy + top-1 on all 12, the lean one on the last
-    # micro-batch of steps 3 and 6 only
-    assert sum("entropy" in c for c in full["calls"]) == 12
-    assert sum("entropy" in c for c in lean["calls"]) == 2 and len(lean["calls"]) == 12
-    for k, w in full["weights"].items():
-        assert torch.equal(w, lean["weights"][k]), k
     steps = lambda h: [e for e in h if "loss" in e and "train_loss" not in e]  # noqa: E731
-    assert [e["loss"] for e in steps(lean["history"])] == [e["loss"] for e in steps(full["history"])]
-    for a, b in zip(steps(lean["history"]), steps(full["history"])):
-        assert a["num_tokens"] == b["num_tokens"]
-        assert "entropy" in a and "mean_token_accuracy" in a
+    # 6 steps x 2 micro-batches; the full path asks for entropy + top-1 on all 12, the lean one on the last
+    # micro-batch of steps 3 and 6 only
+    assert sum("entropy" in c for c in runs["trl"]["calls"]) == 12
+    assert sum("entropy" in c for c in runs["fused"]["calls"]) == 2 and len(runs["fused"]["calls"]) == 12
+    assert runs["plain"]["calls"] == runs["plain-full"]["calls"] == []
+    assert runs["plain"]["metric_calls"].count(True) == 2 and len(runs["plain"]["metric_calls"]) == 12
+    assert runs["plain-full"]["metric_calls"] == [True] * 12
+    for one, other in (("fused", "trl"), ("plain", "plain-full")):
+        for k, w in runs[other]["weights"].items():
+            assert torch.equal(w, runs[one]["weights"][k]), (one, k)
+        assert [e["loss"] for e in steps(runs[one]["history"])] == [e["loss"] for e in steps(runs[other]["history"])]
+    for k, w in runs["trl"]["weights"].items():
+        # Adam divides by the gradient's running size: a rounding-level gradient difference on a near-zero gradient
+        # moves a weight by up to ~lr x steps (1.2e-3 here); 1e-5 is 1% of that
+        torch.testing.assert_close(runs["plain"]["weights"][k], w, rtol=1e-4, atol=1e-5)
+    logs = [steps(runs[n]["history"]) for n in ("fused", "trl", "plain", "plain-full")]
+    assert len(logs[0]) == 2
+    for a, b, c, d in zip(*logs):
+        assert a["num_tokens"] == b["num_tokens"] == c["num_tokens"] == d["num_tokens"]
+        assert float(c["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)
+        for e in (a, c):
+            assert "entropy" in e and "mean_token_accuracy" in e
+        # the lean logs hold their last micro-batch's metrics, the full ones every micro-batch's since the last log
+        for ours, theirs in ((c, a), (d, b)):
+            assert ours["entropy"] == pytest.approx(theirs["entropy"], rel=1e-4)
+            assert ours["mean_token_accuracy"] == pytest.approx(theirs["mean_token_accuracy"], abs=0.02)
+
+
+def test_the_plain_head_gives_trls_outputs_and_gradients():
+    """lm_head.py against trl's fused head on one batch: per-token log-probabilities (zero where unsupervised), the
+    loss and every gradient equal to float rounding, the entropy too and the top-1 hits exactly; a batch with
+    nothing supervised still backpropagates."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+    from trl.trainer.utils import add_fused_lm_head
+
+    from qilin_lite.lm_head import plain_head_ok, supervised_head
+
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                     num_attention_heads=2, image_size=16, patch_size=8),
+                      text_config=LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                              num_attention_heads=4, vocab_size=300), image_token_index=299)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg)
+    assert plain_head_ok(model)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    ids = torch.randint(0, 290, (3, 40))
+    ids[0, 26:40] = ids[0, 25]  # a row the model can guess: some top-1 hits
+    labels = ids.clone()
+    labels[:, :25] = -100
+    labels[2] = -100  # a row with nothing supervised
+    results = []
+    for plain in (False, True):
+        model.zero_grad()
+        out = supervised_head(model, input_ids=ids, labels=labels, metrics=True) if plain else \
+            model(input_ids=ids, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        results.append((out, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+    (trl, g_t), (ours, g_p) = results
+    mask = ours.label_mask
+    assert torch.equal(trl.label_mask, mask) and mask.sum() == 2 * 15  # positions 25-39 of two rows
+    assert torch.all(ours.log_probs[~mask] == 0) and torch.all(ours.log_probs[mask] < 0)
+    torch.testing.assert_close(ours.log_probs, trl.log_probs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.loss, trl.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.entropy, trl.entropy.detach(), rtol=1e-5, atol=1e-6)
+    assert torch.all(ours.entropy[mask] > 0) and torch.all(ours.entropy[~mask] == 0)
+    assert torch.equal(ours.is_top1.bool(), trl.is_top1.bool())
+    assert g_t.keys() == g_p.keys() and "lm_head.weight" in g_p
+    for k in g_t:
+        torch.testing.assert_close(g_p[k], g_t[k], rtol=1e-4, atol=1e-6)
+    lean = supervised_head(model, input_ids=ids, labels=labels)
+    assert lean.entropy is None and lean.is_top1 is None and torch.equal(lean.loss, ours.loss)
+    nothing = torch.full_like(labels, -100)
+    out = supervised_head(model, input_ids=ids, labels=nothing)
+    out.loss.backward()
+    assert out.loss.item() == 0.0
 
 
 def test_host_cuts_train_and_log_as_the_trainers_own_steps(tmp_path, align_run, tiny_data, monkeypatch):
