@@ -20,6 +20,7 @@ from .conversation import get_template
 from .data.records import Record, Reject, read_records, write_rejects
 from .distributed import gather_dicts, my_share, rank, wait_for_everyone, world_size
 from .errors import UserError
+from .heap import release_freed_memory
 from .model import token_layout
 from .processing import ImageLoader, VisionTextDataset, sample_lengths
 
@@ -122,7 +123,7 @@ def build_dataset(recipe: Recipe, tokenizer, image_processor, model_config, out:
             RecordIndex.write(index_dir, records, lengths, {"records": len(records), "rejected": len(rejects),
                                                             "source": str(source)})
         del records  # from here on the index serves them: 16 bytes a record in memory, none copied per worker
-        release_freed_memory()
+        release_freed_memory(collect=True)
         wait_for_everyone()
         index = RecordIndex.load(index_dir, hf)
         if index is None:
@@ -132,19 +133,6 @@ def build_dataset(recipe: Recipe, tokenizer, image_processor, model_config, out:
         rejects_path=out / "rejects.jsonl",
     )
     return dataset, int(index.meta["rejected"])
-
-
-def release_freed_memory() -> None:
-    """Hand the checks' freed Python objects back to the OS before DataLoader workers fork from this process:
-    glibc keeps freed heap pages otherwise, and every worker would map them (measured in benchmarks/scale.py)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        pass
 
 
 def check_records(recipe: Recipe, source, tokenizer, template, layout, out: Path):

@@ -18,8 +18,6 @@ Who may call it and how much memory a request may cost: web_guard.py and the REA
 
 import asyncio
 import base64
-import contextlib
-import functools
 import io
 import json
 import logging
@@ -36,6 +34,7 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import UserError
+from .heap import release_freed_memory
 from .options import Attn, Dtype, Load4bit, Load8bit, ModelDir, dtype_arg, quant_bits
 from .uploads import held, remove_stale
 from .web_guard import HEADERS, Guard, allowed_hosts, is_loopback
@@ -50,25 +49,6 @@ MAX_DECODED_BYTES = 128 * 2**20  # one image decoded (width x height x frames x 
 MAX_SESSIONS = 64
 IDLE_EVICT_S = 30 * 60  # a new tab may push out only a tab idle this long: no client can evict an active one
 SUFFIX = re.compile(r"\.(dcm|dicom|png|jpe?g|tiff?|bmp|webp|gif)$", re.IGNORECASE)
-
-
-@functools.cache
-def _libc():
-    """The C library, looked up once: find_library runs `ldconfig -p` in a subprocess each time it is called."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by a decode (or a let-go image) back to the system. glibc keeps freed blocks of the decode
-    threads' arenas for reuse, so without this the server's RSS stayed ~700 MB above what the tabs keep."""
-    with contextlib.suppress(AttributeError):  # not glibc: nothing to trim
-        _libc().malloc_trim(0)
 
 
 class SessionGone(UserError):
