@@ -37,7 +37,7 @@ from .errors import UserError
 from .heap import release_freed_memory
 from .options import Attn, Dtype, Load4bit, Load8bit, ModelDir, dtype_arg, quant_bits
 from .uploads import held, remove_stale
-from .web_guard import HEADERS, Guard, allowed_hosts, is_loopback
+from .web_guard import HEADERS, Guard, allowed_hosts, is_loopback, read_body_in_time
 from .web_input import WINDOWS, expect, sampling, window_setting
 
 log = logging.getLogger(__name__)
@@ -284,7 +284,9 @@ def create_app(web: WebApp, guard: Guard | None = None):
             response = JSONResponse({"error": refused[1]}, status_code=refused[0])
         elif request.method == "POST" and request.url.path in guard.upload_paths:
             async with uploading:
-                response = await call_next(request)
+                stalled = await read_body_in_time(request)
+                response = JSONResponse({"error": stalled}, status_code=408, headers={"Connection": "close"}) \
+                    if stalled else await call_next(request)
         else:
             response = await call_next(request)
         response.headers.update(HEADERS)

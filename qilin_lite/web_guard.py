@@ -8,6 +8,8 @@ to 127.0.0.1, and a page on a domain that re-points its DNS to 127.0.0.1 (DNS re
 - Token: off loopback the API needs the token shown once in the banner (header `X-Token`, or the `qilin_token`
   cookie the page sets from the address it was opened with), unless the operator says `--no-auth` on purpose.
 - Every response forbids framing (`frame-ancestors 'none'`, X-Frame-Options) and content sniffing.
+- Uploads are read one at a time, so a client that trickles its body would hold everyone else's upload: after a
+  grace period the body must keep arriving at a minimum rate (`read_body_in_time`), or the upload is refused (408).
 """
 
 from __future__ import annotations
@@ -78,3 +80,34 @@ class Guard:
             if not hmac.compare_digest(given.encode(), self.token.encode()):
                 return 401, "this server needs its token: open the address the server printed (with #token=...)"
         return None
+
+
+UPLOAD_GRACE_S = 10.0  # an upload may start slowly (connection set-up, a busy browser)
+MIN_UPLOAD_BYTES_PER_S = 64 * 2**10  # then it must average at least this: 512 kbit/s, a slow link, not a stall
+
+
+async def read_body_in_time(request) -> str | None:
+    """Read `request`'s body (Starlette caches it for the endpoint) while the bytes received keep up with
+    `MIN_UPLOAD_BYTES_PER_S` after `UPLOAD_GRACE_S`. None when read; otherwise the message to answer with."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    start, chunks, got = loop.time(), [], 0
+    stream = request.stream()
+    try:
+        while True:
+            # the moment the bytes so far stop covering the minimum rate: the next chunk must come before it
+            wait = start + UPLOAD_GRACE_S + got / MIN_UPLOAD_BYTES_PER_S - loop.time()
+            try:
+                chunk = await asyncio.wait_for(anext(stream), max(wait, 0.0))
+            except StopAsyncIteration:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
+        return (f"the upload stalled ({got / 2**10:.0f} KB in {loop.time() - start:.0f} s; this server needs "
+                f"{MIN_UPLOAD_BYTES_PER_S // 2**10} KB/s after {UPLOAD_GRACE_S:.0f} s); send the files again")
+    finally:
+        await stream.aclose()
+    request._body = b"".join(chunks)  # what Request.body() would have kept; the endpoint reads it from there
+    return None

@@ -389,6 +389,68 @@ def test_uploads_are_read_one_at_a_time(lora_run):
     asyncio.run(main())
 
 
+def test_a_trickled_upload_is_refused_and_frees_the_upload_slot(lora_run, monkeypatch):
+    """Uploads are read one at a time, so a client sending its body a few bytes at a time would hold every other
+    upload. After the grace period the bytes must keep up with the minimum rate: a stalled body gets 408 with one
+    line and the next upload goes on; a slow but steady one (chunks arriving over 1.2 s, past the grace) is read
+    whole and answered (ASGI driven directly)."""
+    import asyncio
+    import time
+
+    from qilin_lite import web_guard
+    from qilin_lite.generate import load_generator
+    from qilin_lite.web import WebApp, create_app
+
+    monkeypatch.setattr(web_guard, "UPLOAD_GRACE_S", 0.5)
+    monkeypatch.setattr(web_guard, "MIN_UPLOAD_BYTES_PER_S", 100)
+    gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
+    web = WebApp(gen, info, "run")
+    app = create_app(web)
+    sid = web.new_session()
+    body = json.dumps({"files": [{"name": "a.png", "data": "bm90IGFuIGltYWdl" * 20}]}).encode()
+
+    async def upload(chunks, then_stall: bool):
+        pending = list(chunks)
+
+        async def receive():
+            if not pending:
+                await asyncio.sleep(3600)  # connected, sending nothing more
+            delay, chunk = pending.pop(0)
+            await asyncio.sleep(delay)
+            return {"type": "http.request", "body": chunk, "more_body": bool(pending) or then_stall}
+
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/api/image", "raw_path": b"/api/image", "query_string": b"",
+                 "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+                 "headers": [(b"host", b"127.0.0.1"), (b"content-length", str(len(body)).encode()),
+                             (b"content-type", b"application/json"), (b"x-session", sid.encode())]}
+        await app(scope, receive, send)
+        return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]) or b"{}")
+
+    async def main():
+        t0 = time.monotonic()
+        stalled = asyncio.create_task(upload([(0, body[:100])], then_stall=True))
+        await asyncio.sleep(0.1)
+        waiting = asyncio.create_task(upload([(0, body)], then_stall=False))  # queued behind the stalled one
+        status, answer = await asyncio.wait_for(stalled, 30)
+        assert status == 408 and "stalled" in answer["error"] and "send the files again" in answer["error"]
+        assert time.monotonic() - t0 < 10  # 0.5 s grace + 100 bytes at 100 B/s, not the hour the client waits
+        status, answer = await asyncio.wait_for(waiting, 60)
+        assert status == 400 and "error" in answer  # served: read whole, and not an image
+        steps = [body[i:i + 40] for i in range(0, len(body), 40)]  # 10 chunks, one every 0.12 s: ~300 bytes/s
+        t0 = time.monotonic()
+        status, answer = await asyncio.wait_for(upload([(0.12, c) for c in steps], then_stall=False), 60)
+        assert time.monotonic() - t0 > 1.0  # it arrived well past the grace period
+        assert status == 400 and "stalled" not in answer["error"], answer  # read whole, and not an image
+
+    asyncio.run(main())
+
+
 def test_a_disconnected_tab_stops_its_answer(lora_run, tiny_data, monkeypatch):
     """Over real HTTP: closing the connection of a streaming answer stops it, and the next tab is not queued
     behind it. The model's answer is replaced by one that streams until stopped, so only the disconnect can end it."""
