@@ -337,6 +337,22 @@ def test_what_tabs_keep_is_capped_and_the_least_recently_used_let_go(lora_run, t
     assert sum(app.sessions[t].kept_bytes() for t in tabs) <= 2 * one
 
 
+async def _asgi_upload(app, sid: str, length: int, receive) -> tuple[int, dict]:
+    """POST /api/image straight into the ASGI app, its body coming from `receive`: (status, JSON answer)."""
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/api/image", "raw_path": b"/api/image", "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+             "headers": [(b"host", b"127.0.0.1"), (b"content-length", str(length).encode()),
+                         (b"content-type", b"application/json"), (b"x-session", sid.encode())]}
+    await app(scope, receive, send)
+    return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]) or b"{}")
+
+
 def test_uploads_are_read_one_at_a_time(lora_run):
     """Clients uploading at once cost one upload's memory: the second body is not read until the first upload is
     answered (ASGI driven directly, so the order of reads is observed, not timed)."""
@@ -360,18 +376,7 @@ def test_uploads_are_read_one_at_a_time(lora_run):
             reads.append(name)
             return {"type": "http.request", "body": body, "more_body": False}
 
-        sent = []
-
-        async def send(message):
-            sent.append(message)
-
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": "/api/image", "raw_path": b"/api/image", "query_string": b"",
-                 "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
-                 "headers": [(b"host", b"127.0.0.1"), (b"content-length", str(len(body)).encode()),
-                             (b"content-type", b"application/json"), (b"x-session", sid.encode())]}
-        await app(scope, receive, send)
-        return sent[0]["status"]
+        return (await _asgi_upload(app, sid, len(body), receive))[0]
 
     async def main():
         first_go, second_go = asyncio.Event(), asyncio.Event()
@@ -419,18 +424,7 @@ def test_a_trickled_upload_is_refused_and_frees_the_upload_slot(lora_run, monkey
             await asyncio.sleep(delay)
             return {"type": "http.request", "body": chunk, "more_body": bool(pending) or then_stall}
 
-        sent = []
-
-        async def send(message):
-            sent.append(message)
-
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": "/api/image", "raw_path": b"/api/image", "query_string": b"",
-                 "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
-                 "headers": [(b"host", b"127.0.0.1"), (b"content-length", str(len(body)).encode()),
-                             (b"content-type", b"application/json"), (b"x-session", sid.encode())]}
-        await app(scope, receive, send)
-        return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]) or b"{}")
+        return await _asgi_upload(app, sid, len(body), receive)
 
     async def main():
         t0 = time.monotonic()
