@@ -145,13 +145,22 @@ class ChatSession:
     def add_images(self, paths) -> None:
         """More images for the next question of this conversation (templates that keep images separate: their
         `<image>\n` go in front of that question, as HuatuoGPT-Vision's cli.py adds images in a later round)."""
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        self.check_addable(len(paths))
+        self.add_loaded(load_chat_images(paths, self.template, window=self.window, frame=self.frame), paths)
+
+    def check_addable(self, n: int) -> None:
+        """Can `n` more images join this conversation? (Asked before anything is decoded.)"""
         t = self.template
         if t.multi_image != "separate":
-            raise UserError(f"the {t.name} template joins images into one; use /image to start over with new ones")
-        new = load_chat_images(paths, t, window=self.window, frame=self.frame)
-        check_image_count(len(self.images) + len(new), t)
-        self.images += new
-        self.image_paths += [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+            raise UserError(f"the {t.name} template joins images into one; load new images to start over")
+        check_image_count(len(self.images) + n, t)
+
+    def add_loaded(self, images: list, paths) -> None:
+        """Like `add_images`, for images already loaded from `paths`."""
+        self.check_addable(len(images))
+        self.images += list(images)
+        self.image_paths += [Path(p) for p in paths]
 
     def ask(self, text: str, stop: threading.Event | None = None) -> str:
         """Answer `text` in the current conversation; the answer is streamed and kept in the history.

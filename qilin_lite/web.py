@@ -122,8 +122,9 @@ class WebApp:
                 "images": {"max": self.generator.template.max_images, "mode": self.generator.template.multi_image},
                 "defaults": self.defaults, "windows": {k: list(v) for k, v in WINDOWS.items()}}
 
-    def set_image(self, sid: str, files: list[dict], window=None, frame: int | None = None) -> dict:
-        """Decode the uploads (`{"name", "data": base64}`) as chat does; returns the model's view as a PNG."""
+    def set_image(self, sid: str, files: list[dict], window=None, frame: int | None = None, add: bool = False) -> dict:
+        """Decode the uploads (`{"name", "data": base64}`) as chat does; returns the model's view as a PNG. `add`:
+        more images for the next question of this conversation (chat's /add), else a new conversation."""
         from .images import expand_to_square, side_by_side
         from .session import check_image_count, load_chat_images
 
@@ -131,7 +132,10 @@ class WebApp:
         t = self.generator.template
         if not files:
             raise UserError("choose an image first")
-        check_image_count(len(files), t)  # before any upload is decoded
+        if add:  # both before any upload is decoded
+            s.chat.check_addable(len(files))
+        else:
+            check_image_count(len(files), t)
         uploads = []
         for i, f in enumerate(files):
             name = str(f.get("name") or f"image{i}")
@@ -156,22 +160,28 @@ class WebApp:
                     msg = msg.replace(p, shown)
                 raise UserError(msg) from None
         release_freed_memory()
+        names = [Path(shown) for shown, _, _ in uploads]
+        if add:
+            s.chat.add_loaded(images, names)
+        else:
+            s.chat.show(images, names)
+            s.transcript = None
+        s.released = False
         loader = self.generator.images  # the run's squaring rule and fill colour, as training and chat use them
-        views = [expand_to_square(img, loader.fill) if loader.mode == "pad" else img for img in images]
+        views = [expand_to_square(img, loader.fill) if loader.mode == "pad" else img for img in s.chat.images]
         view = views[0] if len(views) == 1 else side_by_side(views)  # separate images: shown in a row
-        s.chat.show(images, [Path(shown) for shown, _, _ in uploads])
-        s.transcript, s.released = None, False
         self.make_room(keep=s)
         release_freed_memory()
         buf = io.BytesIO()
         view.save(buf, format="PNG")
         png = buf.getvalue()
         if self.log_dir is not None:  # opted in: the model's view only, never the upload itself
-            s.transcript = self.log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-            s.transcript.mkdir(parents=True, exist_ok=True)
-            (s.transcript / "image.png").write_bytes(png)
+            if s.transcript is None:
+                s.transcript = self.log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+                s.transcript.mkdir(parents=True, exist_ok=True)
+            (s.transcript / ("image.png" if not add else f"image-{len(s.chat.images)}.png")).write_bytes(png)
         return {"preview": base64.b64encode(png).decode("ascii"), "width": view.width, "height": view.height,
-                "images": len(files)}
+                "images": len(s.chat.images)}
 
     def make_room(self, keep: Session) -> int:
         """Let go of the least recently used tabs' images (and conversations) until everything kept fits in
@@ -322,12 +332,13 @@ def create_app(web: WebApp, guard: Guard | None = None):
     @app.post("/api/image")
     def image(request: Request, body=Body(...)):
         try:
-            body = expect(body, files=list, window=(str, list, int, float), frame=(int, str))
+            body = expect(body, files=list, window=(str, list, int, float), frame=(int, str), add=bool)
             window = body.get("window")
             window = None if window in (None, "", "auto") else window_setting(window)
             frame = body.get("frame")
             frame = None if frame in (None, "") else int(frame)
-            return web.set_image(request.headers.get("x-session", ""), body.get("files") or [], window, frame)
+            return web.set_image(request.headers.get("x-session", ""), body.get("files") or [], window, frame,
+                                 add=bool(body.get("add")))
         except UserError as e:
             return problem(e)
         except (ValueError, TypeError, OverflowError):

@@ -7,6 +7,7 @@ builds (tests/data/huatuo/expected.json, see test_huatuo.py) for 1, 2 and 6 imag
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -187,6 +188,85 @@ def test_web_shows_the_model_separate_images_as_chat_does(converted, tiny_data):
     assert served.count(gen.layout.image_token_id) == 3 * gen.layout.num_image_tokens
     with pytest.raises(UserError, match="at most 6 images"):
         web.set_image(sid, files * 3)
+
+
+def test_web_adds_images_to_the_next_question_as_chat_does(converted, tiny_data, tmp_path):
+    """The page's "add images" (chat's /add): two images, a question, one image more, a second question; the model
+    gets the prompt ids chat builds for the same steps, the conversation is kept, the preview shows all three, and
+    a seventh image is refused before anything is decoded."""
+    import base64
+
+    from qilin_lite.errors import UserError
+    from qilin_lite.generate import load_generator
+    from qilin_lite.session import ChatSession
+    from qilin_lite.web import WebApp
+
+    _, dst, _ = converted
+    gen, info = load_generator(str(dst), temperature=0, max_new_tokens=2)
+    web = WebApp(gen, info, "run", log_dir=tmp_path / "logs")
+    sid = web.new_session()
+    paths = sorted(Path(tiny_data["images"]).glob("img_*.png"))[:3]
+    files = [{"name": p.name, "data": base64.b64encode(p.read_bytes()).decode()} for p in paths]
+    questions = ["病灶位于哪里？", "第三张图呢？"]
+    assert web.set_image(sid, files[:2])["images"] == 2
+    assert list(web.ask(sid, questions[0], {}))[-1].get("done")
+    shown = web.set_image(sid, files[2:], add=True)
+    assert shown["images"] == 3 and shown["width"] == 3 * shown["height"]
+    assert len(web.session(sid).chat.history) == 2  # the first question and answer are kept
+    assert list(web.ask(sid, questions[1], {}))[-1].get("done")
+    served = list(gen.last_prompt_ids)
+    chat = ChatSession.load(str(dst), temperature=0, max_new_tokens=2)
+    chat.load_image(paths[:2])
+    chat.ask(questions[0])
+    chat.add_images(paths[2:])
+    chat.ask(questions[1])
+    assert served == chat.generator.last_prompt_ids
+    assert served.count(gen.layout.image_token_id) == 3 * gen.layout.num_image_tokens
+    [log] = list((tmp_path / "logs").iterdir())  # one conversation: the first view and the view after the add
+    assert sorted(f.name for f in log.glob("image*.png")) == ["image-3.png", "image.png"]
+    not_images = [{"name": f"{i}.png", "data": "bm90IGFuIGltYWdl"} for i in range(4)]
+    with pytest.raises(UserError, match="at most 6 images"):  # 3 + 4; not "not an image": nothing was decoded
+        web.set_image(sid, not_images, add=True)
+    assert len(web.session(sid).chat.images) == 3
+
+
+@pytest.mark.slow
+def test_the_page_adds_images_to_the_next_question(converted, tiny_data, tmp_path):
+    """In the browser: the "add images" button appears for a separate-image template once an image is loaded; an
+    added image keeps the conversation, and the next question gets an answer."""
+    from conftest import web_server
+    from test_web import _browser_path, open_page
+
+    path = _browser_path()
+    if path is None:
+        pytest.skip("no chromium here (scripts/test.sh installs Debian's chromium where apt-get can)")
+    pw = pytest.importorskip("playwright.sync_api")
+    _, dst, _ = converted
+    images = sorted(Path(tiny_data["images"]).glob("img_*.png"))[:3]
+    answers = "document.querySelectorAll('#chat .assistant').length"
+    with web_server(["--model", dst, "--temperature", "0", "--max-new-tokens", "4"], tmp_path / "server.log") as port, \
+            pw.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=path, args=["--no-sandbox"])
+        ctx, page = open_page(browser, f"http://127.0.0.1:{port}", [])
+        assert not page.is_visible("#add")  # no image yet
+        page.set_input_files("#image-upload", [str(f) for f in images[:2]])
+        page.wait_for_function("document.getElementById('preview').style.display === 'block'")
+        assert page.is_visible("#add") and page.inner_text("#error") == ""
+        page.fill("#question", "病灶位于哪里？")
+        page.press("#question", "Enter")
+        page.wait_for_function(f"!document.getElementById('send').disabled && {answers} === 1")
+        page.set_input_files("#add-upload", [str(images[2])])
+        page.wait_for_function("document.getElementById('image-info').textContent.includes('3')")
+        assert page.inner_text("#error") == "" and page.locator("#chat .user").count() == 1  # conversation kept
+        page.fill("#question", "第三张图呢？")
+        page.press("#question", "Enter")
+        page.wait_for_function(f"!document.getElementById('send').disabled && {answers} === 2")
+        assert page.inner_text("#error") == ""
+        artifacts = Path(os.environ.get("QILIN_TEST_ARTIFACTS", tmp_path))
+        artifacts.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(artifacts / "web-add.png"), full_page=True)
+        ctx.close()
+        browser.close()
 
 
 def test_tune_from_the_converted_model_keeps_its_template(converted, tiny_data, tmp_path):

@@ -111,6 +111,7 @@ def test_dicom_window_chinese_question_equals_chat(browser, server, lora_run, tm
     upload_and_ask(page, [dcm], window="mediastinum")
     got = wait_answer(page)
     assert got and got == chat_answer(lora_run, dcm, "40,400")
+    assert not page.is_visible("#add")  # this template joins images into one: nothing to add to a question
     # the page is Chinese first and switches to English; the notice stays
     assert page.inner_text("#send") == "发送"
     page.click("#lang")
@@ -174,7 +175,8 @@ def test_a_corrupt_upload_is_a_message_and_the_next_question_works(browser, serv
 
 
 def test_bad_requests_are_one_message_each(lora_run):
-    """The HTTP layer without a browser: too many images, an empty question, no image yet, a bad window."""
+    """The HTTP layer without a browser: too many images, an empty question, no image yet, a bad window, images
+    added to a composite template's conversation."""
     from qilin_lite.errors import UserError
     from qilin_lite.generate import load_generator
     from qilin_lite.web import WebApp
@@ -189,6 +191,8 @@ def test_bad_requests_are_one_message_each(lora_run):
         next(web.ask(sid, Q, {}))
     with pytest.raises(UserError, match="not-base64.png: the upload arrived damaged"):
         web.set_image(sid, [{"name": "not-base64.png", "data": "%%%"}])
+    with pytest.raises(UserError, match="joins images into one; load new images"):  # /add: separate templates only
+        web.set_image(sid, [{"name": "1.png", "data": "AA=="}], add=True)
     with pytest.raises(UserError, match="a width >= 1, got 40,0"):
         window_setting("40,0")
     with pytest.raises(UserError, match="session id"):
