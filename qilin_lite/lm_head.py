@@ -12,8 +12,9 @@ LLaMA-Factory"). One matmul and log_softmax over the supervised positions gives 
 rounding and holds only (supervised positions x vocab) logits.
 
 Every micro-batch of a run goes through the same head, the ones that log included (their metrics are computed
-beside the loss, never in it): a resumed run then repeats the uninterrupted one to the bit, which it would not if
-the logging steps took trl's tiles and the others this head.
+beside the loss, never in it): a resumed run then repeats the uninterrupted one to the bit (on the same thread
+count: a matrix product over the supervised positions splits its sums by it), which it would not if the logging
+steps took trl's tiles and the others this head.
 """
 
 from __future__ import annotations
