@@ -142,8 +142,8 @@ def training(sizes: list[str], modes: list[str], steps: int) -> list[dict]:
 
 def packing_case(toy: bool) -> dict:
     """benchmarks/packing.py on this GPU, random order (where padding is left to remove): unpacked, `--packing` as
-    shipped, rows of max_length, and those rows with the batch in tokens, for sdpa (packed rows: segments.py's
-    per-sample sdpa) and flash-attention 2 where installed (its variable-length kernel). ok: every run trained,
+    shipped, rows of max_length, and those rows with the batch in tokens, for sdpa (packed rows: FlexAttention's
+    document mask) and flash-attention 2 where installed (its variable-length kernel). ok: every run trained,
     packed rows never attended across samples (the attention they trained with), and `--packing` as shipped no
     slower than unpacked beyond the run-to-run noise (0.9x)."""
     from benchmarks import gpu, packing
@@ -151,7 +151,7 @@ def packing_case(toy: bool) -> dict:
     size = ["--records", "32", "--hidden", "64", "--layers", "1"] if toy else \
         ["--records", "480", "--hidden", "2048", "--layers", "8", "--dtype", "bfloat16"]
     rows = packing.main(["--rounds", "1", "--orders", "random", "--attn", *gpu.available_attention(), *size])
-    per_sample = {"qilin_segments", "flash_attention_2"}
+    per_sample = {"flex_attention", "qilin_segments", "flash_attention_2"}
     ok = all(x["attention"] in per_sample for k, x in rows.items() if "packed-max" in k) and all(
         x["vs_unpacked"] >= 0.9 or toy for k, x in rows.items() if k.endswith("packed-auto"))
     return {"ok": ok, "table": packing.table(rows), "rows": rows}

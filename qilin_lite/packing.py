@@ -129,11 +129,12 @@ def choose_packing(lengths, batch_size: int, max_length: int, attention: str, te
         return PackingChoice(None, attention, 1.0, at_max, (
             f"on this data rows of {max_length} would cost {at_max:.2f}x the unpacked work and no row length saves "
             f"{gain:.0%}{why}: training unpacked ({attention})"))
-    from .segments import SEGMENTS
+    from .segments import packed_kernel
 
-    return PackingChoice(best, SEGMENTS, work[best], at_max, (
+    kernel = packed_kernel(not on_cpu)
+    return PackingChoice(best, kernel, work[best], at_max, (
         f"rows of {best} tokens cost the least: {work[best]:.2f}x the unpacked work (rows of {max_length}: "
-        f"{at_max:.2f}x); each sample attends only to itself ({SEGMENTS}, as flash-attention 2 would)"))
+        f"{at_max:.2f}x); each sample attends only to itself ({kernel}, as flash-attention 2 would)"))
 
 
 class PackedDataset(torch.utils.data.Dataset):

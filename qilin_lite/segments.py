@@ -7,8 +7,10 @@ span from the row's `position_ids` (a new span wherever a position is not the pr
 sdpa on that span alone, so a row costs the sum of its samples' attention, as flash-attn's varlen kernel does. The
 padding at the end of a shorter row is one more span (its positions run 0, 1, ...; its labels are ignored).
 
-torch's FlexAttention (a block mask from the same positions) would do this in one kernel, but in torch 2.13 it has
-no backward on the CPU; on a GPU without flash-attn this per-span sdpa works too.
+On a CUDA GPU without flash-attn, packed rows train with transformers' `flex_attention` instead (`packed_kernel`):
+given `position_ids` and no attention mask or cache (training), transformers turns each run of positions into a
+document of a block mask, and FlexAttention skips the blocks between documents in one kernel. In torch 2.13
+FlexAttention has no backward on the CPU (NotImplementedError), so the CPU keeps this per-span sdpa.
 
 Used for training only, while a packed dataset trains (train.py switches the language model to it and back before
 saving): there is no attention mask and no cache, so it is not for generation or left-padded batches.
@@ -16,10 +18,41 @@ saving): there is no attention mask and no cache, so it is not for generation or
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger(__name__)
+
 SEGMENTS = "qilin_segments"
+FLEX = "flex_attention"
+
+
+def packed_kernel(on_cuda: bool) -> str:
+    """The attention packed rows train with when flash-attn is not there: FlexAttention's document mask on a CUDA GPU
+    where it compiles and backpropagates, else per-span sdpa (`qilin_segments`). Both cost each sample's own
+    attention."""
+    return FLEX if on_cuda and flex_trains("cuda") else SEGMENTS
+
+
+@functools.cache
+def flex_trains(device: str) -> bool:
+    """Does FlexAttention run forward and backward here? Tried once on a tiny causal block mask: it needs torch >= 2.5
+    and a working Triton on GPUs, and torch 2.13 has no backward on the CPU. A failure is one warning and the
+    per-span sdpa, not a crash at the first training step."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        q = torch.randn(1, 1, 128, 16, device=device, requires_grad=True)
+        mask = create_block_mask(lambda b, h, i, j: i >= j, 1, 1, 128, 128, device=device)
+        torch.compile(flex_attention)(q, q, q, block_mask=mask).sum().backward()
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure (import, compile, kernel) means: use the other kernel
+        log.warning("FlexAttention does not train on %s here (%s: %s); packed rows use per-span sdpa",
+                    device, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        return False
 
 
 def spans(position_ids: torch.Tensor) -> list[tuple[int, int]]:

@@ -68,16 +68,19 @@ def train_stage(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
 
 
 def packed_attention(model, data: "Datasets") -> str | None:
-    """Packed rows without flash-attn train with per-sample attention (segments.py); returns the implementation to
-    switch back to before saving, or None when nothing was switched."""
+    """Packed rows without flash-attn train with per-sample attention (FlexAttention's document mask on a CUDA GPU,
+    segments.py's per-span sdpa elsewhere); returns the implementation to switch back to before saving, or None when
+    nothing was switched."""
+    from .device import cuda
+
     current = model.config.get_text_config()._attn_implementation
     data.attention = current
     if not isinstance(data.train, PackedDataset) or current == "flash_attention_2":
         return None
-    data.attention = segments.SEGMENTS
-    log.info("packed rows: each sample attends only to itself (%s, instead of %s over the whole row)",
-             segments.SEGMENTS, current)
-    return segments.use(model, segments.SEGMENTS)
+    kernel = segments.packed_kernel(cuda())
+    data.attention = kernel
+    log.info("packed rows: each sample attends only to itself (%s, instead of %s over the whole row)", kernel, current)
+    return segments.use(model, kernel)
 
 
 def prepare_output(recipe: Recipe, resume: bool, overwrite: bool = False) -> Path:

@@ -143,18 +143,24 @@ def test_packing_pays_where_padding_dominates_with_per_sample_attention():
         layout_flops([[i] for i in range(len(per_row))], per_row, 5120, 13824, 5120)
 
 
-def test_the_cpu_asks_a_larger_saving_than_a_gpu():
+def test_the_cpu_asks_a_larger_saving_than_a_gpu(monkeypatch):
     """Data where packing saves about 10% of the work: a GPU without flash-attn packs it (per-sample sdpa), the CPU
     trains unpacked; the device is read from device.cuda() when not given."""
     from unittest import mock
 
-    from qilin_lite.packing import PACKING_MIN_GAIN, PACKING_MIN_GAIN_CPU, choose_packing
+    from qilin_lite import segments
+    from qilin_lite.packing import (
+        PACKING_MIN_GAIN,
+        PACKING_MIN_GAIN_CPU,
+        choose_packing,
+    )
 
     rng = np.random.default_rng(4)
     lengths = (576 + rng.lognormal(4.5, 0.7, 1500)).astype(int).tolist()
+    monkeypatch.setattr(segments, "flex_trains", lambda dev: True)  # what a CUDA GPU with Triton answers
     gpu = choose_packing(lengths, 8, 2048, "sdpa", _cfg(256, 512), grouped=False, on_cpu=False)
     assert 1.0 - PACKING_MIN_GAIN_CPU < gpu.work_vs_unpacked < 1.0 - PACKING_MIN_GAIN
-    assert gpu.row_length is not None and gpu.attention == "qilin_segments"
+    assert gpu.row_length is not None and gpu.attention == "flex_attention"  # FlexAttention's document mask
     cpu = choose_packing(lengths, 8, 2048, "sdpa", _cfg(256, 512), grouped=False, on_cpu=True)
     assert cpu.row_length is None and "CPU" in cpu.reason
     with mock.patch("qilin_lite.packing.cuda", return_value=True):
@@ -162,13 +168,21 @@ def test_the_cpu_asks_a_larger_saving_than_a_gpu():
     assert choose_packing(lengths, 8, 2048, "sdpa", _cfg(256, 512), grouped=False).row_length is None
 
 
-def test_per_sample_attention_equals_each_sample_alone():
-    """A packed row under segments.py gives every sample exactly the logits it gets alone (GQA included), and the
+@pytest.mark.parametrize("kernel", ["qilin_segments", "flex_attention"])
+def test_per_sample_attention_equals_each_sample_alone(kernel):
+    """A packed row under segments.py, or under FlexAttention with the document mask transformers builds from the
+    positions (training: no cache; forward only here, torch 2.13 has no FlexAttention backward on the CPU), gives
+    every sample the logits it gets alone (GQA included; a trailing padding run is a document of its own), and the
     model attends as loaded again after switching back."""
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
-    from qilin_lite.segments import SEGMENTS, spans, use
+    from qilin_lite.segments import spans, use
 
     assert spans(torch.tensor([0, 1, 2, 0, 1, 0, 0, 1])) == [(0, 3), (3, 5), (5, 6), (6, 8)]
     cfg = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -178,14 +192,44 @@ def test_per_sample_attention_equals_each_sample_alone():
                       image_token_index=199)
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(cfg).eval()
-    a, b = torch.randint(0, 190, (1, 30)), torch.randint(0, 190, (1, 50))
+    a, b, pad = torch.randint(0, 190, (1, 30)), torch.randint(0, 190, (1, 50)), torch.zeros(1, 7, dtype=torch.long)
+    positions = torch.cat([torch.arange(30), torch.arange(50), torch.arange(7)])[None]  # as the collator pads
     with torch.no_grad():
         alone = torch.cat([model(input_ids=a).logits, model(input_ids=b).logits], 1)
-        before = use(model, SEGMENTS)
-        packed = model(input_ids=torch.cat([a, b], 1), position_ids=torch.cat([torch.arange(30), torch.arange(50)])[None])
+        before = use(model, kernel)
+        packed = model(input_ids=torch.cat([a, b, pad], 1), position_ids=positions, use_cache=False)
         use(model, before)
     assert before == "sdpa" and model.config.get_text_config()._attn_implementation == "sdpa"
-    assert torch.equal(packed.logits, alone)
+    if kernel == "qilin_segments":
+        assert torch.equal(packed.logits[:, :80], alone)
+    else:
+        torch.testing.assert_close(packed.logits[:, :80], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_rows_take_flex_attention_on_a_cuda_gpu(monkeypatch):
+    """The GPU-only choice, made to believe a GPU is present: FlexAttention on CUDA without flash-attn (where a tiny
+    forward + backward runs), per-span sdpa on the CPU, flash-attention 2 kept where the model loaded with it."""
+    from types import SimpleNamespace
+
+    from qilin_lite import device, segments, train
+    from qilin_lite.packing import PackedDataset
+
+    assert segments.flex_trains("cpu") is False  # torch 2.13: no FlexAttention backward on the CPU, hence segments.py
+    monkeypatch.setattr(segments, "flex_trains", lambda dev: True)  # what a CUDA GPU with Triton answers
+
+    class Model:
+        def __init__(self, attn):
+            self.config = SimpleNamespace(get_text_config=lambda: self.text)
+            self.text = SimpleNamespace(_attn_implementation=attn)
+
+    packed = PackedDataset.__new__(PackedDataset)
+    for on_cuda, attn, want in ((True, "sdpa", "flex_attention"), (False, "sdpa", "qilin_segments"),
+                                (True, "flash_attention_2", "flash_attention_2")):
+        monkeypatch.setattr(device, "cuda", lambda _c=on_cuda: _c)
+        model, data = Model(attn), SimpleNamespace(train=packed, attention=None)
+        back = train.packed_attention(model, data)
+        assert data.attention == want and model.text._attn_implementation == want
+        assert back == (None if want == attn else attn)
 
 
 def test_packing_decision_is_in_the_summary(tmp_path, tiny_base, tiny_data):
