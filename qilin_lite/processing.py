@@ -383,7 +383,8 @@ class Collator:
             attention[k, :L] = 1
         if "position_ids" in samples[0]:
             # packed rows: positions restart per sample; padding forms its own run starting at 0, and no attention
-            # mask is passed, which is what makes transformers build the block-diagonal mask
+            # mask is passed: with no cache (training) transformers then builds the per-sample mask for sdpa and
+            # flex_attention from the positions (with a cache it does not); flash-attention 2 reads them itself
             pos = torch.zeros((n, longest), dtype=torch.long)
             for k, s in enumerate(samples):
                 L = len(s["position_ids"])
