@@ -111,6 +111,32 @@ def test_composite_geometry(casereport, tmp_path):
         assert im.format == "PNG" and im.size == (40, 90)
 
 
+def test_separate_images_keep_each_file_with_its_own_tag(casereport, tmp_path):
+    """--images separate: no composite is made; a multi-image item lists its files in order, one `<image>` each, and
+    up to --max-images (past 4, which only a composite needs) images stay in."""
+    src, images = casereport
+    out = tmp_path / "sep.jsonl"
+    report = build([src], out, [images], BuildConfig(task="align", workers=0, images="separate", max_images=5))
+    recs = {r["id"]: r for r in read_out(out)}
+    assert sorted(recs) == ["c1", "c3", "c5"] and report["images"] == "separate" and report["composites"] == 0
+    assert not (tmp_path / "sep_images").exists()
+    assert recs["c1"]["image"] == "figures/PMC2_F1.jpg"  # one image stays a file name, as in the paper's records
+    assert recs["c3"]["image"] == [f"figures/PMC1_F{i}.jpg" for i in (1, 2, 3)]
+    assert len(recs["c5"]["image"]) == 5
+    human = recs["c3"]["conversations"][0]["value"]
+    assert human.startswith("<image>\n" * 3) and human.count("<image>") == 3
+    assert human.removeprefix("<image>\n" * 3) in PROMPTS["context"]
+    assert [len(r.images) for r in read_records(out)] == [1, 3, 5]
+    # the same input, composited: the prompt draw does not depend on the image layout
+    build([src], tmp_path / "comp.jsonl", [images], BuildConfig(task="align", workers=0))
+    comp = {r["id"]: r for r in read_out(tmp_path / "comp.jsonl")}
+    assert comp["c3"]["conversations"][0]["value"] == "<image>\n" + human.removeprefix("<image>\n" * 3)
+    with pytest.raises(UserError, match="--images must be composite or separate"):
+        BuildConfig(images="tiles")
+    with pytest.raises(UserError, match="--max-images must be 1 to 4"):
+        BuildConfig(max_images=5)
+
+
 def test_instruct_task_and_choice_prompt_from_pmc_vqa_csv(tmp_path):
     images = tmp_path / "images"
     make_images(images, ["PMC10_F1.jpg", "PMC11_F2.jpg"])
@@ -349,5 +375,11 @@ def test_cli_build_and_user_errors(casereport, tmp_path, monkeypatch, capsys):
     assert code == 0 and "wrote 2 records" in stdout and "too_many_images" in stdout
     code, _, err = run_cli(monkeypatch, capsys, "data", "build", src, "--out", out, "--max-images", "5")
     assert code == 2 and err.count("\n") == 1 and "--max-images" in err
+    code, stdout, _ = run_cli(monkeypatch, capsys, "data", "build", src, "--out", tmp_path / "sep.jsonl",
+                              "--image-folder", images, "--task", "align", "--images", "separate")
+    assert code == 0 and "wrote 2 records" in stdout
+    assert read_out(tmp_path / "sep.jsonl")[1]["image"] == [f"figures/PMC1_F{i}.jpg" for i in (1, 2, 3)]
+    code, _, err = run_cli(monkeypatch, capsys, "data", "build", src, "--out", out, "--images", "tiles")
+    assert code == 2 and err.count("\n") == 1 and "--images must be composite or separate" in err
     code, _, err = run_cli(monkeypatch, capsys, "data", "build", src, "--out", out, "--translate-url", "http://x")
     assert code == 2 and "--translate-model" in err

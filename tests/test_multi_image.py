@@ -48,6 +48,30 @@ def test_inspect_shows_one_composite_or_separate_images(template, runs, two_imag
     assert all(lab == IGNORE for i, lab in zip(row["input_ids"], row["labels"]) if i == layout.image_token_id)
 
 
+def test_data_build_separate_gives_the_model_each_image(two_image_data, tiny_base, tiny_data, tok_layout, tmp_path,
+                                                        monkeypatch, capsys):
+    """`data build --images separate` keeps a two-image record's images apart: the built file shows a huatuo-template
+    model 2 image runs (a vicuna_v1 one still 1 composite), where the default build bakes one composite in."""
+    from qilin_lite.data.build import BuildConfig, build
+
+    _, layout = tok_layout
+    runs = {}
+    for images in ("separate", "composite"):
+        out = tmp_path / f"{images}.jsonl"
+        build([two_image_data], out, [tiny_data["images"]], BuildConfig(workers=0, images=images))
+        first = json.loads(out.read_text(encoding="utf-8").splitlines()[0])
+        for template in ("huatuo", "vicuna_v1"):
+            args = ["data", "inspect", out, "--model", tiny_base, "-n", "1", "--template", template, "--json"]
+            code, stdout, err = run_cli_captured(monkeypatch, capsys, *args)
+            assert code == 0, err
+            row = json.loads(stdout)
+            runs[images, template] = row["input_ids"].count(layout.image_token_id) // layout.num_image_tokens
+        if images == "separate":
+            assert len(first["image"]) == 2 and first["conversations"][0]["value"] == f"<image>\n<image>\n{QUESTION}"
+    assert runs == {("separate", "huatuo"): 2, ("separate", "vicuna_v1"): 1,
+                    ("composite", "huatuo"): 1, ("composite", "vicuna_v1"): 1}
+
+
 @pytest.mark.parametrize("template,rows", [("vicuna_v1", 1), ("huatuo", 2)])
 def test_the_training_dataset_shows_the_model_as_many_images(template, rows, two_image_data, tiny_base, tiny_data,
                                                              tok_layout):

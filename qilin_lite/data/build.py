@@ -9,6 +9,9 @@
          Steps: read -> fields -> duplicate id -> >4 images -> missing image -> too short -> translate (opt-in)
               -> composite (worker processes) -> validate (records.validate_messages) -> write. The input is streamed
               in chunks; only the set of ids seen is held for the whole run.
+         `images="separate"` skips the composite step: a record keeps its 2-N images as a list with one `<image>`
+              each (HuatuoGPT-Vision's and LLaVA-OneVision's layout); a composite template (`vicuna_v1`, `plain`)
+              still joins them when it trains, so one file serves both kinds of model.
 The steps live beside this module: sources.py (reading, layouts), items.py (rows -> records),
 translate.py; `check`, `stats` and `inspect` have their own modules.
 
@@ -32,7 +35,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..files import save_image_atomic, write_text_atomic
-from .items import Drop, Item, conversation, row_to_item, source_text, too_short
+from .items import Drop, Item, conversation, image_count, row_to_item, source_text, too_short
 from .records import BadRecord, Reject, messages_from_llava, validate_messages
 from .rows import iter_rows
 from .sources import FieldMap, detect_layout
@@ -73,6 +76,7 @@ class BuildConfig:
     min_chars: int = 10  # captions/contexts shorter than this (in the input's language) are dropped
     min_question_chars: int = 4
     max_images: int = 4  # more images than this: dropped (a composite holds at most 4)
+    images: str = "composite"  # composite (the paper: one image made of the item's 2-4) | separate (a list)
     seed: int = 0
     workers: int = 2  # composite worker processes; 0 = in this process
     chunk_size: int = 256  # records per translate/composite round: bounds memory
@@ -86,8 +90,11 @@ class BuildConfig:
             raise UserError(f"--text-kind must be caption or context, not '{self.text_kind}'")
         if self.out_format not in (None, "jsonl", "json"):
             raise UserError(f"--format must be jsonl or json, not '{self.out_format}'")
-        if not 1 <= self.max_images <= 4:
-            raise UserError(f"--max-images must be 1 to 4 (a composite holds at most 4), not {self.max_images}")
+        if self.images not in ("composite", "separate"):
+            raise UserError(f"--images must be composite or separate, not '{self.images}'")
+        if self.max_images < 1 or (self.images == "composite" and self.max_images > 4):
+            raise UserError(f"--max-images must be 1 to 4 (a composite holds at most 4; --images separate takes "
+                            f"more), not {self.max_images}")
         if self.workers < 0 or self.chunk_size < 1 or self.min_chars < 0:
             raise UserError("--workers and --min-chars must be >= 0")
 
@@ -304,7 +311,9 @@ class _BuildState:
     def composite(self, chunk: list[Item]) -> list[Item]:
         jobs: dict[str, list[str]] = {}
         for it in chunk:
-            if len(it.paths) == 1:
+            if self.cfg.images == "separate" and len(it.paths) > 1:
+                it.image = list(it.rel)
+            elif len(it.paths) == 1:
                 it.image = it.rel[0]
             elif it.paths:
                 name = composite_name(it.rel)
@@ -327,7 +336,7 @@ class _BuildState:
         self.composites += sum(p is None for p in problems.values())
         kept = []
         for it in chunk:
-            problem = problems.get(Path(it.image).name) if len(it.paths) > 1 else None
+            problem = problems.get(Path(it.image).name) if isinstance(it.image, str) and len(it.paths) > 1 else None
             if problem:
                 self.reject(it.file, it.line, it.id, "composite", f"cannot composite the images: {problem}")
             else:
@@ -337,7 +346,7 @@ class _BuildState:
     def record(self, item: Item) -> dict | None:
         turns = conversation(item, self.cfg.seed)
         try:
-            validate_messages(messages_from_llava(turns), 1 if item.image else 0)
+            validate_messages(messages_from_llava(turns), image_count(item))
         except BadRecord as e:
             self.reject(item.file, item.line, item.id, "validate", str(e))
             return None
@@ -358,7 +367,7 @@ class _BuildState:
             steps.append({"step": step, "dropped": self.dropped[step], "kept": remaining})
         rep = {
             "output": self.out.name, "format": self.fmt, "images_relative_to": "the output's folder",
-            "composite_folder": self.image_dir.name, "seed": self.cfg.seed, "inputs": self.inputs,
+            "images": self.cfg.images, "composite_folder": self.image_dir.name, "seed": self.cfg.seed, "inputs": self.inputs,
             "rows": self.rows, "steps": steps, "written": self.writer.n,
             "composites": self.composites, "missing_image_files": self.missing_files,
             "rejects": self.rejects_path.name,

@@ -39,7 +39,8 @@ def build_cmd(
     fmt: Annotated[Optional[str], typer.Option("--format", help="jsonl | json (default: from --out's suffix)")] = None,
     min_chars: Annotated[int, typer.Option("--min-chars", help="drop captions/contexts shorter than this (characters)")] = 10,
     min_question_chars: Annotated[int, typer.Option("--min-question-chars")] = 4,
-    max_images: Annotated[int, typer.Option("--max-images", help="drop records with more images (1-4)")] = 4,
+    max_images: Annotated[int, typer.Option("--max-images", help="drop records with more images (1-4 for composites)")] = 4,
+    images: Annotated[str, typer.Option("--images", help="composite (the paper: a multi-image item becomes one image) | separate (a list, one <image> each: HuatuoGPT-Vision)")] = "composite",
     seed: Annotated[int, typer.Option("--seed", help="prompt choice; same seed and input, same bytes out")] = 0,
     workers: Annotated[int, typer.Option("--workers", help="processes making composites (0: none)")] = 2,
     limit: Annotated[Optional[int], typer.Option("--limit", help="only the first N input rows (a quick trial)")] = None,
@@ -66,7 +67,7 @@ def build_cmd(
                       [c.strip() for c in choices_field.split(",")] if choices_field else None)
     cfg = BuildConfig(task=task, layout=layout, fields=fields, text_kind=text_kind, source_name=source_name,
                       out_format=fmt, min_chars=min_chars, min_question_chars=min_question_chars,
-                      max_images=max_images, seed=seed, workers=workers, limit=limit, translate=tr)
+                      max_images=max_images, images=images, seed=seed, workers=workers, limit=limit, translate=tr)
     typer.echo(format_build_report(build(inputs, out, image_folder, cfg), out))
 
 

@@ -68,7 +68,7 @@ class Item:
     roles: list[str] = field(default_factory=list)  # dialog only: human/gpt per turn
     paths: list[str] = field(default_factory=list)  # absolute, once found
     rel: list[str] = field(default_factory=list)  # the same, relative to OUT's folder
-    image: str | None = None  # as written to OUT
+    image: str | list[str] | None = None  # as written to OUT: one file (maybe a composite), or a list (separate)
     source_text: dict[str, str] = field(default_factory=dict)
 
 
@@ -171,10 +171,15 @@ def too_short(item: Item, min_chars: int, min_question_chars: int) -> str | None
     return None
 
 
+def image_count(item: Item) -> int:
+    """How many `<image>` the record's first question carries: one per file it names."""
+    return len(item.image) if isinstance(item.image, list) else int(bool(item.image))
+
+
 def conversation(item: Item, seed: int) -> list[dict]:
     """Item -> LLaVA turns; the prompt is drawn from PROMPTS with an RNG seeded by (seed, task, id), so the draw
     does not depend on the order or the chunking of the input."""
-    tag = IMAGE_TOKEN + "\n" if item.image else ""
+    tag = (IMAGE_TOKEN + "\n") * image_count(item)
     if item.task == "dialog":
         turns = []
         for i, role in enumerate(item.roles, 1):
