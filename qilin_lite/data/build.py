@@ -367,8 +367,8 @@ class _BuildState:
             steps.append({"step": step, "dropped": self.dropped[step], "kept": remaining})
         rep = {
             "output": self.out.name, "format": self.fmt, "images_relative_to": "the output's folder",
-            "images": self.cfg.images, "composite_folder": self.image_dir.name, "seed": self.cfg.seed, "inputs": self.inputs,
-            "rows": self.rows, "steps": steps, "written": self.writer.n,
+            "images": self.cfg.images, "composite_folder": self.image_dir.name, "seed": self.cfg.seed,
+            "inputs": self.inputs, "rows": self.rows, "steps": steps, "written": self.writer.n,
             "composites": self.composites, "missing_image_files": self.missing_files,
             "rejects": self.rejects_path.name,
         }
