@@ -63,31 +63,36 @@ class LlamaCppLlava:
             self.ctx = None
         self.llm.close()
 
-    def prompt(self, question: str, with_image: bool = True) -> str:
-        """llama-mtmd-cli's way: the marker after the question; the template moves it where training had it."""
+    def prompt(self, question: str, images: int = 1) -> str:
+        """llama-mtmd-cli's way: a marker per image after the question; the template moves them where training had
+        them."""
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        content = question + (self.marker if with_image else "")
+        content = question + self.marker * images
         return ImmutableSandboxedEnvironment().from_string(self.template).render(
             messages=[{"role": "user", "content": content}], add_generation_prompt=True)
 
-    def answer(self, image: str | Path, question: str, max_new_tokens: int = 32) -> dict:
-        """{'text', 'prompt_ids' (text ids; None where the image's positions are), 'new_tokens', timings}."""
+    def answer(self, image: str | Path | list, question: str, max_new_tokens: int = 32) -> dict:
+        """{'text', 'prompt_ids' (text ids; None where an image's positions are), 'first_logits' (the next-token
+        logits after the prompt), 'new_tokens', timings}. `image`: one file, or a list of 0 or more."""
         mtmd, lc = self.mtmd, self.lc
         self.llm.reset()
         self.llm._ctx.kv_cache_clear()
-        bitmap = mtmd.mtmd_helper_bitmap_init_from_file(self.ctx, str(image).encode(), False)
-        if not bitmap:
-            raise RuntimeError(f"llama.cpp could not read {image}")
+        files = image if isinstance(image, list) else [image]
+        loaded = []
         chunks = mtmd.mtmd_input_chunks_init()
         prompt_ids: list[int | None] = []
         t0 = time.perf_counter()
         try:
+            for f in files:
+                loaded.append(mtmd.mtmd_helper_bitmap_init_from_file(self.ctx, str(f).encode(), False))
+                if not loaded[-1]:
+                    raise RuntimeError(f"llama.cpp could not read {f}")
             text = mtmd.mtmd_input_text()
-            raw = self.prompt(question).encode()
+            raw = self.prompt(question, len(files)).encode()
             text.text, text.text_len, text.add_special, text.parse_special = raw, len(raw), True, True
-            bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
-            if mtmd.mtmd_tokenize(self.ctx, chunks, ctypes.byref(text), bitmaps, 1) != 0:
+            bitmaps = (mtmd.mtmd_bitmap_p_ctypes * len(files))(*loaded)
+            if mtmd.mtmd_tokenize(self.ctx, chunks, ctypes.byref(text), bitmaps, len(files)) != 0:
                 raise RuntimeError("mtmd_tokenize failed")
             for i in range(mtmd.mtmd_input_chunks_size(chunks)):
                 chunk = mtmd.mtmd_input_chunks_get(chunks, i)
@@ -109,12 +114,14 @@ class LlamaCppLlava:
                     self.llm.n_tokens = new_past.value
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
-            mtmd.mtmd_bitmap_free(bitmap)
+            for b in loaded:
+                mtmd.mtmd_bitmap_free(b)
         t1 = time.perf_counter()
         out: list[int] = []
-        n_vocab = self.llm.n_vocab()
+        n_vocab, first = self.llm.n_vocab(), None
         for _ in range(max_new_tokens):
             logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.llm._ctx.ctx, -1), shape=(n_vocab,))
+            first = logits.copy() if first is None else first
             tok = int(np.argmax(logits))
             if tok == self.eos:
                 break
@@ -122,7 +129,7 @@ class LlamaCppLlava:
             self.llm.eval([tok])
         t2 = time.perf_counter()
         text_out = self.llm.detokenize(out).decode("utf-8", errors="replace").strip()
-        return {"text": text_out, "prompt_ids": prompt_ids, "new_tokens": len(out),
+        return {"text": text_out, "prompt_ids": prompt_ids, "first_logits": first, "new_tokens": len(out),
                 "prompt_seconds": t1 - t0, "gen_seconds": t2 - t1}
 
 

@@ -118,7 +118,8 @@ _ASSISTANT_TEXT = "{% if m['content'] is string %}{{ m['content'] }}{% else %}{{
 
 def family_jinja(template: Template) -> str:
     if template.style == "huatuo":
-        user = _USER_TEXT.replace("REMOVE", ".replace('<s>', '').replace('</s>', '')")
+        # a typed `<image>` inside a text part goes too (cli.py's moderation); in string content every tag is an image
+        user = _USER_TEXT.replace("REMOVE", ".replace('<image>', '').replace('<s>', '').replace('</s>', '')")
         return (
             "{% for m in messages %}{% if m['role'] == 'user' %}" + user
             + "<|user|>\n{{ ('<image>\n' * n + t) | trim }}\n"

@@ -341,3 +341,50 @@ def test_images_added_in_a_later_turn_go_in_front_of_that_question(converted, ti
     assert session.generator.last_prompt_ids.count(image_id) == 3 * per
     with pytest.raises(UserError, match="at most 6 images"):
         session.add_images(paths[:1] * 4)
+
+
+@pytest.fixture(scope="module")
+def huatuo_gguf(converted, tmp_path_factory):
+    pytest.importorskip("llama_cpp", reason="llama.cpp not built here (scripts/llama-cpp.sh needs a C++ compiler)")
+    from qilin_lite.export import export_gguf
+
+    return export_gguf(converted[1], tmp_path_factory.mktemp("huatuo_gguf") / "f16", quant="f16")
+
+
+@pytest.mark.parametrize("case,n", [("one image", 1), ("two images", 2), ("six images", 6), ("no image", 0),
+                                    ("typed tags and spaces", 1)])
+def test_llama_cpp_sends_the_exported_model_the_ids_their_cli_builds(case, n, converted, huatuo_gguf, tiny_data,
+                                                                      tmp_path):
+    """The GGUF export of a converted HuatuoGPT-Vision, run as llama-mtmd-cli runs it (its chat template, a marker per
+    image after the question), gets the prompt ids their cli.py builds, each image its own tokens; its next-token
+    logits follow the converted model's on the same ids and pixels (f16 weights, llama.cpp's own resize)."""
+    import numpy as np
+    from transformers import LlavaForConditionalGeneration
+
+    from benchmarks.gguf_cpu import LlamaCppLlava
+    from qilin_lite.image import prepare_image
+    from qilin_lite.model import load_image_processor, token_layout
+    from qilin_lite.processing import ImageLoader
+
+    _, dst, _ = converted
+    want = EXPECTED[case]
+    files = sorted(Path(tiny_data["images"]).glob("img_*.png"))[:n]
+    pngs = [prepare_image([f], tmp_path / f"{i}.png", model=str(dst)) for i, f in enumerate(files)]
+    m = LlamaCppLlava(huatuo_gguf.model, huatuo_gguf.mmproj)
+    try:
+        got = m.answer(pngs, want["turns"][0]["question"], max_new_tokens=1)
+    finally:
+        m.close()
+    model = LlavaForConditionalGeneration.from_pretrained(dst, dtype=torch.float32).eval()
+    layout = token_layout(model.config, 10**9)
+    assert got["prompt_ids"] == [x for i in want["ids"] for x in ([None] * layout.num_image_tokens if i == -200
+                                                                 else [i])]
+    ids = torch.tensor([[layout.image_token_id if i == -200 else i for i in want["ids"]]])
+    ids = torch.tensor([[x for i in ids[0].tolist() for x in ([i] * layout.num_image_tokens
+                                                              if i == layout.image_token_id else [i])]])
+    pixels = ImageLoader(load_image_processor(str(dst)), "pad")(pngs) if pngs else None
+    with torch.no_grad():
+        ours = model(input_ids=ids, pixel_values=pixels).logits[0, -1].numpy()
+    theirs = got["first_logits"][: len(ours)]
+    cos = float(np.dot(ours, theirs) / (np.linalg.norm(ours) * np.linalg.norm(theirs)))
+    assert cos > 0.99, cos

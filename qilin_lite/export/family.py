@@ -79,7 +79,7 @@ def gguf_family_template(template) -> str:
     elif template.style == "huatuo":
         t = (
             "{% for x in messages if x['role'] != 'system' %}"
-            + _TEXT.replace("REMOVE", ".replace('<s>', '').replace('</s>', '')")
+            + _TEXT.replace("REMOVE", ".replace('<image>', '').replace('<s>', '').replace('</s>', '')")
             + "{% if x['role'] == 'user' %}{{ '<|user|>\\n' + (imgs.s + t).strip() + '\\n' }}"
             "{% else %}{{ '<|assistant|>\\n' + c + ' \\n' }}{% endif %}{% endfor %}"
             "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
