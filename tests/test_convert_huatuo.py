@@ -357,7 +357,8 @@ def test_llama_cpp_sends_the_exported_model_the_ids_their_cli_builds(case, n, co
                                                                       tmp_path):
     """The GGUF export of a converted HuatuoGPT-Vision, run as llama-mtmd-cli runs it (its chat template, a marker per
     image after the question), gets the prompt ids their cli.py builds, each image its own tokens; its next-token
-    logits follow the converted model's on the same ids and pixels (f16 weights, llama.cpp's own resize)."""
+    logits follow the converted model's on the same ids and pixels (f16 weights, llama.cpp's own resize), ten times
+    nearer them than the logits for mirrored images."""
     import numpy as np
     from transformers import LlavaForConditionalGeneration
 
@@ -377,14 +378,18 @@ def test_llama_cpp_sends_the_exported_model_the_ids_their_cli_builds(case, n, co
         m.close()
     model = LlavaForConditionalGeneration.from_pretrained(dst, dtype=torch.float32).eval()
     layout = token_layout(model.config, 10**9)
-    assert got["prompt_ids"] == [x for i in want["ids"] for x in ([None] * layout.num_image_tokens if i == -200
-                                                                 else [i])]
-    ids = torch.tensor([[layout.image_token_id if i == -200 else i for i in want["ids"]]])
-    ids = torch.tensor([[x for i in ids[0].tolist() for x in ([i] * layout.num_image_tokens
-                                                              if i == layout.image_token_id else [i])]])
+    def expand(image):  # their -200 per image -> one id per image position
+        return [x for i in want["ids"] for x in ([image] * layout.num_image_tokens if i == -200 else [i])]
+
+    assert got["prompt_ids"] == expand(None)
+    ids = torch.tensor([expand(layout.image_token_id)])
     pixels = ImageLoader(load_image_processor(str(dst)), "pad")(pngs) if pngs else None
     with torch.no_grad():
         ours = model(input_ids=ids, pixel_values=pixels).logits[0, -1].numpy()
+        # the same prompt with every image mirrored: llama.cpp's logits must be nearer the right pixels' than these
+        mirrored = model(input_ids=ids, pixel_values=pixels.flip(-1)).logits[0, -1].numpy() if n else None
     theirs = got["first_logits"][: len(ours)]
     cos = float(np.dot(ours, theirs) / (np.linalg.norm(ours) * np.linalg.norm(theirs)))
-    assert cos > 0.99, cos
+    assert cos > 0.9999, cos
+    if n:
+        assert np.abs(theirs - ours).max() < 0.1 * np.abs(theirs - mirrored).max()  # measured: 0.01
