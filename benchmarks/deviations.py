@@ -51,7 +51,7 @@ def main() -> None:
     from qilin_lite.demo.base import TinySpec, build_tiny_base, train_sentencepiece
     from qilin_lite.demo.data import CHOICES, QUESTIONS, DemoDataSpec, demo_texts, make_demo_data
     from qilin_lite.model import assemble_base
-    from qilin_lite.train import run_stage
+    from qilin_lite.train.stage import run_stage
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)

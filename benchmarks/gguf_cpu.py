@@ -135,7 +135,7 @@ class LlamaCppLlava:
 
 def padded_images(run_dir: Path, heldout: list[dict], image_folder: Path, dest: Path) -> dict[str, Path]:
     """Each held-out image as `qilin-lite image --model RUN` writes it (the run's squaring rule), by name."""
-    from qilin_lite.image import prepare_image
+    from qilin_lite.serve.image_file import prepare_image
 
     out = {}
     for r in heldout:
@@ -156,7 +156,7 @@ def names_only(answer: str, record: dict) -> bool:
 
 def chat_answers(run_dir: Path, heldout: list[dict], images: dict[str, Path], max_new_tokens: int = 32) -> list[str]:
     """`qilin-lite chat --temperature 0` on the same PNGs (its Generator, float32)."""
-    from qilin_lite.generate import load_generator
+    from qilin_lite.serve.generate import load_generator
 
     gen, _ = load_generator(str(run_dir), dtype="float32", max_new_tokens=max_new_tokens, temperature=0.0, attn="sdpa")
     # chat puts the image at the front of the first turn: `<image>\n` + question

@@ -91,7 +91,7 @@ def run_case(model_dir: Path, mode: str, attn: str, steps: int, size: str) -> di
     from trl.trainer.utils import add_fused_lm_head
 
     from qilin_lite.model import load_llava
-    from qilin_lite.stages import LoraSettings, configure
+    from qilin_lite.train.stages import LoraSettings, configure
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

@@ -75,9 +75,9 @@ def placement(run_dir: Path, data_dir: Path) -> dict:
     from qilin_lite.device import placement as promised
     from qilin_lite.eval.benchmarks import load_eval_items
     from qilin_lite.eval.run import model_generate
-    from qilin_lite.generate import load_generator
-    from qilin_lite.session import ChatSession
-    from qilin_lite.web import WebApp
+    from qilin_lite.serve.generate import load_generator
+    from qilin_lite.serve.chat_session import ChatSession
+    from qilin_lite.serve.web import WebApp
 
     seen: dict = {}
     real_forward = LlavaForConditionalGeneration.forward

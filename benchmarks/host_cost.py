@@ -37,7 +37,7 @@ def build(mode: str, toy: bool):
     from transformers import LlavaForConditionalGeneration
 
     from qilin_lite.plan import CLIP_VIT_L14_336, LLAMA2_13B, llava_config
-    from qilin_lite.stages import LoraSettings, configure
+    from qilin_lite.train.stages import LoraSettings, configure
 
     vision, llm = CLIP_VIT_L14_336, LLAMA2_13B
     if toy:

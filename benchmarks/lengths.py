@@ -123,7 +123,7 @@ def real_fraction(lengths, batches) -> float:
 
 
 def packed_row_lengths(lengths, max_length: int = MAX_LENGTH) -> np.ndarray:
-    from qilin_lite.packing import pack
+    from qilin_lite.train.packing import pack
 
     lengths = np.asarray(lengths)
     return np.array([int(lengths[r].sum()) for r in pack(lengths, max_length)], dtype=np.int64)

@@ -71,7 +71,7 @@ def child(mode: str, base: str, data: str, images: str, out: str, hidden: int, s
     import trl  # noqa: F401
     from transformers import TrainerCallback
 
-    import qilin_lite.train as train_mod
+    import qilin_lite.train.stage as train_mod
     from qilin_lite.config import REPO_RECIPES, load_recipe
 
     if not _reset_peak():
@@ -87,7 +87,7 @@ def child(mode: str, base: str, data: str, images: str, out: str, hidden: int, s
         def on_train_end(self, args, state, control, **kw):
             kb["train_peak"] = _status_kb("VmHWM")
 
-    from qilin_lite.trainer import QilinTrainer
+    from qilin_lite.train.trainer import QilinTrainer
 
     class Measured(QilinTrainer):
         def __init__(self, *a, **k):

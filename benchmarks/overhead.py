@@ -54,7 +54,7 @@ def trainers_own(cls):
 
 def train_once(base: Path, data: dict, out: Path, *, run: str, steps: int, accumulation: int, workers: int = 0,
                keep_batches: bool = False):
-    import qilin_lite.train as train_mod
+    import qilin_lite.train.stage as train_mod
     from qilin_lite.config import REPO_RECIPES, load_recipe
 
     lean = run == "lean"
@@ -66,7 +66,7 @@ def train_once(base: Path, data: dict, out: Path, *, run: str, steps: int, accum
         f"train.lean_metrics={str(lean).lower()}",
     ], output_dir=str(out), **{"model.base": str(base), "data.train": str(data["tune"]),
                                "data.image_folder": str(data["images"])})
-    from qilin_lite.trainer import QilinTrainer
+    from qilin_lite.train.trainer import QilinTrainer
 
     trainer_cls = trainers_own(QilinTrainer) if run == "trainer" else QilinTrainer
     _, model = train_mod.train_stage(recipe, trainer_cls=instrumented(trainer_cls, clock))

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def run_one(base: Path, data: dict, out: Path, *, attn: str, grouped: bool, layout: str, max_length: int,
             batch: int, token_batch: int = 1, dtype: str = "float32") -> dict:
-    import qilin_lite.train as train_mod
+    import qilin_lite.train.stage as train_mod
     from benchmarks.speed import Probe, instrumented
     from qilin_lite.config import REPO_RECIPES, load_recipe
 
@@ -49,7 +49,7 @@ def run_one(base: Path, data: dict, out: Path, *, attn: str, grouped: bool, layo
     recipe = load_recipe(REPO_RECIPES / "qilin-med-vl/tune-full.yaml", sets, output_dir=str(out),
                          **{"model.base": str(base), "data.train": str(data["tune"]),
                             "data.image_folder": str(data["images"])})
-    from qilin_lite.trainer import QilinTrainer
+    from qilin_lite.train.trainer import QilinTrainer
 
     probe = Probe()
     done, _ = train_mod.train_stage(recipe, trainer_cls=instrumented(QilinTrainer, probe))

@@ -151,7 +151,7 @@ def measure(c: Case) -> dict:
 
     from qilin_lite.model import load_llava
     from qilin_lite.plan import llava_config
-    from qilin_lite.stages import LoraSettings, configure
+    from qilin_lite.train.stages import LoraSettings, configure
 
     t0 = time.time()
     torch.manual_seed(0)

@@ -93,10 +93,10 @@ def measure(root: Path, n: int, base: Path) -> dict:
 
     from qilin_lite.config import load_recipe
     from qilin_lite.data.records import read_records
-    from qilin_lite.images import load_image
+    from qilin_lite.images.decode import load_image
     from qilin_lite.model import load_tokenizer_and_processor
     from qilin_lite.processing import Collator, VisionTextDataset, as_hf_dataset
-    from qilin_lite.train_data import build_dataset
+    from qilin_lite.train.data import build_dataset
 
     data, images = make_data(root, n)
     names = [images / f"{i:07d}.jpg" for i in range(n)]

@@ -4,7 +4,7 @@ In:  a Llava base directory, LLaVA records (synth.py), a stage and the settings 
 Out: per run, a `Probe` with the wall time of the training loop, the time spent fetching batches, the samples seen
      and the real (non-padding) / all tokens of the batches the model actually received.
 
-- ours:  `qilin_lite.train.train_stage` with the shipped paper recipe (align.yaml / tune-full.yaml), CPU overrides.
+- ours:  `qilin_lite.train.stage.train_stage` with the shipped paper recipe (align.yaml / tune-full.yaml), CPU overrides.
          QilinTrainer is subclassed (passed as `trainer_cls`) to add the probe; dataset, collator, sampler and config are the real ones.
 - stock: what a trl user writes: `SFTTrainer(model, SFTConfig(...), train_dataset=messages+images dataset,
          processing_class=LlavaProcessor)`, so trl's `DataCollatorForVisionLanguageModeling` tokenizes, expands
@@ -184,8 +184,8 @@ def ours_recipe(stage: str, base: Path, data: dict, out: Path, s: Settings):
 
 
 def run_ours(stage: str, base: Path, data: dict, out: Path, s: Settings) -> Probe:
-    import qilin_lite.train as train_mod
-    from qilin_lite.trainer import QilinTrainer
+    import qilin_lite.train.stage as train_mod
+    from qilin_lite.train.trainer import QilinTrainer
 
     probe = Probe()
     train_mod.train_stage(ours_recipe(stage, base, data, out, s), trainer_cls=instrumented(QilinTrainer, probe))
@@ -216,7 +216,7 @@ def run_stock(stage: str, base: Path, data: dict, out: Path, s: Settings, num_wo
 
     from qilin_lite.conversation import chat_template_jinja, get_template
     from qilin_lite.model import load_llava
-    from qilin_lite.stages import configure
+    from qilin_lite.train.stages import configure
 
     recipe = ours_recipe(stage, base, data, out, s)  # the shared settings, read from the same recipe
     tr = recipe.train
@@ -265,7 +265,7 @@ def sample_lengths(recipe, base: Path, out: Path) -> list[int]:
     from transformers import AutoConfig
 
     from qilin_lite.model import load_tokenizer_and_processor
-    from qilin_lite.train_data import build_dataset
+    from qilin_lite.train.data import build_dataset
 
     tok, image_processor = load_tokenizer_and_processor(str(base))
     Path(out).mkdir(parents=True, exist_ok=True)
@@ -276,7 +276,7 @@ def sample_lengths(recipe, base: Path, out: Path) -> list[int]:
 def grouped_stock(trainer_cls, lengths: list[int], seed: int):
     """The stock trainer sampling length-grouped batches: the same sampler and seed as ours, so both sides train on
     the same batches and any difference is per-step cost."""
-    from qilin_lite.sampler import EpochGroupedSampler
+    from qilin_lite.train.sampler import EpochGroupedSampler
 
     class GroupedStock(trainer_cls):
         def _get_train_sampler(self, train_dataset=None):
@@ -317,7 +317,7 @@ def data_cost(stage: str, base: Path, data: dict, out: Path, s: Settings, n: int
     from qilin_lite.conversation import chat_template_jinja, get_template
     from qilin_lite.model import load_tokenizer_and_processor
     from qilin_lite.processing import Collator, as_hf_dataset
-    from qilin_lite.train_data import build_dataset
+    from qilin_lite.train.data import build_dataset
 
     recipe = ours_recipe(stage, base, data, out, s)
     Path(out).mkdir(parents=True, exist_ok=True)

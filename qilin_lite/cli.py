@@ -99,7 +99,7 @@ def _stage(stage: str, recipe, set_, out, resume: bool, overwrite: bool, fields:
 def _run(recipe, resume: bool, trainer_cls=None, overwrite: bool = False):
     """Train; a SIGTERM stop (checkpoint written) is a clean exit 0 with the line saying how to go on.
     `trainer_cls`: a QilinTrainer subclass (tests that stop a run part-way); None: QilinTrainer."""
-    from .train import Stopped, run_stage
+    from .train.stage import Stopped, run_stage
 
     try:
         return run_stage(recipe, resume=resume, overwrite=overwrite,
@@ -171,19 +171,20 @@ def demo(
 
 
 def _register_extensions() -> None:
-    """Commands that live beside their code (chat, image, web, merge, convert, export, eval, data, plan) add
-    themselves here."""
-    import importlib
+    """Commands that live beside their code add themselves here, each named: a module that fails to import is a bug
+    to see, not a command to skip."""
+    from .convert import register as convert
+    from .data.cli import register as data
+    from .eval.cli import register as evaluate
+    from .export.cli import register as export
+    from .merge import register as merge
+    from .plan.cli import register as plan
+    from .serve.chat import register as chat
+    from .serve.image_file import register as image
+    from .serve.web import register as web
 
-    for name in ("image", "chat", "merge", "convert", "export.cli", "eval.cli", "data.cli", "plan.cli", "web"):
-        try:
-            mod = importlib.import_module(f".{name}", __package__)
-        except ModuleNotFoundError as e:
-            if e.name == f"{__package__}.{name}":
-                continue
-            raise
-        if hasattr(mod, "register"):
-            mod.register(app)
+    for register in (image, chat, merge, convert, export, evaluate, data, plan, web):
+        register(app)
 
 
 _register_extensions()

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
-from .stages import MODES, llm_bits
+from .train.stages import MODES, llm_bits
 
 
 def _recipes_dir() -> Path:

@@ -29,7 +29,7 @@ import torch
 
 from .conversation import IMAGE_TOKEN, Template, check_plain, place_image, render
 from .data.records import BadRecord, Record
-from .image_loader import ImageLoader, pad_fill  # noqa: F401 - re-exported: the loader training and chat share
+from .images.pixel_values import ImageLoader, pad_fill  # noqa: F401 - re-exported: the loader training and chat share
 from .tokens import image_split_ids, slow_llama
 
 IGNORE = -100

@@ -92,7 +92,7 @@ if real.is_file():
     import tempfile
 
     from qilin_lite.conversation import IMAGE_TOKEN, get_template, typed_text
-    from qilin_lite.generate import Generator
+    from qilin_lite.serve.generate import Generator
     from qilin_lite.model import load_tokenizer
     from qilin_lite.processing import TokenLayout
 

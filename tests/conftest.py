@@ -104,7 +104,7 @@ _MEMORY: dict = {}
 
 def _train(recipe):
     """Train with the real code and keep the in-memory model, so tests can compare it with what was saved."""
-    from qilin_lite.train import train_stage
+    from qilin_lite.train.stage import train_stage
 
     out, model = train_stage(recipe)
     _MEMORY[str(out)] = model

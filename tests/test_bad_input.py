@@ -85,7 +85,7 @@ def test_skip_bad_sets_records_aside_with_reasons(folder):
 
 
 def test_corrupt_image_is_caught_before_training(folder):
-    from qilin_lite.train_data import verify_images
+    from qilin_lite.train.data import verify_images
 
     (folder / "bad.png").write_bytes((folder / "x.png").read_bytes()[:40])  # truncated PNG
     data = write_jsonl(folder / "d.jsonl", [GOOD, variant(id="c3", image="bad.png")])
@@ -155,7 +155,7 @@ def test_cli_user_errors_are_one_line_without_traceback(folder, tiny_base):
 def test_when_every_record_is_rejected_the_rejects_file_it_names_exists(bad, folder, tiny_base, tmp_path):
     from conftest import tiny_recipe
 
-    from qilin_lite.train import run_stage
+    from qilin_lite.train.stage import run_stage
 
     if bad == "records":  # rejected while reading
         rows = [variant(id=f"r{i}", image="nope.png") for i in range(3)]
@@ -210,7 +210,7 @@ def test_an_image_name_the_file_system_cannot_hold_is_that_records_problem(folde
     recs = read_records(data, folder, skip_bad=True, rejects=rejects)
     assert [r.id for r in recs] == ["ok"]
     assert rejects[0].id == "long" and "cannot be looked up" in rejects[0].reason
-    from qilin_lite.images import load_image
+    from qilin_lite.images.decode import load_image
 
     with pytest.raises(UserError, match="cannot look the image up"):
         load_image(folder / ("长" * 300 + ".png"))
@@ -258,7 +258,7 @@ def test_data_check_reports_outside_images_without_opening_them(folder, monkeypa
     from qilin_lite.data.check import check_data
 
     opened = []
-    import qilin_lite.images as images_mod
+    import qilin_lite.images.decode as images_mod
 
     real = images_mod.load_image
     monkeypatch.setattr(images_mod, "load_image", lambda p, *a, **k: opened.append(p) or real(p, *a, **k))

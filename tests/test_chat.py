@@ -24,8 +24,8 @@ from PIL import Image
 
 from qilin_lite.data.records import LazyImage
 from qilin_lite.errors import UserError
-from qilin_lite.images import composite, load_image
-from qilin_lite.session import DISCLAIMER, ChatSession
+from qilin_lite.images.decode import composite, load_image
+from qilin_lite.serve.chat_session import DISCLAIMER, ChatSession
 
 CLI = str(Path(sys.executable).with_name("qilin-lite"))
 Q1, Q2, Q3 = "病灶位于哪一侧？", "这是什么类型的影像？", "图中有几个病灶？"
@@ -187,7 +187,7 @@ def test_json_answer_for_a_composite(qlora_run, tiny_data):
     assert set(reply) == {"answer", "model", "tokens", "seconds", "prompt_ids"}
     assert reply["answer"] == answer and reply["model"] == str(qlora_run)
     # the ids the model was given: the composite is one image, expanded; the prompt ends where the answer starts
-    from qilin_lite.generate import load_generator
+    from qilin_lite.serve.generate import load_generator
 
     gen, _ = load_generator(str(qlora_run), temperature=0)
     msgs = [{"role": "user", "content": f"<image>\n{Q1}"}]
@@ -361,7 +361,7 @@ def test_a_typed_image_tag_is_text_in_every_mode(lora_run, tiny_data, monkeypatc
     lines = iter(["<image>", f"{Q1}<image>", "/quit"])
     from io import StringIO
 
-    from qilin_lite.chat import repl
+    from qilin_lite.serve.chat import repl
 
     out = StringIO()
     repl(session, read=lambda prompt: next(lines), out=out)
@@ -372,7 +372,7 @@ def test_a_typed_image_tag_is_text_in_every_mode(lora_run, tiny_data, monkeypatc
 def test_a_conversation_longer_than_the_context_is_one_line(lora_run, tiny_data, monkeypatch, capsys):
     """A question past the model's positions is refused with its length; one that fits gets what room is left."""
     from qilin_lite.errors import UserError
-    from qilin_lite.generate import load_generator
+    from qilin_lite.serve.generate import load_generator
 
     gen, _ = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
     image = sorted(Path(tiny_data["images"]).iterdir())[0]

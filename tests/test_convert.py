@@ -90,7 +90,7 @@ def converted_inputs(dst: Path, image: Path):
     from transformers import AutoProcessor, AutoTokenizer, LlavaConfig
 
     from qilin_lite.conversation import get_template
-    from qilin_lite.generate import Generator
+    from qilin_lite.serve.generate import Generator
     from qilin_lite.model import token_layout
     from qilin_lite.processing import ImageLoader
 
@@ -137,7 +137,7 @@ def test_converted_logits_equal_the_source_computation(projector, pickle, tiny_p
 
 
 def test_chat_runs_the_converted_model(tiny_parts, tiny_data, tmp_path):
-    from qilin_lite.session import ChatSession
+    from qilin_lite.serve.chat_session import ChatSession
 
     src, dst = tmp_path / "src", tmp_path / "converted"
     write_llava_checkpoint(tiny_parts, src)

@@ -107,7 +107,7 @@ def test_converted_logits_equal_the_source_computation(converted, tiny_data):
     from transformers import AutoTokenizer, GenerationConfig, LlavaForConditionalGeneration
 
     from qilin_lite.conversation import get_template
-    from qilin_lite.generate import Generator
+    from qilin_lite.serve.generate import Generator
     from qilin_lite.model import RunInfo, load_image_processor, token_layout
     from qilin_lite.processing import ImageLoader
 
@@ -138,7 +138,7 @@ def test_converted_logits_equal_the_source_computation(converted, tiny_data):
 @pytest.mark.parametrize("case,n", [("one image", 1), ("two images", 2), ("six images", 6),
                                     ("second turn, no new image", 1)])
 def test_chat_sends_the_prompt_ids_their_cli_builds(case, n, converted, tiny_data):
-    from qilin_lite.session import ChatSession
+    from qilin_lite.serve.chat_session import ChatSession
 
     _, dst, _ = converted
     want = EXPECTED[case]
@@ -165,9 +165,9 @@ def test_web_shows_the_model_separate_images_as_chat_does(converted, tiny_data):
     import base64
 
     from qilin_lite.errors import UserError
-    from qilin_lite.generate import load_generator
-    from qilin_lite.session import ChatSession
-    from qilin_lite.web import WebApp
+    from qilin_lite.serve.generate import load_generator
+    from qilin_lite.serve.chat_session import ChatSession
+    from qilin_lite.serve.web import WebApp
 
     _, dst, _ = converted
     gen, info = load_generator(str(dst), temperature=0, max_new_tokens=2)
@@ -197,9 +197,9 @@ def test_web_adds_images_to_the_next_question_as_chat_does(converted, tiny_data,
     import base64
 
     from qilin_lite.errors import UserError
-    from qilin_lite.generate import load_generator
-    from qilin_lite.session import ChatSession
-    from qilin_lite.web import WebApp
+    from qilin_lite.serve.generate import load_generator
+    from qilin_lite.serve.chat_session import ChatSession
+    from qilin_lite.serve.web import WebApp
 
     _, dst, _ = converted
     gen, info = load_generator(str(dst), temperature=0, max_new_tokens=2)
@@ -273,9 +273,9 @@ def test_tune_from_the_converted_model_keeps_its_template(converted, tiny_data, 
     """`tune --lora --from CONVERTED` continues training HuatuoGPT-Vision on a user's data in its own format."""
     from conftest import tiny_recipe
 
-    from qilin_lite.generate import load_generator
+    from qilin_lite.serve.generate import load_generator
     from qilin_lite.model import RunInfo
-    from qilin_lite.train import run_stage
+    from qilin_lite.train.stage import run_stage
 
     _, dst, _ = converted
     out = tmp_path / "tuned"
@@ -294,7 +294,7 @@ def test_tune_from_the_converted_model_keeps_its_template(converted, tiny_data, 
 
 def test_image_writes_one_png_per_image_for_separate_templates(converted, tiny_data, tmp_path):
     from qilin_lite.errors import UserError
-    from qilin_lite.image import prepare_image
+    from qilin_lite.serve.image_file import prepare_image
 
     _, dst, _ = converted
     paths = sorted(Path(tiny_data["images"]).glob("img_*.png"))[:2]
@@ -306,7 +306,7 @@ def test_image_writes_one_png_per_image_for_separate_templates(converted, tiny_d
 def test_a_hf_release_without_qilin_json_gets_its_own_template(converted, tmp_path):
     """The `-hf` release is already a LlavaForConditionalGeneration: it loads as it is, HuatuoGPT-Vision by its name
     (as its cli.py tells its models apart) in `huatuo`, another Qwen2 Llava in ChatML."""
-    from qilin_lite.generate import load_generator
+    from qilin_lite.serve.generate import load_generator
     from qilin_lite.model import template_of
 
     _, dst, _ = converted
@@ -324,7 +324,7 @@ def test_images_added_in_a_later_turn_go_in_front_of_that_question(converted, ti
     """`/add` (HuatuoGPT-Vision's cli.py adds a round's images to that round): the second question carries its own
     image, with the prompt ids their cli.py builds (tests/data/huatuo 'second turn': 2 images, then 1 more)."""
     from qilin_lite.errors import UserError
-    from qilin_lite.session import ChatSession
+    from qilin_lite.serve.chat_session import ChatSession
 
     _, dst, _ = converted
     want = EXPECTED["second turn"]
@@ -363,7 +363,7 @@ def test_llama_cpp_sends_the_exported_model_the_ids_their_cli_builds(case, n, co
     from transformers import LlavaForConditionalGeneration
 
     from benchmarks.gguf_cpu import LlamaCppLlava
-    from qilin_lite.image import prepare_image
+    from qilin_lite.serve.image_file import prepare_image
     from qilin_lite.model import load_image_processor, token_layout
     from qilin_lite.processing import ImageLoader
 

@@ -29,9 +29,9 @@ def setup(tmp_path, tiny_base, tiny_data):
 
 def _build(setup, monkeypatch):
     """build_dataset, counting image decodes and tokenizer passes."""
-    import qilin_lite.images as images_mod
-    import qilin_lite.train_data as train_mod
-    from qilin_lite.train_data import build_dataset
+    import qilin_lite.images.decode as images_mod
+    import qilin_lite.train.data as train_mod
+    from qilin_lite.train.data import build_dataset
 
     recipe, tok, ip, cfg, *_ = setup
     counts = {"decoded": 0, "length_passes": 0}

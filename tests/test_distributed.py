@@ -166,7 +166,7 @@ from transformers import AutoConfig
 from qilin_lite.conversation import get_template
 from qilin_lite.model import load_tokenizer_and_processor, token_layout
 from qilin_lite.data.records import read_records
-from qilin_lite.train_data import shared_lengths
+from qilin_lite.train.data import shared_lengths
 base, data, images, out = sys.argv[1:5]
 records = read_records(data, images)
 tok, _ = load_tokenizer_and_processor(base)

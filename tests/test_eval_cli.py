@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import qilin_lite.generate
+import qilin_lite.serve.generate
 from qilin_lite.errors import UserError
 from qilin_lite.eval import EvalItem, format_prompt, load_eval_items, model_generate, run_eval, score_demo_heldout
 from qilin_lite.eval.metrics import LETTERS
@@ -112,7 +112,7 @@ def test_model_generate_prompts_batches_and_greedy(monkeypatch):
         loads.append((model_dir, kw))
         return fake, None
 
-    monkeypatch.setattr(qilin_lite.generate, "load_generator", fake_load_generator)
+    monkeypatch.setattr(qilin_lite.serve.generate, "load_generator", fake_load_generator)
     generate = model_generate("run-dir", bits=4, max_new_tokens=5, batch_size=2, dtype="float16", template="vicuna_v1")
     items = [
         EvalItem("0", "/img/a.png", "病灶位于哪一侧？", "左侧", "slake", "open"),
@@ -204,7 +204,7 @@ def test_score_demo_heldout_rule_names_the_reference_and_no_other(monkeypatch, t
         def generate(self, conversations, images):
             return [cases[int(Path(im[0]).stem)][3] for im in images]  # image i.png gets case i's answer
 
-    monkeypatch.setattr(qilin_lite.generate, "load_generator", lambda *a, **kw: (Canned(), None))
+    monkeypatch.setattr(qilin_lite.serve.generate, "load_generator", lambda *a, **kw: (Canned(), None))
     result = score_demo_heldout("unused", path, tmp_path)
     assert result == {"accuracy": 5 / 10, "per_task": {"side": 2 / 4, "modality": 3 / 6}}
     assert sum(c[-1] for c in cases) == 5  # the table above agrees
@@ -284,7 +284,7 @@ def test_a_separate_image_template_is_asked_with_each_image(monkeypatch):
     for name, want in (("huatuo", ["/img/p1.png", "/img/p2.png"]), ("vicuna_v1", ["/img/both.png"])):
         fake = FakeGenerator()
         fake.template = get_template(name)
-        monkeypatch.setattr(qilin_lite.generate, "load_generator", lambda model_dir, **kw: (fake, None))
+        monkeypatch.setattr(qilin_lite.serve.generate, "load_generator", lambda model_dir, **kw: (fake, None))
         item = EvalItem("0", "/img/both.png", "哪张有积液？", "B", "mmmu", "choice", ["第一张", "第二张"],
                         parts=("/img/p1.png", "/img/p2.png"))
         model_generate("run-dir")([item])

@@ -303,7 +303,7 @@ def test_image_features_equal_the_trained_model(exported, demo_run, heldout_imag
     import torch
 
     from benchmarks.gguf_cpu import LlamaCppLlava
-    from qilin_lite.generate import load_generator
+    from qilin_lite.serve.generate import load_generator
 
     heldout, images = heldout_images
     png = images[heldout[0]["image"]]
@@ -338,7 +338,7 @@ def test_llama_cpp_answers_as_chat_does(exported, demo_run, heldout_images):
     """Every held-out question: the prompt ids llama.cpp builds from the exported template equal chat's; the f16
     export's greedy answers equal chat's for >= 95% of them; q8_0 keeps the demo's accuracy at >= 0.9."""
     from benchmarks.gguf_cpu import LlamaCppLlava, chat_answers, names_only, question
-    from qilin_lite.generate import load_generator
+    from qilin_lite.serve.generate import load_generator
 
     heldout, images = heldout_images
     run = demo_run[0] / "tune"

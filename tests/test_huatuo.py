@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from qilin_lite.conversation import IMAGE_TOKEN, get_template, render
-from qilin_lite.generate import Generator
+from qilin_lite.serve.generate import Generator
 from qilin_lite.processing import IGNORE, TokenLayout, encode
 
 DATA = Path(__file__).parent / "data" / "huatuo"

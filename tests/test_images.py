@@ -15,7 +15,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLosslessSV1, generate_uid
 
 from qilin_lite.errors import UserError
-from qilin_lite.images import composite, expand_to_square, load_image, load_images
+from qilin_lite.images.decode import composite, expand_to_square, load_image, load_images
 
 PATIENT_VALUES = ("DOE^JANE", "DOE", "JANE", "PID12345", "19700101", "General Hospital")
 
@@ -326,7 +326,7 @@ def test_truncated_dicom_is_user_error_without_patient_data(tmp_path, keep, capl
 
 def test_pydicom_logs_and_warnings_are_silenced_only_while_reading(tmp_path, monkeypatch, caplog):
     # pydicom quotes header values in some warnings; simulate one from a child logger in the middle of a read.
-    import qilin_lite.images as images
+    import qilin_lite.images.decode as images
 
     real = images.apply_modality_lut
 

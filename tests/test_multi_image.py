@@ -93,7 +93,7 @@ def test_the_training_dataset_shows_the_model_as_many_images(template, rows, two
 
 def test_a_separate_image_run_trains(two_image_data, tiny_base, tiny_data, tmp_path):
     from qilin_lite.model import RunInfo
-    from qilin_lite.train import train_stage
+    from qilin_lite.train.stage import train_stage
 
     out = tmp_path / "tune"
     recipe = tiny_recipe("tune", "lora", out, two_image_data, Path(tiny_data["images"]), **{
@@ -136,9 +136,9 @@ def test_a_packed_row_carries_every_samples_images_in_order(two_image_data, tiny
     import numpy as np
     import torch
 
-    from qilin_lite import segments
+    from qilin_lite.train import segments
     from qilin_lite.model import load_llava, load_tokenizer_and_processor
-    from qilin_lite.packing import PackedDataset
+    from qilin_lite.train.packing import PackedDataset
     from qilin_lite.processing import Collator, ImageLoader, VisionTextDataset
 
     tok, layout = tok_layout

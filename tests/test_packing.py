@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from qilin_lite.packing import pack
+from qilin_lite.train.packing import pack
 from qilin_lite.processing import IGNORE, Collator
 
 
@@ -37,11 +37,11 @@ def per_sample_losses(logits, labels, segments):
 def test_packed_loss_and_projector_gradient_equal_padded(tiny_base, tiny_data, attention):
     """Both ways a packed row trains without flash-attn: transformers' block-diagonal mask over the whole row (sdpa),
     and per-sample attention (segments.py), give each sample the loss and gradients it gets in a padded batch."""
-    from qilin_lite import segments
+    from qilin_lite.train import segments
     from qilin_lite.conversation import TEMPLATES
     from qilin_lite.data.records import read_records
     from qilin_lite.model import load_llava, load_tokenizer_and_processor, token_layout
-    from qilin_lite.packing import PackedDataset
+    from qilin_lite.train.packing import PackedDataset
     from qilin_lite.processing import ImageLoader, VisionTextDataset
 
     model = load_llava(str(tiny_base), dtype="float32", attn="sdpa")
@@ -87,7 +87,7 @@ def test_packed_loss_and_projector_gradient_equal_padded(tiny_base, tiny_data, a
 def test_packed_training_run(tmp_path, tiny_base, tiny_data):
     from conftest import tiny_recipe
 
-    from qilin_lite.train import train_stage
+    from qilin_lite.train.stage import train_stage
 
     out, model = train_stage(tiny_recipe("tune", "lora", tmp_path / "p", tiny_data["tune"], tiny_data["images"],
                                      **{"model.base": str(tiny_base), "data.packing": True,
@@ -111,7 +111,7 @@ def test_packing_is_declined_when_it_saves_too_little():
     """ChiMed-VL-like tune samples (576 image tokens + a short dialog), length-grouped: padding is already small, so
     packing would save a few percent at most: off on the CPU (whose margin is larger: a packed batch costs more per
     token there) and on a GPU without flash-attn alike; with flash-attention 2 rows of max_length."""
-    from qilin_lite.packing import PACKING_MIN_GAIN, choose_packing
+    from qilin_lite.train.packing import PACKING_MIN_GAIN, choose_packing
 
     rng = np.random.default_rng(0)
     lengths = (576 + rng.lognormal(4.0, 0.6, 2000)).astype(int).tolist()
@@ -128,7 +128,7 @@ def test_packing_pays_where_padding_dominates_with_per_sample_attention():
     """Random order, mostly short samples and a few long ones: padded batches waste most of their tokens, so packing
     pays; the estimate counts each sample's own attention (packed rows train with segments.py without flash-attn),
     and the reported ratio is that layout's own estimate."""
-    from qilin_lite.packing import choose_packing, layout_flops, pack
+    from qilin_lite.train.packing import choose_packing, layout_flops, pack
 
     rng = np.random.default_rng(1)
     lengths = np.where(rng.random(800) < 0.1, 1500, rng.integers(40, 120, 800)).tolist()
@@ -148,8 +148,8 @@ def test_the_cpu_asks_a_larger_saving_than_a_gpu(monkeypatch):
     trains unpacked; the device is read from device.cuda() when not given."""
     from unittest import mock
 
-    from qilin_lite import segments
-    from qilin_lite.packing import (
+    from qilin_lite.train import segments
+    from qilin_lite.train.packing import (
         PACKING_MIN_GAIN,
         PACKING_MIN_GAIN_CPU,
         choose_packing,
@@ -163,7 +163,7 @@ def test_the_cpu_asks_a_larger_saving_than_a_gpu(monkeypatch):
     assert gpu.row_length is not None and gpu.attention == "flex_attention"  # FlexAttention's document mask
     cpu = choose_packing(lengths, 8, 2048, "sdpa", _cfg(256, 512), grouped=False, on_cpu=True)
     assert cpu.row_length is None and "CPU" in cpu.reason
-    with mock.patch("qilin_lite.packing.cuda", return_value=True):
+    with mock.patch("qilin_lite.train.packing.cuda", return_value=True):
         assert choose_packing(lengths, 8, 2048, "sdpa", _cfg(256, 512), grouped=False).row_length == gpu.row_length
     assert choose_packing(lengths, 8, 2048, "sdpa", _cfg(256, 512), grouped=False).row_length is None
 
@@ -182,7 +182,7 @@ def test_per_sample_attention_equals_each_sample_alone(kernel):
         LlavaForConditionalGeneration,
     )
 
-    from qilin_lite.segments import spans, use
+    from qilin_lite.train.segments import spans, use
 
     assert spans(torch.tensor([0, 1, 2, 0, 1, 0, 0, 1])) == [(0, 3), (3, 5), (5, 6), (6, 8)]
     cfg = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -211,8 +211,12 @@ def test_packed_rows_take_flex_attention_on_a_cuda_gpu(monkeypatch):
     forward + backward runs), per-span sdpa on the CPU, flash-attention 2 kept where the model loaded with it."""
     from types import SimpleNamespace
 
-    from qilin_lite import device, segments, train
-    from qilin_lite.packing import PackedDataset
+    from qilin_lite import device
+
+    from qilin_lite.train import segments
+
+    from qilin_lite.train import stage as train
+    from qilin_lite.train.packing import PackedDataset
 
     assert segments.flex_trains("cpu") is False  # torch 2.13: no FlexAttention backward on the CPU, hence segments.py
     monkeypatch.setattr(segments, "flex_trains", lambda dev: True)  # what a CUDA GPU with Triton answers
@@ -235,7 +239,7 @@ def test_packed_rows_take_flex_attention_on_a_cuda_gpu(monkeypatch):
 def test_packing_decision_is_in_the_summary(tmp_path, tiny_base, tiny_data):
     from conftest import tiny_recipe
 
-    from qilin_lite.train import train_stage
+    from qilin_lite.train.stage import train_stage
 
     out, _ = train_stage(tiny_recipe("tune", "lora", tmp_path / "auto", tiny_data["tune"], tiny_data["images"],
                                      **{"model.base": str(tiny_base), "data.packing": True, "train.max_steps": 1,
@@ -251,8 +255,8 @@ def test_packing_decision_is_in_the_summary(tmp_path, tiny_base, tiny_data):
 def test_packing_estimate_batches_as_the_training_sampler_does():
     """The estimate's unpacked batches are the ones the run's sampler yields (grouped over per-device batch x
     accumulation, the same seed), not a finer grouping of its own."""
-    from qilin_lite.packing import choose_packing, layout_flops, pack
-    from qilin_lite.sampler import EpochGroupedSampler
+    from qilin_lite.train.packing import choose_packing, layout_flops, pack
+    from qilin_lite.train.sampler import EpochGroupedSampler
 
     rng = np.random.default_rng(2)
     lengths = (576 + rng.lognormal(4.0, 0.8, 600)).astype(int).tolist()

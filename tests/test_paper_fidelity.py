@@ -140,7 +140,7 @@ def test_deepspeed_configs_are_the_authors(name, expected):
 
 
 def test_paper_settings_reach_the_trainer(tmp_path):
-    from qilin_lite.train_args import sft_config
+    from qilin_lite.train.args import sft_config
 
     r = load_recipe(REPO_RECIPES / "qilin-med-vl" / "tune-full.yaml", ["train.deepspeed=none"],
                     output_dir=str(tmp_path), **{"data.train": "x.json"})
@@ -218,7 +218,7 @@ def test_training_ids_and_labels_equal_the_authors(tmp_path, legacy):
 
 @pytest.mark.parametrize("legacy", ["none", "false"])
 def test_chat_prompt_ids_equal_the_authors(tmp_path, legacy):
-    from qilin_lite.generate import Generator
+    from qilin_lite.serve.generate import Generator
 
     tok = _tokenizer(tmp_path, legacy)
     image_id = tok.convert_tokens_to_ids("<image>")
@@ -369,8 +369,8 @@ def test_loss_average_is_the_mean_the_recipe_names(tmp_path, tiny_base, average)
     from qilin_lite.demo.data import DemoDataSpec, make_demo_data
     from qilin_lite.model import load_llava, load_tokenizer_and_processor
     from qilin_lite.processing import Collator
-    from qilin_lite.train import train_stage
-    from qilin_lite.train_data import build_dataset
+    from qilin_lite.train.stage import train_stage
+    from qilin_lite.train.data import build_dataset
 
     data = make_demo_data(tmp_path / "d", DemoDataSpec(n_align=2, n_tune=2, n_heldout=1, image_size=32))
     rows = json.loads(Path(data["tune"]).read_text(encoding="utf-8"))[:2]

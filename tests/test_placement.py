@@ -55,21 +55,21 @@ def on_gpu(dtype=torch.bfloat16, attn="flash_attention_2", bits=None):
 
 
 def test_chat_loads_onto_the_gpu_in_bf16_with_flash_attention(fake_gpu, lora_run):
-    from qilin_lite.session import ChatSession
+    from qilin_lite.serve.chat_session import ChatSession
 
     ChatSession.load(str(lora_run))
     assert fake_gpu.loads == [on_gpu()]
 
 
 def test_chat_4bit_is_placed_by_its_loader_on_the_gpu(fake_gpu, qlora_run):
-    from qilin_lite.session import ChatSession
+    from qilin_lite.serve.chat_session import ChatSession
 
     ChatSession.load(str(qlora_run), bits=4)
     assert fake_gpu.loads == [on_gpu(bits=4)]
 
 
 def test_chat_flags_are_honoured(fake_gpu, full_run):
-    from qilin_lite.session import ChatSession
+    from qilin_lite.serve.chat_session import ChatSession
 
     ChatSession.load(str(full_run), dtype="float16", attn="sdpa")
     assert fake_gpu.loads == [on_gpu(torch.float16, "sdpa")]
@@ -79,7 +79,7 @@ def test_web_loads_as_chat_does(fake_gpu, lora_run, monkeypatch):
     import uvicorn
     from conftest import free_port
 
-    from qilin_lite.web import serve
+    from qilin_lite.serve.web import serve
 
     served = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.append(kw))
@@ -136,7 +136,7 @@ def test_export_merges_through_the_same_placement(fake_gpu, demo_run, tmp_path):
     ("qlora", {"train.deepspeed": "recipes/deepspeed/zero2.json"}, on_gpu(torch.float32, bits=4)),
 ])
 def test_training_loads_where_its_trainer_expects(fake_gpu, align_run, tiny_data, tmp_path, mode, extra, expected):
-    from qilin_lite.train import load_model
+    from qilin_lite.train.stage import load_model
 
     recipe = tiny_recipe("tune", mode, tmp_path / "out", tiny_data["tune"], tiny_data["images"],
                          **{"model.from_run": str(align_run), "model.attn": "auto", **extra})
@@ -145,7 +145,7 @@ def test_training_loads_where_its_trainer_expects(fake_gpu, align_run, tiny_data
 
 
 def test_training_uses_its_local_rank(fake_gpu, tiny_base, tiny_data, tmp_path, monkeypatch):
-    from qilin_lite.train import load_model
+    from qilin_lite.train.stage import load_model
 
     monkeypatch.setenv("LOCAL_RANK", "3")  # torchrun's: the fourth process of this node trains on GPU 3
     recipe = tiny_recipe("align", "align", tmp_path / "out", tiny_data["align"], tiny_data["images"],
@@ -166,7 +166,7 @@ def test_the_planner_assumes_what_training_will_pick(fake_gpu):
 def test_inputs_follow_the_weights():
     """Generator sends the prompt and the pixels to the device (and dtype) its weights are on."""
     from qilin_lite.conversation import get_template
-    from qilin_lite.generate import Generator
+    from qilin_lite.serve.generate import Generator
 
     seen = {}
 

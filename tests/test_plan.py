@@ -84,7 +84,7 @@ def test_13b_counts_are_the_known_figures(shape13b):
 
 
 def test_lora_count_equals_peft(tiny_config):
-    from qilin_lite.stages import LoraSettings, configure
+    from qilin_lite.train.stages import LoraSettings, configure
 
     shape = count_parameters(tiny_config)
     model = configure(_model(tiny_config), "lora", LoraSettings(r=4, alpha=8))

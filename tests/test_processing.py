@@ -177,7 +177,7 @@ def test_a_batch_is_the_same_as_its_items_with_one_processor_call(tmp_path, tiny
     from transformers import AutoConfig
 
     from qilin_lite.model import load_tokenizer_and_processor
-    from qilin_lite.train_data import build_dataset
+    from qilin_lite.train.data import build_dataset
 
     images = tmp_path / "images"
     shutil.copytree(tiny_data["images"], images)

@@ -89,7 +89,7 @@ def test_llama_cpp_answers_the_exported_qwen_run_as_chat_does(qwen_demo, qwen_ex
     import gguf
 
     from benchmarks.gguf_cpu import LlamaCppLlava, chat_answers, padded_images, question
-    from qilin_lite.generate import load_generator
+    from qilin_lite.serve.generate import load_generator
 
     out, _ = qwen_demo
     reader = gguf.GGUFReader(str(qwen_export.model))

@@ -80,7 +80,7 @@ def test_report_to_is_checked_before_training():
     from transformers.integrations import get_available_reporting_integrations
 
     from qilin_lite.errors import UserError
-    from qilin_lite.train_args import report_targets
+    from qilin_lite.train.args import report_targets
 
     assert report_targets("none") == "none"
     installed = get_available_reporting_integrations()

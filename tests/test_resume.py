@@ -23,7 +23,7 @@ PROBE = r"""
 import os, signal, sys, json
 sys.path.insert(0, sys.argv[1])
 from conftest import tiny_recipe
-from qilin_lite.trainer import QilinTrainer
+from qilin_lite.train.trainer import QilinTrainer
 extra, at, sig = json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 class Killing(QilinTrainer):
     def training_step(self, *a, **k):
@@ -65,7 +65,7 @@ def reference(tmp_path_factory, tiny_base, tiny_data):
     thread and two)."""
     from conftest import tiny_recipe
 
-    from qilin_lite.train import run_stage
+    from qilin_lite.train.stage import run_stage
 
     outs = {}
     with _one_thread():
@@ -100,7 +100,7 @@ def _tiny_kwargs(args):
 def test_killed_in_the_second_epoch_resumes_to_the_same_weights(tmp_path, tiny_base, tiny_data, reference, grouped):
     from conftest import tiny_recipe
 
-    from qilin_lite.train import run_stage
+    from qilin_lite.train.stage import run_stage
 
     out = tmp_path / "run"
     args = _recipe_args(tiny_base, tiny_data, out, grouped)
@@ -122,7 +122,7 @@ def test_killed_in_the_second_epoch_resumes_to_the_same_weights(tmp_path, tiny_b
 def test_sigterm_saves_at_the_step_boundary_exits_0_and_resumes(tmp_path, tiny_base, tiny_data, reference):
     from conftest import tiny_recipe
 
-    from qilin_lite.train import run_stage
+    from qilin_lite.train.stage import run_stage
 
     out = tmp_path / "run"
     pos, kw = _tiny_kwargs(_recipe_args(tiny_base, tiny_data, out, True))
@@ -141,7 +141,7 @@ def test_sigterm_saves_at_the_step_boundary_exits_0_and_resumes(tmp_path, tiny_b
 
 def test_resume_skips_a_checkpoint_cut_short_while_saving(tmp_path, caplog):
     from qilin_lite.errors import UserError
-    from qilin_lite.trainer import COMPLETE, last_checkpoint
+    from qilin_lite.train.trainer import COMPLETE, last_checkpoint
 
     for n in (5, 10, 15):
         (tmp_path / f"checkpoint-{n}").mkdir()

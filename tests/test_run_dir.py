@@ -7,7 +7,7 @@ import pytest
 from conftest import run_cli_captured, tiny_recipe
 
 from qilin_lite.errors import UserError
-from qilin_lite.train import run_stage
+from qilin_lite.train.stage import run_stage
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ def test_transformers_serve_answers_like_qilin_chat(full_run, tiny_data, tmp_pat
 def serve_answers_like_chat(model_dir, image: Path, question: str, tmp_path: Path) -> None:
     """`transformers serve MODEL_DIR` (its saved chat template, its processor) answers `question` about `image` with
     chat's prompt length, greedy answer and seeded sample. Shared with the Qwen2 family's test (test_qwen.py)."""
-    from qilin_lite.generate import load_generator
+    from qilin_lite.serve.generate import load_generator
 
     gen, _ = load_generator(str(model_dir), dtype="float32", max_new_tokens=12, attn="sdpa", temperature=0.0)
     turn = [{"role": "user", "content": "<image>\n" + question}]  # as `qilin-lite chat` sends the first turn

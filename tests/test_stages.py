@@ -105,8 +105,8 @@ def test_qlora_quantizes_only_llm_decoder_layers(qlora_run):
 def test_qlora_keeps_frozen_weights_in_the_load_dtype_and_norms_in_fp32(tiny_base):
     """peft's prepare_model_for_kbit_training would hold the vision tower, embeddings and lm_head in fp32 (2.7 GiB
     at 13B); QLoRA's layout keeps only the norms there. Trained weights are fp32 (train.py)."""
-    from qilin_lite.stages import LoraSettings, configure
-    from qilin_lite.trainer import trainable_to_fp32
+    from qilin_lite.train.stages import LoraSettings, configure
+    from qilin_lite.train.trainer import trainable_to_fp32
 
     model = load_llava(str(tiny_base), bits=4, dtype="bfloat16", attn="sdpa")
     model = configure(model, "qlora", LoraSettings(r=4, alpha=8))
@@ -186,7 +186,7 @@ def test_align_projector_is_carried_into_tune(tmp_path, tiny_base, align_run, ti
     """tune --from ALIGN starts from align's projector, not the base's fresh one (lr ~0 isolates the start)."""
     from conftest import tiny_recipe
 
-    from qilin_lite.train import train_stage
+    from qilin_lite.train.stage import train_stage
 
     out, model = train_stage(tiny_recipe("tune", "lora", tmp_path / "t", tiny_data["tune"], tiny_data["images"],
                                          **{"model.from_run": str(align_run), "train.lr": 1e-12, "train.max_steps": 1}))

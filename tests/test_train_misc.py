@@ -16,7 +16,7 @@ from qilin_lite.errors import UserError
 def test_align_resumed_after_interruption_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_base, tiny_data):
     import shutil
 
-    from qilin_lite.train import run_stage
+    from qilin_lite.train.stage import run_stage
 
     out = tmp_path / "align"
     kw = {"model.base": str(tiny_base), "train.save_steps": 1, "train.save_total_limit": 5, "train.max_steps": 4}
@@ -73,8 +73,8 @@ def test_image_token_added_and_embeddings_resized(tiny_parts, tiny_base):
 def test_batches_are_grouped_by_length_unless_turned_off(tmp_path, tiny_base, tiny_data):
     import random
 
-    from qilin_lite.sampler import EpochGroupedSampler
-    from qilin_lite.trainer import QilinTrainer
+    from qilin_lite.train.sampler import EpochGroupedSampler
+    from qilin_lite.train.trainer import QilinTrainer
 
     trainer = QilinTrainer.__new__(QilinTrainer)  # only the sampler hook is exercised
     # 64 samples, short and long interleaved: transformers groups within megabatches of 8 batches
@@ -106,7 +106,7 @@ def test_batches_are_grouped_by_length_unless_turned_off(tmp_path, tiny_base, ti
 def test_align_with_a_4bit_frozen_llm_trains_only_the_projector(tmp_path, tiny_base, tiny_data):
     import bitsandbytes as bnb
 
-    from qilin_lite.train import train_stage
+    from qilin_lite.train.stage import train_stage
 
     out, model = train_stage(tiny_recipe("align", "align", tmp_path / "a4", tiny_data["align"], tiny_data["images"],
                                          **{"model.base": str(tiny_base), "model.load_4bit": True}))
@@ -126,7 +126,7 @@ def test_align_with_a_4bit_frozen_llm_trains_only_the_projector(tmp_path, tiny_b
 
 def test_trained_weights_are_fp32_frozen_ones_keep_the_load_dtype(tmp_path, tiny_base, tiny_data):
     """bf16 recipes: AdamW must update fp32 weights, or small updates vanish in bf16 rounding."""
-    from qilin_lite.train import train_stage
+    from qilin_lite.train.stage import train_stage
 
     out, model = train_stage(tiny_recipe("align", "align", tmp_path / "bf", tiny_data["align"], tiny_data["images"],
                                          **{"model.base": str(tiny_base), "model.dtype": "bfloat16", "train.max_steps": 1}))
@@ -138,7 +138,7 @@ def test_trained_weights_are_fp32_frozen_ones_keep_the_load_dtype(tmp_path, tiny
 def test_lora_init_follows_the_recipe_seed(tmp_path, align_run, tiny_data):
     """LoRA's A matrices are drawn before the Trainer seeds: the same seed must give the same run (and every
     process of a sharded run the same adapter), another seed another one."""
-    from qilin_lite.train import run_stage
+    from qilin_lite.train.stage import run_stage
 
     def adapter(name: str, seed: int) -> dict:
         r = tiny_recipe("tune", "lora", tmp_path / name, tiny_data["tune"], tiny_data["images"],
@@ -155,8 +155,8 @@ def test_eval_loss_is_the_held_out_supervised_token_loss(tmp_path, align_run, ti
     """--eval-data: the logged eval loss is the mean loss over exactly the held-out replies' tokens, evaluated with
     the weights of that step (here the final ones), and it is in the summary and the curve."""
     from qilin_lite.processing import Collator
-    from qilin_lite.train import train_stage
-    from qilin_lite.train_data import build_dataset
+    from qilin_lite.train.stage import train_stage
+    from qilin_lite.train.data import build_dataset
 
     rows = json.loads(Path(tiny_data["tune"]).read_text(encoding="utf-8"))
     held = tmp_path / "留出集.json"
@@ -191,9 +191,9 @@ def test_metrics_only_on_logging_steps_train_the_same_weights(tmp_path, align_ru
     and to float rounding against trl's head. Same logged token count; the metrics are still in every log."""
     from trl.trainer import utils as trl_utils
 
-    from qilin_lite import lm_head
-    from qilin_lite import trainer as trainer_mod
-    from qilin_lite.train import train_stage
+    from qilin_lite.train import lm_head
+    from qilin_lite.train import trainer as trainer_mod
+    from qilin_lite.train.stage import train_stage
 
     calls: list[tuple[str, ...]] = []
     real = trl_utils._ChunkedLogProbFunction.apply
@@ -265,7 +265,7 @@ def test_the_plain_head_gives_trls_outputs_and_gradients():
     )
     from trl.trainer.utils import add_fused_lm_head
 
-    from qilin_lite.lm_head import plain_head_ok, supervised_head
+    from qilin_lite.train.lm_head import plain_head_ok, supervised_head
 
     cfg = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                      num_attention_heads=2, image_size=16, patch_size=8),
@@ -315,8 +315,8 @@ def test_host_cuts_train_and_log_as_the_trainers_own_steps(tmp_path, align_run, 
     from transformers import Trainer
     from trl import SFTTrainer
 
-    import qilin_lite.train as train_mod
-    from qilin_lite.trainer import QilinTrainer
+    import qilin_lite.train.stage as train_mod
+    from qilin_lite.train.trainer import QilinTrainer
 
     ours_cls = QilinTrainer
     poisoned = 5  # micro-batch whose loss reads NaN (the gradient is untouched: NaN + loss is constant in NaN)

@@ -178,9 +178,9 @@ def test_bad_requests_are_one_message_each(lora_run):
     """The HTTP layer without a browser: too many images, an empty question, no image yet, a bad window, images
     added to a composite template's conversation."""
     from qilin_lite.errors import UserError
-    from qilin_lite.generate import load_generator
-    from qilin_lite.web import WebApp
-    from qilin_lite.web_input import window_setting
+    from qilin_lite.serve.generate import load_generator
+    from qilin_lite.serve.web import WebApp
+    from qilin_lite.serve.web_input import window_setting
 
     gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
     web = WebApp(gen, info, "run")
@@ -202,8 +202,8 @@ def test_bad_requests_are_one_message_each(lora_run):
 def test_requests_queue_behind_the_one_model_and_say_so(lora_run, tiny_data):
     import base64
 
-    from qilin_lite.generate import load_generator
-    from qilin_lite.web import WebApp
+    from qilin_lite.serve.generate import load_generator
+    from qilin_lite.serve.web import WebApp
 
     gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
     web = WebApp(gen, info, "run")
@@ -225,8 +225,8 @@ def test_requests_queue_behind_the_one_model_and_say_so(lora_run, tiny_data):
 def test_nothing_is_stored_unless_log_dir_and_then_only_the_models_view(lora_run, tmp_path, monkeypatch):
     import base64
 
-    from qilin_lite.generate import load_generator
-    from qilin_lite.web import WebApp
+    from qilin_lite.serve.generate import load_generator
+    from qilin_lite.serve.web import WebApp
 
     gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
     dcm = dicom(tmp_path, "ct.dcm", left=True)
@@ -257,8 +257,8 @@ def test_nothing_is_stored_unless_log_dir_and_then_only_the_models_view(lora_run
 def test_stop_regenerate_and_clear(lora_run, tiny_data):
     import base64
 
-    from qilin_lite.generate import load_generator
-    from qilin_lite.web import WebApp
+    from qilin_lite.serve.generate import load_generator
+    from qilin_lite.serve.web import WebApp
 
     gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=6)
     web = WebApp(gen, info, "run")
@@ -285,7 +285,7 @@ def test_stop_regenerate_and_clear(lora_run, tiny_data):
 
 def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path):
     from qilin_lite.errors import UserError
-    from qilin_lite.web import serve
+    from qilin_lite.serve.web import serve
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -71,8 +71,8 @@ def test_sessions_are_issued_by_the_server(web):
 
 
 def test_a_full_server_evicts_only_idle_tabs(lora_run):
-    from qilin_lite.generate import load_generator
-    from qilin_lite.web import IDLE_EVICT_S, MAX_SESSIONS, TooManyTabs, WebApp
+    from qilin_lite.serve.generate import load_generator
+    from qilin_lite.serve.web import IDLE_EVICT_S, MAX_SESSIONS, TooManyTabs, WebApp
 
     gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
     app = WebApp(gen, info, "run")
@@ -98,7 +98,7 @@ def test_listening_beyond_loopback_warns_and_makes_a_token(lora_run, monkeypatch
     import uvicorn
     from conftest import free_port as port
 
-    from qilin_lite.web import serve
+    from qilin_lite.serve.web import serve
 
     ran = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.append(kw))
@@ -190,11 +190,11 @@ def test_uploads_rest_in_no_named_file_and_stale_folders_are_removed(lora_run, t
 
     from test_web import PATIENT, dicom
 
-    import qilin_lite.session as session_mod
+    import qilin_lite.serve.chat_session as session_mod
     from qilin_lite.errors import UserError
-    from qilin_lite.generate import load_generator
-    from qilin_lite.uploads import PREFIX, remove_stale, scratch_root
-    from qilin_lite.web import WebApp
+    from qilin_lite.serve.generate import load_generator
+    from qilin_lite.serve.uploads import PREFIX, remove_stale, scratch_root
+    from qilin_lite.serve.web import WebApp
 
     root = Path(scratch_root() or "/tmp")
     seen = []
@@ -244,8 +244,8 @@ def test_memory_is_bounded_before_anything_is_read_or_decoded(web, lora_run, tmp
     from PIL import Image
 
     from qilin_lite.errors import UserError
-    from qilin_lite.generate import load_generator
-    from qilin_lite.web import MAX_DECODED_BYTES, WebApp
+    from qilin_lite.serve.generate import load_generator
+    from qilin_lite.serve.web import MAX_DECODED_BYTES, WebApp
     from test_web import dicom
 
     c = http.client.HTTPConnection("127.0.0.1", web, timeout=30)
@@ -288,8 +288,8 @@ def test_an_abandoned_answer_stops_and_frees_the_model(lora_run, tiny_data):
     tab's question does not wait for it."""
     import base64
 
-    from qilin_lite.generate import load_generator
-    from qilin_lite.web import WebApp
+    from qilin_lite.serve.generate import load_generator
+    from qilin_lite.serve.web import WebApp
 
     gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
     app = WebApp(gen, info, "run")
@@ -314,10 +314,10 @@ def test_what_tabs_keep_is_capped_and_the_least_recently_used_let_go(lora_run, t
     is let go (never the current one's), and that tab is told to upload again."""
     import base64
 
-    import qilin_lite.web as web_mod
+    import qilin_lite.serve.web as web_mod
     from qilin_lite.errors import UserError
-    from qilin_lite.generate import load_generator
-    from qilin_lite.web import WebApp
+    from qilin_lite.serve.generate import load_generator
+    from qilin_lite.serve.web import WebApp
 
     gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
     app = WebApp(gen, info, "run")
@@ -358,8 +358,8 @@ def test_uploads_are_read_one_at_a_time(lora_run):
     answered (ASGI driven directly, so the order of reads is observed, not timed)."""
     import asyncio
 
-    from qilin_lite.generate import load_generator
-    from qilin_lite.web import WebApp, create_app
+    from qilin_lite.serve.generate import load_generator
+    from qilin_lite.serve.web import WebApp, create_app
 
     gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
     web = WebApp(gen, info, "run")
@@ -402,9 +402,9 @@ def test_a_trickled_upload_is_refused_and_frees_the_upload_slot(lora_run, monkey
     import asyncio
     import time
 
-    from qilin_lite import web_guard
-    from qilin_lite.generate import load_generator
-    from qilin_lite.web import WebApp, create_app
+    from qilin_lite.serve import web_guard
+    from qilin_lite.serve.generate import load_generator
+    from qilin_lite.serve.web import WebApp, create_app
 
     monkeypatch.setattr(web_guard, "UPLOAD_GRACE_S", 0.5)
     monkeypatch.setattr(web_guard, "MIN_UPLOAD_BYTES_PER_S", 100)
@@ -454,10 +454,10 @@ def test_a_disconnected_tab_stops_its_answer(lora_run, tiny_data, monkeypatch):
 
     import uvicorn
 
-    import qilin_lite.session as session_mod
+    import qilin_lite.serve.chat_session as session_mod
     from conftest import free_port
-    from qilin_lite.generate import load_generator
-    from qilin_lite.web import WebApp, create_app
+    from qilin_lite.serve.generate import load_generator
+    from qilin_lite.serve.web import WebApp, create_app
 
     def endless(self, text, stop=None):
         while not stop.is_set():
@@ -517,7 +517,7 @@ def test_a_server_killed_mid_decode_leaves_no_patient_file(lora_run, tmp_path):
     from test_images import write_dicom
     from test_web import PATIENT
 
-    from qilin_lite.uploads import PREFIX, scratch_root
+    from qilin_lite.serve.uploads import PREFIX, scratch_root
 
     rng = np.random.default_rng(0)
     big = write_dicom(tmp_path / "ct.dcm", rng.integers(0, 4096, (8, 1024, 1024), dtype=np.uint16),

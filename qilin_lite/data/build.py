@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 def _make_composite(job: tuple[list[str], str]) -> str | None:
     """Load 2-4 images, composite them and write a PNG; returns the problem, or None. Runs in a worker process."""
-    from ..images import load_images
+    from ..images.decode import load_images
 
     paths, dest = job
     try:

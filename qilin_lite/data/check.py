@@ -93,7 +93,7 @@ def check_data(
 ) -> CheckResult:
     """Every record against what training needs; the same rules as `align`/`tune` (records.py, processing.py)."""
     from ..conversation import get_template
-    from ..images import load_image
+    from ..images.decode import load_image
     from ..processing import TokenLayout, sample_lengths
 
     t0 = time.perf_counter()

@@ -20,7 +20,7 @@ from .data import CHOICES, QUESTIONS, DemoDataSpec, chance_level, demo_texts, ma
 
 def run_demo(out: Path, *, data_spec: DemoDataSpec | None = None, tiny: TinySpec | None = None,
              overrides: list[str] | None = None, echo=print) -> dict:
-    from ..train import run_stage
+    from ..train.stage import run_stage
 
     t0 = time.time()
     out = Path(out)

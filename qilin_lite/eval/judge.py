@@ -49,7 +49,7 @@ def endpoint(url: str) -> str:
 
 
 def is_local(url: str) -> bool:
-    from ..web_guard import is_loopback
+    from ..serve.web_guard import is_loopback
 
     return is_loopback((urlsplit(url).hostname or "").lower())
 

@@ -252,7 +252,7 @@ def _mmmu_image(row: dict, qid: str, cache: Path) -> tuple[str | None, tuple[str
 
     from PIL import Image
 
-    from ..images import composite
+    from ..images.decode import composite
 
     mentioned = [int(k) for k in re.findall(r"<image (\d+)>", str(row.get("question", "")))]
     order = list(dict.fromkeys(mentioned)) or [1]

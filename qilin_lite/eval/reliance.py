@@ -34,7 +34,7 @@ def image_size(path: str) -> tuple[int, int]:
         with Image.open(path) as im:
             return im.size
     except (UnidentifiedImageError, OSError):  # DICOM and other formats PIL does not read: decode it
-        from ..images import load_image
+        from ..images.decode import load_image
 
         return load_image(path).size
 

@@ -227,7 +227,7 @@ def model_generate(
     rendered in the run's template (or `template`); `batch_size` items go through the model at a time.
     dtype "auto" and attn "auto" are the loader's choice for this machine (device.py), as in chat and web.
     """
-    from ..generate import load_generator
+    from ..serve.generate import load_generator
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")

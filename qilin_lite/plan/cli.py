@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import UserError
-from ..stages import MODES
+from ..train.stages import MODES
 from .settings import Settings, settings_from_recipe
 from .shapes import GiB, Shape, count_parameters, recipe_config
 from .verdict import Plan, make_plan

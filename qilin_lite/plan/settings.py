@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..config import deepspeed_path
 from ..errors import UserError
-from ..stages import MODES, llm_bits
+from ..train.stages import MODES, llm_bits
 
 ATTENTION = ("auto", "flash_attention_2", "sdpa", "eager")
 

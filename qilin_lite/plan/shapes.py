@@ -92,7 +92,7 @@ def count_parameters(config) -> Shape:
     from transformers import LlavaForConditionalGeneration
 
     from ..model import num_image_tokens
-    from ..stages import LORA_TARGETS
+    from ..train.stages import LORA_TARGETS
 
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)

@@ -14,10 +14,10 @@ import torch
 from transformers import Trainer, TrainerCallback
 from trl import SFTTrainer
 
-from .distributed import world_size
-from .errors import UserError
+from ..distributed import world_size
+from ..errors import UserError
 from .lm_head import plain_head_for, plain_head_ok, supervised_head
-from .model import (
+from ..model import (
     PROJECTOR_FILE,
     load_projector,
     projector_from_state_dict,

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .conversation import Template, place_image, render
-from .device import placement
-from .errors import UserError
-from .processing import ImageLoader, TokenLayout, expand_images, text_ids
+from ..conversation import Template, place_image, render
+from ..device import placement
+from ..errors import UserError
+from ..processing import ImageLoader, TokenLayout, expand_images, text_ids
 
 
 @dataclass
@@ -109,8 +109,8 @@ def load_generator(model: str, *, adapter: str | None = None, bits: int | None =
     """Any model directory qilin-lite accepts (+ a peft adapter) -> (a ready `Generator` using the template saved
     with the weights, its RunInfo). The one loader chat, web, eval and the demo share. `dtype` None and `attn`
     "auto" choose for this machine (device.placement): on a GPU the weights load straight onto it."""
-    from .conversation import get_template
-    from .model import load_run, token_layout
+    from ..conversation import get_template
+    from ..model import load_run, token_layout
 
     if temperature < 0:
         raise UserError(f"--temperature must be >= 0 (0 = greedy), not {temperature}")
@@ -134,7 +134,7 @@ def load_generator(model: str, *, adapter: str | None = None, bits: int | None =
 def _apply_adapter(model, info, adapter: Path):
     from peft import PeftModel
 
-    from .model import RunInfo
+    from ..model import RunInfo
 
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{adapter}: no adapter_config.json; --adapter takes a peft adapter directory "

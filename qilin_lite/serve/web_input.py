@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from .errors import UserError
+from ..errors import UserError
 
 WINDOWS = {  # DICOM window presets (centre, width) in Hounsfield units
     "lung": (-600.0, 1500.0),  # 肺窗

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import run_dir, segments
-from .config import Recipe
-from .device import training_placement
-from .distributed import world_size
-from .errors import UserError
-from .model import (
+from ..config import Recipe
+from ..device import training_placement
+from ..distributed import world_size
+from ..errors import UserError
+from ..model import (
     PROJECTOR_FILE,
     RunInfo,
     assemble_base,
@@ -31,10 +31,10 @@ from .model import (
     save_processor,
 )
 from .packing import PackedDataset, choose_packing
-from .processing import Collator, as_hf_dataset
+from ..processing import Collator, as_hf_dataset
 from .stages import LoraSettings, configure, trainable_summary
-from .train_args import check_deepspeed, fsdp_units, report_targets, sft_config
-from .train_data import build_dataset
+from .args import check_deepspeed, fsdp_units, report_targets, sft_config
+from .data import build_dataset
 from .trainer import Preemption, QilinTrainer, Stopped, last_checkpoint, sharded_fraction, trainable_to_fp32
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def packed_attention(model, data: "Datasets") -> str | None:
     """Packed rows without flash-attn train with per-sample attention (FlexAttention's document mask on a CUDA GPU,
     segments.py's per-span sdpa elsewhere); returns the implementation to switch back to before saving, or None when
     nothing was switched."""
-    from .device import cuda
+    from ..device import cuda
 
     current = model.config.get_text_config()._attn_implementation
     data.attention = current
@@ -97,7 +97,7 @@ def settle_template(recipe: Recipe) -> None:
     """A tune recipe that names no template takes the model's own: a converted or earlier-tuned model's (HuatuoGPT-
     Vision keeps `huatuo`), else its LLM's dialog format (ChatML for Qwen2, vicuna_v1 for LLaMA). Settled before
     recipe.yaml is written, so the run records it and --resume compares it."""
-    from .model import guess_template, template_of
+    from ..model import guess_template, template_of
 
     d, m = recipe.data, recipe.model
     if d.template or recipe.stage != "tune":

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .device import cuda
-from .processing import VisionTextDataset
+from ..device import cuda
+from ..processing import VisionTextDataset
 from .sampler import grouped_order
 
 log = logging.getLogger(__name__)

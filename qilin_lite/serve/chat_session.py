@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .errors import UserError
+from ..errors import UserError
 
 DISCLAIMER = "仅供研究，不构成医疗诊断 / for research only, not a diagnosis"
 COMMANDS = ("/image PATH... (new image, new conversation)   /add PATH... (more images for the next question; "
@@ -53,7 +53,7 @@ def load_chat_images(paths, template, *, window: tuple[float, float] | None = No
                      max_bytes: int | None = None) -> list:
     """Image paths -> what the model is shown, by the template's rule: `[composite]` (one image; ChiMed-VL's way) or
     each image on its own (`separate`: HuatuoGPT-Vision, up to 6). Raises UserError for any bad file."""
-    from .images import load_images
+    from ..images.decode import load_images
 
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     check_image_count(len(paths), template)
@@ -74,7 +74,7 @@ def load_chat_image(paths, *, window: tuple[float, float] | None = None, frame: 
                     max_bytes: int | None = None):
     """1-4 image paths -> one RGB image (a composite when several). Raises UserError for any bad file.
     `max_bytes`: refuse an image whose decoded size (from its header) is larger (the web server's bound)."""
-    from .images import load_images
+    from ..images.decode import load_images
 
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     if not 1 <= len(paths) <= MAX_IMAGES:
@@ -168,8 +168,8 @@ class ChatSession:
         `stop` (set from another thread: the web page's Stop) ends the answer after the current token."""
         from transformers import StoppingCriteriaList
 
-        from .conversation import IMAGE_TOKEN, typed_text
-        from .data.records import LazyImage
+        from ..conversation import IMAGE_TOKEN, typed_text
+        from ..data.records import LazyImage
 
         text = typed_text(text, self.template)
         if not text.strip():
@@ -195,7 +195,7 @@ class ChatSession:
 
     def regenerate(self, stop: threading.Event | None = None) -> str:
         """Answer the last question again (sampling may give another answer; greedy gives the same)."""
-        from .conversation import IMAGE_TOKEN
+        from ..conversation import IMAGE_TOKEN
 
         if len(self.history) < 2:
             raise UserError("nothing to regenerate yet: ask a question first")

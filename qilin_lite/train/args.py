@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .config import Recipe, deepspeed_path
-from .distributed import world_size
-from .errors import UserError
+from ..config import Recipe, deepspeed_path
+from ..distributed import world_size
+from ..errors import UserError
 
 
 def sft_config(recipe: Recipe, out: Path, wrap: list[str] | None = None):

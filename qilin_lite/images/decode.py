@@ -32,8 +32,8 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, g
 from pydicom.pixels import pixel_array as dicom_pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from .errors import UserError
-from .pixels import data_bounds, to_uint8, window_bounds
+from ..errors import UserError
+from .window import data_bounds, to_uint8, window_bounds
 
 PathType = str | PathLike
 

@@ -13,8 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
-from .config import Recipe, load_recipe, save_recipe
-from .errors import UserError
+from ..config import Recipe, load_recipe, save_recipe
+from ..errors import UserError
 
 INPUTS = ".qilin-run.json"
 FINISHED = "qilin.json"  # the run-directory contract, written with the final weights: a model is there
@@ -66,7 +66,7 @@ def digest(source: str) -> str | list:
     """A file's content digest (a touched or copied-back file is the same data); a folder's or hub name's identity."""
     p = Path(source)
     if not p.is_file():
-        from .data.cache import file_identity
+        from ..data.cache import file_identity
 
         return file_identity(source)
     h = hashlib.blake2b(digest_size=16)

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Recipe
-from .conversation import get_template
-from .data.records import Record, Reject, read_records, write_rejects
-from .distributed import gather_dicts, my_share, rank, wait_for_everyone, world_size
-from .errors import UserError
-from .heap import release_freed_memory
-from .model import token_layout
-from .processing import ImageLoader, VisionTextDataset, sample_lengths
+from ..config import Recipe
+from ..conversation import get_template
+from ..data.records import Record, Reject, read_records, write_rejects
+from ..distributed import gather_dicts, my_share, rank, wait_for_everyone, world_size
+from ..errors import UserError
+from ..heap import release_freed_memory
+from ..model import token_layout
+from ..processing import ImageLoader, VisionTextDataset, sample_lengths
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def verify_images(records: list[Record], rejects: list[Reject], skip_bad: bool, 
     """Decode every image once so a corrupt file is reported before training, not hours into it.
 
     `verdicts` (data.cache.ImageVerdicts) remembers what each unchanged file gave, so a rerun decodes only new ones."""
-    from .images import load_image
+    from ..images.decode import load_image
 
     def check(rec: Record):
         for ref in rec.images:
@@ -98,8 +98,8 @@ def build_dataset(recipe: Recipe, tokenizer, image_processor, model_config, out:
 
     The checked records go to an on-disk index (data/cache.py) that every rank and DataLoader worker shares; a
     restart on the same data, tokenizer and settings reuses it instead of checking everything again."""
-    from .data.cache import CACHE_DIR, RecordIndex, data_key, file_identity, tokenizer_identity
-    from .data.records import is_data_file, open_hf_dataset
+    from ..data.cache import CACHE_DIR, RecordIndex, data_key, file_identity, tokenizer_identity
+    from ..data.records import is_data_file, open_hf_dataset
 
     d = recipe.data
     source = source or d.train
@@ -137,7 +137,7 @@ def build_dataset(recipe: Recipe, tokenizer, image_processor, model_config, out:
 
 def check_records(recipe: Recipe, source, tokenizer, template, layout, out: Path):
     """Read, decode and tokenize every record once: (kept records, their lengths, rejects)."""
-    from .data.cache import CACHE_DIR, ImageVerdicts
+    from ..data.cache import CACHE_DIR, ImageVerdicts
 
     d = recipe.data
     rejects: list[Reject] = []

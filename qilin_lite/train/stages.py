@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import UserError
+from ..errors import UserError
 
 MODES = ("align", "lora", "qlora", "full")
 # every linear layer of the LLM decoder, and nothing in the vision tower or projector (those match too by name)

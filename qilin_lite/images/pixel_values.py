@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .conversation import Template
-from .data.records import LazyImage
+from ..conversation import Template
+from ..data.records import LazyImage
 
 
 def pad_fill(image_mean) -> tuple[int, int, int]:
@@ -43,7 +43,7 @@ class ImageLoader:
         """A record's images as the template shows them: each squared on its own (`separate`), or several joined
         into one composite first (`composite`, ChiMed-VL's way; the text keeps one `<image>`: conversation.one_tag)."""
         if template.multi_image == "composite" and len(refs) > 1:
-            from .images import composite
+            from .decode import composite
 
             return [self.square(composite([self.raw(r) for r in refs]))]
         return [self.open(r) for r in refs]
@@ -52,7 +52,7 @@ class ImageLoader:
     def raw(ref):
         from PIL import Image
 
-        from .images import load_image
+        from .decode import load_image
 
         if isinstance(ref, Image.Image):
             img = ref
@@ -63,7 +63,7 @@ class ImageLoader:
         return img if img.mode == "RGB" else img.convert("RGB")
 
     def square(self, img):
-        from .images import expand_to_square
+        from .decode import expand_to_square
 
         return expand_to_square(img, self.fill) if self.mode == "pad" else img
 

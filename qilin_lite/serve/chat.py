@@ -22,9 +22,9 @@ from typing import Annotated, Callable, Optional, TextIO
 
 import typer
 
-from .errors import UserError
-from .options import Attn, Dtype, Frame, ImageFiles, Load4bit, Load8bit, ModelDir, Window, dtype_arg, quant_bits
-from .session import COMMANDS, DISCLAIMER, ChatSession, load_chat_images, parse_window, quiet, utf8_stdio
+from ..errors import UserError
+from ..options import Attn, Dtype, Frame, ImageFiles, Load4bit, Load8bit, ModelDir, Window, dtype_arg, quant_bits
+from .chat_session import COMMANDS, DISCLAIMER, ChatSession, load_chat_images, parse_window, quiet, utf8_stdio
 
 
 def repl(session: ChatSession, *, read: Callable[[str], str] = input, out: TextIO | None = None,
@@ -129,8 +129,8 @@ def chat(
     utf8_stdio()
     if as_json and prompt is None:
         raise UserError("--json needs --prompt TEXT (it prints one answer as JSON)")
-    from .conversation import get_template
-    from .model import template_of
+    from ..conversation import get_template
+    from ..model import template_of
 
     image = load_chat_images(images, get_template(template_of(model)), window=window, frame=frame)
     with quiet(verbose):

@@ -33,9 +33,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import UserError
-from .heap import release_freed_memory
-from .options import Attn, Dtype, Load4bit, Load8bit, ModelDir, dtype_arg, quant_bits
+from ..errors import UserError
+from ..heap import release_freed_memory
+from ..options import Attn, Dtype, Load4bit, Load8bit, ModelDir, dtype_arg, quant_bits
 from .uploads import held, remove_stale
 from .web_guard import HEADERS, Guard, allowed_hosts, is_loopback, read_body_in_time
 from .web_input import WINDOWS, expect, sampling, window_setting
@@ -90,7 +90,7 @@ class WebApp:
 
     def new_session(self) -> str:
         """A new tab's session id, made here (a client never names its own, so it cannot reach another's)."""
-        from .session import ChatSession
+        from .chat_session import ChatSession
 
         with self.sessions_lock:
             if len(self.sessions) >= MAX_SESSIONS:
@@ -113,7 +113,7 @@ class WebApp:
         return s
 
     def describe(self) -> dict:
-        from .session import DISCLAIMER
+        from .chat_session import DISCLAIMER
 
         # names, never absolute paths: the page (and anyone who can reach it) learns nothing of the file system
         return {"model": Path(self.model_name).name, "kind": self.info.kind,
@@ -125,8 +125,8 @@ class WebApp:
     def set_image(self, sid: str, files: list[dict], window=None, frame: int | None = None, add: bool = False) -> dict:
         """Decode the uploads (`{"name", "data": base64}`) as chat does; returns the model's view as a PNG. `add`:
         more images for the next question of this conversation (chat's /add), else a new conversation."""
-        from .images import expand_to_square, side_by_side
-        from .session import check_image_count, load_chat_images
+        from ..images.decode import expand_to_square, side_by_side
+        from .chat_session import check_image_count, load_chat_images
 
         s = self.session(sid)
         t = self.generator.template
@@ -389,7 +389,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 7860, bits: int | 
     import uvicorn
 
     from .generate import load_generator
-    from .session import quiet
+    from .chat_session import quiet
 
     for stale in remove_stale():  # upload folders of a server that died mid-decode (SIGKILL): nothing may stay
         log.warning("removed %s, left by a server that stopped while decoding an upload", stale)

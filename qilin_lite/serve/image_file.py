@@ -11,9 +11,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import UserError
-from .options import Frame, ImageFiles, Window
-from .session import load_chat_image, parse_window
+from ..errors import UserError
+from ..options import Frame, ImageFiles, Window
+from .chat_session import load_chat_image, parse_window
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the fill when no model is named (CLIP's processors)
 
@@ -25,17 +25,17 @@ def prepare_image(paths, out: str | Path, *, model: str | None = None, window: t
 
     For servers: they hand images to the HF processor, which only resizes and centre-crops, and they read no DICOM.
     Pixels only: the PNG carries no metadata, so no DICOM header value leaves the input file this way."""
-    from .images import expand_to_square
-    from .model import RunInfo, load_tokenizer_and_processor
-    from .processing import ImageLoader, pad_fill
+    from ..images.decode import expand_to_square
+    from ..model import RunInfo, load_tokenizer_and_processor
+    from ..processing import ImageLoader, pad_fill
 
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise UserError(f"{out}: the output must be a .png (lossless); JPEG would change the pixels again")
     several = not isinstance(paths, (str, Path)) and len(paths) > 1
     if several and model is not None:
-        from .conversation import get_template
-        from .model import template_of
+        from ..conversation import get_template
+        from ..model import template_of
 
         name = template_of(str(model))
         if get_template(name).multi_image == "separate":

@@ -1,0 +1,1 @@
+"""images/: see CONTRIBUTING.md for what lives here."""

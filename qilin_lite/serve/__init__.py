@@ -1,0 +1,1 @@
+"""serve/: see CONTRIBUTING.md for what lives here."""

@@ -1,0 +1,1 @@
+"""train/: see CONTRIBUTING.md for what lives here."""
