@@ -11,7 +11,7 @@ import pytest
 import qilin_lite.serve.generate
 from qilin_lite.errors import UserError
 from qilin_lite.eval import EvalItem, format_prompt, load_eval_items, model_generate, run_eval, score_demo_heldout
-from qilin_lite.eval.metrics import LETTERS
+from qilin_lite.eval.matching import LETTERS
 
 CLI = str(Path(sys.executable).with_name("qilin-lite"))
 

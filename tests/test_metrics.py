@@ -5,8 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from qilin_lite.eval.metrics import (
-    aggregate,
+from qilin_lite.eval.matching import (
     closed_llavamed,
     closed_strict,
     corpus_bleu,
@@ -16,10 +15,10 @@ from qilin_lite.eval.metrics import (
     open_recall,
     reference_yes_no,
     rouge_l,
-    score_item,
     tokenize,
     yes_no,
 )
+from qilin_lite.eval.metrics import aggregate, score_item
 
 
 def item(kind, reference, *, choices=None, lang=None, task="slake"):

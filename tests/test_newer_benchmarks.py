@@ -18,7 +18,8 @@ import pytest
 
 from qilin_lite.errors import UserError
 from qilin_lite.eval import format_prompt, load_eval_items
-from qilin_lite.eval.newer import mmmu_choice, mmmu_short_correct, omnimedvqa_choice
+from qilin_lite.eval.mmmu import mmmu_choice, mmmu_short_correct
+from qilin_lite.eval.omnimedvqa import omnimedvqa_choice
 from qilin_lite.eval.run import run_eval
 
 CASES = json.loads((Path(__file__).parent / "data" / "newer_cases.json").read_text(encoding="utf-8"))

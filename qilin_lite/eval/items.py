@@ -1,14 +1,16 @@
-"""One benchmark question (or image to caption), whatever layout it came from, and the prompt the model sees."""
+"""One benchmark question (or image to caption), whatever layout it came from, and the files an eval run writes.
+
+The prompt shown for an item is prompt.py's; the layouts that make items are benchmarks.py's.
+"""
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError, where
-from .metrics import LETTERS
+from .matching import LETTERS
 
 TASKS = ("pmc-vqa", "vqa-rad", "slake", "pathvqa", "caption", "llava", "omnimedvqa", "mmmu")
 KINDS = ("closed", "open", "choice", "caption", "short")  # short: one exact answer (MMMU's open questions)
@@ -47,30 +49,6 @@ class EvalItem:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if self.kind == "choice" and (not self.choices or self.reference not in LETTERS[: len(self.choices)]):
             raise ValueError(f"choice item {self.id} needs choices and a reference letter among them")
-
-
-def format_prompt(item: EvalItem, instruction: str | None = None) -> str:
-    """The text to show the model: the question, plus lettered options and how to answer for multiple choice, plus
-    `instruction` (eval --instruction) on a line of its own.
-
-    LLaVA-format items (task "llava") are shown as written: their prompt is the one the model was trained on.
-    """
-    if item.kind == "short" and item.task == "mmmu":
-        from .newer import mmmu_short_prompt
-
-        text = mmmu_short_prompt(item.question)
-    elif item.kind != "choice" or item.task == "llava":
-        text = item.question
-    elif item.task in ("omnimedvqa", "mmmu"):  # their authors' prompts (newer.py)
-        from .newer import mmmu_prompt, omnimedvqa_prompt
-
-        text = (omnimedvqa_prompt if item.task == "omnimedvqa" else mmmu_prompt)(item.question, item.choices)
-    else:
-        lines = [item.question] + [f"{letter}. {c}" for letter, c in zip(LETTERS, item.choices)]
-        zh = re.search(r"[\u4e00-\u9fff]", item.question + "".join(item.choices))
-        lines.append(CHOICE_INSTRUCTIONS["zh" if zh else "en"])
-        text = "\n".join(lines)
-    return f"{text}\n{instruction}" if instruction else text
 
 
 def scan_predictions(path: Path) -> tuple[list[tuple[int, dict]], int]:

@@ -1,6 +1,6 @@
 """A judge model for open answers (`eval --judge URL --judge-model NAME`), off by default.
 
-Token recall (metrics.open_recall) misses synonyms and paraphrase ("右侧" vs "右肺"), so newer papers also ask a
+Token recall (matching.open_recall) misses synonyms and paraphrase ("右侧" vs "右肺"), so newer papers also ask a
 language model whether an open answer means the reference. Any OpenAI-compatible chat endpoint works: a local
 llama.cpp `llama-server`, `transformers serve`, vLLM. Nothing leaves the machine unless URL points elsewhere (a
 URL off this machine is named in a warning before anything is sent).
@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from ..errors import UserError
 from .items import EvalItem
-from .metrics import open_recall
+from .matching import open_recall
 from .stats import bootstrap_ci
 
 JUDGE_CACHE = "judge.jsonl"

@@ -1,36 +1,16 @@
-"""Scoring for `qilin-lite eval`: pure functions, no model and no files.
+"""Scoring for `qilin-lite eval`: a score per item (`score_item`) and one metrics dict per run (`aggregate`);
+pure functions, no model and no files.
 
-In:  reference answers (or captions) and a model's free-text answers.
-Out: a score per item (`score_item`) and one metrics dict per run (`aggregate`).
+In:  EvalItems (or anything with their kind, reference, choices, task, lang, id) and a model's free-text answers.
+Out: per item {"correct", "extracted", ...}; per run the metrics dict below.
 
-Text
-- `normalize_text`: NFKC (full-width -> half-width), lower-case, punctuation and symbols -> space (a decimal point
-  or thousands comma inside a number is kept / merged), whitespace collapsed.
-- `normalize_answer`: `normalize_text`, then English articles dropped and number words -> digits, as LLaVA-Med's
-  `normalize_word` does, so short VQA answers compare like theirs.
-- `tokenize`: Chinese characters one token each, anything else by whitespace-separated words ("CT显示" -> ct 显 示).
-
-Rules per item kind
-- choice (PMC-VQA): `extract_option` finds the chosen letter in free text; correct when it equals the label. None
-  (no option, or two different options) is wrong.
-- closed (yes/no): two figures.
-  * `closed_llavamed`: LLaVA-Med's rule (microsoft/LLaVA-Med llava/eval/run_eval.py): normalized prediction contains
-    "yes" or "no" as a substring and contains the normalized reference as a substring. So "yes, no doubt" scores a
-    hit for either reference, and "normal" contains "no". Chinese yes/no forms join "yes"/"no" in the first check.
-    Two deliberate differences: every closed question counts in the denominator (run_eval.py appends nothing when the
-    answer has yes/no but misses the reference, which inflates the figure; run_eval_batch.py fixed this), and the
-    normalization is a re-implementation of `normalize_word` without its contraction table (it never changes a
-    yes/no match).
-  * `closed_strict`: the first yes/no word of the prediction (Chinese forms mapped to yes/no, question echoes like
-    是否/有没有 skipped) equals the reference. A closed question whose reference is not yes/no ("left or right?")
-    is a strict hit when the prediction's tokens begin with the reference's tokens.
-- open: recall of reference tokens, sum_w min(ref_count[w], pred_count[w]) / len(ref tokens), tokens from
-  `normalize_answer`. LLaVA-Med's recall counts the prediction's repeats ("left left" vs "left lung" gives 2/3
-  there, 1/2 here); on ordinary short answers the two agree. For Chinese, LLaVA-Med splits on spaces (a whole
-  phrase is one word); here each character is a token.
-- caption: corpus BLEU-1..4 (clipped n-gram counts summed over the corpus, brevity penalty on total lengths, no
-  smoothing, so a corpus with no matching 4-gram scores BLEU-4 = 0) and ROUGE-L F1 (LCS, beta = 1, as the
-  `rouge-score` package; pycocoevalcap uses beta = 1.2) averaged over items. The per-item score is ROUGE-L.
+The rule per item kind (the rules themselves, and how they differ from LLaVA-Med's, are in matching.py):
+- choice: `extract_option`'s letter equals the reference; OmniMedVQA's and MMMU's questions are scored by their
+  authors' rules instead (omnimedvqa.py, mmmu.py).
+- closed: `closed_strict` (the score) and `closed_llavamed` (LLaVA-Med's figure, beside it).
+- open: `open_recall`.
+- caption: ROUGE-L per item; corpus BLEU-1..4 per run.
+- short (MMMU's open questions): MMMU's rule (mmmu.py).
 
 Metrics dict (`aggregate`): {"task", "n", "groups": {"all": {...}, "en": {...}, "zh": {...}}}; a language group
 appears when items carry `lang` (SLAKE). Values are fractions in [0, 1]; keys `n_*` are counts.
@@ -38,15 +18,15 @@ appears when items carry `lang` (SLAKE). Values are fractions in [0, 1]; keys `n
 
 from __future__ import annotations
 
-import math
-import re
-import unicodedata
-from collections import Counter
 from typing import Any, Sequence
 
-LETTERS = "ABCDEFGH"
+from .matching import (closed_llavamed, closed_strict, corpus_bleu, extract_option, open_recall, rouge_l, tokenize,
+                       yes_no)
+from .mmmu import mmmu_choice, mmmu_short_correct
+from .omnimedvqa import omnimedvqa_choice
+from .stats import BOOTSTRAP, bootstrap_ci
 
-# Display names, in report order; `evaluate.render_report` and `compare` print the keys present.
+# Display names, in report order; `report.render_report` and `compare` print the keys present.
 METRIC_LABELS = {
     "n": "n",
     "n_choice": "n (choice)",
@@ -67,237 +47,6 @@ METRIC_LABELS = {
     "short_accuracy": "short-answer acc (MMMU rule)",
 }
 
-_ARTICLES = {"a", "an", "the"}
-_NUMBER_WORDS = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
-}
-_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_TOKEN = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")
-
-# Chinese yes/no forms. Longer forms are tried first at each position, so 不是 beats 是 and 没有 beats 有; the
-# neutral forms are question echoes (是否, 有没有) or not an answer (无法 = "cannot"), skipped by the strict rule.
-_YES_ZH = ("是的", "是", "有", "对的", "对")
-_NO_ZH = ("不是", "否", "没有", "无", "不对")
-_NEUTRAL_ZH = ("是否", "是不是", "有无", "有没有", "对不对", "无法", "所有")
-_POLARITY = {**{f: "yes" for f in _YES_ZH}, **{f: "no" for f in _NO_ZH}, "yes": "yes", "no": "no"}
-_YES_NO_RE = re.compile(
-    "|".join(
-        [r"(?<![a-z0-9])(?:yes|no)(?![a-z0-9])"]
-        + [re.escape(f) for f in sorted(_YES_ZH + _NO_ZH + _NEUTRAL_ZH, key=len, reverse=True)]
-    )
-)
-
-
-def as_text(prediction: Any) -> str:
-    """A prediction as a string: None (a model that produced nothing) is "", anything else goes through str()."""
-    if prediction is None:
-        return ""
-    return prediction if isinstance(prediction, str) else str(prediction)
-
-
-def normalize_text(text: Any) -> str:
-    """Lower-case, full-width folded, punctuation -> space; "3.5" and "1,000" (-> "1000") survive as numbers."""
-    s = unicodedata.normalize("NFKC", as_text(text)).lower()
-    s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
-    out = []
-    for i, ch in enumerate(s):
-        if ch == "." and 0 < i < len(s) - 1 and s[i - 1].isdigit() and s[i + 1].isdigit():
-            out.append(ch)
-        elif unicodedata.category(ch)[0] in "PS":
-            out.append(" ")
-        else:
-            out.append(ch)
-    return " ".join("".join(out).split())
-
-
-def normalize_answer(text: Any) -> str:
-    """`normalize_text` plus LLaVA-Med's VQA clean-up: articles dropped, number words -> digits."""
-    words = [_NUMBER_WORDS.get(w, w) for w in normalize_text(text).split()]
-    return " ".join(w for w in words if w not in _ARTICLES)
-
-
-def tokenize(text: Any, *, answer: bool = False) -> list[str]:
-    """Chinese by character, other text by word, after `normalize_answer` (answer=True) or `normalize_text`."""
-    return _TOKEN.findall(normalize_answer(text) if answer else normalize_text(text))
-
-
-# ---------------------------------------------------------------- multiple choice
-
-
-def extract_option(text: Any, choices: Sequence[str]) -> str | None:
-    """The option letter a free-text answer chose, or None when it names none or names two different ones.
-
-    Tried in order: an explicit answer cue ("答案是B", "答案：B", "正确答案为 C", "The answer is C"); a leading
-    letter ("B", "B.", "(B)", "B: 肺炎"); the whole answer equal to one option's text ("肺炎"); a choice cue
-    ("选B", "option C"); one stand-alone capital letter anywhere; the text of exactly one option inside the answer
-    (an option whose text lies inside another found option's text does not count: "细菌性肺炎" picks that option,
-    not "肺炎"). Letters are capitals only, so the English article "a" is never option A.
-    """
-    s = unicodedata.normalize("NFKC", as_text(text)).strip()
-    letters = LETTERS[: max(len(choices), 1)]
-    if not s:
-        return None
-    opt_texts = [normalize_text(strip_option_label(c)) for c in choices]
-
-    def one(found: list[str]) -> str | None:
-        distinct = set(found)
-        return distinct.pop() if len(distinct) == 1 else None
-
-    L = f"([{letters}])"  # one option letter, captured
-    open_br = r"[\(（\[【]?\s*"
-    strong = re.compile(
-        r"(?:正确答案|答案|(?i:the\s+(?:correct\s+|right\s+|final\s+)?answer|answer))\s*"
-        r"(?:(?i:is|should\s+be|would\s+be|will\s+be)|应该是|应该为|应为|应是|是|为|选)?\s*[:：]?\s*"
-        rf"(?:(?i:option|choice)|选项)?\s*{open_br}{L}(?![A-Za-z])"
-    )
-    found = strong.findall(s)
-    if found:
-        return one(found)
-
-    lead = re.match(rf"^{open_br}{L}\s*(?:[\)）\]】.:：、,，]|$)", s)
-    if lead:
-        return lead.group(1)
-    lead = re.match(rf"^{L}\s+(\S.*)$", s, re.S)
-    if lead:  # "B 肺炎" is option B; "A mass is seen" is the article, not A
-        rest = lead.group(2)
-        idx = letters.index(lead.group(1))
-        if re.match(rf"[{_CJK}]", rest) or (opt_texts[idx] and normalize_text(rest).startswith(opt_texts[idx])):
-            return lead.group(1)
-
-    norm = normalize_text(s)
-    exact = [letters[i] for i, t in enumerate(opt_texts) if t and t == norm]
-    if exact:
-        return one(exact)
-
-    weak = re.compile(rf"(?:选择|选项|选|(?i:option|choice|choose))\s*{open_br}{L}(?![A-Za-z])")
-    found = weak.findall(s)
-    if found:
-        return one(found)
-
-    # Stand-alone capitals, minus the article in "A lesion is seen" (but "A or B", "A is correct" keep A).
-    found = [
-        m.group(1)
-        for m in re.finditer(rf"(?<![A-Za-z]){L}(?![A-Za-z])", s)
-        if not (m.group(1) == "A" and _ARTICLE_A.match(s, m.end()))
-    ]
-    if found:
-        return one(found)
-
-    # Whole tokens only, so option "y" is not found in "yes"; Chinese tokens are characters, so 肺炎 is in 显示肺炎.
-    opt_tokens = [_TOKEN.findall(t) for t in opt_texts]
-    said = _TOKEN.findall(norm)
-    inside = [i for i, t in enumerate(opt_tokens) if t and _contains(said, t)]
-    inside = [i for i in inside if not any(j != i and _contains(opt_tokens[j], opt_tokens[i]) for j in inside)]
-    return one([letters[i] for i in inside])
-
-
-def _contains(tokens: Sequence[str], part: Sequence[str]) -> bool:
-    n = len(part)
-    return any(list(tokens[i : i + n]) == list(part) for i in range(len(tokens) - n + 1))
-
-
-_ARTICLE_A = re.compile(r"\s+(?!(?:or|and|is|was|seems|should|would|because|not|nor)\b)[a-z]")
-
-
-def strip_option_label(choice: Any) -> str:
-    """PMC-VQA writes choices as "A:Pneumonia"; the text is what follows the label."""
-    return re.sub(r"^\s*[\(（]?[A-H]\s*[:：.、)）]\s*", "", as_text(choice))
-
-
-# ---------------------------------------------------------------- closed (yes/no) questions
-
-
-def yes_no(text: Any) -> str | None:
-    """"yes" / "no" for the first yes/no word of an answer (是/有/对 -> yes, 否/不是/没有/无/不对 -> no), else None."""
-    for m in _YES_NO_RE.finditer(normalize_answer(text)):
-        polarity = _POLARITY.get(m.group(0))
-        if polarity:
-            return polarity
-    return None
-
-
-def reference_yes_no(reference: Any) -> str | None:
-    """"yes"/"no" when the whole reference is a yes/no form ("是", "没有", "Yes."), else None ("left", "有两个")."""
-    return _POLARITY.get(normalize_answer(reference))
-
-
-def closed_llavamed(prediction: Any, reference: Any) -> bool:
-    """LLaVA-Med's closed-question hit: the prediction mentions yes/no at all and contains the reference."""
-    p, r = normalize_answer(prediction), normalize_answer(reference)
-    mentions = "yes" in p or "no" in p or any(f in p for f in _YES_ZH + _NO_ZH)
-    return bool(r) and mentions and r in p
-
-
-def closed_strict(prediction: Any, reference: Any) -> bool:
-    """The first yes/no word equals the reference; for a non-yes/no reference, the answer opens with it."""
-    ref = reference_yes_no(reference)
-    if ref is not None:
-        return yes_no(prediction) == ref
-    r, p = tokenize(reference, answer=True), tokenize(prediction, answer=True)
-    return bool(r) and p[: len(r)] == r
-
-
-# ---------------------------------------------------------------- open questions
-
-
-def open_recall(prediction: Any, reference: Any) -> float:
-    """Fraction of the reference's tokens (with multiplicity) found in the prediction."""
-    ref = Counter(tokenize(reference, answer=True))
-    if not ref:
-        return 0.0
-    pred = Counter(tokenize(prediction, answer=True))
-    return sum(min(c, pred[w]) for w, c in ref.items()) / sum(ref.values())
-
-
-# ---------------------------------------------------------------- captions
-
-
-def _ngrams(tokens: Sequence[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
-
-
-def corpus_bleu(
-    hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]], max_n: int = 4
-) -> list[float]:
-    """[BLEU-1, ..., BLEU-max_n] over a corpus, one reference per hypothesis (Papineni et al. 2002)."""
-    matches, totals = [0] * max_n, [0] * max_n
-    for hyp, ref in zip(hypotheses, references, strict=True):
-        for n in range(1, max_n + 1):
-            h, r = _ngrams(hyp, n), _ngrams(ref, n)
-            matches[n - 1] += sum(min(c, r[g]) for g, c in h.items())
-            totals[n - 1] += sum(h.values())
-    c = sum(len(h) for h in hypotheses)
-    r = sum(len(x) for x in references)
-    if c == 0:
-        return [0.0] * max_n
-    bp = 1.0 if c > r else math.exp(1 - r / c)
-    out, log_sum = [], 0.0
-    for n in range(1, max_n + 1):
-        if matches[n - 1] == 0:
-            out.extend([0.0] * (max_n - n + 1))  # log 0: this order and every higher one score 0
-            break
-        log_sum += math.log(matches[n - 1] / totals[n - 1])
-        out.append(bp * math.exp(log_sum / n))
-    return out
-
-
-def rouge_l(hypothesis: Sequence[str], reference: Sequence[str], beta: float = 1.0) -> float:
-    """ROUGE-L F-measure from the longest common subsequence of two token lists."""
-    if not hypothesis or not reference:
-        return 0.0
-    prev = [0] * (len(reference) + 1)
-    for h in hypothesis:
-        cur = [0]
-        for j, r in enumerate(reference):
-            cur.append(prev[j] + 1 if h == r else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    p, r = lcs / len(hypothesis), lcs / len(reference)
-    return (1 + beta**2) * p * r / (r + beta**2 * p)
-
 
 # ---------------------------------------------------------------- per item and per run
 
@@ -305,9 +54,7 @@ def rouge_l(hypothesis: Sequence[str], reference: Sequence[str], beta: float = 1
 def score_item(item: Any, prediction: Any) -> dict:
     """{"correct": bool or float, "extracted": ...} (+ "correct_llavamed" for closed) for one EvalItem."""
     if item.kind == "choice":
-        if item.task in ("omnimedvqa", "mmmu"):  # their authors' rules (newer.py)
-            from .newer import mmmu_choice, omnimedvqa_choice
-
+        if item.task in ("omnimedvqa", "mmmu"):  # their authors' rules (omnimedvqa.py, mmmu.py)
             letter = (omnimedvqa_choice(prediction, item.choices or []) if item.task == "omnimedvqa"
                       else mmmu_choice(prediction, item.choices or [], item.id))
         else:
@@ -323,9 +70,7 @@ def score_item(item: Any, prediction: Any) -> dict:
         return {"correct": open_recall(prediction, item.reference), "extracted": None}
     if item.kind == "caption":
         return {"correct": rouge_l(tokenize(prediction), tokenize(item.reference)), "extracted": None}
-    if item.kind == "short":  # MMMU's open questions, by MMMU's rule (newer.py)
-        from .newer import mmmu_short_correct
-
+    if item.kind == "short":  # MMMU's open questions, by MMMU's rule (mmmu.py)
         return {"correct": mmmu_short_correct(prediction, item.reference), "extracted": None}
     raise ValueError(f"unknown item kind {item.kind!r}")
 
@@ -345,8 +90,6 @@ def item_values(kind: str, score: dict) -> dict[str, float]:
 
 
 def _group(items: Sequence[Any], predictions: Sequence[Any]) -> dict:
-    from .stats import bootstrap_ci
-
     scores = [score_item(it, p) for it, p in zip(items, predictions, strict=True)]
     out: dict[str, Any] = {"n": len(items)}
     by_kind: dict[str, list[int]] = {}
@@ -382,6 +125,4 @@ def aggregate(items: Sequence[Any], predictions: Sequence[Any]) -> dict:
     for lang in sorted({it.lang for it in items if it.lang}):
         pick = [i for i, it in enumerate(items) if it.lang == lang]
         groups[lang] = _group([items[i] for i in pick], [predictions[i] for i in pick])
-    from .stats import BOOTSTRAP
-
     return {"task": "+".join(tasks) if tasks else None, "n": len(items), "groups": groups, "bootstrap": BOOTSTRAP}

@@ -20,7 +20,8 @@ from typing import Sequence
 from ..errors import UserError
 from ..files import save_image_atomic
 from .items import EvalItem
-from .metrics import MEAN_METRICS, item_values, normalize_text, score_item
+from .matching import normalize_text
+from .metrics import MEAN_METRICS, item_values, score_item
 from .stats import paired
 
 CONTROLS = ("blank", "swapped")

@@ -17,11 +17,14 @@ from typing import Any, Callable, Iterable, Sequence
 from ..conversation import IMAGE_TOKEN, get_template, typed_text
 from ..errors import UserError, where
 from ..files import write_text_atomic
-from .benchmarks import ANSWER_KEYS, ID_KEYS, first_of, load_eval_items, read_benchmark_records
-from .items import METRICS, PREDICTIONS, REPORT, EvalItem, format_prompt, scan_predictions
+from .benchmarks import load_eval_items
+from .items import METRICS, PREDICTIONS, REPORT, EvalItem, scan_predictions
 from .judge import JUDGE_CACHE, PROMPT_VERSION, http_judge, is_local, judge_open
-from .metrics import aggregate, as_text, score_item
+from .matching import as_text
+from .metrics import aggregate, score_item
+from .prompt import format_prompt
 from .protocol import PROTOCOL, build_protocol, differences, file_sha256, model_protocol
+from .records import ANSWER_KEYS, ID_KEYS, first_of, read_benchmark_records
 from .reliance import control_items, reliance
 from .report import render_report
 

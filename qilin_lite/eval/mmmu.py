@@ -1,34 +1,25 @@
-"""The benchmarks newer medical VLM papers report beside the classic four: OmniMedVQA and MMMU Health & Medicine.
+"""MMMU's Health & Medicine subjects, beside OmniMedVQA what newer medical VLM papers report: read, prompt, score.
 
-Both are multiple choice. Each is read in its published layout, shown to the model in its authors' prompt, and scored
-by its authors' rule (reimplemented here; the files matched against are named in docs/eval.md and each function):
+Read in its published layout, shown to the model in its authors' prompt and scored by its authors' rule
+(reimplemented here; the files matched against are named in docs/eval.md and each function).
 
-- **omnimedvqa** (`QA_information/Open-access/*.json`, one JSON list per source dataset; pass one file or the
-  folder): `{question_id, question_type, question, gt_answer, image_path, option_A, option_B[, option_C, option_D],
-  modality_type, dataset}`; `image_path` is relative to the OmniMedVQA root (found above `QA_information/`).
-  Prompt and rule from OpenGVLab/Multi-Modality-Arena `MedicalEval/Question-answering_Score`
-  (`task_datasets/medical_datasets.py`, `utils/medicalqa.py`): the options are listed as a Python list after the
-  question, and the answer is the option most similar to the model's text by `difflib.SequenceMatcher.ratio`
-  (the first of equals; no similarity at all is wrong).
-- **mmmu** (the MMMU dataset's parquet files, `<Subject>/validation-*.parquet`; pass one file or the root folder,
-  whose Health & Medicine subjects are read): `{id, question, options (a Python list as text), answer,
-  image_1..image_7 ({bytes, path}), question_type, subfield}`. Prompt from MMMU's LLaVA-1.5 setting
-  (`multi_choice_example_format`: question, `(A) option` lines, "Answer with the option's letter from the given
-  choices directly."); rule from MMMU-Benchmark/MMMU `eval/eval_utils.py` `parse_multi_choice_response`: "(A)",
-  then " A ", then (answers over 5 words) the option's text, the last one mentioned winning; nothing found is a
-  random letter, as theirs, but seeded per question (theirs draws from one sequence seeded 42, so it depends on the
-  order). The question's images, interleaved as `<image k>`, are joined into one composite in order of mention
-  (this toolkit's models take one image); the `<image k>` text stays. Open questions (a few in these subjects) are
-  items of kind "short", asked with MMMU's `short_ans_example_format` and scored by its `parse_open_response` +
-  `eval_open` (numbers compared as floats rounded to 2 places, text by containment of the normalized answer).
+Layout: the MMMU dataset's parquet files, `<Subject>/validation-*.parquet` (pass one file or the root folder, whose
+Health & Medicine subjects are read): `{id, question, options (a Python list as text), answer, image_1..image_7
+({bytes, path}), question_type, subfield}`. Prompt from MMMU's LLaVA-1.5 setting (`multi_choice_example_format`:
+question, `(A) option` lines, "Answer with the option's letter from the given choices directly."); rule from
+MMMU-Benchmark/MMMU `eval/eval_utils.py` `parse_multi_choice_response`: "(A)", then " A ", then (answers over 5
+words) the option's text, the last one mentioned winning; nothing found is a random letter, as theirs, but seeded
+per question (theirs draws from one sequence seeded 42, so it depends on the order). The question's images,
+interleaved as `<image k>`, are joined into one composite in order of mention (this toolkit's models take one
+image); the `<image k>` text stays. Open questions (a few in these subjects) are items of kind "short", asked with
+MMMU's `short_ans_example_format` and scored by its `parse_open_response` + `eval_open` (numbers compared as floats
+rounded to 2 places, text by containment of the normalized answer).
 """
 
 from __future__ import annotations
 
 import ast
-import difflib
 import hashlib
-import json
 import logging
 import random
 import re
@@ -37,7 +28,7 @@ from pathlib import Path
 from ..errors import UserError, where
 from ..files import save_image_atomic
 from .items import EvalItem
-from .metrics import LETTERS, as_text
+from .matching import LETTERS, as_text
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +41,6 @@ MMMU_SHORT = "Answer the question using a single word or phrase."
 # ---------------------------------------------------------------- prompts
 
 
-def omnimedvqa_prompt(question: str, options: list[str]) -> str:
-    return (question + f"Here are {len(options)} candidate answers:" + str(options) +
-            " Only return what you think is the correct answer from the candidate answers, do not return any other "
-            "irrelevant text!")
-
-
 def mmmu_prompt(question: str, options: list[str]) -> str:
     listed = "".join(f"({LETTERS[i]}) {o}\n" for i, o in enumerate(options))
     return f"{question}\n{listed}\n{MMMU_INSTRUCTION}"
@@ -66,16 +51,6 @@ def mmmu_short_prompt(question: str) -> str:
 
 
 # ---------------------------------------------------------------- scoring
-
-
-def omnimedvqa_choice(prediction, options: list[str]) -> str | None:
-    """The letter of the option most similar to the answer (strictly greater wins: the first of equals)."""
-    text, best, index = as_text(prediction), 0.0, None
-    for i, option in enumerate(options):
-        ratio = difflib.SequenceMatcher(None, option, text).ratio()
-        if ratio > best:
-            best, index = ratio, i
-    return None if index is None else LETTERS[index]
 
 
 def mmmu_choice(prediction, options: list[str], qid: str) -> str:
@@ -167,34 +142,7 @@ def mmmu_short_correct(prediction, reference) -> bool:
     return False
 
 
-# ---------------------------------------------------------------- readers
-
-
-def load_omnimedvqa(path: Path, image_folder: Path | None) -> list[EvalItem]:
-    files = sorted(path.glob("*.json")) if path.is_dir() else [path]
-    if not files:
-        raise UserError(f"{path}: no .json files; pass QA_information/Open-access or one of its files")
-    root = image_folder or next((p.parent for p in path.resolve().parents if p.name == "QA_information"), None)
-    root = root or (path if path.is_dir() else path.parent)
-    items = []
-    for f in files:
-        try:
-            rows = json.loads(f.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where(f, e.lineno)}: not valid JSON ({e.msg}); re-download the file") from None
-        if not isinstance(rows, list):
-            raise UserError(f"{f}: expected a JSON list of questions (OmniMedVQA's layout)")
-        for n, r in enumerate(rows):
-            loc = where(f, record_id=str(r.get("question_id", n)) if isinstance(r, dict) else str(n))
-            if not isinstance(r, dict) or not all(k in r for k in ("question", "gt_answer", "image_path", "option_A")):
-                raise UserError(f"{loc}: needs question, gt_answer, image_path and option_A.. (OmniMedVQA's layout)")
-            options = [str(r[k]) for k in ("option_A", "option_B", "option_C", "option_D") if r.get(k) is not None]
-            if str(r["gt_answer"]) not in options:
-                raise UserError(f"{loc}: gt_answer {r['gt_answer']!r} is none of the options")
-            items.append(EvalItem(str(r.get("question_id", f"{f.stem}-{n}")), str(root / r["image_path"]),
-                                  str(r["question"]), LETTERS[options.index(str(r["gt_answer"]))], "omnimedvqa",
-                                  "choice", options))
-    return items
+# ---------------------------------------------------------------- reader
 
 
 def load_mmmu(path: Path, cache: Path) -> list[EvalItem]:
