@@ -7,20 +7,22 @@ Out: two directories laid out exactly like hub checkpoints (`vision/`: a CLIPVis
 The tokenizer is trained on the demo text, `<unk>`/`<s>`/`</s>` at ids 0-2, BOS prepended: either LLaMA's own kind
 (a SentencePiece `tokenizer.model` with byte fallback, what the demo uses: it takes the authors' encoding path and
 llama.cpp encodes it, so `export gguf` works on the demo) or a `tokenizer.json` BPE with Metaspace (the tests' default:
-it covers the fast-tokenizer path that non-LLaMA LLMs take). A real base LLM already knows its language, so the tiny LLM gets a short language pre-training on the
-demo text and on text-only dialogs in the chat format whose answers are drawn at random: it learns the language
-and the format, but nothing about images, so accuracy before tuning stays at chance.
+it covers the fast-tokenizer path that non-LLaMA LLMs take). A real base LLM already knows its language, so the
+tiny LLM gets a short language pre-training (pretraining.py) on the demo text and on text-only dialogs in the chat
+format whose answers are drawn at random: it learns the language and the format, but nothing about images, so
+accuracy before tuning stays at chance.
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..conversation import TEMPLATES, render
+from ..conversation import TEMPLATES
+from .pretraining import chat_texts, pretrain
+from .qwen import build_tiny_qwen2
 
 
 @dataclass
@@ -90,17 +92,6 @@ def train_sentencepiece(texts: list[str], out_dir: Path, vocab_size: int = 600, 
     return load_tokenizer(str(out_dir))
 
 
-def chat_texts(spec_texts: dict, n: int, seed: int, template: str = "vicuna_v1", eos: str = "") -> list[str]:
-    """Text-only dialogs in a chat format with random answers: format knowledge, no image knowledge."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        q, choices = rng.choice(spec_texts["questions"])
-        msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": rng.choice(choices)}]
-        out.append(render(msgs, TEMPLATES[template], eos=eos).text)
-    return out
-
-
 def build_tiny_base(out_dir: Path, texts: list[str], questions: list[tuple[str, list[str]]], spec: TinySpec = TinySpec()):
     """Write `out_dir/vision` and `out_dir/llm`; return their paths."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
@@ -128,8 +119,6 @@ def build_tiny_base(out_dir: Path, texts: list[str], questions: list[tuple[str, 
     ).save_pretrained(vision_dir)
 
     if spec.llm == "qwen2":
-        from .qwen import build_tiny_qwen2
-
         build_tiny_qwen2(llm_dir, texts, questions, spec)
         return vision_dir, llm_dir
     dialogs = chat_texts({"questions": questions}, n=2000, seed=spec.seed)
@@ -152,26 +141,3 @@ def build_tiny_base(out_dir: Path, texts: list[str], questions: list[tuple[str, 
     pretrain(lm, tok, corpus, steps=spec.pretrain_steps, seed=spec.seed)
     lm.save_pretrained(llm_dir)
     return vision_dir, llm_dir
-
-
-def pretrain(lm, tok, corpus: list[str], steps: int, seed: int, batch: int = 32, lr: float = 3e-3) -> float:
-    """Plain next-token training on the corpus; returns the last loss."""
-    rng = random.Random(seed)
-    if tok.pad_token is None:
-        tok.pad_token = tok.unk_token  # padding is masked from the loss; the saved tokenizer stays as trained
-    opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    lm.train()
-    loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        texts = [rng.choice(corpus) for _ in range(batch)]
-        enc = tok(texts, padding=True, return_tensors="pt", add_special_tokens=True)
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        loss = lm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-    lm.eval()
-    return float(loss.detach())

@@ -65,7 +65,7 @@ def build_tiny_qwen2(llm_dir: Path, texts: list[str], questions, spec) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from ..conversation import TEMPLATES
-    from .base import chat_texts, pretrain
+    from .pretraining import chat_texts, pretrain
 
     dialogs = chat_texts({"questions": questions}, n=2000, seed=spec.seed, template="chatml")
     corpus = texts + dialogs
