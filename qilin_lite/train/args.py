@@ -59,15 +59,19 @@ def sft_config(recipe: Recipe, out: Path, wrap: list[str] | None = None):
 def fsdp_units(model) -> list[str]:
     """Layer classes FSDP wraps one by one: the model's no-split blocks that it really contains (Llava lists
     CLIP text classes too, which accelerate would fail to find)."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
+    from .private_api import no_split_modules
+
+    names = set(no_split_modules(model))
     return sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in names})
 
 
 def report_targets(setting: str) -> list[str] | str:
     """train.report_to -> the Trainer's report_to, checked here so a missing tracker is one line, not a traceback
     at the first logging step."""
-    from transformers.integrations import get_available_reporting_integrations
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+    from transformers.integrations import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
 
     available = get_available_reporting_integrations()
     if setting == "auto":

@@ -42,7 +42,7 @@ def supervised_head(model, *args, labels=None, shift_labels=None, num_items_in_b
                     fused_lm_head=True, **kwargs):
     """`model(..., labels=labels, fused_lm_head=True)` as trl's fused head answers it: log-probabilities, and with
     `metrics` the entropy and top-1 hit trl computes for its log (argmax's first maximum: trl's tie rule)."""
-    from trl.trainer.utils import FusedCausalLMOutput
+    from .private_api import fused_output
 
     kwargs["use_cache"] = False
     hidden = model.base_model(*args, **kwargs).last_hidden_state  # the backbone trl's head uses too
@@ -64,4 +64,4 @@ def supervised_head(model, *args, labels=None, shift_labels=None, num_items_in_b
             entropy = ent.new_zeros(mask.shape).masked_scatter(mask, ent)
             is_top1 = mask.new_zeros(mask.shape).masked_scatter(mask, logits.argmax(-1) == targets)
     loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
-    return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=mask)
+    return fused_output(loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=mask)

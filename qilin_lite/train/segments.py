@@ -92,9 +92,11 @@ def register() -> None:
 
 def use(model, implementation: str) -> str:
     """Set the language model's attention implementation; returns the one it had (to switch back before saving)."""
+    from .private_api import attention_of, set_attention
+
     cfg = model.config.get_text_config()
-    before = cfg._attn_implementation
+    before = attention_of(cfg)
     if implementation == SEGMENTS:
         register()
-    cfg._attn_implementation = implementation
+    set_attention(cfg, implementation)
     return before

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import run_dir, segments
+from . import private_api, run_dir, segments
 from ..config import Recipe
 from ..device import training_placement
 from ..distributed import world_size
@@ -73,7 +73,7 @@ def packed_attention(model, data: "Datasets") -> str | None:
     nothing was switched."""
     from ..device import cuda
 
-    current = model.config.get_text_config()._attn_implementation
+    current = private_api.attention_of(model.config.get_text_config())
     data.attention = current
     if not isinstance(data.train, PackedDataset) or current == "flash_attention_2":
         return None
@@ -90,6 +90,7 @@ def prepare_output(recipe: Recipe, resume: bool, overwrite: bool = False) -> Pat
     settle_template(recipe)
     report_targets(recipe.train.report_to)  # a missing tracker fails now, not after minutes of data checks
     check_deepspeed(recipe.train.deepspeed)  # so does a DeepSpeed config without DeepSpeed
+    private_api.check_versions()  # and a trl / transformers / accelerate without what private_api.py reaches
     return run_dir.prepare(recipe, resume, overwrite)
 
 
@@ -190,7 +191,7 @@ def build_datasets(recipe: Recipe, tokenizer, image_processor, model_config, out
                  len(dataset), d.packing_row_length)
     elif d.packing:
         packing = choose_packing(dataset.lengths, tr.per_device_batch, d.max_length,
-                                 model_config._attn_implementation or "sdpa", model_config.get_text_config(),
+                                 private_api.attention_of(model_config) or "sdpa", model_config.get_text_config(),
                                  seed=tr.seed, grouped=d.group_by_length, accumulation=tr.grad_accum(world_size()))
         (log.info if packing.row_length == d.max_length else log.warning)("--packing: %s", packing.reason)
         if packing.row_length is not None:
@@ -209,7 +210,7 @@ def build_trainer(trainer_cls: type, recipe: Recipe, model, tokenizer, data: Dat
     quantized_align = recipe.llm_bits is not None and tr.mode == "align"
     if quantized_align:
         assert any(p.requires_grad for p in model.parameters())
-        model._hf_peft_config_loaded = True
+        private_api.peft_loaded(model, True)
     try:
         trainer = trainer_cls(
             model=model,
@@ -226,7 +227,7 @@ def build_trainer(trainer_cls: type, recipe: Recipe, model, tokenizer, data: Dat
         )
     finally:
         if quantized_align:
-            model._hf_peft_config_loaded = False
+            private_api.peft_loaded(model, False)
     if trainer.is_fsdp_enabled and recipe.llm_bits:  # FSDP from an accelerate config, where check() cannot see it
         raise UserError("FSDP does not shard 4-bit weights here; launch QLoRA / --load-4bit without FSDP")
     if not tr.deepspeed or not (args.bf16 or args.fp16):
@@ -289,8 +290,8 @@ def save_outputs(trainer, recipe: Recipe, out: Path, base: str, tokenizer, image
     """Weights through the trainer (it gathers FSDP / ZeRO-3 shards on every process and writes on the main one),
     then the files later commands read, from the main process only."""
     mode = recipe.train.mode
-    # align: the trainer's _save writes the projector only; lora/qlora: a peft adapter that also holds the trained
-    # projector (modules_to_save); full: a complete Llava directory
+    # align: the trainer's save_weights writes the projector only; lora/qlora: a peft adapter that also holds the
+    # trained projector (modules_to_save); full: a complete Llava directory
     trainer.save_model(str(out))
     if not trainer.args.should_save:
         return

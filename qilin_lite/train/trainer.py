@@ -6,6 +6,7 @@ constructs it; a benchmark or test that needs another trainer subclasses it and 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -16,6 +17,7 @@ from trl import SFTTrainer
 
 from ..distributed import world_size
 from ..errors import UserError
+from . import private_api
 from .lm_head import plain_head_for, plain_head_ok, supervised_head
 from ..model import (
     PROJECTOR_FILE,
@@ -87,8 +89,10 @@ class Preemption(TrainerCallback):
             self._previous = None
 
 
-class QilinTrainer(SFTTrainer):
-    """trl's SFTTrainer with the overrides qilin-lite needs, grouped by purpose below:
+class QilinTrainer(private_api.TrainerHooks, SFTTrainer):
+    """trl's SFTTrainer with the overrides qilin-lite needs, grouped by purpose below (what reaches past trl's and
+    transformers' public surface goes through private_api.py, whose TrainerHooks turns the Trainer's private hooks
+    into the public methods overridden here):
 
     - settings: what a recipe adds to SFTConfig (length grouping, align-only saving, loss averaging, projector lr);
     - optimizer: the projector at its own learning rate;
@@ -107,6 +111,7 @@ class QilinTrainer(SFTTrainer):
         supervised token of an optimizer step weighs the same) or "batch" (each micro-batch's own mean, as the
         authors' transformers 4.31 Trainer); `projector_lr`: the projector's own rate (None: the model's);
         `lean_metrics`: compute trl's entropy / accuracy only for micro-batches that write a log."""
+        private_api.check_versions()  # one line naming the package when trl / transformers / accelerate lack a reach
         super().__init__(*args, **kwargs)
         self.sample_lengths = sample_lengths
         self.align_only = align_only
@@ -137,18 +142,17 @@ class QilinTrainer(SFTTrainer):
         return self.optimizer
 
     # ---------------------------------------------------------------- data order
-    def _get_train_sampler(self, train_dataset=None):
+    def train_sampler(self, train_dataset=None):
         if self.sample_lengths is not None:
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             return EpochGroupedSampler(batch, [int(x) for x in self.sample_lengths], seed)
         # the random order is accelerate's SeedableRandomSampler: also a function of seed and epoch alone
-        return super()._get_train_sampler(train_dataset)
+        return super().train_sampler(train_dataset)
 
     # ---------------------------------------------------------------- distributed
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
-        from accelerate.state import PartialState
         from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
         # accelerate turns FSDP on only for accelerator devices: with CPU processes it silently wraps the model
@@ -156,8 +160,7 @@ class QilinTrainer(SFTTrainer):
         # is put into FSDP mode here; on GPUs accelerate does this itself and this branch never runs.
         state = self.accelerator.state
         if self.args.fsdp_plugin_args is not None and state.distributed_type == DistributedType.MULTI_CPU:
-            # both shared states, as accelerate does: a later AcceleratorState() copies the partial one over
-            state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            private_api.mark_fsdp(state)  # both shared states, as accelerate does
             state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
             if state.mixed_precision != "no":  # bf16 compute through FSDP's own policy, as accelerate sets it
                 state.fsdp_plugin.set_mixed_precision(state.mixed_precision)
@@ -204,34 +207,27 @@ class QilinTrainer(SFTTrainer):
         """Install one forward that answers trl's `fused_lm_head=True` calls: trl's fused head with or without the
         metric outputs (`lean`: without, for micro-batches that do not log), or the plain head on the CPU. It is
         installed before accelerate prepares the model, so accelerate's autocast wrapper still wraps it."""
-        import functools
-        import types
-
-        from trl.trainer.utils import add_fused_lm_head
-
         if self.compute_loss_func is not None or self.label_smoother is not None or self.aux_loss_enabled \
                 or self.args.loss_type != "nll":
             return  # paths where trl needs the logits or extra outputs: keep its own compute_loss throughout
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         full = base.forward  # trl's: log-probabilities, entropy, top-1
-        if lean:
-            add_fused_lm_head(base, outputs=("log_probs",))
-        trimmed, flag = base.forward, [False]
+        trimmed = private_api.fused_lm_head(base, outputs=("log_probs",)) if lean else full
+        flag = [False]
         plain = plain_head_ok(base)
 
-        @functools.wraps(type(base).forward)  # generate() checks its kwargs against this signature
         def forward(_self, *args, **kwargs):
             if plain and kwargs.get("fused_lm_head") and plain_head_for(base.get_output_embeddings().weight.device):
                 return supervised_head(base, *args, metrics=not flag[0], **kwargs)
             return (trimmed if flag[0] else full)(*args, **kwargs)
 
-        base.forward = types.MethodType(forward, base)
+        private_api.replace_forward(base, forward)
         if lean:
             self._lean_now = flag
 
     def _logs_now(self) -> bool:
         """Will the optimizer step this micro-batch belongs to write a log? (The Trainer's own rule.)"""
-        from transformers.trainer_utils import IntervalStrategy
+        from transformers import IntervalStrategy
 
         if self.args.logging_strategy != IntervalStrategy.STEPS:
             return True  # epoch logging: no way to know the last step in advance; keep every metric
@@ -287,17 +283,10 @@ class QilinTrainer(SFTTrainer):
         # the Trainer calls model.train() first thing; when every module already trains (all steps but the
         # first and those after an evaluation) that call is a no-op walk, so it is made one for this step
         skip = all(m.training for m in self._walk[1])
-        if skip:
-            real = type(model).train
-            model.train = lambda mode=True: model if mode else real(model, mode)
-        try:
+        with private_api.train_mode_kept(model) if skip else contextlib.nullcontext():
             loss = super().training_step(model, inputs, num_items_in_batch)
-        finally:
-            if skip:
-                del model.train
         if self._nan_filter:  # the Trainer's filter: a NaN/inf loss counts as the mean since the last log
-            fallback = self._tr_loss / (1 + self.state.global_step - self._globalstep_last_logged)
-            loss = torch.where(torch.isfinite(loss), loss, fallback)
+            loss = torch.where(torch.isfinite(loss), loss, private_api.logged_loss_fallback(self))
         return loss
 
     def floating_point_ops(self, inputs):
@@ -308,16 +297,14 @@ class QilinTrainer(SFTTrainer):
 
     def log(self, logs, start_time=None):
         if self._pending_tokens is not None and self.model.training:
-            total = self.accelerator.gather_for_metrics(self._pending_tokens).sum().item()
-            self._total_train_tokens += total // self._tp_size
-            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            private_api.add_train_tokens(self, self.accelerator.gather_for_metrics(self._pending_tokens).sum().item())
             self._pending_tokens = None
         return super().log(logs, start_time)
 
     # ---------------------------------------------------------------- saving
-    def _save(self, output_dir=None, state_dict=None):
+    def save_weights(self, output_dir=None, state_dict=None):
         if not self.align_only:
-            return super()._save(output_dir, state_dict)
+            return super().save_weights(output_dir, state_dict)
         if not self.args.should_save:
             return
         output_dir = output_dir or self.args.output_dir
@@ -327,23 +314,15 @@ class QilinTrainer(SFTTrainer):
         else:  # FSDP / ZeRO-3: the trainer gathered the full state dict on every process for this call
             save_projector_state(projector_from_state_dict(state_dict), Path(output_dir) / PROJECTOR_FILE)
 
-    def _save_optimizer_and_scheduler(self, output_dir):
-        if not (self.align_only and self.is_fsdp_enabled):
-            return super()._save_optimizer_and_scheduler(output_dir)
+    def save_training_state(self, output_dir, model_too: bool = True):
         # under FSDP the trainer would also write the whole frozen model (pytorch_model_fsdp.bin, 26 GB at 13B)
         # into every align checkpoint; the projector is already there, so that one write is skipped
-        import transformers.trainer as hf_trainer
+        model_too = model_too and not (self.align_only and self.is_fsdp_enabled)
+        return super().save_training_state(output_dir, model_too=model_too)
 
-        real = hf_trainer.save_fsdp_model
-        hf_trainer.save_fsdp_model = lambda *args, **kwargs: None
-        try:
-            return super()._save_optimizer_and_scheduler(output_dir)
-        finally:
-            hf_trainer.save_fsdp_model = real
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+    def load_weights(self, resume_from_checkpoint, model=None):
         if not self.align_only:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return super().load_weights(resume_from_checkpoint, model)
         load_projector(model or self.model, Path(resume_from_checkpoint) / PROJECTOR_FILE)
 
 
