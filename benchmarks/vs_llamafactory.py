@@ -2,13 +2,14 @@
 fine-tune, align, LoRA, QLoRA) of the same small Llava on the same records, each tool from its own command line,
 rounds interleaved, and where each tool's step spends its time.
 
-In:  LLaMA-Factory in its own environment (`--lf-python`; it is not a qilin-lite dependency), synth.py's small Llava
-     480 ChiMed-VL-shaped single-turn records (tune) and the first 96 of as many captions and contexts (align).
+In:  LLaMA-Factory in its own environment (`--lf-python`; it is not a qilin-lite dependency), harness/synth.py's
+     small Llava, 480 ChiMed-VL-shaped single-turn records (tune) and the first 96 of as many captions and contexts
+     (align).
 Out: per round and run, the Trainer's own `train_samples_per_second` and `train_loss` (both tools run transformers'
      Trainer, so the same clock: the training loop, setup excluded), the trainable parameter count each tool
-     reports, a step profile (probe_site/sitecustomize.py: data wait, forward + loss, backward, optimizer, the rest,
-     median seconds per step, the same code timing both tools), the medians and the per-round ratios; JSON in
-     `OUT/results.json`.
+     reports, a step profile (harness/probe_site/sitecustomize.py: data wait, forward + loss, backward, optimizer,
+     the rest, median seconds per step, the same code timing both tools), the medians and the per-round ratios;
+     JSON in `OUT/results.json` and benchmarks/results/vs_llamafactory.json (not with `--no-write`).
 
 Same work on both sides: the model directory, records and images; the vision tower frozen; LLaVA's vicuna_v1
 prompt (LLaMA-Factory's `llava` template) with only the replies and their `</s>` supervised (34 of 142-143 positions
@@ -61,7 +62,7 @@ def runs_of(mode: str) -> tuple[str, ...]:
 def prepare(out: Path, n: int, n_align: int) -> dict:
     """The base (cached), the records in qilin-lite's and LLaMA-Factory's layouts, the torchaudio stub."""
     sys.path.insert(0, str(ROOT))
-    from benchmarks.synth import ModelSize, build_base, write_records
+    from benchmarks.harness.synth import ModelSize, build_base, write_records
     from qilin_lite.model import load_tokenizer
 
     base = build_base(Path.home() / ".cache" / "qilin-lite" / "bench-base", ModelSize())
@@ -154,7 +155,7 @@ def run(name: str, p: dict, out: Path, lf_python: str) -> dict:
     probe.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "QL_PROBE": str(probe),
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks" / "probe_site"),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks" / "harness" / "probe_site"),
                                           *([str(p["stub"])] if side == "lf" else [])])}
     if side == "lf":
         cmd = [str(Path(lf_python).with_name("llamafactory-cli")), "train",
@@ -220,6 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--out", type=Path, default=Path("/tmp/vs-llamafactory"))
     ap.add_argument("--table", type=Path, help="only print the tables of a results.json this script wrote")
+    ap.add_argument("--no-write", action="store_true",
+                    help="keep the JSON in OUT only: leave benchmarks/results/vs_llamafactory.json alone")
     args = ap.parse_args(argv)
     if args.table:
         saved = json.loads(args.table.read_text(encoding="utf-8"))
@@ -239,6 +242,11 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n".join(lines))
     result = {"rounds": rounds, **summary, "table": lines}
     (args.out / "results.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    if not args.no_write:
+        from benchmarks.harness import RESULTS
+
+        (RESULTS / "vs_llamafactory.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+        print(f"wrote {RESULTS / 'vs_llamafactory.json'}")
     return result
 
 

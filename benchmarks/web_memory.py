@@ -1,7 +1,7 @@
 """The web server's worst-case memory: a live `qilin-lite web`, the most expensive requests it accepts, its peak RSS.
 
-    python benchmarks/web_memory.py                 # the benchmarks' small Llava (synth.py); ~3-5 min on 2 cores
-    python benchmarks/web_memory.py --model RUN     # any directory `web` accepts
+    python benchmarks/web_memory.py               # the benchmarks' small Llava (harness/synth.py); ~3-5 min, 2 cores
+    python benchmarks/web_memory.py --model RUN   # any directory `web` accepts
 
 What is sent (to 127.0.0.1, as hostile clients would, with the server's own limits as the only defence):
 1. four clients at once, each with the largest body an upload may have (64 MB of files as base64): undecodable
@@ -99,7 +99,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="qilin-webmem-"))
     model = args.model
     if model is None:
-        from benchmarks.synth import ModelSize, build_base
+        from benchmarks.harness.synth import ModelSize, build_base
 
         model = str(build_base(Path.home() / ".cache" / "qilin-lite" / "bench-base", ModelSize()))
     server, port = start(model, work / "server.log")

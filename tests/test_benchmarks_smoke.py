@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks/`
 
-from benchmarks import lengths as L  # noqa: E402
+from benchmarks.harness import lengths as L  # noqa: E402
 
 
 def test_length_fit_matches_published_quartiles():
@@ -43,34 +43,34 @@ def test_length_grouping_pads_less_than_random_order(stage):
 
 
 def test_quick_mode_parses_to_a_small_plan():
-    from benchmarks import run
+    from benchmarks import vs_trl
 
-    args = run.parse_args(["--quick", "--skip", "speed", "memory", "--no-write"])
-    plan = run.plan_for(args)
+    args = vs_trl.parse_args(["--quick", "--skip", "speed", "memory", "--no-write"])
+    plan = vs_trl.plan_for(args)
     assert args.quick and args.no_write and set(args.skip) == {"speed", "memory"}
     assert plan.rounds == 1 and not plan.profile
-    assert plan.fraction_samples < run.FULL.fraction_samples
-    assert run.plan_for(run.parse_args(["--rounds", "5"])).rounds == 5
+    assert plan.fraction_samples < vs_trl.FULL.fraction_samples
+    assert vs_trl.plan_for(vs_trl.parse_args(["--rounds", "5"])).rounds == 5
     with pytest.raises(SystemExit):
-        run.parse_args(["--rounds", "0"])
+        vs_trl.parse_args(["--rounds", "0"])
 
 
 def test_readme_section_replaces_only_its_own_part(tmp_path):
-    from benchmarks import run
+    from benchmarks import vs_trl
 
     readme = tmp_path / "README.md"
     readme.write_text("# Benchmarks\n\n## Memory planner\nkeep me\n", encoding="utf-8")
-    run.write_readme(f"{run.README_START}\nfirst\n{run.README_END}", readme)
-    run.write_readme(f"{run.README_START}\nsecond\n{run.README_END}", readme)
+    vs_trl.write_readme(f"{vs_trl.README_START}\nfirst\n{vs_trl.README_END}", readme)
+    vs_trl.write_readme(f"{vs_trl.README_START}\nsecond\n{vs_trl.README_END}", readme)
     text = readme.read_text(encoding="utf-8")
     assert "keep me" in text and "second" in text and "first" not in text
-    assert text.count(run.README_START) == 1
+    assert text.count(vs_trl.README_START) == 1
 
 
 def test_fraction_part_of_the_benchmark_runs_on_the_quick_plan():
-    from benchmarks import run
+    from benchmarks import vs_trl
 
-    out = run.part_fraction(run.QUICK, echo=lambda *a: None)
+    out = vs_trl.part_fraction(vs_trl.QUICK, echo=lambda *a: None)
     assert {r["stage"] for r in out["rows"]} == {"align", "tune"}
     for r in out["rows"]:
         assert r["random"] < r["grouped"] <= 1 and r["random"] < r["packed"] <= 1
@@ -79,11 +79,11 @@ def test_fraction_part_of_the_benchmark_runs_on_the_quick_plan():
 
 @pytest.mark.slow
 def test_gpu_benchmark_runs_at_toy_sizes():
-    """benchmarks/gpu.py is written for one GPU; at toy sizes the same code (qilin-lite's loading, QLoRA / LoRA
-    configuration, the fused-head step, the planner) runs here, so it is ready when a GPU is."""
-    from benchmarks import gpu
+    """benchmarks/gpu/qlora_lora_steps.py is written for one GPU; at toy sizes the same code (qilin-lite's loading,
+    QLoRA / LoRA configuration, the fused-head step, the planner) runs here, so it is ready when a GPU is."""
+    from benchmarks.gpu import qlora_lora_steps
 
-    rows = gpu.main(["--toy", "--steps", "1", "--attn", "sdpa"])
+    rows = qlora_lora_steps.main(["--toy", "--steps", "1", "--attn", "sdpa"])
     assert [(r["mode"], r["attn"]) for r in rows] == [("qlora", "sdpa"), ("lora", "sdpa")]
     for r in rows:
         assert "error" not in r, r
@@ -96,9 +96,9 @@ def test_gpu_benchmark_runs_at_toy_sizes():
 
 @pytest.mark.slow
 def test_overhead_benchmark_splits_a_step(capsys):
-    from benchmarks import overhead
+    from benchmarks import trainer_vs_bare_loop
 
-    r = overhead.main(["--quick"])
+    r = trainer_vs_bare_loop.main(["--quick"])
     assert set(r["runs"]) == {"lean", "trl", "trainer"}
     for name in ("lean", "trl", "trainer"):
         x = r["runs"][name]
@@ -109,18 +109,28 @@ def test_overhead_benchmark_splits_a_step(capsys):
 
 
 def test_host_cost_benchmark_builds_the_recipe_models_on_meta(capsys):
-    """benchmarks/host_cost.py times the Trainer's per-micro-batch module walks against ours on models configured
-    as the recipes configure them; at toy sizes it checks that LoRA multiplies the modules walked and that the
+    """benchmarks/host_work_vs_trainer.py times the Trainer's per-micro-batch module walks against ours on models
+    configured as the recipes configure them; at toy sizes it checks that LoRA multiplies the modules walked and that the
     per-step figure scales with each recipe's accumulation."""
-    from benchmarks import host_cost
+    from benchmarks import host_work_vs_trainer
 
-    rows = {r["mode"]: r for r in host_cost.main(["--toy"])}
+    rows = {r["mode"]: r for r in host_work_vs_trainer.main(["--toy"])}
     assert rows["lora"]["modules"] == rows["qlora"]["modules"] > 2 * rows["full"]["modules"]
     for r in rows.values():
         per = r["per_micro_batch_ms"]
-        assert r["per_step_ms"]["trainer"] == per["trainer"] * host_cost.RECIPE_MICRO_BATCHES[r["mode"]]
+        assert r["per_step_ms"]["trainer"] == per["trainer"] * host_work_vs_trainer.RECIPE_MICRO_BATCHES[r["mode"]]
         assert set(r["trainer_ms"]) == set(r["ours_ms"]) == {"model.train()", "floating_point_ops"}
     assert "| qlora |" in capsys.readouterr().out
+
+
+def test_published_results_live_apart_from_the_code():
+    """Each measurement publishes its JSON in benchmarks/results/, named after the module that wrote it."""
+    from benchmarks.harness import RESULTS
+
+    bench = RESULTS.parent
+    assert [p for p in bench.rglob("*.json") if p.parent != RESULTS] == []
+    published = sorted(RESULTS.glob("*.json"))
+    assert published and all((bench / f"{p.stem}.py").is_file() for p in published), published
 
 
 @pytest.mark.slow

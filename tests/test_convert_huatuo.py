@@ -362,7 +362,7 @@ def test_llama_cpp_sends_the_exported_model_the_ids_their_cli_builds(case, n, co
     import numpy as np
     from transformers import LlavaForConditionalGeneration
 
-    from benchmarks.gguf_cpu import LlamaCppLlava
+    from benchmarks.harness.llama_cpp import LlamaCppLlava
     from qilin_lite.serve.image_file import prepare_image
     from qilin_lite.model import load_image_processor, token_layout
     from qilin_lite.processing import ImageLoader

@@ -251,7 +251,7 @@ def exported(demo_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def heldout_images(demo_run, tmp_path_factory):
-    from benchmarks.gguf_cpu import padded_images
+    from benchmarks.gguf_vs_chat import padded_images
 
     out, _ = demo_run
     heldout = json.loads((out / "data" / "heldout.json").read_text(encoding="utf-8"))
@@ -285,7 +285,7 @@ def test_files_describe_the_run(exported):
     q8 = exported["q8_0"].model.stat().st_size
     assert q8 < 0.75 * ex.model.stat().st_size  # llama.cpp's quantizer ran
     # the size estimate the README's 13B figures come from, against the files llama.cpp wrote
-    from benchmarks.gguf_cpu import expected_bytes
+    from benchmarks.gguf_vs_chat import expected_bytes
 
     vocab = len(llm.fields["tokenizer.ggml.tokens"].contents())
     hidden, ff, layers = (field(llm, f"llama.{k}") for k in ("embedding_length", "feed_forward_length", "block_count"))
@@ -302,7 +302,7 @@ def test_image_features_equal_the_trained_model(exported, demo_run, heldout_imag
     import llama_cpp.mtmd_cpp as mtmd
     import torch
 
-    from benchmarks.gguf_cpu import LlamaCppLlava
+    from benchmarks.harness.llama_cpp import LlamaCppLlava
     from qilin_lite.serve.generate import load_generator
 
     heldout, images = heldout_images
@@ -337,7 +337,8 @@ def test_image_features_equal_the_trained_model(exported, demo_run, heldout_imag
 def test_llama_cpp_answers_as_chat_does(exported, demo_run, heldout_images):
     """Every held-out question: the prompt ids llama.cpp builds from the exported template equal chat's; the f16
     export's greedy answers equal chat's for >= 95% of them; q8_0 keeps the demo's accuracy at >= 0.9."""
-    from benchmarks.gguf_cpu import LlamaCppLlava, chat_answers, names_only, question
+    from benchmarks.gguf_vs_chat import chat_answers, names_only, question
+    from benchmarks.harness.llama_cpp import LlamaCppLlava
     from qilin_lite.serve.generate import load_generator
 
     heldout, images = heldout_images

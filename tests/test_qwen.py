@@ -88,7 +88,8 @@ def qwen_export(qwen_demo, tmp_path_factory):
 def test_llama_cpp_answers_the_exported_qwen_run_as_chat_does(qwen_demo, qwen_export, tmp_path):
     import gguf
 
-    from benchmarks.gguf_cpu import LlamaCppLlava, chat_answers, padded_images, question
+    from benchmarks.gguf_vs_chat import chat_answers, padded_images, question
+    from benchmarks.harness.llama_cpp import LlamaCppLlava
     from qilin_lite.serve.generate import load_generator
 
     out, _ = qwen_demo

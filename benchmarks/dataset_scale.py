@@ -1,8 +1,9 @@
 """ChiMed-VL scale: the time before the first step, the time of a restart, and memory per record across DataLoader
 workers, measured at two dataset sizes so the 500k and 1M figures follow from the per-record costs.
 
-    python benchmarks/scale.py                 # 10k and 100k records, ~10 min on 2 CPU cores; writes scale.json
-    python benchmarks/scale.py --sizes 2000    # a quick look
+    python benchmarks/dataset_scale.py                # 10k and 100k records, ~10 min on 2 CPU cores; writes
+                                                      # results/dataset_scale.json
+    python benchmarks/dataset_scale.py --sizes 2000   # a quick look
 
 Data: N distinct 224x192 JPEGs and N stage-2 records (Chinese question and answer of ChiMed-VL's median lengths),
 a tiny Llava whose LLM has a SentencePiece tokenizer (so the authors' encoding runs, as for LLaMA-2).
@@ -181,7 +182,9 @@ def main() -> None:
                   f"restart {b['restart_s'] + per['restart_s'] * (n - b['records']):.0f} s, "
                   f"process tree {(b['pss_index_bytes'] + per['pss_index_bytes'] * (n - b['records'])) / 2**30:.2f} GiB "
                   f"(list: {(b['pss_list_bytes'] + per['pss_list_bytes'] * (n - b['records'])) / 2**30:.2f} GiB)")
-        (Path(__file__).parent / "scale.json").write_text(json.dumps({"rows": rows, "per_record": per}, indent=1))
+        from benchmarks.harness import RESULTS
+
+        (RESULTS / "dataset_scale.json").write_text(json.dumps({"rows": rows, "per_record": per}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Per-step overhead: where a training step's time goes, for qilin-lite's trainer and against a bare loop.
 
-    python benchmarks/overhead.py [--steps 24] [--accumulation 8] [--workers 0] [--quick]
+    python benchmarks/trainer_vs_bare_loop.py [--steps 24] [--accumulation 8] [--workers 0] [--quick]
 
-One tiny Llava (LLM 256 x 2 layers, 64 image tokens), ChiMed-VL-shaped tune records (synth.py), full fine-tune,
+One tiny Llava (LLM 256 x 2 layers, 64 image tokens), ChiMed-VL-shaped tune records (harness/synth.py), full fine-tune,
 fp32, sdpa, 1 thread, no DataLoader workers by default, batch 1 x `accumulation` micro-batches per optimizer step
 (the shape of the QLoRA recipe: batch 1, 128 accumulated), logging every step as the paper recipes do.
 
@@ -18,7 +18,7 @@ Each trainer step is split into data wait (inside `get_batch_samples`), forward 
 (the rest of `training_step`), optimizer (`on_pre_optimizer_step` -> `on_optimizer_step`) and other (the rest:
 callbacks, logging, scheduler). Overhead = trainer step time / bare step time - 1; "data wait excluded" compares
 the work the bare loop also does (its batches are already in memory). On this model the module walks are small;
-`host_cost.py` measures them on the real 13B structure, where they are not.
+`host_work_vs_trainer.py` measures them on the real 13B structure, where they are not.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.speed import PARTS, Probe, instrumented  # noqa: E402
+from benchmarks.harness.probe import PARTS, Probe, instrumented  # noqa: E402
 
 
 def trainers_own(cls):
@@ -95,7 +95,7 @@ def bare_steps(model, batches: list[list[dict]], lr: float = 2e-5) -> list[float
 
 
 def main(argv=None) -> dict:
-    from benchmarks.synth import ModelSize, build_base, write_records
+    from benchmarks.harness.synth import ModelSize, build_base, write_records
     from qilin_lite.model import load_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=0,
                     help="DataLoader workers (default 0: with the recipes' 4 on 2 cores the workers take the training "
-                         "process's core; run.py measures the data wait with them)")
+                         "process's core; vs_trl.py measures the data wait with them)")
     ap.add_argument("--quick", action="store_true", help="2 steps, 1 round: the code path only")
     args = ap.parse_args(argv)
     if args.quick:

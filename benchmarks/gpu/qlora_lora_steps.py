@@ -2,9 +2,10 @@
 ViT-L/14-336, random weights) at the paper's 2048 text tokens, per attention kernel; planned memory against
 `torch.cuda.max_memory_allocated`, tokens/s and model FLOPs utilisation, in one table.
 
-    python benchmarks/gpu.py                   # on a CUDA GPU: 13B shapes, sdpa and flash_attention_2 if installed
-    python benchmarks/gpu.py --toy             # tiny shapes, any device (the test suite runs this on the CPU)
-    python benchmarks/gpu.py --modes qlora --attn sdpa --steps 2
+    python benchmarks/gpu/qlora_lora_steps.py          # on a CUDA GPU: 13B shapes, sdpa and flash_attention_2
+                                                       # if installed
+    python benchmarks/gpu/qlora_lora_steps.py --toy    # tiny shapes, any device (the test suite runs this on the CPU)
+    python benchmarks/gpu/qlora_lora_steps.py --modes qlora --attn sdpa --steps 2
 
 Each (mode, attention) runs in a fresh process: the model is written once with random weights (bf16 safetensors)
 and loaded through qilin-lite's own `load_llava` (NF4 for QLoRA), configured by `stages.configure` with the shipped
@@ -34,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 LLAMA2_13B = {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40,
@@ -48,7 +49,7 @@ TOY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2
               "image_size": 56, "patch_size": 14, "projection_dim": 32, "hidden_act": "quick_gelu"}
 
 
-# LLaMA-shaped decoders of other sizes, for checking the planner's estimate across sizes (scripts/gpu-check.sh):
+# LLaMA-shaped decoders of other sizes, for checking the planner's estimate across sizes (check.py):
 # OpenLLaMA-3B's and TinyLlama-1.1B's shapes, beside CLIP-L/336
 LLAMA_3B = {"hidden_size": 3200, "intermediate_size": 8640, "num_hidden_layers": 26, "num_attention_heads": 32,
             "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6}

@@ -1,7 +1,8 @@
 """The opt-in differences from the authors' settings, each measured against the authors' settings on the same data.
 
-    python benchmarks/deviations.py            # ~6 min on 2 CPU cores; prints a table, writes deviations.json
-    python benchmarks/deviations.py --quick    # ~1 min, toy sizes (numbers not meaningful)
+    python benchmarks/deviations_vs_authors.py           # ~6 min on 2 CPU cores; prints a table, writes
+                                                         # results/deviations_vs_authors.json
+    python benchmarks/deviations_vs_authors.py --quick   # ~1 min, toy sizes (numbers not meaningful)
 
 One tiny Llava (the demo's stand-in: tiny CLIP + LLaMA with a SentencePiece tokenizer, so the authors' encoding is
 the one used), one align run, then stage 2 `--full` from it, same seed and records each time:
@@ -109,7 +110,9 @@ def main() -> None:
         print(f"{name:22s} {len(cur):5d} {row['first_quarter']:15.4f} {row['last_quarter']:16.4f} "
               f"{row['final_loss']:11.4f} {row['eval_loss']:14.4f}")
     if not args.quick:
-        out = Path(__file__).parent / "deviations.json"
+        from benchmarks.harness import RESULTS
+
+        out = RESULTS / "deviations_vs_authors.json"
         out.write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "losses"} for k, v in rows.items()},
                                   indent=1))
 

@@ -1,7 +1,7 @@
 """Host (CPU) work the Trainer does on every micro-batch, on the paper's real model structure, against qilin-lite's.
 
-    python benchmarks/host_cost.py            # LLaMA-2 13B + CLIP ViT-L/14-336, built on the meta device (no memory)
-    python benchmarks/host_cost.py --toy      # the tests' tiny shapes (the code path only)
+    python benchmarks/host_work_vs_trainer.py         # LLaMA-2 13B + CLIP ViT-L/14-336 on the meta device (no memory)
+    python benchmarks/host_work_vs_trainer.py --toy   # the tests' tiny shapes (the code path only)
 
 On every micro-batch `Trainer.training_step` calls `model.train()`, a walk over every module, and the loop adds
 `Trainer.floating_point_ops(inputs)`, which counts the model's parameters again: a walk over every parameter. Both

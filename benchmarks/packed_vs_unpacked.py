@@ -1,8 +1,8 @@
 """`--packing` against unpacked batches, per attention implementation: is the automatic choice ever slower?
 
-    python benchmarks/packing.py [--records 480] [--rounds 3] [--attn sdpa eager] [--quick]
+    python benchmarks/packed_vs_unpacked.py [--records 480] [--rounds 3] [--attn sdpa eager] [--quick]
 
-One tiny Llava (LLM 256 x 2 layers, 64 image tokens), ChiMed-VL-shaped tune records (synth.py), full fine-tune,
+One tiny Llava (LLM 256 x 2 layers, 64 image tokens), ChiMed-VL-shaped tune records (harness/synth.py), full fine-tune,
 fp32, 1 thread, no workers, batch 8, one epoch; for each attention implementation the CPU has (sdpa, eager) and each
 order (length-grouped, the default; random): unpacked, packed as the automatic choice decides (`data.packing: true`),
 packed into rows of max_length whatever the estimate (`data.packing_row_length`), and the same rows with the batch
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def run_one(base: Path, data: dict, out: Path, *, attn: str, grouped: bool, layout: str, max_length: int,
             batch: int, token_batch: int = 1, dtype: str = "float32") -> dict:
     import qilin_lite.train.stage as train_mod
-    from benchmarks.speed import Probe, instrumented
+    from benchmarks.harness.probe import Probe, instrumented
     from qilin_lite.config import REPO_RECIPES, load_recipe
 
     sets = ["train.deepspeed=", f"model.dtype={dtype}", f"model.attn={attn}",
@@ -68,7 +68,7 @@ def _last_logged(run: Path, key: str) -> float:
 
 
 def main(argv=None) -> dict:
-    from benchmarks.synth import ModelSize, build_base, write_records
+    from benchmarks.harness.synth import ModelSize, build_base, write_records
     from qilin_lite.model import load_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,7 +1,7 @@
 """Peak memory of align, tune --lora, tune --qlora and tune --full on one model, each in its own process.
 
-In (child):  `python -m benchmarks.memory MODE BASE DATA IMAGES OUT` trains a few steps with the real `train_stage`
-             and the shipped paper recipe of MODE, CPU-sized.
+In (child):  `python -m benchmarks.memory_by_mode MODE BASE DATA IMAGES OUT` trains a few steps with the real
+             `train_stage` and the shipped paper recipe of MODE, CPU-sized.
 Out (child): one JSON line: the RSS after the imports (what every mode shares: Python, torch, transformers, trl,
              peft, bitsandbytes), the peak RSS while the model loads and the dataset is built, and the peak while the
              training steps run (Linux `VmHWM`, reset after the imports and again at `on_train_begin`).
@@ -126,7 +126,7 @@ def measure(base: Path, data: Path, images: Path, out: Path, hidden: int, steps:
     results = {}
     for mode in modes:
         shutil.rmtree(Path(out) / mode, ignore_errors=True)  # scratch output of an earlier benchmark run
-        cmd = [sys.executable, "-m", "benchmarks.memory", mode, str(base), str(data), str(images),
+        cmd = [sys.executable, "-m", "benchmarks.memory_by_mode", mode, str(base), str(data), str(images),
                str(Path(out) / mode), str(hidden), str(steps), str(batch)]
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo)
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]

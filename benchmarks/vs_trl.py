@@ -1,15 +1,17 @@
 """qilin-lite's training path against the stock trl path, measured in one run.
 
-    python benchmarks/run.py            # full: ~15-25 min on 2 CPU cores; writes results.json and README.md's table
-    python benchmarks/run.py --quick    # minutes: tiny sizes, one round, same code path (numbers are not meaningful)
+    python benchmarks/vs_trl.py           # full: ~15-25 min on 2 CPU cores; writes results/vs_trl.json, README's table
+    python benchmarks/vs_trl.py --quick   # minutes: tiny sizes, one round, same code path (numbers are not meaningful)
 
 1. real-token fraction (non-padding / all tokens) of the batches, for the real model (576 image tokens, max 2048,
    the paper's per-GPU batches 32 and 16) on ChiMed-VL-shaped lengths: stock random order vs ours (length-grouped)
-   vs ours with --packing. Computed from lengths and the samplers; no model needed (lengths.py).
-2. training samples/s, ours / stock, on a small Llava built from config (synth.py), same data and settings,
-   runs interleaved (ours, stock, ours, stock, ...) and the median of the per-round ratios reported (speed.py).
-3. the fraction of the training loop spent waiting for data, with the recipes' DataLoader workers (speed.py).
-4. peak memory of align, tune --lora, --qlora, --full on one model, as ratios to --full (memory.py).
+   vs ours with --packing. Computed from lengths and the samplers; no model needed (harness/lengths.py).
+2. training samples/s, ours / stock, on a small Llava built from config (harness/synth.py), same data and settings,
+   runs interleaved (ours, stock, ours, stock, ...) and the median of the per-round ratios reported
+   (vs_trl_throughput.py).
+3. the fraction of the training loop spent waiting for data, with the recipes' DataLoader workers
+   (vs_trl_throughput.py).
+4. peak memory of align, tune --lora, --qlora, --full on one model, as ratios to --full (memory_by_mode.py).
 
 Goals missed are printed as MISSED with the numbers; nothing is tuned to pass.
 """
@@ -28,8 +30,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python benchmarks/run.py`: make `benchmarks` importable as a package
+if __package__ in (None, ""):  # `python benchmarks/vs_trl.py`: make `benchmarks` importable as a package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import RESULTS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 GOALS = {
@@ -38,7 +42,7 @@ GOALS = {
     "speedup": {"align": 1.6, "tune": 1.15},  # ours length-grouped / stock in its default random order
     "grouped_speedup": 1.10,  # ours / stock, both length-grouped on the same batches (issue #13's target)
 }
-# the two sampling orders both sides run in, and where each one's results are kept in results.json["speed"]
+# the two sampling orders both sides run in, and where each one's results are kept in results/vs_trl.json["speed"]
 ORDERS = (("random", "stages"), ("grouped", "grouped"))
 README_HEADING = "## Training path: ours vs stock trl"
 README_START, README_END = "<!-- training-path:start -->", "<!-- training-path:end -->"
@@ -53,7 +57,7 @@ class Plan:
     speed_batch: dict  # stage -> per-device batch of the timed runs
     rounds: int
     warmup: bool
-    speed_model: dict  # synth.ModelSize fields
+    speed_model: dict  # harness.synth.ModelSize fields
     memory_model: dict
     memory_steps: int
     profile: bool  # cProfile ours where a speed goal is missed
@@ -94,7 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch threads for both sides (default 1: on a shared 2-core machine two threads spin-wait\n"
                         "whenever another process holds a core, and steps swing 20x)")
     p.add_argument("--skip", nargs="*", default=[], choices=["fraction", "speed", "memory"], help="parts to leave out")
-    p.add_argument("--no-write", action="store_true", help="print only: leave results.json and README.md alone")
+    p.add_argument("--no-write", action="store_true", help="print only: leave results/vs_trl.json and README.md alone")
     args = p.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         p.error("--rounds must be at least 1")
@@ -142,7 +146,7 @@ def verdict(ok: bool) -> str:
 
 
 def part_fraction(plan: Plan, echo) -> dict:
-    from benchmarks import lengths as L
+    from benchmarks.harness import lengths as L
 
     echo("\n== 1. Real-token fraction, real model (576 image tokens, max 2048), ChiMed-VL-shaped lengths ==")
     rng_check = {}
@@ -190,8 +194,8 @@ def part_fraction(plan: Plan, echo) -> dict:
 def part_speed(plan: Plan, work: Path, echo) -> dict:
     from qilin_lite.model import load_tokenizer_and_processor
 
-    from benchmarks import speed
-    from benchmarks.synth import ModelSize, build_base, write_records
+    from benchmarks import vs_trl_throughput as speed
+    from benchmarks.harness.synth import ModelSize, build_base, write_records
 
     echo("\n== 2-3. Training throughput and data wait: ours (train_stage) vs stock (SFTTrainer + trl VLM collator) ==")
     size = ModelSize(**plan.speed_model)
@@ -302,7 +306,7 @@ def compare(ours: list[dict], stock: list[dict]) -> dict:
     ratios = [o["samples_per_s"] / s["samples_per_s"] for o, s in zip(ours, stock)]
     cpu_ratios = [o["samples_per_cpu_s"] / s["samples_per_cpu_s"] for o, s in zip(ours, stock)]
     med = lambda key, xs: statistics.median(x[key] for x in xs)  # noqa: E731
-    from benchmarks.speed import PARTS
+    from benchmarks.harness.probe import PARTS
 
     return {
         "ratio_median": statistics.median(ratios), "ratios": ratios,
@@ -350,8 +354,8 @@ def _subsets(data: dict, counts: dict) -> dict:
 def part_memory(plan: Plan, work: Path, echo) -> dict:
     from qilin_lite.model import load_tokenizer_and_processor
 
-    from benchmarks import memory
-    from benchmarks.synth import ModelSize, build_base, write_records
+    from benchmarks import memory_by_mode as memory
+    from benchmarks.harness.synth import ModelSize, build_base, write_records
 
     echo("\n== 4. Peak memory by mode (each mode in its own process; RSS, weights not memory-mapped) ==")
     size = ModelSize(**plan.memory_model)
@@ -406,7 +410,7 @@ def readme_section(results: dict) -> str:
         f"transformers {m['transformers']}, trl {m['trl']}, {results['threads']} torch thread(s); load average "
         f"{m['loadavg_start']} at the start, {m['loadavg_end']} at the end (the cores are shared with other work, so "
         f"timings are noisy: sides are interleaved and medians reported). Run time {results['seconds'] // 60} min. "
-        "All numbers: `benchmarks/results.json`.",
+        "All numbers: `benchmarks/results/vs_trl.json`.",
         "",
     ]
     if "fraction" in results:
@@ -459,7 +463,7 @@ def readme_section(results: dict) -> str:
                   "optimizer = the optimizer step, other = clipping, callbacks, logging, scheduler):", "",
                   "| stage | order | side | data wait | forward + loss | backward | optimizer | other | step |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        from benchmarks.speed import PARTS
+        from benchmarks.harness.probe import PARTS
 
         for order, key in ORDERS:
             for st, r in sp.get(key, {}).items():
@@ -501,7 +505,7 @@ def write_readme(section: str, path: Path = HERE / "README.md") -> None:
         tail = rest.split(README_END, 1)[1]
         text = head + section + tail
     else:
-        text = text.rstrip("\n") + f"\n\n{README_HEADING}\n\n`python benchmarks/run.py`\n\n" + section + "\n"
+        text = text.rstrip("\n") + f"\n\n{README_HEADING}\n\n`python benchmarks/vs_trl.py`\n\n" + section + "\n"
     path.write_text(text, encoding="utf-8")
 
 
@@ -536,14 +540,15 @@ def main(argv=None) -> dict:
         echo(f"\nCAVEAT {c}")
     missed = [g["goal"] for part in ("fraction", "speed") for g in results.get(part, {}).get("goals", []) if not g["met"]]
     if args.quick:  # toy sizes: nothing is compute-bound, so the ratios say nothing about the goals
-        echo("\n--quick: the code path ran; goals are judged only by the full run (python benchmarks/run.py)")
+        echo("\n--quick: the code path ran; goals are judged only by the full run (python benchmarks/vs_trl.py)")
     else:
         echo(f"\n{len(missed)} goal(s) MISSED" + "".join(f"\n  MISSED {g}" for g in missed) if missed else "\nall goals met")
     echo(f"({results['seconds']} s)")
     if not args.no_write and not args.quick:
-        (HERE / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "vs_trl.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         write_readme(readme_section(results))
-        echo(f"wrote {HERE / 'results.json'} and the table in {HERE / 'README.md'}")
+        echo(f"wrote {RESULTS / 'vs_trl.json'} and the table in {HERE / 'README.md'}")
     return results
 
 

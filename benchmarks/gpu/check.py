@@ -1,8 +1,8 @@
-"""One command that validates a lent GPU (scripts/gpu-check.sh runs this): does qilin-lite do on it what the CPU tests
-say it would?
+"""One command that validates a lent GPU (check.sh beside it runs this; `bash scripts/gpu-check.sh` is the entry
+point): does qilin-lite do on it what the CPU tests say it would?
 
     bash scripts/gpu-check.sh                                   # on the GPU machine; results in $OUT or gpu-check-out/
-    python -m benchmarks.gpu_check --toy --demo-dir D --out O   # toy sizes on any device (the test suite)
+    python -m benchmarks.gpu.check --toy --demo-dir D --out O   # toy sizes on any device (the test suite)
 
 Checks, in order, each recorded as ok / failed / skipped with what it measured:
 1. environment: torch, the CUDA device, bf16, flash-attn, bitsandbytes;
@@ -10,10 +10,11 @@ Checks, in order, each recorded as ok / failed / skipped with what it measured:
 3. placement, for real: chat (ChatSession), eval (model_generate) and web (WebApp) load the demo's tuned model
    through the one loader and answer; where the weights and the inputs went, their dtype and the attention kernel,
    against what device.placement() promises for this machine (tests/test_placement.py checks the same on a fake);
-4. training: benchmarks/gpu.py's QLoRA (bitsandbytes' CUDA kernels) and LoRA steps at the paper's 13B shapes;
+4. training: qlora_lora_steps.py's QLoRA (bitsandbytes' CUDA kernels) and LoRA steps at the paper's 13B shapes;
 5. planner: `qilin-lite plan`'s estimate against torch.cuda.max_memory_allocated for QLoRA at 1B, 3B and 13B.
-6. packing: benchmarks/packing.py in random order on a 2048-wide, 8-layer LLM in bf16: unpacked, `--packing` as
-   shipped, rows of 2048 (per-sample sdpa, and flash-attention 2's varlen kernel where installed), samples/s ratios.
+6. packing: benchmarks/packed_vs_unpacked.py in random order on a 2048-wide, 8-layer LLM in bf16: unpacked,
+   `--packing` as shipped, rows of 2048 (per-sample sdpa, and flash-attention 2's varlen kernel where installed),
+   samples/s ratios.
 Writes gpu-check.json (everything) and gpu-check.md (the tables for the README). A time budget (default 540 s of
 the 10 minutes a lent machine runs one command) skips what would not finish; the exit code is 1 if a check failed.
 """
@@ -27,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
@@ -130,27 +131,28 @@ def placement(run_dir: Path, data_dir: Path) -> dict:
 
 
 def training(sizes: list[str], modes: list[str], steps: int) -> list[dict]:
-    """benchmarks/gpu.py's rows (a fresh process per case), at each size."""
-    from benchmarks import gpu
+    """qlora_lora_steps.py's rows (a fresh process per case), at each size."""
+    from benchmarks.gpu import qlora_lora_steps as qlora_lora
 
     rows = []
     for size in sizes:
-        attn = gpu.available_attention()[-1:]  # flash-attention 2 where installed, else sdpa: what "auto" picks
-        rows += gpu.main(["--size", size, "--modes", *modes, "--steps", str(steps), "--attn", *attn])
+        attn = qlora_lora.available_attention()[-1:]  # flash-attention 2 where installed, else sdpa: what "auto" picks
+        rows += qlora_lora.main(["--size", size, "--modes", *modes, "--steps", str(steps), "--attn", *attn])
     return rows
 
 
 def packing_case(toy: bool) -> dict:
-    """benchmarks/packing.py on this GPU, random order (where padding is left to remove): unpacked, `--packing` as
-    shipped, rows of max_length, and those rows with the batch in tokens, for sdpa (packed rows: FlexAttention's
-    document mask) and flash-attention 2 where installed (its variable-length kernel). ok: every run trained,
-    packed rows never attended across samples (the attention they trained with), and `--packing` as shipped no
-    slower than unpacked beyond the run-to-run noise (0.9x)."""
-    from benchmarks import gpu, packing
+    """benchmarks/packed_vs_unpacked.py on this GPU, random order (where padding is left to remove): unpacked,
+    `--packing` as shipped, rows of max_length, and those rows with the batch in tokens, for sdpa (packed rows:
+    FlexAttention's document mask) and flash-attention 2 where installed (its variable-length kernel). ok: every
+    run trained, packed rows never attended across samples (the attention they trained with), and `--packing` as
+    shipped no slower than unpacked beyond the run-to-run noise (0.9x)."""
+    from benchmarks import packed_vs_unpacked as packing
+    from benchmarks.gpu import qlora_lora_steps as qlora_lora
 
     size = ["--records", "32", "--hidden", "64", "--layers", "1"] if toy else \
         ["--records", "480", "--hidden", "2048", "--layers", "8", "--dtype", "bfloat16"]
-    rows = packing.main(["--rounds", "1", "--orders", "random", "--attn", *gpu.available_attention(), *size])
+    rows = packing.main(["--rounds", "1", "--orders", "random", "--attn", *qlora_lora.available_attention(), *size])
     per_sample = {"flex_attention", "qilin_segments", "flash_attention_2"}
     ok = all(x["attention"] in per_sample for k, x in rows.items() if "packed-max" in k) and all(
         x["vs_unpacked"] >= 0.9 or toy for k, x in rows.items() if k.endswith("packed-auto"))
@@ -158,7 +160,7 @@ def packing_case(toy: bool) -> dict:
 
 
 def markdown(report: dict) -> str:
-    from benchmarks import gpu
+    from benchmarks.gpu import qlora_lora_steps as qlora_lora
 
     env = report["checks"].get("environment", {}).get("result", {})
     lines = [f"GPU check: {env.get('device', '?')}, torch {env.get('torch', '?')}, transformers "
@@ -169,10 +171,10 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {c['status']} | {_short(name, c)} |")
     rows = [r for name in ("training", "planner") for r in report["checks"].get(name, {}).get("result", []) or []]
     if rows:
-        lines += ["", gpu.table(rows, report["peak_tflops"])]
+        lines += ["", qlora_lora.table(rows, report["peak_tflops"])]
     packed = report["checks"].get("packing", {}).get("result")
     if packed:
-        lines += ["", "Packing (benchmarks/packing.py, random order):", "", packed["table"]]
+        lines += ["", "Packing (benchmarks/packed_vs_unpacked.py, random order):", "", packed["table"]]
     return "\n".join(lines) + "\n"
 
 
