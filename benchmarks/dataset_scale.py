@@ -68,7 +68,7 @@ def make_data(root: Path, n: int) -> tuple[Path, Path]:
 
 
 def tiny_base(root: Path) -> Path:
-    from qilin_lite.conversation import TEMPLATES
+    from qilin_lite.families import TEMPLATES
     from qilin_lite.demo.base import TinySpec, build_tiny_base, train_sentencepiece
     from qilin_lite.model import assemble_base
 
@@ -96,7 +96,8 @@ def measure(root: Path, n: int, base: Path) -> dict:
     from qilin_lite.data.records import read_records
     from qilin_lite.images.decode import load_image
     from qilin_lite.model import load_tokenizer_and_processor
-    from qilin_lite.processing import Collator, VisionTextDataset, as_hf_dataset
+    from qilin_lite.train.collator import Collator
+    from qilin_lite.train.dataset import VisionTextDataset, as_hf_dataset
     from qilin_lite.train.data import build_dataset
 
     data, images = make_data(root, n)

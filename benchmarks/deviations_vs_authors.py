@@ -65,7 +65,7 @@ def main() -> None:
     # the LLM's tokenizer as LLaMA ships it (SentencePiece), so the authors' encoding runs
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (llm / f).unlink(missing_ok=True)
-    from qilin_lite.conversation import TEMPLATES
+    from qilin_lite.families import TEMPLATES
     from qilin_lite.demo.base import chat_texts
 
     corpus = demo_texts(spec) + chat_texts({"questions": questions}, 500, 0) + [TEMPLATES["vicuna_v1"].system]

@@ -92,7 +92,7 @@ def run_stock(stage: str, base: Path, data: dict, out: Path, s: Settings, num_wo
     from transformers import AutoProcessor
     from trl import SFTConfig, SFTTrainer
 
-    from qilin_lite.conversation import chat_template_jinja, get_template
+    from qilin_lite.families import chat_template_jinja, get_template
     from qilin_lite.model import load_llava
     from qilin_lite.train.stages import configure
 
@@ -192,9 +192,10 @@ def data_cost(stage: str, base: Path, data: dict, out: Path, s: Settings, n: int
     from transformers import AutoConfig, AutoProcessor
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-    from qilin_lite.conversation import chat_template_jinja, get_template
+    from qilin_lite.families import chat_template_jinja, get_template
     from qilin_lite.model import load_tokenizer_and_processor
-    from qilin_lite.processing import Collator, as_hf_dataset
+    from qilin_lite.train.collator import Collator
+    from qilin_lite.train.dataset import as_hf_dataset
     from qilin_lite.train.data import build_dataset
 
     recipe = ours_recipe(stage, base, data, out, s)

@@ -277,7 +277,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, vision_tower: str | 
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModel, GenerationConfig, LlavaConfig
 
-    from .conversation import IMAGE_TOKEN, get_template
+    from .families import IMAGE_TOKEN, get_template
     from .model import RunInfo, friendly_load, load_image_processor, load_tokenizer, save_processor, torch_dtype
 
     qwen = family(cfg) == "qwen2"

@@ -1,7 +1,7 @@
 """Freed memory back to the system: glibc keeps freed heap blocks for reuse, so a process's RSS stays at its peak.
 
 Two callers: training, before DataLoader workers fork (each would map the record checks' freed pages; measured in
-benchmarks/scale.py), and the web server after an image decode or a let-go image (its RSS stayed ~700 MB above what
+benchmarks/dataset_scale.py), and the web server after an image decode or a let-go image (its RSS stayed ~700 MB above what
 the tabs keep).
 """
 

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from .conversation import IMAGE_TOKEN, chat_template_jinja, get_template
 from .device import pick_attention
+from .encoding import TokenLayout
 from .errors import UserError
-from .processing import TokenLayout
+from .families import IMAGE_TOKEN, chat_template_jinja, get_template, guess_template
+from .families.llava import LLAVA
 from .tokens import attach, keep_sentencepiece, slow_llama
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,9 @@ log = logging.getLogger(__name__)
 RUN_FILE = "qilin.json"
 PROJECTOR_FILE = "projector.safetensors"
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
-# Module paths in transformers 5's Llava; skip lists match from the start of the path, so they must be full paths.
-VISION = "model.vision_tower"
-PROJECTOR = "model.multi_modal_projector"
-LLM = "model.language_model"
+# Module paths in transformers 5's Llava (every family here loads as one; families/base.py); skip lists match from
+# the start of the path, so they must be full paths.
+VISION, PROJECTOR, LLM = LLAVA.vision, LLAVA.projector, LLAVA.llm
 
 
 @dataclass
@@ -277,22 +277,6 @@ def load_llava(
         **_pretrained_kwargs(trust_remote_code, allow_pickle),
     )
     return model
-
-
-def guess_template(source: str) -> str:
-    """The chat template of a Llava directory or hub id that qilin-lite did not write (no qilin.json): HuatuoGPT-Vision
-    by its name (as its own cli.py tells its models apart), other Qwen2-based ones ChatML, the rest LLaVA's v1."""
-    if "huatuogpt-vision" in source.lower():
-        return "huatuo"
-    try:
-        from transformers.utils import cached_file
-
-        f = cached_file(source, "config.json", _raise_exceptions_for_missing_entries=False)
-        cfg = json.loads(Path(f).read_text(encoding="utf-8")) if f else {}
-    except (OSError, ValueError):
-        cfg = {}
-    kind = str((cfg.get("text_config") or cfg).get("model_type", ""))  # a Llava directory's LLM, or an LLM's own
-    return "chatml" if kind.startswith("qwen2") else "vicuna_v1"
 
 
 def template_of(source: str) -> str:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# llama.cpp for tests/test_gguf.py and benchmarks/gguf_cpu.py: llama-cpp-python (its libllama + libmtmd) built from
+# llama.cpp for tests/test_gguf.py and benchmarks/gguf_vs_chat.py: llama-cpp-python (its libllama + libmtmd) built from
 # its PyPI source with one upstream fix applied, into .venv. Run by test.sh after env.sh made .venv.
 #
 # The fix: llama.cpp's LLaVA graph appends CLIP's CLS embedding after the patches while its inputs still assume CLS

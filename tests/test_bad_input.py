@@ -103,9 +103,10 @@ def test_a_sample_failing_mid_epoch_is_skipped_and_recorded(tiny_base, folder, t
     from PIL import Image
     from transformers import AutoConfig
 
-    from qilin_lite.conversation import TEMPLATES
+    from qilin_lite.families import TEMPLATES
     from qilin_lite.model import load_tokenizer_and_processor, token_layout
-    from qilin_lite.processing import ImageLoader, VisionTextDataset
+    from qilin_lite.images.pixel_values import ImageLoader
+    from qilin_lite.train.dataset import VisionTextDataset
 
     Image.new("RGB", (32, 32)).save(folder / "y.png")
     data = write_jsonl(folder / "d.jsonl", [GOOD, variant(id="y", image="y.png")])

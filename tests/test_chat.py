@@ -325,7 +325,7 @@ def test_image_command_writes_what_training_saw_for_servers(lora_run, tmp_path, 
     from conftest import run_cli_captured
 
     from qilin_lite.model import load_tokenizer_and_processor
-    from qilin_lite.processing import ImageLoader
+    from qilin_lite.images.pixel_values import ImageLoader
 
     dcm = write_dicom(tmp_path / "ct.dcm", rows=48, cols=40)
     out = tmp_path / "给服务器" / "ct.png"

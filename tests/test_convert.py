@@ -89,10 +89,10 @@ def reference_logits(state: dict, tiny_parts, input_ids: torch.Tensor, image_tok
 def converted_inputs(dst: Path, image: Path):
     from transformers import AutoProcessor, AutoTokenizer, LlavaConfig
 
-    from qilin_lite.conversation import get_template
+    from qilin_lite.families import get_template
     from qilin_lite.serve.generate import Generator
     from qilin_lite.model import token_layout
-    from qilin_lite.processing import ImageLoader
+    from qilin_lite.images.pixel_values import ImageLoader
 
     tok = AutoTokenizer.from_pretrained(dst)
     config = LlavaConfig.from_pretrained(dst)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from qilin_lite.conversation import IMAGE_TOKEN
+from qilin_lite.families import IMAGE_TOKEN
 
 DATA = Path(__file__).parent / "data" / "huatuo"
 EXPECTED = {c["name"]: c for c in json.loads((DATA / "expected.json").read_text(encoding="utf-8"))["cases"]}
@@ -106,10 +106,10 @@ def converted(tiny_parts, tmp_path_factory):
 def test_converted_logits_equal_the_source_computation(converted, tiny_data):
     from transformers import AutoTokenizer, GenerationConfig, LlavaForConditionalGeneration
 
-    from qilin_lite.conversation import get_template
+    from qilin_lite.families import get_template
     from qilin_lite.serve.generate import Generator
     from qilin_lite.model import RunInfo, load_image_processor, token_layout
-    from qilin_lite.processing import ImageLoader
+    from qilin_lite.images.pixel_values import ImageLoader
 
     src, dst, state = converted
     info = RunInfo.load(dst)
@@ -365,7 +365,7 @@ def test_llama_cpp_sends_the_exported_model_the_ids_their_cli_builds(case, n, co
     from benchmarks.harness.llama_cpp import LlamaCppLlava
     from qilin_lite.serve.image_file import prepare_image
     from qilin_lite.model import load_image_processor, token_layout
-    from qilin_lite.processing import ImageLoader
+    from qilin_lite.images.pixel_values import ImageLoader
 
     _, dst, _ = converted
     want = EXPECTED[case]

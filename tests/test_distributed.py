@@ -163,7 +163,7 @@ def test_fsdp_with_bf16_computes_in_bf16_and_reduces_gradients_in_fp32(tmp_path,
 SHARE_PROBE = """
 import json, sys
 from transformers import AutoConfig
-from qilin_lite.conversation import get_template
+from qilin_lite.families import get_template
 from qilin_lite.model import load_tokenizer_and_processor, token_layout
 from qilin_lite.data.records import read_records
 from qilin_lite.train.data import shared_lengths
@@ -185,10 +185,10 @@ def test_processes_split_the_length_count_and_all_get_every_length(tmp_path, tin
     one process computing them all."""
     from transformers import AutoConfig
 
-    from qilin_lite.conversation import get_template
+    from qilin_lite.families import get_template
     from qilin_lite.data.records import read_records
     from qilin_lite.model import load_tokenizer_and_processor, token_layout
-    from qilin_lite.processing import sample_lengths
+    from qilin_lite.encoding import sample_lengths
 
     rows = json.loads(Path(tiny_data["tune"]).read_text(encoding="utf-8"))
     question = rows[3]["conversations"][0]["value"]

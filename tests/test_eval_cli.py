@@ -93,7 +93,7 @@ def test_llava_choice_records_that_cannot_be_scored(tmp_path):
 
 
 class FakeGenerator:
-    from qilin_lite.conversation import get_template
+    from qilin_lite.families import get_template
 
     template = get_template("chatml")  # the run's own: a test that overrides it sees vicuna_v1 instead
 
@@ -279,7 +279,7 @@ def test_cli_bad_flag_is_a_usage_error(tmp_path):
 def test_a_separate_image_template_is_asked_with_each_image(monkeypatch):
     """An item with several images (MMMU) reaches a huatuo / chatml model as its images, one `<image>\\n` each in
     front of the question, and a composite template's model as the one composite."""
-    from qilin_lite.conversation import get_template
+    from qilin_lite.families import get_template
 
     for name, want in (("huatuo", ["/img/p1.png", "/img/p2.png"]), ("vicuna_v1", ["/img/both.png"])):
         fake = FakeGenerator()

@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 from test_gguf import go_render, modelfile_value
 
-from qilin_lite.conversation import IMAGE_TOKEN, get_template, place_image, render
-from qilin_lite.export.family import gguf_family_template
-from qilin_lite.export.templates import MARKER
+from qilin_lite.families import IMAGE_TOKEN, get_template, place_image, render
+from qilin_lite.families import MARKER
 
 Q1, A1, Q2 = "两张图有何不同？", "第二张图可见积液。", "积液多吗？"
 
@@ -30,7 +29,7 @@ def jinja(template: str, messages: list[dict]) -> str:
 @pytest.mark.parametrize("images", [0, 1, 2, 6])
 @pytest.mark.parametrize("where", ["after", "before"])  # llama-mtmd-cli appends markers; llama-server puts parts first
 def test_gguf_template_renders_what_training_did(name, images, where):
-    t = gguf_family_template(get_template(name))
+    t = get_template(name).gguf_chat_template()
     assert len(t.encode()) < 1024  # llama-cpp-python's metadata buffer
     marks = MARKER * images
     content = Q1 + marks if where == "after" else marks + Q1
@@ -49,7 +48,7 @@ def test_ollama_templates_render_what_training_did(name, tmp_path):
     after it), for 0, 1, 2 and 6 images, tags counted past 9, and a second turn."""
     from qilin_lite.export import ollama_modelfile
 
-    modelfile = ollama_modelfile("m.gguf", "mmproj.gguf", "", get_template(name))
+    modelfile = ollama_modelfile("m.gguf", "mmproj.gguf", get_template(name))
     template = modelfile_value(modelfile, "TEMPLATE")
     system = modelfile_value(modelfile, "SYSTEM") if 'SYSTEM """' in modelfile else ""
     cases, wants = [], []

@@ -71,7 +71,7 @@ def _processor():
 def test_damaged_images_are_clean_problems_in_check_and_loader(files):
     from qilin_lite.data.check import check_data
     from qilin_lite.data.records import read_records
-    from qilin_lite.processing import ImageLoader
+    from qilin_lite.images.pixel_values import ImageLoader
     from qilin_lite.train.data import verify_images
 
     d = Path(tempfile.mkdtemp())

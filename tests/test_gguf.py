@@ -64,7 +64,7 @@ def training_prompt(messages: list[dict], image_text: str, system: str | None = 
     """The prompt training rendered for `messages` (an image written `<image>` where the user put it), up to where the
     assistant speaks next, with the image shown as `image_text`: the exported templates' target. `render` and
     `place_image` are held to the authors' prompt ids by tests/test_paper_fidelity.py."""
-    from qilin_lite.conversation import get_template, place_image, render
+    from qilin_lite.families import get_template, place_image, render
 
     t = get_template("vicuna_v1")
     msgs = place_image([{"role": "system", "content": t.system if system is None else system}, *messages], t)
@@ -82,15 +82,14 @@ def test_gguf_template_places_the_image_as_training_did(content):
     """Wherever the request puts the image, the prompt is the one training rendered (image first, newline)."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    from qilin_lite.conversation import get_template
-    from qilin_lite.export import gguf_chat_template
+    from qilin_lite.families import get_template
 
     t = get_template("vicuna_v1")
     want = training_prompt([{"role": "user", "content": "图像属于哪种影像模态？<image>"}], MARKER)
-    assert len(gguf_chat_template(t.system).encode()) < 1024  # llama-cpp-python's metadata buffer
+    assert len(t.gguf_chat_template().encode()) < 1024  # llama-cpp-python's metadata buffer
     # rendered as transformers and llama-cpp-python render chat templates
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    got = env.from_string(gguf_chat_template(t.system)).render(
+    got = env.from_string(t.gguf_chat_template()).render(
         messages=[{"role": "user", "content": content}], add_generation_prompt=True)
     assert got == want
     # a later turn: the earlier answer ends with </s>, as in training
@@ -98,12 +97,12 @@ def test_gguf_template_places_the_image_as_training_did(content):
                {"role": "user", "content": "问题二"}]
     want2 = training_prompt([{"role": "user", "content": "<image>\n问题一"}, {"role": "assistant", "content": "答一"},
                              {"role": "user", "content": "问题二"}], MARKER)
-    got2 = env.from_string(gguf_chat_template(t.system)).render(
+    got2 = env.from_string(t.gguf_chat_template()).render(
         messages=history, add_generation_prompt=True)
     assert got2 == want2
     # the earlier answer as llama-server returned it, with the space generated after "ASSISTANT:": one space, not two
     history[1]["content"] = " 答一"
-    got3 = env.from_string(gguf_chat_template(t.system)).render(messages=history, add_generation_prompt=True)
+    got3 = env.from_string(t.gguf_chat_template()).render(messages=history, add_generation_prompt=True)
     assert got3 == got2
 
 
@@ -192,10 +191,10 @@ def modelfile_value(modelfile: str, command: str) -> str:
 
 def test_ollama_template_renders_what_training_did(tmp_path):
     """Ollama's prompt for the exported model is the text training rendered, the image tag where the image was."""
-    from qilin_lite.conversation import VICUNA_SYSTEM
     from qilin_lite.export import ollama_modelfile
+    from qilin_lite.families import VICUNA_SYSTEM, get_template
 
-    modelfile = ollama_modelfile("tune-f16.gguf", "mmproj-tune-f16.gguf", VICUNA_SYSTEM)
+    modelfile = ollama_modelfile("tune-f16.gguf", "mmproj-tune-f16.gguf", get_template("vicuna_v1"))
     template, system = modelfile_value(modelfile, "TEMPLATE"), modelfile_value(modelfile, "SYSTEM")
     assert system == VICUNA_SYSTEM and ".Messages" in template  # `.Messages`: Ollama takes its messages path
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qilin_lite.conversation import IMAGE_TOKEN, get_template, render
+from qilin_lite.families import IMAGE_TOKEN, get_template, render
 from qilin_lite.serve.generate import Generator
-from qilin_lite.processing import IGNORE, TokenLayout, encode
+from qilin_lite.encoding import IGNORE, TokenLayout, encode
 
 DATA = Path(__file__).parent / "data" / "huatuo"
 EXPECTED = json.loads((DATA / "expected.json").read_text(encoding="utf-8"))
@@ -57,7 +57,7 @@ def _conversation(case) -> list[dict]:
 
 @pytest.mark.parametrize("case", EXPECTED["cases"], ids=[c["name"] for c in EXPECTED["cases"]])
 def test_prompt_ids_equal_their_cli(case, tok):
-    from qilin_lite.conversation import typed_text
+    from qilin_lite.families import typed_text
 
     template = get_template("huatuo")
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -109,7 +109,7 @@ def test_saved_chat_template_renders_what_chat_sends(name, tok):
     """The Jinja template saved with a run (servers, apply_chat_template users) gives chat's prompt text, for string
     and for list-of-parts contents, several images and a second turn."""
     template = get_template(name)
-    from qilin_lite.conversation import chat_template_jinja, place_image
+    from qilin_lite.families import chat_template_jinja, place_image
 
     tok.chat_template = chat_template_jinja(template)
 

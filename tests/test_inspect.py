@@ -6,9 +6,9 @@ import json
 
 from conftest import run_cli_captured
 
-from qilin_lite.conversation import get_template
+from qilin_lite.families import get_template
 from qilin_lite.data.records import read_records
-from qilin_lite.processing import encode
+from qilin_lite.encoding import encode
 
 
 def test_json_is_exactly_what_training_encodes(tiny_base, tiny_data, tok_layout, monkeypatch, capsys):

@@ -191,3 +191,17 @@ def test_no_import_cycles():
         lines.append(line)
         print("import cycle: " + line)
     assert not lines, "import cycles (imports anywhere in a module count):\n" + "\n".join(lines)
+
+
+def test_no_module_is_past_450_lines():
+    """nanochat's rule of thumb: a module is read in one sitting; a longer one has found its next file names."""
+    long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > 450}
+    assert not long, f"split these modules: {long}"
+
+
+def test_contributing_maps_every_module():
+    """CONTRIBUTING.md's map of the package names every module, so a newcomer finds each room from it."""
+    text = (ROOT.parent / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    missing = [str(path.relative_to(ROOT)) for path in modules().values()
+               if path.name not in ("__init__.py", "__main__.py") and path.name not in text]
+    assert not missing, f"CONTRIBUTING.md's map does not name: {missing}"

@@ -10,12 +10,14 @@ import pytest
 import torch
 from conftest import run_cli
 
-from qilin_lite.conversation import chat_template_jinja, get_template
+from qilin_lite.families import chat_template_jinja, get_template
 from qilin_lite.data.records import read_records
 from qilin_lite.errors import UserError
 from qilin_lite.merge import merge_run
 from qilin_lite.model import PROJECTOR_FILE, RunInfo, load_llava, load_projector, resolve_base, token_layout
-from qilin_lite.processing import Collator, ImageLoader, encode
+from qilin_lite.encoding import encode
+from qilin_lite.images.pixel_values import ImageLoader
+from qilin_lite.train.collator import Collator
 
 
 def real_batch(records, tokenizer, image_processor, info: RunInfo, config) -> dict:

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import run_cli_captured, tiny_recipe
 
-from qilin_lite.conversation import get_template
+from qilin_lite.families import get_template
 from qilin_lite.data.records import read_records
-from qilin_lite.processing import IGNORE, encode
+from qilin_lite.encoding import IGNORE, encode
 
 QUESTION, ANSWER = "病灶位于哪一侧？", "右侧"  # words the tiny tokenizer knows
 
@@ -77,7 +77,8 @@ def test_the_training_dataset_shows_the_model_as_many_images(template, rows, two
                                                              tok_layout):
     """pixel_values rows = image runs in input_ids: the composite is made from the record's images in order."""
     from qilin_lite.model import load_image_processor
-    from qilin_lite.processing import ImageLoader, VisionTextDataset
+    from qilin_lite.images.pixel_values import ImageLoader
+    from qilin_lite.train.dataset import VisionTextDataset
 
     tok, layout = tok_layout
     recs = read_records(two_image_data, tiny_data["images"])
@@ -105,7 +106,9 @@ def test_a_separate_image_run_trains(two_image_data, tiny_base, tiny_data, tmp_p
     import torch
 
     from qilin_lite.model import load_llava, load_tokenizer_and_processor, token_layout
-    from qilin_lite.processing import Collator, ImageLoader, VisionTextDataset
+    from qilin_lite.images.pixel_values import ImageLoader
+    from qilin_lite.train.collator import Collator
+    from qilin_lite.train.dataset import VisionTextDataset
 
     model = load_llava(str(tiny_base), dtype="float32", attn="sdpa").eval()
     tok, ip = load_tokenizer_and_processor(str(tiny_base))
@@ -139,7 +142,9 @@ def test_a_packed_row_carries_every_samples_images_in_order(two_image_data, tiny
     from qilin_lite.train import segments
     from qilin_lite.model import load_llava, load_tokenizer_and_processor
     from qilin_lite.train.packing import PackedDataset
-    from qilin_lite.processing import Collator, ImageLoader, VisionTextDataset
+    from qilin_lite.images.pixel_values import ImageLoader
+    from qilin_lite.train.collator import Collator
+    from qilin_lite.train.dataset import VisionTextDataset
 
     tok, layout = tok_layout
     _, ip = load_tokenizer_and_processor(str(tiny_base))

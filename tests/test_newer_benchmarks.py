@@ -110,7 +110,7 @@ def test_mmmu_health_and_medicine_in_its_published_layout(tmp_path, monkeypatch)
         colors = {c for _, c in im.convert("RGB").getcolors(10**6)}
     assert (255, 0, 0) in colors and (0, 0, 255) in colors
     # a template that keeps images separate (HuatuoGPT-Vision, ChatML runs) is shown the two images themselves
-    from qilin_lite.conversation import get_template
+    from qilin_lite.families import get_template
 
     assert item.shown(get_template("vicuna_v1")) == [item.image] and items[1].parts == ()
     separate = item.shown(get_template("huatuo"))

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from qilin_lite.train.packing import pack
-from qilin_lite.processing import IGNORE, Collator
+from qilin_lite.encoding import IGNORE
+from qilin_lite.train.collator import Collator
 
 
 def test_pack_fits_every_sample_once_and_never_overflows():
@@ -38,11 +39,12 @@ def test_packed_loss_and_projector_gradient_equal_padded(tiny_base, tiny_data, a
     """Both ways a packed row trains without flash-attn: transformers' block-diagonal mask over the whole row (sdpa),
     and per-sample attention (segments.py), give each sample the loss and gradients it gets in a padded batch."""
     from qilin_lite.train import segments
-    from qilin_lite.conversation import TEMPLATES
+    from qilin_lite.families import TEMPLATES
     from qilin_lite.data.records import read_records
     from qilin_lite.model import load_llava, load_tokenizer_and_processor, token_layout
     from qilin_lite.train.packing import PackedDataset
-    from qilin_lite.processing import ImageLoader, VisionTextDataset
+    from qilin_lite.images.pixel_values import ImageLoader
+    from qilin_lite.train.dataset import VisionTextDataset
 
     model = load_llava(str(tiny_base), dtype="float32", attn="sdpa")
     model.config.use_cache = model.config.text_config.use_cache = False  # as train.py sets it

@@ -29,10 +29,10 @@ import pytest
 import yaml
 
 from qilin_lite.config import REPO_RECIPES, load_recipe
-from qilin_lite.conversation import get_template
+from qilin_lite.families import get_template
 from qilin_lite.data.records import BadRecord, Record, messages_from_llava
 from qilin_lite.errors import UserError
-from qilin_lite.processing import IGNORE, TokenLayout, encode, sample_lengths
+from qilin_lite.encoding import IGNORE, TokenLayout, encode, sample_lengths
 
 DATA = Path(__file__).parent / "data" / "fidelity"
 N_IMG = 4  # image tokens per image in these tests; the authors' -200 placeholder expands to as many
@@ -344,7 +344,7 @@ def _test_image(w, h):
 
 def test_pixels_equal_the_authors_whatever_is_installed(tmp_path):
     from qilin_lite.model import load_image_processor
-    from qilin_lite.processing import ImageLoader
+    from qilin_lite.images.pixel_values import ImageLoader
 
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(CLIP336))
     ip = load_image_processor(str(tmp_path))
@@ -368,7 +368,7 @@ def test_loss_average_is_the_mean_the_recipe_names(tmp_path, tiny_base, average)
 
     from qilin_lite.demo.data import DemoDataSpec, make_demo_data
     from qilin_lite.model import load_llava, load_tokenizer_and_processor
-    from qilin_lite.processing import Collator
+    from qilin_lite.train.collator import Collator
     from qilin_lite.train.stage import train_stage
     from qilin_lite.train.data import build_dataset
 

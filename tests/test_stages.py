@@ -142,9 +142,11 @@ def _batch(run_dir, tiny_data):
     """One real training batch from the run's own data path."""
     from transformers import AutoConfig
 
-    from qilin_lite.conversation import get_template
+    from qilin_lite.families import get_template
     from qilin_lite.model import RunInfo, load_tokenizer_and_processor, token_layout
-    from qilin_lite.processing import Collator, ImageLoader, encode
+    from qilin_lite.encoding import encode
+    from qilin_lite.images.pixel_values import ImageLoader
+    from qilin_lite.train.collator import Collator
 
     info = RunInfo.load(Path(run_dir))
     tok, ip = load_tokenizer_and_processor(str(run_dir))
@@ -203,7 +205,7 @@ def test_saved_processor_prompts_like_training(lora_run):
     """The chat template saved beside the weights renders the same string as the training template."""
     from transformers import AutoTokenizer
 
-    from qilin_lite.conversation import TEMPLATES, render
+    from qilin_lite.families import TEMPLATES, render
 
     tok = AutoTokenizer.from_pretrained(str(lora_run))
     msgs = [{"role": "user", "content": "<image>\n病灶位于哪一侧？"}, {"role": "assistant", "content": "左侧"},

@@ -154,7 +154,7 @@ def test_lora_init_follows_the_recipe_seed(tmp_path, align_run, tiny_data):
 def test_eval_loss_is_the_held_out_supervised_token_loss(tmp_path, align_run, tiny_data):
     """--eval-data: the logged eval loss is the mean loss over exactly the held-out replies' tokens, evaluated with
     the weights of that step (here the final ones), and it is in the summary and the curve."""
-    from qilin_lite.processing import Collator
+    from qilin_lite.train.collator import Collator
     from qilin_lite.train.stage import train_stage
     from qilin_lite.train.data import build_dataset
 

@@ -4,7 +4,7 @@ In:  the records `train.build_dataset` accepted, their token lengths, and the id
 Out: `RecordIndex`: `len()` and `[i] -> Record`, backed by `OUT/.qilin-data/KEY/records.jsonl` plus two int64 arrays
      (byte offsets, token lengths). A process holds 16 bytes a record, and DataLoader workers inherit the arrays
      without copying them (Python objects would be copied page by page as their reference counts change: about
-     5 KB a record across 4 workers before; `benchmarks/scale.py` measures it).
+     5 KB a record across 4 workers before; `benchmarks/dataset_scale.py` measures it).
      `ImageVerdicts`: image path -> (size, mtime, problem) for every image decoded, so a rerun decodes only new or
      changed files.
 

@@ -92,9 +92,9 @@ def check_data(
     allow_outside_images: bool = False,
 ) -> CheckResult:
     """Every record against what training needs; the same rules as `align`/`tune` (records.py, processing.py)."""
-    from ..conversation import get_template
+    from ..families import get_template
     from ..images.decode import load_image
-    from ..processing import TokenLayout, sample_lengths
+    from ..encoding import TokenLayout, sample_lengths
 
     t0 = time.perf_counter()
     problems: list[tuple[int, str, str, str]] = []  # (order, kind, where, problem)

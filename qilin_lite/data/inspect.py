@@ -43,8 +43,8 @@ def _settings(model: str, recipe: str | None) -> dict:
 def inspect_records(file, model: str, *, image_folder=None, recipe: str | None = None, template: str | None = None,
                     max_length: int | None = None, length_mode: str | None = None, n: int = 3,
                     as_json: bool = False, color: bool | None = None, out=None) -> list[dict]:
-    from ..conversation import get_template
-    from ..processing import IGNORE, TokenLayout, encode_detail
+    from ..families import get_template
+    from ..encoding import IGNORE, TokenLayout, encode_detail
     from .check import model_facts
     from .records import BadRecord, read_records
 
@@ -101,7 +101,7 @@ def inspect_records(file, model: str, *, image_folder=None, recipe: str | None =
 
 
 def _render(ids: list[int], labels: list[int], tok, image_id: int, color: bool, per_image: int) -> str:
-    from ..processing import IGNORE
+    from ..encoding import IGNORE
 
     pieces, k = [], 0
     names = tok.convert_ids_to_tokens(ids)

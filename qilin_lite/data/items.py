@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..conversation import IMAGE_TOKEN
+from ..families import IMAGE_TOKEN
 from .records import BadRecord, messages_from_llava
 from .sources import Layout
 

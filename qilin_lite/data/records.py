@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..conversation import IMAGE_TOKEN, check_roles
+from ..families import IMAGE_TOKEN, check_roles
 from ..errors import UserError, where
 from .rows import iter_json
 

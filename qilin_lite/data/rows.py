@@ -1,6 +1,6 @@
 """The one reader of row files: (line or position, row, parse error) for every row, streamed, never the whole file.
 
-Used by training (records.py), `data build` / `data stats` (sources.py) and `eval` (eval/benchmarks.py), so a
+Used by training (records.py), `data build` / `data stats` (sources.py) and `eval` (eval/records.py), so a
 file reads the same everywhere. JSONL: one row per non-blank line, a bad line names itself and the rest go on. A
 JSON list: its elements one at a time, numbered by position; a broken element (or more text after the list, as in a
 JSONL file whose first line is a list) ends it, since no JSON parser can find the next element after one, and the

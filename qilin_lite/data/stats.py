@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..conversation import IMAGE_TOKEN
+from ..families import IMAGE_TOKEN
 from ..errors import UserError
 from .items import image_names
 from .records import BadRecord, messages_from_llava

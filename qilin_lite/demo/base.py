@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..conversation import TEMPLATES
+from ..families import TEMPLATES
 from .pretraining import chat_texts, pretrain
 from .qwen import build_tiny_qwen2
 

@@ -9,7 +9,7 @@ import random
 
 import torch
 
-from ..conversation import TEMPLATES, render
+from ..families import TEMPLATES, render
 
 
 def chat_texts(spec_texts: dict, n: int, seed: int, template: str = "vicuna_v1", eos: str = "") -> list[str]:

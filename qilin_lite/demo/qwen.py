@@ -5,7 +5,7 @@ Out: a directory laid out as Qwen2 checkpoints ship: `Qwen2ForCausalLM` weights 
      a `tokenizer.json` with Qwen2's rules: byte-level BPE after Qwen2's pre-tokenizer split, NFC, no BOS, the three
      special tokens `<|endoftext|>` (end and padding), `<|im_start|>`, `<|im_end|>` right after the vocabulary, so
      ids and merges behave as the real vocabulary's do on the same text (the real one is checked by hand:
-     tests/test_qwen.py says how).
+     tests/test_qwen_vocab.py).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def build_tiny_qwen2(llm_dir: Path, texts: list[str], questions, spec) -> None:
     """Tokenizer + a tiny Qwen2ForCausalLM pre-trained on the demo text and ChatML dialogs (an Instruct model)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from ..conversation import TEMPLATES
+    from ..families import TEMPLATES
     from .pretraining import chat_texts, pretrain
 
     dialogs = chat_texts({"questions": questions}, n=2000, seed=spec.seed, template="chatml")

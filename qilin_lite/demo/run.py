@@ -50,7 +50,7 @@ def run_demo(out: Path, *, data_spec: DemoDataSpec | None = None, tiny: TinySpec
     heldout = json.loads(Path(paths["heldout"]).read_text(encoding="utf-8"))
     echo("   scoring held-out questions before tuning ...")
     # before tuning = the model tuning starts from, asked in the tuning template (the LLM's own dialog format)
-    from ..model import guess_template
+    from ..families import guess_template
 
     before = score(out / "align", paths, template=guess_template(str(llm)))
 

@@ -40,7 +40,7 @@ class EvalItem:
 
     def shown(self, template) -> list[str]:
         """The image files the model sees for this question under `template`'s multi-image rule."""
-        if self.parts and template.multi_image == "separate":
+        if self.parts and template.separate_images:
             return list(self.parts[: template.max_images])
         return [self.image] if self.image else []
 

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from ..conversation import IMAGE_TOKEN, get_template, typed_text
+from ..families import IMAGE_TOKEN, get_template, typed_text
 from ..errors import UserError, where
 from ..files import write_text_atomic
 from .benchmarks import load_eval_items
@@ -290,7 +290,7 @@ def run_benchmark(
     judge_model: str | None = None,
 ) -> dict:
     """`qilin-lite eval run`: read DATA as TASK, answer with MODEL (or take PREDICTIONS), write OUT; the metrics."""
-    from ..processing import pad_fill
+    from ..images.pixel_values import pad_fill
     from .reliance import CONTROLS
 
     items = load_eval_items(data, task, image_folder)

@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..conversation import IMAGE_TOKEN
 from ..data.records import BadRecord, messages_from_llava
 from ..errors import UserError, where
+from ..families import IMAGE_TOKEN
 from .items import DEFAULT_CAPTION_PROMPT, EvalItem
 from .matching import LETTERS, reference_yes_no
 from .records import ID_KEYS, first_of, read_benchmark_records, required_text

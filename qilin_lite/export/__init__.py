@@ -24,8 +24,8 @@ What llama.cpp does differently (said in OUT_DIR/README.md):
 from .cli import export_gguf, model_name, register
 from .gguf import check_exportable, vision_layers_used, write_llm, write_mmproj
 from .quantize import QUANTS, find_quantizer, quantize
-from .templates import NOTICE, OLLAMA_TEMPLATE, export_readme, gguf_chat_template, ollama_modelfile
+from .templates import NOTICE, export_readme, ollama_modelfile
 
-__all__ = ["NOTICE", "OLLAMA_TEMPLATE", "QUANTS", "check_exportable", "export_gguf", "export_readme",
-           "find_quantizer", "gguf_chat_template", "model_name", "ollama_modelfile", "quantize", "register",
+__all__ = ["NOTICE", "QUANTS", "check_exportable", "export_gguf", "export_readme",
+           "find_quantizer", "model_name", "ollama_modelfile", "quantize", "register",
            "vision_layers_used", "write_llm", "write_mmproj"]

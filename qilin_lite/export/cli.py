@@ -32,7 +32,7 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path, *, quant: str = "f16",
     """Write OUT_DIR's GGUF files, Modelfile and README for the model in RUN_DIR; return their paths."""
     import time
 
-    from ..conversation import get_template
+    from ..families import get_template
     from ..merge import STANDALONE, check_out_dir, merge_run
     from ..model import RunInfo, load_tokenizer_and_processor, resolve_base
 
@@ -55,10 +55,10 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path, *, quant: str = "f16",
                         "`pip install llama-cpp-python` (builds llama.cpp) or put llama-quantize on PATH; "
                         "or export --quant f16")
     name = name or model_name(run_dir)
-    if info.template not in ("vicuna_v1", "chatml", "huatuo"):  # GGUF chat templates exist for dialog templates
+    template = get_template(info.template)
+    if not template.dialog:  # GGUF chat templates exist for dialog templates
         raise UserError(f"{run_dir}: trained with the '{info.template}' template (an align run captions images); "
                         "export a tune run, or a merged / converted model, which chat in a dialog template")
-    template = get_template(info.template)
     standalone = info.kind in STANDALONE + ("converted",)
     # everything that can refuse is checked on the run's own files, before a merge that takes minutes at 13B
     config_dir = run_dir if standalone else Path(resolve_base(run_dir, info))
@@ -89,7 +89,7 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path, *, quant: str = "f16",
                 llm_f16.unlink()
             mmproj = staged / f"mmproj-{name}-f16.gguf"
             write_mmproj(mmproj, model_dir, cfg, weights, ip, info.image_mode, name)
-            (staged / "Modelfile").write_text(ollama_modelfile(model.name, mmproj.name, template.system, template),
+            (staged / "Modelfile").write_text(ollama_modelfile(model.name, mmproj.name, template),
                                               encoding="utf-8")
             (staged / "README.md").write_text(export_readme(model.name, mmproj.name, name, info.image_mode),
                                               encoding="utf-8")

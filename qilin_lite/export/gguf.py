@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .templates import NOTICE, gguf_chat_template
+from .templates import NOTICE
 
 log = logging.getLogger(__name__)
 
@@ -258,14 +258,13 @@ def write_llm(path: Path, model_dir: Path, cfg: dict, weights: Weights, tok, tem
         w.add_rope_freq_base(float(theta))
         w.add_vocab_size(int(vocab_rows))
         w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
-        if arch == "qwen2":
-            from .family import gguf_family_template, tokenizer_kv_bpe
+        if arch == "qwen2":  # the LLM's vocabulary decides the tokenizer metadata; the template, the chat template
+            from .bpe_vocab import tokenizer_kv_bpe
 
             tokenizer_kv_bpe(w, model_dir, tok, vocab_rows)
-            w.add_chat_template(gguf_family_template(template))
         else:
             _tokenizer_kv(w, model_dir, tok, vocab_rows)
-            w.add_chat_template(gguf_chat_template(template.system))
+        w.add_chat_template(template.gguf_chat_template())
 
     def make(key: str, post=None):
         return lambda: post(weights.get(key)) if post else weights.get(key)

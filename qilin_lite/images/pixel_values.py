@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..conversation import Template
+from ..families import Template
 from ..data.records import LazyImage
 
 
@@ -41,8 +41,8 @@ class ImageLoader:
 
     def open_record(self, refs, template: Template) -> list:
         """A record's images as the template shows them: each squared on its own (`separate`), or several joined
-        into one composite first (`composite`, ChiMed-VL's way; the text keeps one `<image>`: conversation.one_tag)."""
-        if template.multi_image == "composite" and len(refs) > 1:
+        into one composite first (`composite`, ChiMed-VL's way; the text keeps one `<image>`: families.base.one_tag)."""
+        if not template.separate_images and len(refs) > 1:
             from .decode import composite
 
             return [self.square(composite([self.raw(r) for r in refs]))]

@@ -42,7 +42,7 @@ def plan_recipe(
 ) -> Plan:
     """A recipe file (+ `section.key=value` overrides) and the run's shape -> `Plan`."""
     from ..config import load_recipe
-    from ..conversation import get_template
+    from ..families import get_template
 
     if mode is not None and mode not in MODES:
         raise UserError(f"--mode must be one of {', '.join(MODES)}, not '{mode}'")
@@ -52,7 +52,7 @@ def plan_recipe(
     r = load_recipe(recipe, overrides, **{k: v for k, v in fields_.items() if v is not None})
     memory = gpu_memory if isinstance(gpu_memory, (int, float)) else parse_memory(gpu_memory)
     t = get_template(r.template)
-    if images > 1 and t.multi_image != "separate":
+    if images > 1 and not t.separate_images:
         raise UserError(f"--images {images}: the '{r.template}' template joins several images into one composite, "
                         "one image's tokens; plan several for a template that keeps them separate (huatuo, chatml)")
     if images > t.max_images:

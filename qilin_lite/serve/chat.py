@@ -129,7 +129,7 @@ def chat(
     utf8_stdio()
     if as_json and prompt is None:
         raise UserError("--json needs --prompt TEXT (it prints one answer as JSON)")
-    from ..conversation import get_template
+    from ..families import get_template
     from ..model import template_of
 
     image = load_chat_images(images, get_template(template_of(model)), window=window, frame=frame)

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import TextIO
 
 from ..errors import UserError
+from ..families import COMPOSITE_MAX_IMAGES
 
 DISCLAIMER = "仅供研究，不构成医疗诊断 / for research only, not a diagnosis"
 COMMANDS = ("/image PATH... (new image, new conversation)   /add PATH... (more images for the next question; "
             "templates that keep images separate)   /reset (clear the conversation)   /quit (or Ctrl-D)")
-MAX_IMAGES = 4  # ChiMed-VL drops records with more; a composite of more would be unreadably small
 
 
 @dataclass
@@ -57,17 +57,17 @@ def load_chat_images(paths, template, *, window: tuple[float, float] | None = No
 
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     check_image_count(len(paths), template)
-    if template.multi_image != "separate":
+    if not template.separate_images:
         return [load_chat_image(paths, window=window, frame=frame, max_bytes=max_bytes)]
     kw = {"window": window, "frame": frame, **({"max_bytes": max_bytes} if max_bytes else {})}
     return [load_images([p], **kw) for p in paths]
 
 
 def check_image_count(n: int, template) -> None:
-    """1 to the template's maximum: 4 joined into one composite, or up to 6 each with its own tokens."""
-    if not 1 <= n <= template.max_images:
-        how = "each its own image tokens" if template.multi_image == "separate" else "several are joined into one"
-        raise UserError(f"at most {template.max_images} images ({how}; template {template.name}), got {n}")
+    """1 to the template's maximum (the same rule as training's: `Template.image_count_problem`)."""
+    problem = "no image" if n < 1 else template.image_count_problem(n)
+    if problem:
+        raise UserError(f"{problem}; give 1 to {template.max_images} images")
 
 
 def load_chat_image(paths, *, window: tuple[float, float] | None = None, frame: int | None = None,
@@ -77,8 +77,9 @@ def load_chat_image(paths, *, window: tuple[float, float] | None = None, frame: 
     from ..images.decode import load_images
 
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
-    if not 1 <= len(paths) <= MAX_IMAGES:
-        raise UserError(f"chat takes 1 to {MAX_IMAGES} images (several are joined into one), got {len(paths)}")
+    if not 1 <= len(paths) <= COMPOSITE_MAX_IMAGES:
+        raise UserError(f"chat takes 1 to {COMPOSITE_MAX_IMAGES} images (several are joined into one), "
+                        f"got {len(paths)}")
     return load_images(paths, window=window, frame=frame, **({"max_bytes": max_bytes} if max_bytes else {}))
 
 
@@ -152,7 +153,7 @@ class ChatSession:
     def check_addable(self, n: int) -> None:
         """Can `n` more images join this conversation? (Asked before anything is decoded.)"""
         t = self.template
-        if t.multi_image != "separate":
+        if not t.separate_images:
             raise UserError(f"the {t.name} template joins images into one; load new images to start over")
         check_image_count(len(self.images) + n, t)
 
@@ -168,7 +169,7 @@ class ChatSession:
         `stop` (set from another thread: the web page's Stop) ends the answer after the current token."""
         from transformers import StoppingCriteriaList
 
-        from ..conversation import IMAGE_TOKEN, typed_text
+        from ..families import IMAGE_TOKEN, typed_text
         from ..data.records import LazyImage
 
         text = typed_text(text, self.template)
@@ -195,7 +196,7 @@ class ChatSession:
 
     def regenerate(self, stop: threading.Event | None = None) -> str:
         """Answer the last question again (sampling may give another answer; greedy gives the same)."""
-        from ..conversation import IMAGE_TOKEN
+        from ..families import IMAGE_TOKEN
 
         if len(self.history) < 2:
             raise UserError("nothing to regenerate yet: ask a question first")
@@ -216,8 +217,8 @@ class ChatSession:
             DISCLAIMER,
             f"commands: {COMMANDS}; Ctrl-C stops an answer",
         ]
-        if t.plain:
-            lines.insert(2, "note: the 'plain' template (an align run) only captions the image; questions are ignored")
+        if not t.dialog:
+            lines.insert(2, f"note: the '{t.name}' template (an align run) only captions the image; questions are ignored")
         return "\n".join(lines)
 
     def describe_image(self) -> str:

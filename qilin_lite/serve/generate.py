@@ -1,8 +1,8 @@
 """Model directory -> `Generator`; model + images + conversation -> answer text. Shared by chat, web, eval
 and the demo: `load_generator` is the one place inference loads a model.
 
-The prompt is rendered by the same template code training used (`render(..., add_generation_prompt=True)`)
-and image tokens are expanded by the same function, so inference sees exactly the prefix training saw.
+The prompt is built by encoding.prompt_ids, beside training's `encode`: the same template steps
+(placement, `render(..., add_generation_prompt=True)`, the template's tokenization) and the same image expansion, so inference sees exactly the prefix training saw.
 Batches pad on the left so every prompt ends where generation starts.
 """
 
@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..conversation import Template, place_image, render
 from ..device import placement
+from ..encoding import TokenLayout, prompt_ids
 from ..errors import UserError
-from ..processing import ImageLoader, TokenLayout, expand_images, text_ids
+from ..families import Template
+from ..images.pixel_values import ImageLoader
 
 
 @dataclass
@@ -37,11 +38,7 @@ class Generator:
     def prompt_ids(self, messages: list[dict]) -> np.ndarray:
         """The prompt as training encoded it (image placement, the authors' tokenization for their templates on
         LLaMA SentencePiece tokenizers), ending where the assistant speaks; images expanded."""
-        r = render(place_image(messages, self.template), self.template, add_generation_prompt=True)
-        ids = np.asarray(text_ids(r.text, self.tokenizer, self.template, self.layout.image_token_id, r.breaks),
-                         dtype=np.int64)
-        ids, _ = expand_images(ids, np.zeros_like(ids), self.layout)
-        return ids
+        return prompt_ids(messages, self.template, self.tokenizer, self.layout)
 
     @torch.inference_mode()
     def generate(self, conversations: list[list[dict]], images: list[list], streamer=None) -> list[str]:
@@ -109,7 +106,7 @@ def load_generator(model: str, *, adapter: str | None = None, bits: int | None =
     """Any model directory qilin-lite accepts (+ a peft adapter) -> (a ready `Generator` using the template saved
     with the weights, its RunInfo). The one loader chat, web, eval and the demo share. `dtype` None and `attn`
     "auto" choose for this machine (device.placement): on a GPU the weights load straight onto it."""
-    from ..conversation import get_template
+    from ..families import get_template
     from ..model import load_run, token_layout
 
     if temperature < 0:

@@ -27,18 +27,18 @@ def prepare_image(paths, out: str | Path, *, model: str | None = None, window: t
     Pixels only: the PNG carries no metadata, so no DICOM header value leaves the input file this way."""
     from ..images.decode import expand_to_square
     from ..model import RunInfo, load_tokenizer_and_processor
-    from ..processing import ImageLoader, pad_fill
+    from ..images.pixel_values import ImageLoader, pad_fill
 
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise UserError(f"{out}: the output must be a .png (lossless); JPEG would change the pixels again")
     several = not isinstance(paths, (str, Path)) and len(paths) > 1
     if several and model is not None:
-        from ..conversation import get_template
+        from ..families import get_template
         from ..model import template_of
 
         name = template_of(str(model))
-        if get_template(name).multi_image == "separate":
+        if get_template(name).separate_images:
             raise UserError(f"{model} shows each image to the model on its own (template '{name}'); write one PNG "
                             "per image: qilin-lite image FILE --out ...")
     image = load_chat_image(paths, window=window, frame=frame)

@@ -16,13 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Recipe
-from ..conversation import get_template
+from ..families import get_template
 from ..data.records import Record, Reject, read_records, write_rejects
 from ..distributed import gather_dicts, my_share, rank, wait_for_everyone, world_size
 from ..errors import UserError
 from ..heap import release_freed_memory
 from ..model import token_layout
-from ..processing import ImageLoader, VisionTextDataset, sample_lengths
+from ..encoding import sample_lengths
+from ..images.pixel_values import ImageLoader
+from .dataset import VisionTextDataset
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..device import cuda
-from ..processing import VisionTextDataset
+from .dataset import VisionTextDataset
 from .sampler import grouped_order
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def pack(lengths, max_length: int) -> list[list[int]]:
 # Pack only for at least this much less estimated work. The estimate counts FLOPs; one sample per row would be
 # packing in name only. On the CPU a packed micro-batch (rows of 2048) is many times the tokens of an unpacked one and
 # its element-wise work falls out of the caches: per token it measured 1.2x the unpacked cost
-# (benchmarks/packing.py), so there it must save more to pay.
+# (benchmarks/packed_vs_unpacked.py), so there it must save more to pay.
 PACKING_MIN_GAIN = 0.03
 PACKING_MIN_GAIN_CPU = 0.20
 

@@ -268,6 +268,14 @@ def peft_loaded(model, flag: bool) -> None:
     model._hf_peft_config_loaded = flag
 
 
+def length_grouped_indices(lengths, group_size: int, generator):
+    """transformers' length-grouped order (megabatches of `group_size`, longest first), which it does not export
+    publicly: drawn from the generator alone, so the order is the Trainer's own for the same seed."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    return get_length_grouped_indices(lengths, group_size, generator=generator)
+
+
 def no_split_modules(model) -> list[str]:
     """The layer class names a model says must not be split across devices (FSDP's units)."""
     return list(getattr(model, "_no_split_modules", None) or [])

@@ -11,11 +11,11 @@ import torch
 def grouped_order(lengths, group_size: int, seed: int) -> list[int]:
     """transformers' length-grouped order (megabatches of similar lengths, the longest batch first), drawn from
     `seed` alone. `group_size` is what the Trainer passes: per-device batch x accumulation."""
-    from transformers.trainer_pt_utils import get_length_grouped_indices
+    from .private_api import length_grouped_indices
 
     g = torch.Generator()
     g.manual_seed(seed)
-    return get_length_grouped_indices(lengths, group_size, generator=g)
+    return length_grouped_indices(lengths, group_size, generator=g)
 
 
 class EpochGroupedSampler(torch.utils.data.Sampler):

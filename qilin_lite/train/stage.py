@@ -31,7 +31,8 @@ from ..model import (
     save_processor,
 )
 from .packing import PackedDataset, choose_packing
-from ..processing import Collator, as_hf_dataset
+from .collator import Collator
+from .dataset import as_hf_dataset
 from .stages import LoraSettings, configure, trainable_summary
 from .args import check_deepspeed, fsdp_units, report_targets, sft_config
 from .data import build_dataset
@@ -98,7 +99,8 @@ def settle_template(recipe: Recipe) -> None:
     """A tune recipe that names no template takes the model's own: a converted or earlier-tuned model's (HuatuoGPT-
     Vision keeps `huatuo`), else its LLM's dialog format (ChatML for Qwen2, vicuna_v1 for LLaMA). Settled before
     recipe.yaml is written, so the run records it and --resume compares it."""
-    from ..model import guess_template, template_of
+    from ..families import get_template, guess_template
+    from ..model import template_of
 
     d, m = recipe.data, recipe.model
     if d.template or recipe.stage != "tune":
@@ -108,7 +110,7 @@ def settle_template(recipe: Recipe) -> None:
         info = RunInfo.load(Path(m.from_run))
         source = resolve_base(Path(m.from_run), info) if info is not None and info.kind == "align" else m.from_run
     found = template_of(source) if source else guess_template(m.llm)
-    d.template = found if found != "plain" else guess_template(source)
+    d.template = found if get_template(found).dialog else guess_template(source)
     log.info("template: %s (the model's own; --set data.template=NAME to choose another)", d.template)
 
 

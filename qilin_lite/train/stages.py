@@ -13,10 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UserError
+from ..families.llava import LLAVA
 
 MODES = ("align", "lora", "qlora", "full")
 # every linear layer of the LLM decoder, and nothing in the vision tower or projector (those match too by name)
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+LORA_TARGETS = LLAVA.lora_targets  # the LLM's attention and MLP projections (families/base.py)
 
 
 def llm_bits(mode: str, load_4bit: bool = False) -> int | None:

@@ -256,7 +256,7 @@ class QilinTrainer(private_api.TrainerHooks, SFTTrainer):
 
     # ---------------------------------------------------------------- host work
     # Host work the Trainer repeats on every micro-batch although its answer does not change. Measured on the
-    # paper's 13B model with LoRA (3,636 modules; benchmarks/host_cost.py): `model.train()` walks every module
+    # paper's 13B model with LoRA (3,636 modules; benchmarks/host_work_vs_trainer.py): `model.train()` walks every module
     # and the FLOPs count walks every parameter, each ~10 ms of CPU, 128 times per optimizer step in the QLoRA
     # recipe (batch 1, 128 accumulated). And the NaN/inf filter on the logged loss reads each micro-batch's loss
     # back to the host, which stalls the CPU until the GPU is done instead of letting it queue the next

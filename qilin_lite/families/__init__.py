@@ -1,0 +1,77 @@
+"""Model families, one module each (llava.py: the paper's; huatuo.py: HuatuoGPT-Vision; chatml.py: Qwen2 chat LLMs
+behind a Llava tower), on the contract in base.py. This module lists them and finds the one a checkpoint belongs to.
+
+Add a family: a module with its `Template` subclass(es) and a `Family`, listed in FAMILIES below, and its tests
+(CONTRIBUTING.md, "Add a model family").
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .base import (  # noqa: F401 - the package's public names
+    COMPOSITE_MAX_IMAGES,
+    IGNORE,
+    IMAGE_TOKEN,
+    MARKER,
+    MULTI_IMAGE,
+    Family,
+    Ollama,
+    Rendered,
+    Template,
+    check_roles,
+    image_count,
+)
+from .chatml import QWEN2_CHAT
+from .huatuo import HUATUO_VISION
+from .llava import LLAVA, VICUNA_SYSTEM  # noqa: F401
+
+# Asked in this order which template an unknown checkpoint speaks; the paper's LLaVA, last, takes any the others
+# leave (HuatuoGPT-Vision is a Qwen2 LLM too, so it is asked before the ChatML family).
+FAMILIES: tuple[Family, ...] = (HUATUO_VISION, QWEN2_CHAT, LLAVA)
+TEMPLATES: dict[str, Template] = {t.name: t for f in FAMILIES[::-1] for t in f.templates}
+
+
+def get_template(name: str) -> Template:
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        from ..errors import UserError
+
+        raise UserError(f"unknown template '{name}'; choose one of: {', '.join(TEMPLATES)}") from None
+
+
+def family_of(template: Template) -> Family:
+    return next(f for f in FAMILIES if template in f.templates)
+
+
+def guess_template(source: str) -> str:
+    """The chat template of a Llava directory or hub id that qilin-lite did not write (no qilin.json): the first
+    family that claims it (its name, its config.json), else LLaVA's vicuna_v1."""
+    try:
+        from transformers.utils import cached_file
+
+        f = cached_file(source, "config.json", _raise_exceptions_for_missing_entries=False)
+        config = json.loads(Path(f).read_text(encoding="utf-8")) if f else {}
+    except (OSError, ValueError):
+        config = {}
+    return next(t for t in (f.template_for(str(source), config) for f in FAMILIES) if t)
+
+
+# The conversation steps as functions of (messages, template), for callers that hold a template name's object.
+def render(messages: list[dict], template: Template, *, add_generation_prompt: bool = False, eos: str = "") -> Rendered:
+    return template.render(messages, add_generation_prompt=add_generation_prompt, eos=eos)
+
+
+def place_image(messages: list[dict], template: Template) -> list[dict]:
+    return template.place_images(messages)
+
+
+def chat_template_jinja(template: Template) -> str:
+    return template.chat_template_jinja()
+
+
+def typed_text(text: str, template: Template | None = None) -> str:
+    """What a person typed, as text only (see `Template.typed_text`); no template: the generic rule."""
+    return (template or LLAVA.templates[1]).typed_text(text)

@@ -1,0 +1,125 @@
+"""HuatuoGPT-Vision (FreedomIntelligence): a Qwen2 LLM behind a Llava tower, prompted as its authors' cli.py does,
+the only code they published. Template `huatuo`.
+
+- user text loses `<image>`, `<s>` and `</s>` (their `input_moderation`), then gets one `<image>\\n` per image in
+  front (`insert_image_placeholder`), and is stripped;
+- each past round is two pieces tokenized on their own, `<|user|>\\n{q}\\n` (split at `<image>`, as LLaVA's
+  `tokenizer_image_token`) and `<|assistant|>\\n{a} \\n`; the question being answered is one piece,
+  `<|user|>\\n{q}\\n<|assistant|>\\n`. No BOS, no system prompt, no end token between rounds.
+- Training (they published none): the reply, its ` \\n` and the tokenizer's end token are supervised, so the model
+  learns to stop where their cli.py stops it (at `eos_token_id`). Past rounds in a prompt carry no end token, as in
+  cli.py.
+A system message in a `huatuo` conversation is dropped (the format has none). Several images: each its own 576
+tokens, up to 6 (cli.py's limit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import (
+    GGUF_TEXT,
+    IMAGE_TOKEN,
+    JINJA_ASSISTANT_TEXT,
+    JINJA_USER_TEXT,
+    OLLAMA_USER_TEXT,
+    Family,
+    Ollama,
+    Rendered,
+    Template,
+    fit_gguf,
+    images_in_front,
+    with_marker,
+)
+
+# HuatuoGPT-Vision's cli.py gen_kwargs (do_sample with temperature 0.2 is the Generator's temperature)
+HUATUO_GENERATION = (("repetition_penalty", 1.2), ("min_new_tokens", 1))
+HUATUO_REMOVED = (IMAGE_TOKEN, "<s>", "</s>")  # cli.py's input_moderation blacklist
+
+
+def moderate(text: str) -> str:
+    """cli.py's input_moderation: the placeholder and LLaMA's BOS/EOS texts deleted from what a user typed."""
+    for b in HUATUO_REMOVED:
+        text = text.replace(b, "")
+    return text
+
+
+@dataclass(frozen=True)
+class HuatuoTemplate(Template):
+    def typed_text(self, text: str) -> str:
+        """Exactly as cli.py does (`<image>`, `<s>`, `</s>` deleted, nothing else touched), so its models get their
+        own ids."""
+        return moderate(text)
+
+    def place_images(self, messages: list[dict]) -> list[dict]:
+        return images_in_front(messages, moderate)
+
+    def batch_tokenizable(self, tokenizer) -> bool:
+        return False  # tokenized piece by piece, as cli.py does
+
+    def render(self, messages: list[dict], *, add_generation_prompt: bool = False, eos: str = "") -> Rendered:
+        text, spans, breaks = "", [], []
+        for m in messages:
+            if m["role"] == "system":
+                continue
+            breaks.append(len(text))
+            if m["role"] == "user":
+                text += f"<|user|>\n{m['content'].strip()}\n"
+            else:
+                text += "<|assistant|>\n"
+                start = len(text)
+                text += f"{m['content']} \n{eos}"
+                spans.append((start, len(text)))
+        if add_generation_prompt:
+            text += "<|assistant|>\n"  # the same piece as the question, as cli.py tokenizes it
+        return Rendered(text, spans, breaks)
+
+    def chat_template_jinja(self) -> str:
+        # a typed `<image>` inside a text part goes too (cli.py's moderation); in string content every tag is an image
+        user = JINJA_USER_TEXT.replace("REMOVE", ".replace('<image>', '').replace('<s>', '').replace('</s>', '')")
+        return (
+            "{% for m in messages %}{% if m['role'] == 'user' %}" + user
+            + "<|user|>\n{{ ('<image>\n' * n + t) | trim }}\n"
+            "{% elif m['role'] == 'assistant' %}<|assistant|>\n" + JINJA_ASSISTANT_TEXT + " \n{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+        )
+
+    def gguf_chat_template(self) -> str:
+        t = (
+            "{% for x in messages if x['role'] != 'system' %}"
+            + GGUF_TEXT.replace("REMOVE", ".replace('<image>', '').replace('<s>', '').replace('</s>', '')")
+            + "{% if x['role'] == 'user' %}{{ '<|user|>\\n' + (imgs.s + t).strip() + '\\n' }}"
+            "{% else %}{{ '<|assistant|>\\n' + c + ' \\n' }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+        )
+        return fit_gguf(with_marker(t), self.name)
+
+    def ollama(self) -> Ollama:
+        gen = dict(self.generation)
+        return Ollama(OLLAMA_HUATUO, "", ("<|endoftext|>", "<|user|>"),
+                      (("repeat_penalty", gen.get("repetition_penalty")),))
+
+
+OLLAMA_HUATUO = """\
+{{- range $i, $m := .Messages }}
+  {{- if eq $m.Role "user" }}<|user|>
+""" + OLLAMA_USER_TEXT + """
+<|assistant|>
+{{ else if eq $m.Role "assistant" }}{{ $m.Content }}
+    {{- if gt (len (slice $.Messages $i)) 1 }}{{ " " }}
+{{ end }}
+  {{- end }}
+{{- end }}"""
+
+
+HUATUO = HuatuoTemplate(name="huatuo", multi_image="separate", max_images=6, generation=HUATUO_GENERATION)
+
+
+@dataclass(frozen=True)
+class HuatuoFamily(Family):
+    def template_for(self, source: str, config: dict) -> str | None:
+        # by its name, as its own cli.py tells its models apart
+        return "huatuo" if "huatuogpt-vision" in source.lower() else None
+
+
+HUATUO_VISION = HuatuoFamily(name="huatuogpt-vision", templates=(HUATUO,))
