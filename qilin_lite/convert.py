@@ -302,8 +302,14 @@ def convert_checkpoint(src: str | Path, dst: str | Path, *, vision_tower: str | 
         vision_config = friendly_load(CLIPVisionConfig.from_pretrained, vision, "vision tower config (CLIP)")
         vision_state = {}
     else:
-        vision_model = friendly_load(CLIPVisionModel.from_pretrained, vision, "vision tower (CLIP)", dtype=dt,
-                                      use_safetensors=None if allow_pickle else True)
+        try:
+            vision_model = friendly_load(CLIPVisionModel.from_pretrained, vision, "vision tower (CLIP)", dtype=dt,
+                                          use_safetensors=None if allow_pickle else True)
+        except UserError as e:
+            if vision_tower:
+                raise
+            raise UserError(f"{src}: the checkpoint has no vision tower, and the one its config names does not load "
+                            f"({e}); pass the CLIP tower it was trained with: --vision-tower ID_OR_PATH") from None
         vision_config = vision_model.config
         vision_state = {"vision_tower." + k: v.to(dt) for k, v in vision_model.state_dict().items()}
         del vision_model
@@ -417,7 +423,8 @@ def _check_plan(planned: dict[str, tuple[int, ...]], config, src: Path) -> None:
     got = {module_name(k): v for k, v in planned.items()}
     missing = sorted(set(expected) - set(got))
     if missing:
-        raise UserError(f"{src}: the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}; is it complete?")
+        raise UserError(f"{src}: the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}; is it complete? "
+                        "(a missing vision tower is supplied with --vision-tower)")
     unexpected = sorted(set(got) - set(expected))
     if unexpected:
         raise UserError(f"{src}: tensors the config does not account for, e.g. {unexpected[:3]}")

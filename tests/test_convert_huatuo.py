@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from qilin_lite.families import IMAGE_TOKEN
 
@@ -393,3 +393,21 @@ def test_llama_cpp_sends_the_exported_model_the_ids_their_cli_builds(case, n, co
     assert cos > 0.9999, cos
     if n:
         assert np.abs(theirs - ours).max() < 0.1 * np.abs(theirs - mirrored).max()  # measured: 0.01
+
+
+def test_a_release_without_its_vision_tower_is_told_to_pass_vision_tower(tiny_parts, tmp_path):
+    """A checkpoint whose shards lack the CLIP tower names the flag that supplies it, not just a count (issue 34)."""
+    from qilin_lite.convert import convert_checkpoint
+    from qilin_lite.errors import UserError
+
+    src = tmp_path / "HuatuoGPT-Vision-7B"
+    write_huatuo_checkpoint(tiny_parts, src)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        part = load_file(str(src / shard))
+        save_file({k: v for k, v in part.items() if not k.startswith("model.vision_tower.")}, str(src / shard))
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not k.startswith("model.vision_tower.")}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="has no vision tower.*pass the CLIP tower it was trained with: --vision-tower"):
+        convert_checkpoint(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -383,3 +383,22 @@ def test_a_truncated_weights_file_is_one_line_and_leaves_nothing(full_run, tmp_p
     assert code == 2 and "cannot read its safetensors header" in err and ".safetensors" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["../../../escaped", "/tmp/abs", "..", "a/b", "a b"])
+def test_a_name_that_is_a_path_is_refused_before_any_work(full_run, tmp_path, name):
+    """`--name` names the files inside OUT; a path there once wrote a GGUF outside it (issue 34)."""
+    from qilin_lite.errors import UserError
+    from qilin_lite.export import export_gguf
+
+    with pytest.raises(UserError, match="--name .*letters, digits"):
+        export_gguf(full_run, tmp_path / "out", name=name)
+    assert not (tmp_path / "out").exists() and not (tmp_path.parent.parent / "escaped-f16.gguf").exists()
+
+
+def test_a_plain_chinese_name_is_kept():
+    from pathlib import Path
+
+    from qilin_lite.export import model_name
+
+    assert model_name(Path("麒麟-med_v1.2")) == "麒麟-med_v1.2"

@@ -110,6 +110,16 @@ def test_listening_beyond_loopback_warns_and_makes_a_token(lora_run, monkeypatch
     assert "--no-auth" in out and "#token=" not in out
 
 
+@pytest.mark.parametrize("token", ["", "  "])
+def test_an_empty_token_is_refused_not_taken_as_no_auth(tmp_path, token):
+    """`web --host 0.0.0.0 --token=` once served without authentication; it is one line before anything loads."""
+    from qilin_lite.errors import UserError
+    from qilin_lite.serve.web import serve
+
+    with pytest.raises(UserError, match="--token is empty"):
+        serve(str(tmp_path / "no-model-needed"), host="0.0.0.0", port=0, token=token)
+
+
 def test_malformed_bodies_are_4xx_with_a_message(web):
     """Random JSON bodies (hypothesis) to every endpoint: a message and a 4xx each, and the server keeps answering."""
     from hypothesis import HealthCheck, example, given, settings

@@ -40,6 +40,9 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path, *, quant: str = "f16",
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if quant not in QUANTS:
         raise UserError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
+    if name is not None and (not name.strip(". ") or model_name(Path(name)) != name):  # a file name, never a path
+        raise UserError(f"--name {name!r}: a name goes into the files' names and may hold letters, digits, '.', '_' "
+                        f"and '-' only (e.g. --name {model_name(Path(name)) or 'model'})")
     try:
         import gguf  # noqa: F401
     except ImportError:

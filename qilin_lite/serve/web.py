@@ -391,6 +391,9 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 7860, bits: int | 
     from .generate import load_generator
     from .chat_session import quiet
 
+    if token is not None and not token.strip():  # `--token=` would otherwise turn authentication off unseen
+        raise UserError("--token is empty; give a token, leave --token out (a random one off loopback), or pass "
+                        "--no-auth to serve without one on purpose")
     for stale in remove_stale():  # upload folders of a server that died mid-decode (SIGKILL): nothing may stay
         log.warning("removed %s, left by a server that stopped while decoding an upload", stale)
     with socket.socket() as probe:  # before minutes of model loading, and before the banner names the address
