@@ -95,3 +95,19 @@ def test_eval_reads_roles_by_the_training_names(folder):
         {"from": "doctor", "value": "Q"}, {"from": "gpt", "value": "A"}]}]), encoding="utf-8")
     with pytest.raises(UserError, match=r"\(u\): turn 1 has unknown role 'doctor'"):
         load_eval_items(path, "llava", folder)
+
+
+def test_json_nested_100000_deep_is_one_bad_row_not_a_recursion_error(tmp_path):
+    """A JSONL line or a JSON list element nested 100,000 deep (RecursionError in `data check` before, issue 34)."""
+    from qilin_lite.data.rows import iter_json
+
+    deep = "[" * 100_000 + "]" * 100_000
+    good = '{"id": "a", "conversations": []}'
+    jsonl = tmp_path / "deep.jsonl"
+    jsonl.write_text(good + "\n" + deep + "\n" + good + "\n", encoding="utf-8")
+    rows = list(iter_json(jsonl))
+    assert [r[1] is None for r in rows] == [False, True, False] and "nested deeper" in rows[1][2]
+    listed = tmp_path / "deep.json"
+    listed.write_text("[" + good + ", " + deep + "]", encoding="utf-8")
+    rows = list(iter_json(listed))
+    assert rows[0][1]["id"] == "a" and "nested deeper" in rows[-1][2]

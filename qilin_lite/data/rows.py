@@ -27,6 +27,9 @@ def is_json_list(path: Path) -> bool:
         return f.read(4096).lstrip(BOM_AND_SPACE).startswith(b"[")
 
 
+NESTED = "not a record (JSON nested deeper than Python's parser allows); a record is an object a few levels deep"
+
+
 def iter_json(path: Path, *, on_broken: str = "yield") -> Iterator[Row]:
     """Rows of a JSONL file or a JSON list. A broken JSON list yields its error as a row (`on_broken="yield"`) or
     raises one UserError naming the line where reading stopped (`"raise"`)."""
@@ -57,6 +60,9 @@ def iter_jsonl(path: Path) -> Iterator[Row]:
                 row = json.loads(raw)
             except json.JSONDecodeError as e:
                 yield i, None, f"not valid JSON ({e.msg})"
+                continue
+            except RecursionError:  # a hostile or broken file: arrays or objects nested thousands deep
+                yield i, None, NESTED
                 continue
             yield i, row, None if isinstance(row, dict) else "line is not a JSON object"
 
@@ -119,6 +125,9 @@ def _iter_json_list(path: Path, on_broken: str, chunk: int = 1 << 20) -> Iterato
                     if not more():
                         yield broken(n + 1, f"not valid JSON ({e.msg})", e.pos)
                         return
+                except RecursionError:
+                    yield broken(n + 1, NESTED, pos)
+                    return
             n += 1
             pos = end
             yield n, row, None if isinstance(row, dict) else "record is not a JSON object"
