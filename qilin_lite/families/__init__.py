@@ -25,7 +25,7 @@ from .base import (  # noqa: F401 - the package's public names
 )
 from .chatml import QWEN2_CHAT
 from .huatuo import HUATUO_VISION
-from .llava import LLAVA, VICUNA_SYSTEM  # noqa: F401
+from .llava import LLAVA, VICUNA_SYSTEM, VICUNA_V1  # noqa: F401
 
 # Asked in this order which template an unknown checkpoint speaks; the paper's LLaVA, last, takes any the others
 # leave (HuatuoGPT-Vision is a Qwen2 LLM too, so it is asked before the ChatML family).
@@ -74,4 +74,4 @@ def chat_template_jinja(template: Template) -> str:
 
 def typed_text(text: str, template: Template | None = None) -> str:
     """What a person typed, as text only (see `Template.typed_text`); no template: the generic rule."""
-    return (template or LLAVA.templates[1]).typed_text(text)
+    return (template or VICUNA_V1).typed_text(text)
