@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import UserError, where
 from .records import Reject, read_records
 
-# records.py / processing.py reasons -> the problem kinds `check` counts
+# records.py / encoding.py reasons -> the problem kinds `check` counts
 _PROBLEM_KINDS = (
     ("not valid JSON", "bad JSON"), ("not a JSON object", "bad JSON"),
     ("roles must alternate", "roles out of order"), ("no reply to learn from", "roles out of order"),
@@ -91,7 +91,7 @@ def check_data(
     length_mode: str = "text",
     allow_outside_images: bool = False,
 ) -> CheckResult:
-    """Every record against what training needs; the same rules as `align`/`tune` (records.py, processing.py)."""
+    """Every record against what training needs; the same rules as `align`/`tune` (records.py, encoding.py)."""
     from ..families import get_template
     from ..images.decode import load_image
     from ..encoding import TokenLayout, sample_lengths

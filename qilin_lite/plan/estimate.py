@@ -15,7 +15,7 @@ What is modelled is this repository's training path, tensor by tensor (see `laye
   layer on, while the vision tower, embeddings and lm_head stay in the load dtype;
 - trl >= 1's SFTTrainer loss: a chunked LM head (4096 tokens x 32768 vocabulary tiles), so the b x s x vocab logits
   are never materialised (`fused_lm_head=False` models the classic fp32-logits cross-entropy instead);
-- torch fused AdamW (the Trainer's default): m and v in the parameter's dtype; outside DeepSpeed train.py keeps every
+- torch fused AdamW (the Trainer's default): m and v in the parameter's dtype; outside DeepSpeed stage.py keeps every
   trained parameter in fp32 (frozen ones in the load dtype) and autocast computes in bf16; DeepSpeed ZeRO:
   bf16 weights and gradients, fp32 master + m + v (12 bytes per trained parameter) sharded over the GPUs from stage 1,
   gradients from stage 2, weights from stage 3 (which then gathers two decoder layers at a time);
@@ -149,7 +149,7 @@ def estimate(shape: Shape, s: Settings) -> Estimate:
         lin_fmt = "int8"
     else:
         lin, lin_fmt = shape.decoder_linear * z.w, _name(z.w, s)
-    # train.py keeps every trained weight in fp32 outside DeepSpeed (AdamW on bf16 weights loses small updates)
+    # train/stage.py keeps every trained weight in fp32 outside DeepSpeed (AdamW on bf16 weights loses small updates)
     proj_w = 4 if not ds else z.w
     full_w = 4 if (s.mode == "full" and not ds) else None  # the whole LLM is trained: fp32 too
     proj_copy = s.mode in ("lora", "qlora")  # peft modules_to_save: a trained copy beside the frozen original

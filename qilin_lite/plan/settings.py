@@ -126,7 +126,7 @@ def settings_from_recipe(recipe, **overrides) -> Settings:
     if tr.fsdp_options is not None:
         # fp32 trained weights + fp32 gradients + AdamW = 16 bytes per trained parameter sharded, the same as ZeRO's
         # bf16 weights + gradients + fp32 master and AdamW; full_shard frees weights after use as ZeRO-3 does.
-        # train.py computes the loss without trl's fused head under FSDP, so the full logits are counted.
+        # train/stage.py computes the loss without trl's fused head under FSDP, so the full logits are counted.
         values.update(fsdp=True, zero_stage=3 if tr.fsdp_options[0] else 2, fused_lm_head=False)
     values.update({k: v for k, v in overrides.items() if v is not None})
     if values["mode"] != "align":

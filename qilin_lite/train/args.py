@@ -50,7 +50,7 @@ def sft_config(recipe: Recipe, out: Path, wrap: list[str] | None = None):
         report_to=report,
         dataloader_num_workers=recipe.data.num_workers,
         remove_unused_columns=False,  # our collator needs every field; nothing unused reaches it
-        dataset_kwargs={"skip_prepare_dataset": True},  # tokenized and truncated by processing.py
+        dataset_kwargs={"skip_prepare_dataset": True},  # tokenized and truncated by encoding.py
         max_length=None,
         use_cpu=not cuda,
     )

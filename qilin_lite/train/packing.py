@@ -1,6 +1,6 @@
 """Packing: several samples per row, laid end to end, and the cost model that decides whether it pays.
 
-In:  a `VisionTextDataset` (processing.py) and its sample lengths.
+In:  a `VisionTextDataset` (dataset.py) and its sample lengths.
 Out: `PackedDataset` rows whose `position_ids` restart at each sample (no sample attends to another), and
 `choose_packing`'s verdict for `--packing`: the row length with the least estimated work, or none when training
 unpacked costs less. Packed rows train with each sample attending only to itself (flash-attn's varlen kernel, or

@@ -66,6 +66,7 @@ def _lacks(package: str, what: str) -> UserError:
                      f"{package}{SUPPORTED[package]} (pip install '{package}{SUPPORTED[package]}')")
 
 
+@functools.lru_cache(maxsize=None)  # a module's source does not change in a process; the check runs per trainer
 def _source(module) -> str:
     import inspect
 

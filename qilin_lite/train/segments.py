@@ -12,7 +12,7 @@ given `position_ids` and no attention mask or cache (training), transformers tur
 document of a block mask, and FlexAttention skips the blocks between documents in one kernel. In torch 2.13
 FlexAttention has no backward on the CPU (NotImplementedError), so the CPU keeps this per-span sdpa.
 
-Used for training only, while a packed dataset trains (train.py switches the language model to it and back before
+Used for training only, while a packed dataset trains (stage.py switches the language model to it and back before
 saving): there is no attention mask and no cache, so it is not for generation or left-padded batches.
 """
 

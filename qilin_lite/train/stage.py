@@ -3,8 +3,8 @@
     prepare the output -> load the model -> build the datasets -> build the trainer -> train -> save -> summary
 
 `align` writes the projector; `tune --lora/--qlora` a peft adapter that also holds the trained projector;
-`tune --full` a complete Llava directory. Each step lives in its own room: the data checks in train_data.py, the
-trainer in trainer.py beside its arguments mapping (train_args.py), the process helpers in distributed.py.
+`tune --full` a complete Llava directory. Each step lives in its own room: the data checks in data.py, the
+trainer in trainer.py beside its arguments mapping (args.py), the process helpers in ../distributed.py.
 """
 
 from __future__ import annotations

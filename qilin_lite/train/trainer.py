@@ -1,6 +1,6 @@
 """The trainer: trl's SFTTrainer with qilin-lite's overrides, and the callback that makes preemption safe.
 
-Kept beside its arguments mapping (train_args.py), as trl keeps sft_trainer.py beside sft_config.py. train.py
+Kept beside its arguments mapping (args.py), as trl keeps sft_trainer.py beside sft_config.py. stage.py
 constructs it; a benchmark or test that needs another trainer subclasses it and passes the class to `train_stage`.
 """
 
@@ -35,7 +35,6 @@ COMPLETE = ".qilin-complete"  # written into a checkpoint once everything in it 
 
 class Stopped(Exception):
     """Training stopped on SIGTERM after writing a checkpoint; `--resume` continues it (not an error: exit 0)."""
-
 
 
 class Preemption(TrainerCallback):
