@@ -111,3 +111,32 @@ def test_json_nested_100000_deep_is_one_bad_row_not_a_recursion_error(tmp_path):
     listed.write_text("[" + good + ", " + deep + "]", encoding="utf-8")
     rows = list(iter_json(listed))
     assert rows[0][1]["id"] == "a" and "nested deeper" in rows[-1][2]
+
+
+def test_a_line_past_the_row_bound_is_refused_as_it_is_read(tmp_path, monkeypatch, folder):
+    """A JSONL line longer than the bound (a 2 GB line was read whole and accepted before, issue 34) is one bad row
+    naming its line and the bound, found without holding the line: here 8 MB over a bound lowered to 64 kB."""
+    import tracemalloc
+
+    from qilin_lite.data import rows as rows_mod
+    from qilin_lite.data.rows import iter_json
+
+    monkeypatch.setattr(rows_mod, "MAX_ROW_CHARS", 64 << 10)
+    big = json.dumps({**ROWS[0], "id": "big", "note": "x" * (8 << 20)}, ensure_ascii=False)
+    jsonl = folder / "big.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [ROWS[0], None, ROWS[1]])
+                     .replace("null", big) + "\n", encoding="utf-8")
+    tracemalloc.start()
+    rows = list(iter_json(jsonl))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert [(line, row is None) for line, row, _ in rows] == [(1, False), (2, True), (3, False)]
+    assert "longer than 65,536 characters" in rows[1][2]
+    assert peak < 3 << 20  # the 8 MB line was never held whole (read whole, the line alone is 8 MB)
+    with pytest.raises(UserError, match=r"big\.jsonl:2: .*longer than 65,536 characters"):
+        read_records(jsonl, folder)
+    # a JSON list's element past the bound ends the list at that element, also without reading it all
+    listed = folder / "big.json"
+    listed.write_text("[" + json.dumps(ROWS[0]) + ", " + big + "]", encoding="utf-8")
+    rows = list(iter_json(listed))
+    assert rows[0][1]["id"] == "a" and rows[-1][1] is None and "within 65,536 characters" in rows[-1][2]

@@ -27,6 +27,17 @@ def is_json_list(path: Path) -> bool:
         return f.read(4096).lstrip(BOM_AND_SPACE).startswith(b"[")
 
 
+# The longest row read, in characters (a JSONL line, a JSON list element). A record is a few kB of text and image
+# names; without a bound one 2 GB line was read whole and parsed (45 s, 5.9 GB of memory) before anything was said.
+# Read at each call, so a test may lower it.
+MAX_ROW_CHARS = 64 << 20
+
+
+def too_long(limit: int) -> str:
+    return (f"longer than {limit:,} characters, the most a row may hold (a record is a few kB: text and image "
+            "names, never image data); split the file into one record per line or take out what is embedded")
+
+
 NESTED = "not a record (JSON nested deeper than Python's parser allows); a record is an object a few levels deep"
 
 
@@ -51,9 +62,18 @@ def iter_rows(path: Path) -> Iterator[Row]:
 
 
 def iter_jsonl(path: Path) -> Iterator[Row]:
-    """Yield (line, row or None, parse_error) for each non-blank line, streaming: one bad line names itself."""
+    """Yield (line, row or None, parse_error) for each non-blank line, streaming: one bad line names itself, and a
+    line past `MAX_ROW_CHARS` is refused as it is read, without holding it whole."""
+    limit = MAX_ROW_CHARS
     with Path(path).open(encoding="utf-8-sig", errors="replace") as f:
-        for i, raw in enumerate(f, 1):
+        i = 0
+        while raw := f.readline(limit + 1):
+            i += 1
+            if len(raw) > limit and not raw.endswith("\n"):
+                while (rest := f.readline(1 << 16)) and not rest.endswith("\n"):
+                    pass  # the rest of the line, read in pieces and dropped
+                yield i, None, too_long(limit)
+                continue
             if not raw.strip():
                 continue
             try:
@@ -70,6 +90,7 @@ def iter_jsonl(path: Path) -> Iterator[Row]:
 def _iter_json_list(path: Path, on_broken: str, chunk: int = 1 << 20) -> Iterator[Row]:
     """Elements of a top-level JSON list, decoded one at a time from a sliding buffer (1-based positions)."""
     decoder = json.JSONDecoder()
+    limit = MAX_ROW_CHARS
     with path.open(encoding="utf-8-sig", errors="replace") as f:
         buf, pos, eof, lines_before = "", 0, False, 0  # lines_before: newlines in text already dropped from buf
 
@@ -122,6 +143,10 @@ def _iter_json_list(path: Path, on_broken: str, chunk: int = 1 << 20) -> Iterato
                         raise json.JSONDecodeError("incomplete", buf, end)  # the value may go on in the next chunk
                     break
                 except json.JSONDecodeError as e:
+                    if len(buf) - pos > limit:  # no record is that large: too long, or broken early on
+                        yield broken(n + 1, f"no complete record within {limit:,} characters, the most a row may "
+                                     "hold (a record is a few kB)", pos)
+                        return
                     if not more():
                         yield broken(n + 1, f"not valid JSON ({e.msg})", e.pos)
                         return
