@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import UserError
+from .errors import UserError, printable
 
 app = typer.Typer(
     add_completion=False,
@@ -215,7 +215,7 @@ def main() -> None:
         _leave_process_group()
         sys.exit(rc if isinstance(rc, int) else 0)
     except UserError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {printable(e)}", err=True)  # a file name's newline or NUL stays one line
         sys.exit(e.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("interrupted", err=True)

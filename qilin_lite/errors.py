@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class UserError(Exception):
     """A problem the user can fix (bad file, bad record, bad flag). Bugs stay ordinary exceptions."""
@@ -9,13 +11,24 @@ class UserError(Exception):
     exit_code = 2
 
 
+# characters that must not reach a terminal raw from a file name or an id: C0/C1 controls (NUL, newline, escape
+# sequences), the Unicode line and paragraph separators, and the bidirectional overrides that reorder what is shown
+_HIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text) -> str:
+    """`text` with each control character escaped as Python's repr writes it (`\\n`, `\\x00`, `\\u2028`): a file
+    named with a newline or a NUL prints as one line that says so, never as a forged second line."""
+    return _HIDDEN.sub(lambda m: repr(m.group())[1:-1], str(text))
+
+
 def where(path, line: int | None = None, record_id: str | None = None) -> str:
-    """`file:line (id)` prefix used by every data error, so messages read alike everywhere."""
-    out = str(path)
+    """`file:line (id)` prefix used by every data error, so messages read alike everywhere (names made printable)."""
+    out = printable(path)
     if line is not None:
         out += f":{line}"
     if record_id is not None:
-        out += f" ({record_id})"
+        out += f" ({printable(record_id)})"
     return out
 
 

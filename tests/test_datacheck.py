@@ -117,3 +117,24 @@ def test_built_data_passes_check(tmp_path):
     build([src], out, [images], BuildConfig(workers=0))
     result = check_data(out)  # image paths are relative to the output's folder: no --image-folder needed
     assert result.records == 3 and result.ok, result.format()
+
+
+def test_control_characters_in_names_print_escaped(planted, tmp_path, monkeypatch, capsys, tiny_base):
+    """A newline or NUL in a file name, an image name or an id is printed escaped (`\\n`, `\\x00`), so one problem
+    stays one line and no name can forge a report line (printed raw before, issue 34)."""
+    _, folder = planted
+    odd = tmp_path / "da\nta.jsonl"
+    rows = [good("a\n[ok] 0 problems", image="x\n.png"), good("b", image="y\x00.png"), good("c\x1b[2J")]
+    odd.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    code, out, _ = run_cli(monkeypatch, capsys, "data", "check", odd, "--image-folder", folder)
+    assert code == 1 and "\x00" not in out and "\x1b" not in out
+    problems = [line for line in out.splitlines() if line.startswith("  ")]
+    fix = " not found; check --image-folder or the record's 'image' field"
+    assert problems == [f"  {tmp_path}/da\\nta.jsonl:1 (a\\n[ok] 0 problems): image '{folder}/x\\n.png'" + fix,
+                        f"  {tmp_path}/da\\nta.jsonl:2 (b): image '{folder}/y\\x00.png'" + fix]
+    code, _, err = run_cli(monkeypatch, capsys, "data", "check", tmp_path / "no\nfile.jsonl")
+    assert code == 2 and err.startswith(f"error: {tmp_path}/no\\nfile.jsonl: data file not found") and err.count("\n") == 1
+    # inspect prints the same names the same way
+    code, out, _ = run_cli(monkeypatch, capsys, "data", "inspect", odd, "--model", tiny_base,
+                           "--image-folder", folder, "-n", "3")
+    assert "\x1b[2J" not in out and r"(c\x1b[2J)" in out

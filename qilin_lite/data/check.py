@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError, where
+from ..errors import UserError, printable, where
 from .records import Reject, read_records
 
 # records.py / encoding.py reasons -> the problem kinds `check` counts
@@ -27,7 +27,7 @@ _PROBLEM_KINDS = (
     ("tag(s) but the record has", "image count mismatch"),
     ("not found", "missing image"), ("outside the image folder", "image outside the folder"),
     ("empty reply", "empty text"), ("empty question", "empty text"),
-    ("duplicate id", "duplicate id"),
+    ("duplicate id", "duplicate id"), ("the most a row may hold", "row too long"),
 )
 
 
@@ -54,7 +54,7 @@ class CheckResult:
                  f"({self.seconds:.1f} s, {rate:,.0f} records/s)"]
         for kind, n in sorted(self.counts.items(), key=lambda kv: -kv[1]):
             lines.append(f"{kind}: {n}")
-            lines += [f"  {e}" for e in self.examples[kind]]
+            lines += [f"  {printable(e)}" for e in self.examples[kind]]  # image names are the data's, raw
         if not self.length_checked:
             lines.append("lengths not checked: pass --model (a Llava or run directory) to check them")
         return "\n".join(lines)

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, printable
 
 GREEN, RESET = "\033[32m", "\033[0m"
 
@@ -77,8 +77,8 @@ def inspect_records(file, model: str, *, image_folder=None, recipe: str | None =
             e = encode_detail(rec.messages, tpl, tok, layout)
         except BadRecord as err:
             row = {"id": rec.id, "error": str(err)}
-            print(json.dumps(row, ensure_ascii=False) if as_json else f"── {rec.where}: cannot be trained on: {err}",
-                  file=out)
+            print(json.dumps(row, ensure_ascii=False) if as_json
+                  else f"── {rec.where}: cannot be trained on: {printable(err)}", file=out)
             shown.append(row)
             continue
         ids, labels = e.input_ids.tolist(), e.labels.tolist()
@@ -114,7 +114,7 @@ def _render(ids: list[int], labels: list[int], tok, image_id: int, color: bool, 
             k = j
             continue
         name = names[k] if names[k] is not None else f"<{ids[k]}>"
-        name = name.replace("\n", "\\n")
+        name = printable(name)  # a token's newline or control character, shown escaped
         if labels[k] != IGNORE:
             name = f"{GREEN}{name}{RESET}" if color else f"[{name}]"
         pieces.append(name)
