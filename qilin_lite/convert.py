@@ -39,6 +39,7 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import UserError
+from .weights import open_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +146,7 @@ def weight_files(src: Path, allow_pickle: bool) -> list[Path]:
 def iter_tensors(path: Path) -> Iterator[tuple[str, "torch.Tensor"]]:  # noqa: F821
     """(name, tensor) of one weight file, one tensor in memory at a time for safetensors (mmap for pickles)."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path) as f:  # a truncated file: one line naming it
             for name in f.keys():
                 yield name, f.get_tensor(name)
         return
@@ -157,9 +156,7 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, "torch.Tensor"]]:  # noqa: F
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Names and shapes without reading the data (safetensors header; memory-mapped pickles)."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path) as f:
             return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     return {name: tuple(t.shape) for name, t in _load_pickle(path).items()}
 

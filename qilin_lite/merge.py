@@ -23,6 +23,7 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import UserError
+from .weights import check_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str | None = N
     base = resolve_base(run_dir, info)
     dtype = dtype or run_dtype(run_dir, base)
 
+    check_safetensors(run_dir, "run weights")  # a truncated adapter or projector: one line, before a long load
     log.info("loading %s unquantized (%s) and folding in %s", base, dtype, run_dir)
     where = placement(dtype=dtype, attn="sdpa")  # on a GPU when there is one: no CPU copy of the base first
     model = load_llava(base, bits=None, dtype=where.dtype, attn=where.attn, device_map=where.device_map)

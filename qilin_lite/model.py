@@ -22,7 +22,9 @@ from .encoding import TokenLayout
 from .errors import UserError
 from .families import IMAGE_TOKEN, chat_template_jinja, get_template, guess_template
 from .families.llava import LLAVA
+from .run_file import read_run_file
 from .tokens import attach, keep_sentencepiece, slow_llama
+from .weights import check_safetensors, load_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ class RunInfo:
         f = Path(path) / RUN_FILE
         if not f.exists():
             return None
-        data = json.loads(f.read_text(encoding="utf-8"))
+        data = read_run_file(f)  # one line for a damaged file, not a traceback in chat, merge, export
         return RunInfo(**{k: data.get(k) for k in ("kind", "base", "template", "image_mode", "qilin_lite_version")})
 
 
@@ -104,6 +106,7 @@ def _pretrained_kwargs(trust_remote_code: bool, allow_pickle: bool) -> dict:
 
 
 def friendly_load(fn, source: str, what: str, **kwargs):
+    check_safetensors(source)  # a truncated shard: one line naming it (transformers raises safetensors' own error)
     try:
         return fn(source, **kwargs)
     except OSError as e:
@@ -314,6 +317,7 @@ def load_run(path: str | Path, *, bits: int | None = None, dtype: str = "bfloat1
         else:
             from peft import PeftModel
 
+            check_safetensors(p, "adapter weights")
             model = PeftModel.from_pretrained(model, str(p), is_trainable=trainable)
     else:
         model = load_llava(str(path), bits=bits, dtype=dtype, attn=attn, device_map=device_map)
@@ -346,12 +350,10 @@ def save_projector(model, path: Path) -> None:
 
 
 def load_projector(model, path: Path) -> None:
-    from safetensors.torch import load_file
-
     if not Path(path).exists():
         raise UserError(f"{path}: projector weights not found; is this the output directory of `qilin-lite align`?")
     proj = _llava(model).model.multi_modal_projector
-    state = load_file(str(path))
+    state = load_safetensors(path, "projector weights")
     dtype = next(proj.parameters()).dtype
     state = {k: v.to(dtype) for k, v in state.items()}
     from torch.distributed.tensor import DTensor

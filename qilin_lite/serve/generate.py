@@ -132,6 +132,7 @@ def _apply_adapter(model, info, adapter: Path):
     from peft import PeftModel
 
     from ..model import RunInfo
+    from ..weights import check_safetensors
 
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{adapter}: no adapter_config.json; --adapter takes a peft adapter directory "
@@ -141,6 +142,7 @@ def _apply_adapter(model, info, adapter: Path):
             f"--model is a {info.kind} run that already carries an adapter; pass {adapter} as --model on its own, "
             "or merge the first one (`qilin-lite merge`) and use the merged directory as --model"
         )
+    check_safetensors(adapter, "adapter weights")  # a truncated file: one line naming it
     model = PeftModel.from_pretrained(model, str(adapter))
     own = RunInfo.load(adapter)  # a qilin-lite run carries the template it was trained with
     return model, (own if own is not None else info)
