@@ -385,6 +385,38 @@ def test_a_truncated_weights_file_is_one_line_and_leaves_nothing(full_run, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_an_out_dir_that_cannot_be_written_is_one_line_and_leaves_nothing(full_run, tmp_path, monkeypatch, capsys):
+    """OUT_DIR read-only (or a file where its parent should be): refused in one line before any work, and no
+    directory or half-written file is left (a PermissionError traceback before, issue 34)."""
+    import errno
+    import os
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    (run / "tokenizer.model").write_bytes(b"")  # export checks the file is there before OUT_DIR
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.access(ro, os.W_OK):  # root writes anywhere: the refusal a read-only mount gives, made here
+        real = os.mkdir
+
+        def refuse(path, *a, **k):
+            if str(path).startswith(str(ro)):
+                raise OSError(errno.EROFS, "Read-only file system", str(path))
+            return real(path, *a, **k)
+
+        monkeypatch.setattr(os, "mkdir", refuse)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory", encoding="utf-8")
+    for out in (ro, ro / "new", a_file / "out"):
+        code, out_text, err = run_cli_captured(monkeypatch, capsys, "export", "gguf", run, out)
+        assert code == 2 and err.startswith(f"error: {out}: cannot write the export here (") and err.count("\n") == 1
+        assert "Traceback" not in out_text + err
+    ro.chmod(0o755)
+    assert list(ro.iterdir()) == [] and a_file.read_text(encoding="utf-8") == "not a directory"
+
+
 @pytest.mark.parametrize("name", ["../../../escaped", "/tmp/abs", "..", "a/b", "a b"])
 def test_a_name_that_is_a_path_is_refused_before_any_work(full_run, tmp_path, name):
     """`--name` names the files inside OUT; a path there once wrote a GGUF outside it (issue 34)."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -26,6 +27,29 @@ def model_name(run_dir: Path) -> str:
 
     name = re.sub(r"[^\w.-]+", "-", run_dir.resolve().name, flags=re.UNICODE).strip("-")
     return name or "model"
+
+
+REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST)
+
+
+def cannot_write(out_dir: Path, e: OSError) -> UserError:
+    return UserError(f"{out_dir}: cannot write the export here ({e.strerror}); choose an OUT_DIR you can write to")
+
+
+def writable(out_dir: Path) -> bool:
+    """Create OUT_DIR if needed and make sure files can be made in it, before any work (a 13B merge takes
+    minutes); whether it was created here (then a failed export removes it)."""
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(dir=out_dir, prefix=".export-"))
+    except OSError as e:
+        if created and out_dir.is_dir():
+            shutil.rmtree(out_dir, ignore_errors=True)
+        if e.errno in REFUSED:
+            raise cannot_write(out_dir, e) from None
+        raise
+    return created
 
 
 def export_gguf(run_dir: str | Path, out_dir: str | Path, *, quant: str = "f16", name: str | None = None) -> Exported:
@@ -69,8 +93,7 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path, *, quant: str = "f16",
         raise UserError(f"{config_dir}: no config.json; export needs the model's (or, for a run, its base's) "
                         "directory on this machine")
     check_exportable(json.loads((config_dir / "config.json").read_text(encoding="utf-8")), run_dir)
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    created = writable(out_dir)
     try:
         # everything is written inside OUT_DIR/.export-*/ and moved out only when whole: a full disk or a kill
         # leaves no GGUF under its final name (llama.cpp would load half of one)
@@ -98,9 +121,11 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path, *, quant: str = "f16",
                                               encoding="utf-8")
             for f in (model, mmproj, staged / "Modelfile", staged / "README.md"):
                 os.replace(f, out_dir / f.name)  # a rename: needs no space
-    except BaseException:
+    except BaseException as e:
         if created:  # nothing half-written is left to look like an export
             shutil.rmtree(out_dir, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in REFUSED:  # the directory turned read-only (a remount) mid-export
+            raise cannot_write(out_dir, e) from None
         raise
     model_path, mmproj = out_dir / model.name, out_dir / mmproj.name
     modelfile, readme = out_dir / "Modelfile", out_dir / "README.md"
