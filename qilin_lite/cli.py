@@ -151,8 +151,10 @@ def base(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="accept .bin weights (they can run code)")] = False,
 ):
     """Join a vision encoder and an LLM into one Llava directory (align does this itself when given --vision/--llm)."""
+    from .merge import check_out_dir
     from .model import assemble_base
 
+    check_out_dir(out)  # never over the user's files, nor over a base that runs were trained on
     typer.echo(f"base written: {assemble_base(vision, llm, out, projector=projector, dtype=dtype, allow_pickle=allow_pickle)}")
 
 

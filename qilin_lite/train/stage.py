@@ -56,15 +56,18 @@ def train_stage(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
     (benchmarks and tests add probes that way)."""
     t0 = time.time()
     out = prepare_output(recipe, resume, overwrite)
-    base, model, tokenizer, image_processor = load_model(recipe, out)
-    data = build_datasets(recipe, tokenizer, image_processor, model.config, out)
-    attention = packed_attention(model, data)
-    trainer = build_trainer(trainer_cls, recipe, model, tokenizer, data, out)
-    train(trainer, out, resume)
-    if attention is not None:  # the saved model attends as it was loaded; segments are for packed training only
-        segments.use(model, attention)
-    save_outputs(trainer, recipe, out, base, tokenizer, image_processor)
-    write_summary(trainer, recipe, out, data, time.time() - t0)
+    try:  # the output directory stays claimed until its run ends (run_dir.py)
+        base, model, tokenizer, image_processor = load_model(recipe, out)
+        data = build_datasets(recipe, tokenizer, image_processor, model.config, out)
+        attention = packed_attention(model, data)
+        trainer = build_trainer(trainer_cls, recipe, model, tokenizer, data, out)
+        train(trainer, out, resume)
+        if attention is not None:  # the saved model attends as it was loaded; segments are for packed training only
+            segments.use(model, attention)
+        save_outputs(trainer, recipe, out, base, tokenizer, image_processor)
+        write_summary(trainer, recipe, out, data, time.time() - t0)
+    finally:
+        run_dir.release(out)
     return out, trainer.model
 
 
@@ -86,7 +89,8 @@ def packed_attention(model, data: "Datasets") -> str | None:
 
 def prepare_output(recipe: Recipe, resume: bool, overwrite: bool = False) -> Path:
     """Check everything that can fail without work (the recipe, the tracker, DeepSpeed), then claim the output:
-    never over a finished run without --overwrite, never a --resume with other settings or data (run_dir.py)."""
+    one run at a time, never over a finished run without --overwrite or into a folder of the user's, never a
+    --resume with other settings or data (run_dir.py)."""
     recipe.check()
     settle_template(recipe)
     report_targets(recipe.train.report_to)  # a missing tracker fails now, not after minutes of data checks
