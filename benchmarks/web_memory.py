@@ -59,7 +59,7 @@ def post(port: int, path: str, body: bytes, sid: str | None = None, timeout: flo
 def largest_png() -> bytes:
     from PIL import Image
 
-    from qilin_lite.serve.web import MAX_DECODED_BYTES
+    from qilin_lite.serve.web_app import MAX_DECODED_BYTES
 
     side = int((MAX_DECODED_BYTES / 2) ** 0.5) - 8  # 16-bit grey, just under the decoded bound
     img = Image.linear_gradient("L").resize((side, side)).convert("I;16")
@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--model", help="a directory `qilin-lite web` accepts (default: the benchmarks' small Llava)")
     ap.add_argument("--tabs", type=int, default=7, help="tabs uploading the largest image (the cap holds ~5)")
     args = ap.parse_args()
-    from qilin_lite.serve.web import MAX_DECODED_BYTES, MAX_KEPT_BYTES, MAX_UPLOAD_BYTES
+    from qilin_lite.serve.web_app import MAX_DECODED_BYTES, MAX_KEPT_BYTES, MAX_UPLOAD_BYTES
 
     work = Path(tempfile.mkdtemp(prefix="qilin-webmem-"))
     model = args.model

@@ -167,7 +167,7 @@ def test_web_shows_the_model_separate_images_as_chat_does(converted, tiny_data):
     from qilin_lite.errors import UserError
     from qilin_lite.serve.generate import load_generator
     from qilin_lite.serve.chat_session import ChatSession
-    from qilin_lite.serve.web import WebApp
+    from qilin_lite.serve.web_app import WebApp
 
     _, dst, _ = converted
     gen, info = load_generator(str(dst), temperature=0, max_new_tokens=2)
@@ -199,7 +199,7 @@ def test_web_adds_images_to_the_next_question_as_chat_does(converted, tiny_data,
     from qilin_lite.errors import UserError
     from qilin_lite.serve.generate import load_generator
     from qilin_lite.serve.chat_session import ChatSession
-    from qilin_lite.serve.web import WebApp
+    from qilin_lite.serve.web_app import WebApp
 
     _, dst, _ = converted
     gen, info = load_generator(str(dst), temperature=0, max_new_tokens=2)

@@ -326,7 +326,7 @@ def test_truncated_dicom_is_user_error_without_patient_data(tmp_path, keep, capl
 
 def test_pydicom_logs_and_warnings_are_silenced_only_while_reading(tmp_path, monkeypatch, caplog):
     # pydicom quotes header values in some warnings; simulate one from a child logger in the middle of a read.
-    import qilin_lite.images.decode as images
+    import qilin_lite.images.dicom as images
 
     real = images.apply_modality_lut
 

@@ -179,7 +179,7 @@ def test_bad_requests_are_one_message_each(lora_run):
     added to a composite template's conversation."""
     from qilin_lite.errors import UserError
     from qilin_lite.serve.generate import load_generator
-    from qilin_lite.serve.web import WebApp
+    from qilin_lite.serve.web_app import WebApp
     from qilin_lite.serve.web_input import window_setting
 
     gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
@@ -203,7 +203,7 @@ def test_requests_queue_behind_the_one_model_and_say_so(lora_run, tiny_data):
     import base64
 
     from qilin_lite.serve.generate import load_generator
-    from qilin_lite.serve.web import WebApp
+    from qilin_lite.serve.web_app import WebApp
 
     gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
     web = WebApp(gen, info, "run")
@@ -226,7 +226,7 @@ def test_nothing_is_stored_unless_log_dir_and_then_only_the_models_view(lora_run
     import base64
 
     from qilin_lite.serve.generate import load_generator
-    from qilin_lite.serve.web import WebApp
+    from qilin_lite.serve.web_app import WebApp
 
     gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
     dcm = dicom(tmp_path, "ct.dcm", left=True)
@@ -258,7 +258,7 @@ def test_stop_regenerate_and_clear(lora_run, tiny_data):
     import base64
 
     from qilin_lite.serve.generate import load_generator
-    from qilin_lite.serve.web import WebApp
+    from qilin_lite.serve.web_app import WebApp
 
     gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=6)
     web = WebApp(gen, info, "run")

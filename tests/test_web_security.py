@@ -72,7 +72,7 @@ def test_sessions_are_issued_by_the_server(web):
 
 def test_a_full_server_evicts_only_idle_tabs(lora_run):
     from qilin_lite.serve.generate import load_generator
-    from qilin_lite.serve.web import IDLE_EVICT_S, MAX_SESSIONS, TooManyTabs, WebApp
+    from qilin_lite.serve.web_app import IDLE_EVICT_S, MAX_SESSIONS, TooManyTabs, WebApp
 
     gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
     app = WebApp(gen, info, "run")
@@ -204,7 +204,7 @@ def test_uploads_rest_in_no_named_file_and_stale_folders_are_removed(lora_run, t
     from qilin_lite.errors import UserError
     from qilin_lite.serve.generate import load_generator
     from qilin_lite.serve.uploads import PREFIX, remove_stale, scratch_root
-    from qilin_lite.serve.web import WebApp
+    from qilin_lite.serve.web_app import WebApp
 
     root = Path(scratch_root() or "/tmp")
     seen = []
@@ -255,7 +255,7 @@ def test_memory_is_bounded_before_anything_is_read_or_decoded(web, lora_run, tmp
 
     from qilin_lite.errors import UserError
     from qilin_lite.serve.generate import load_generator
-    from qilin_lite.serve.web import MAX_DECODED_BYTES, WebApp
+    from qilin_lite.serve.web_app import MAX_DECODED_BYTES, WebApp
     from test_web import dicom
 
     c = http.client.HTTPConnection("127.0.0.1", web, timeout=30)
@@ -299,7 +299,7 @@ def test_an_abandoned_answer_stops_and_frees_the_model(lora_run, tiny_data):
     import base64
 
     from qilin_lite.serve.generate import load_generator
-    from qilin_lite.serve.web import WebApp
+    from qilin_lite.serve.web_app import WebApp
 
     gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
     app = WebApp(gen, info, "run")
@@ -324,10 +324,10 @@ def test_what_tabs_keep_is_capped_and_the_least_recently_used_let_go(lora_run, t
     is let go (never the current one's), and that tab is told to upload again."""
     import base64
 
-    import qilin_lite.serve.web as web_mod
+    import qilin_lite.serve.web_app as web_mod
     from qilin_lite.errors import UserError
     from qilin_lite.serve.generate import load_generator
-    from qilin_lite.serve.web import WebApp
+    from qilin_lite.serve.web_app import WebApp
 
     gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
     app = WebApp(gen, info, "run")
@@ -369,7 +369,8 @@ def test_uploads_are_read_one_at_a_time(lora_run):
     import asyncio
 
     from qilin_lite.serve.generate import load_generator
-    from qilin_lite.serve.web import WebApp, create_app
+    from qilin_lite.serve.web_app import WebApp
+    from qilin_lite.serve.web_http import create_app
 
     gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
     web = WebApp(gen, info, "run")
@@ -414,7 +415,8 @@ def test_a_trickled_upload_is_refused_and_frees_the_upload_slot(lora_run, monkey
 
     from qilin_lite.serve import web_guard
     from qilin_lite.serve.generate import load_generator
-    from qilin_lite.serve.web import WebApp, create_app
+    from qilin_lite.serve.web_app import WebApp
+    from qilin_lite.serve.web_http import create_app
 
     monkeypatch.setattr(web_guard, "UPLOAD_GRACE_S", 0.5)
     monkeypatch.setattr(web_guard, "MIN_UPLOAD_BYTES_PER_S", 100)
@@ -467,7 +469,8 @@ def test_a_disconnected_tab_stops_its_answer(lora_run, tiny_data, monkeypatch):
     import qilin_lite.serve.chat_session as session_mod
     from conftest import free_port
     from qilin_lite.serve.generate import load_generator
-    from qilin_lite.serve.web import WebApp, create_app
+    from qilin_lite.serve.web_app import WebApp
+    from qilin_lite.serve.web_http import create_app
 
     def endless(self, text, stop=None):
         while not stop.is_set():
@@ -558,3 +561,85 @@ def test_a_server_killed_mid_decode_leaves_no_patient_file(lora_run, tmp_path):
     for f in [log, *(p for p in root.rglob("*") if p.is_file() and os.access(p, os.R_OK))]:
         data = f.read_bytes()
         assert not any(v.encode() in data for v in PATIENT), f
+
+
+def _deflated_dicom_carrying(path: Path, pixel_bytes: int) -> Path:
+    """A deflated DICOM whose header declares 8x8 pixels while its pixel data element holds `pixel_bytes` zeros:
+    the file stays small (about 1 KB per MB), its inflation does not."""
+    import zlib
+
+    import numpy as np
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+    from test_images import write_dicom
+
+    small = write_dicom(path, np.zeros((8, 8), np.uint16), syntax=DeflatedExplicitVRLittleEndian).read_bytes()
+    import pydicom
+
+    meta_end = small.index(b"1.2.840.10008.1.2.1.99") + len("1.2.840.10008.1.2.1.99")
+    rest = small[meta_end:]
+    while rest[:2] == b"\x02\x00":  # any meta element after the transfer syntax (none from pydicom today)
+        rest = rest[8 + int.from_bytes(rest[6:8], "little"):]
+    meta_end = len(small) - len(rest)
+    body = zlib.decompress(small[meta_end:], -zlib.MAX_WBITS)
+    at = body.rindex(b"\xe0\x7f\x10\x00OW")  # PixelData, the last element
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    out = [small[:meta_end], deflate.compress(body[:at + 8] + pixel_bytes.to_bytes(4, "little"))]
+    chunk = bytes(2**20)
+    for _ in range(pixel_bytes // len(chunk)):
+        out.append(deflate.compress(chunk))
+    out.append(deflate.flush())
+    path.write_bytes(b"".join(out))
+    assert pydicom.dcmread(path, stop_before_pixels=True).Rows == 8
+    return path
+
+
+def test_a_request_is_bounded_in_total_before_anything_is_decoded(lora_run, tmp_path, monkeypatch):
+    """Issue 34.1: four PNGs that each pass the per-image bound once joined into a 16000x16000 view (8 GB and more
+    on the old server) are refused from their headers, and no image is decoded; a deflated DICOM declaring 8x8 but
+    carrying 512 MB of pixel data (a 0.5 MB file) is refused while inflating, never held whole; a plain DICOM whose
+    pixel data is far longer than its header declares is refused too."""
+    import base64
+    import io
+    import tracemalloc
+
+    import numpy as np
+    from PIL import Image
+    from test_images import write_dicom
+
+    import qilin_lite.serve.chat_session as session_mod
+    from qilin_lite.errors import UserError
+    from qilin_lite.serve.generate import load_generator
+    from qilin_lite.serve.web_app import MAX_DECODED_BYTES, MAX_REQUEST_BYTES, WebApp
+
+    gen, info = load_generator(str(lora_run), temperature=0, max_new_tokens=4)
+    app = WebApp(gen, info, "run")
+    sid = app.new_session()
+    decoded = []
+    real = session_mod.load_chat_images
+    monkeypatch.setattr(session_mod, "load_chat_images", lambda *a, **k: decoded.append(a) or real(*a, **k))
+    buf = io.BytesIO()
+    Image.new("L", (4000, 4000), 90).save(buf, format="PNG")  # 16 MB decoded each, a 16 KB file
+    png = base64.b64encode(buf.getvalue()).decode()
+    assert 4000 * 4000 < MAX_DECODED_BYTES
+    with pytest.raises(UserError, match=rf"4000x4000, .* joined into 16000x4000 would take [\d,]+ MB .* above "
+                                        rf"this server's {MAX_REQUEST_BYTES // 2**20:,} MB per upload; downscale"):
+        app.set_image(sid, [{"name": f"{i}.png", "data": png} for i in range(4)])
+    assert decoded == []  # refused from the headers
+    app.set_image(sid, [{"name": "one.png", "data": png}])  # one of them alone is fine
+    assert decoded
+
+    bomb = _deflated_dicom_carrying(tmp_path / "bomb.dcm", 512 * 2**20)
+    assert bomb.stat().st_size < 2**20
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError, match=r"^bomb\.dcm: the deflated DICOM dataset inflates to more than \d+ MB"):
+            app.set_image(sid, [{"name": "bomb.dcm", "data": base64.b64encode(bomb.read_bytes()).decode()}])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * MAX_DECODED_BYTES, peak / 2**20  # the old server inflated all 512 MB, then decoded it
+
+    long = write_dicom(tmp_path / "long.dcm", np.zeros((8, 8), np.uint16), pixel_bytes=bytes(4 * 2**20))
+    with pytest.raises(UserError, match=r"^long\.dcm: the DICOM file holds 4\.0 MB of pixel data, but its header "
+                                        r"declares 8x8 x 1 frame\(s\) \(128 bytes\)"):
+        app.set_image(sid, [{"name": "long.dcm", "data": base64.b64encode(long.read_bytes()).decode()}])

@@ -78,7 +78,7 @@ def placement(run_dir: Path, data_dir: Path) -> dict:
     from qilin_lite.eval.run import model_generate
     from qilin_lite.serve.generate import load_generator
     from qilin_lite.serve.chat_session import ChatSession
-    from qilin_lite.serve.web import WebApp
+    from qilin_lite.serve.web_app import WebApp
 
     seen: dict = {}
     real_forward = LlavaForConditionalGeneration.forward
