@@ -43,6 +43,9 @@ class RunInfo:
     template: str
     image_mode: str  # pad | crop
     qilin_lite_version: str = ""
+    # the base an align / lora / qlora run trained on, as base_identity.identify read it; None in runs written
+    # before it was recorded and in self-contained directories
+    base_identity: dict | None = None
 
     def save(self, out: Path) -> None:
         from . import __version__
@@ -56,7 +59,8 @@ class RunInfo:
         if not f.exists():
             return None
         data = read_run_file(f)  # one line for a damaged file, not a traceback in chat, merge, export
-        return RunInfo(**{k: data.get(k) for k in ("kind", "base", "template", "image_mode", "qilin_lite_version")})
+        return RunInfo(**{k: data.get(k) for k in ("kind", "base", "template", "image_mode", "qilin_lite_version",
+                                                   "base_identity")})
 
 
 def quantization_config(bits: int | None, compute_dtype: torch.dtype = torch.bfloat16):

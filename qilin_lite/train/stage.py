@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import private_api, run_dir, segments
+from ..base_identity import identify
 from ..config import Recipe
 from ..device import training_placement
 from ..distributed import world_size
@@ -303,7 +304,10 @@ def save_outputs(trainer, recipe: Recipe, out: Path, base: str, tokenizer, image
         return
     (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; recipe.yaml already records every setting
     kind = "full" if mode == "full" else mode
-    RunInfo(kind, None if mode == "full" else _portable(base, out), recipe.template, recipe.image_mode).save(out)
+    # what the adapter / projector was trained on, so merge can refuse another base at that path or of that shape
+    trained_on = None if mode == "full" else identify(base)
+    RunInfo(kind, None if mode == "full" else _portable(base, out), recipe.template, recipe.image_mode,
+            base_identity=trained_on).save(out)
     model = trainer.accelerator.unwrap_model(trainer.model)
     save_processor(out, tokenizer, image_processor, model.config, recipe.template)
 
