@@ -192,16 +192,16 @@ def test_random_files_are_a_message_each(web, tmp_path):
     no_traceback_logged()
 
 
-def test_uploads_rest_in_no_named_file_and_stale_folders_are_removed(lora_run, tmp_path, monkeypatch):
-    """A patient's upload is decoded from memory with no name on disk (so a SIGKILL mid-decode leaves nothing); the
-    rare DICOM known only by its .dcm name goes through a folder named with the server's pid, which a later server
-    removes once that pid is gone."""
+def test_uploads_are_decoded_from_memory_and_stale_folders_are_removed(lora_run, tmp_path, monkeypatch):
+    """A patient's upload is decoded from its bytes in memory with no name on disk, a DICOM with the DICM magic and
+    the rare one known only by its .dcm name alike (the old server wrote that one to a folder in /dev/shm, which a
+    SIGKILL left behind); folders earlier versions left go once their server's pid is gone."""
     import base64
 
     from test_web import PATIENT, dicom
 
     import qilin_lite.serve.chat_session as session_mod
-    from qilin_lite.errors import UserError
+    from qilin_lite.images.decode import InMemory
     from qilin_lite.serve.generate import load_generator
     from qilin_lite.serve.uploads import PREFIX, remove_stale, scratch_root
     from qilin_lite.serve.web_app import WebApp
@@ -210,8 +210,8 @@ def test_uploads_rest_in_no_named_file_and_stale_folders_are_removed(lora_run, t
     seen = []
     real = session_mod.load_chat_image
 
-    def spying(paths, **kw):  # what exists while the decoder runs
-        seen.append(([str(p) for p in paths], sorted(p.name for p in root.glob(f"{PREFIX}*"))))
+    def spying(paths, **kw):  # what the decoder is handed, and what exists on disk while it runs
+        seen.append((list(paths), sorted(p.name for p in root.glob(f"{PREFIX}*"))))
         return real(paths, **kw)
 
     monkeypatch.setattr(session_mod, "load_chat_image", spying)
@@ -219,18 +219,15 @@ def test_uploads_rest_in_no_named_file_and_stale_folders_are_removed(lora_run, t
     app = WebApp(gen, info, "run")
     sid = app.new_session()
     dcm = dicom(tmp_path, "ct.dcm", left=True)
-    app.set_image(sid, [{"name": "张三_CT.dcm", "data": base64.b64encode(dcm.read_bytes()).decode()}], window=(40, 400))
-    paths, folders = seen[-1]
-    assert paths[0].startswith("/proc/self/fd/") and not any(n.startswith(f"{PREFIX}{os.getpid()}-") for n in folders)
-    # a .dcm without the DICM magic: a pid-named folder while decoding, gone after
-    headless = dcm.read_bytes()[132:]
-    try:  # pydicom may read it (force=True) or not: either way nothing stays behind
-        app.set_image(sid, [{"name": "x.dcm", "data": base64.b64encode(headless).decode()}])
-    except UserError:
-        pass
-    assert any(n.startswith(f"{PREFIX}{os.getpid()}-") for n in seen[-1][1])
-    assert not list(root.glob(f"{PREFIX}{os.getpid()}-*"))
-    # a folder left by a server that was killed (its pid no longer runs) goes; a live server's stays
+    headless = dcm.read_bytes()[132:]  # no preamble, no DICM: a DICOM only by its name
+    before = sorted(p.name for p in root.glob(f"{PREFIX}*"))
+    for name, data in (("张三_CT.dcm", dcm.read_bytes()), ("x.dcm", headless)):
+        out = app.set_image(sid, [{"name": name, "data": base64.b64encode(data).decode()}], window=(40, 400))
+        assert out["width"] == 48
+        (source,), folders = seen[-1]
+        assert isinstance(source, InMemory) and source.name == name and source.data == data
+        assert folders == before  # nothing was written to decode it
+    # a folder left by an earlier server that was killed (its pid no longer runs) goes; a live server's stays
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
     left = root / f"{PREFIX}{dead}-abc"
@@ -241,7 +238,7 @@ def test_uploads_rest_in_no_named_file_and_stale_folders_are_removed(lora_run, t
     assert remove_stale() == [left] and not left.exists() and live.exists()
     live.rmdir()
     for value in PATIENT:
-        assert all(value not in p for p in seen[-1][0])
+        assert value not in json.dumps(out)
 
 
 def test_memory_is_bounded_before_anything_is_read_or_decoded(web, lora_run, tmp_path):
@@ -518,12 +515,31 @@ def test_a_disconnected_tab_stops_its_answer(lora_run, tiny_data, monkeypatch):
         thread.join(timeout=30)
 
 
-def test_a_server_killed_mid_decode_leaves_no_patient_file(lora_run, tmp_path):
-    """SIGKILL (what the out-of-memory killer sends) while a DICOM carrying a patient's name is being decoded:
-    afterwards no file the server could have written (its scratch folder in memory, its log) holds the name."""
-    import base64
+def _files_holding(marker: bytes, roots: list[Path], since: float, skip: Path) -> list[Path]:
+    found = []
+    for root in roots:
+        for dirpath, _, names in os.walk(root):
+            if Path(dirpath).is_relative_to(skip):
+                continue
+            for n in names:
+                f = Path(dirpath) / n
+                try:
+                    if f.is_file() and not f.is_symlink() and f.stat().st_mtime >= since and marker in f.read_bytes():
+                        found.append(f)
+                except OSError:
+                    pass
+    return found
+
+
+@pytest.mark.parametrize("kind", ["deflated", "headless"])
+def test_a_server_killed_mid_decode_leaves_no_patient_file(lora_run, tmp_path, kind):
+    """Issue 34.2: SIGKILL (what the out-of-memory killer sends) while a DICOM carrying a patient's identifiers is
+    being decoded: afterwards no file in /dev/shm or the temporary directory holds them, nor the server's log. The
+    headless one (no DICM magic, a DICOM by its .dcm name) once went through a folder in /dev/shm that a SIGKILL left
+    behind until the next server started."""
     import signal
-    import threading
+    import socket
+    import tempfile
 
     import numpy as np
     from pydicom.uid import DeflatedExplicitVRLittleEndian
@@ -533,34 +549,44 @@ def test_a_server_killed_mid_decode_leaves_no_patient_file(lora_run, tmp_path):
     from qilin_lite.serve.uploads import PREFIX, scratch_root
 
     rng = np.random.default_rng(0)
-    big = write_dicom(tmp_path / "ct.dcm", rng.integers(0, 4096, (8, 1024, 1024), dtype=np.uint16),
-                      syntax=DeflatedExplicitVRLittleEndian)  # seconds of inflating and windowing
-    body = {"files": [{"name": "张三_CT.dcm", "data": base64.b64encode(big.read_bytes()).decode()}], "frame": 7}
+    # seconds of inflating, windowing and drawing the preview of a 3000x3000 scan
+    scan = rng.integers(0, 4096, (3000, 3000), dtype=np.uint16)
+    if kind == "deflated":
+        big = write_dicom(tmp_path / "ct.dcm", scan, syntax=DeflatedExplicitVRLittleEndian)
+    else:
+        big = write_dicom(tmp_path / "ct.dcm", scan, preamble=False)
+    data = big.read_bytes()
+    assert (data[128:132] == b"DICM") == (kind == "deflated")
+    body = json.dumps({"files": [{"name": "张三_CT.dcm", "data": __import__("base64").b64encode(data).decode()}],
+                       }).encode()
+    del data
     log = tmp_path / "server.log"
+    root = Path(scratch_root() or tempfile.gettempdir())
+    basetemp = tmp_path.parent.parent  # pytest's own folders hold the test's copy of the file
+    start = time.time() - 1
     with web_server(["--model", lora_run], log) as port:
         (pid,) = [int(p) for p in subprocess.run(["pgrep", "-f", f"web --port {port}"], capture_output=True,
                                                   text=True).stdout.split()]
         sid = request(port, "POST", "/api/session")[2]["session"]
-        threading.Thread(target=lambda: request(port, "POST", "/api/image", body, X_Session=sid),
-                         daemon=True).start()
-        root = Path(scratch_root() or "/tmp")
-        deadline = time.time() + 60
-        while True:  # the upload is held for decoding: an anonymous memory file is open (or a scratch folder made)
-            fds = []
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    fds.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
-                except OSError:
-                    pass
-            if any(f.startswith("/memfd:") for f in fds) or list(root.glob(f"{PREFIX}{pid}-*")):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(f"POST /api/image HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     f"X-Session: {sid}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        sent = time.time()
+        sock.settimeout(0.02)
+        answer = b""
+        while time.time() < sent + 1.0:  # the upload is being parsed and decoded; kill as soon as a file shows
+            if list(root.glob(f"{PREFIX}{pid}-*")):
                 break
-            assert time.time() < deadline, "the upload never reached the decoder"
-            time.sleep(0.02)
+            try:
+                answer += sock.recv(4096)
+            except TimeoutError:
+                pass
         os.kill(pid, signal.SIGKILL)
-    assert not list(root.glob(f"{PREFIX}{pid}-*"))
-    for f in [log, *(p for p in root.rglob("*") if p.is_file() and os.access(p, os.R_OK))]:
-        data = f.read_bytes()
-        assert not any(v.encode() in data for v in PATIENT), f
+        assert b"HTTP/1.1" not in answer, answer[:200]  # killed before it answered: mid-decode
+        sock.close()
+    left = _files_holding(PATIENT[1].encode(), [root, Path(tempfile.gettempdir())], start, basetemp)
+    assert not left and not list(root.glob(f"{PREFIX}{pid}-*")), left
+    assert not any(v.encode() in log.read_bytes() for v in PATIENT)
 
 
 def _deflated_dicom_carrying(path: Path, pixel_bytes: int) -> Path:

@@ -1,6 +1,6 @@
 """Image files -> one RGB PIL image for the vision tower.
 
-In:  a path to a JPEG, PNG, TIFF, BMP, GIF or WebP file (8-bit, 16-bit, float, palette, CMYK, with or without
+In:  a path (or `InMemory` bytes, for uploads) to a JPEG, PNG, TIFF, BMP, GIF or WebP file (8-bit, 16-bit, float, palette, CMYK, with or without
      alpha), or a DICOM file (`.dcm`/`.dicom` suffix or the `DICM` magic at byte 128); or 2 to 4 such paths.
 Out: an 8-bit `PIL.Image.Image` in mode "RGB" with an empty `info` dict (nothing from the file's header rides along).
 
@@ -20,8 +20,10 @@ a header value or pydicom's own message.
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 
@@ -34,6 +36,18 @@ from .limits import Header, check_bytes, check_frame, check_pixels, joined_layou
 from .window import data_bounds, to_uint8, window_bounds
 
 PathType = str | PathLike
+
+
+@dataclass(frozen=True)
+class InMemory:
+    """An image file's bytes and the name to call it by (in messages, and its suffix for the DICOM rule): an upload
+    decoded from memory, so it never has a name on disk, not even while it is decoded."""
+
+    name: str
+    data: bytes
+
+
+Source = PathType | InMemory
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default limit (about 9459 x 9459)
 
@@ -51,14 +65,14 @@ _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
 def load_image(
-    path: PathType,
+    path: Source,
     *,
     frame: int | None = None,
     window: tuple[float, float] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int | None = None,
 ) -> Image.Image:
-    """Read one image file as 8-bit RGB.
+    """Read one image file (or `InMemory` bytes) as 8-bit RGB.
 
     frame: which frame of a multi-frame file (DICOM default: the middle one; other formats: the first).
     window: (center, width) in stored units (Hounsfield for CT after rescale) for DICOM and 16-bit/float grey;
@@ -67,28 +81,29 @@ def load_image(
     max_bytes: refuse a decoded size above this (width x height x frames x bytes per sample, from the header):
         what a server that decodes uploads uses to bound its memory; None: no such bound.
     """
-    path = _checked(path, frame, window)
+    source, path = path, _checked(path, frame, window)
     limits = {"max_pixels": max_pixels, "max_bytes": max_bytes}
-    if is_dicom(path, _head(path)):
-        return decode_dicom(_read(path), path, frame=frame, window=window, **limits)
-    return _load_pil(path, frame=frame, window=window, **limits)
+    if is_dicom(path, _read(source, 132)):
+        return decode_dicom(_read(source), path, frame=frame, window=window, **limits)
+    return _load_pil(path, _opened(source), frame=frame, window=window, **limits)
 
 
-def image_header(path: PathType, *, frame: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+def image_header(path: Source, *, frame: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                  max_bytes: int | None = None) -> Header:
     """What `load_image` would decode (the frame's width and height, the bytes its decode holds), read from the
     header alone, with the same bounds checked: a server adds these up before it decodes anything."""
-    path = _checked(path, frame, None)
-    if is_dicom(path, _head(path)):
-        return dicom_header(_read(path), path, frame=frame, max_pixels=max_pixels, max_bytes=max_bytes)
-    return _pil_open(path, lambda im, decoded: Header(im.width, im.height, decoded), frame=frame,
+    source, path = path, _checked(path, frame, None)
+    if is_dicom(path, _read(source, 132)):
+        return dicom_header(_read(source), path, frame=frame, max_pixels=max_pixels, max_bytes=max_bytes)
+    return _pil_open(path, _opened(source), lambda im, decoded: Header(im.width, im.height, decoded), frame=frame,
                      max_pixels=max_pixels, max_bytes=max_bytes)
 
 
-def _checked(path: PathType, frame: int | None, window) -> Path:
-    path = Path(path)
+def _checked(source: Source, frame: int | None, window) -> Path:
+    """The name to call `source` by, once the arguments are checked and a path is found."""
+    path = Path(source.name[:200]) if isinstance(source, InMemory) else Path(source)
     try:
-        found = path.is_file()
+        found = isinstance(source, InMemory) or path.is_file()
     except OSError as e:  # e.g. a name longer than the file system allows: this image's problem, not a crash
         raise UserError(f"{str(path)[:200]}: cannot look the image up ({e.strerror or type(e).__name__}); "
                         "fix the path or drop the record") from None
@@ -101,19 +116,19 @@ def _checked(path: PathType, frame: int | None, window) -> Path:
     return path
 
 
-def _head(path: Path) -> bytes:
+def _read(source: Source, size: int = -1) -> bytes:
+    if isinstance(source, InMemory):
+        return source.data if size < 0 else source.data[:size]
     try:
-        with path.open("rb") as f:
-            return f.read(132)
+        with open(source, "rb") as f:
+            return f.read(size)
     except OSError:
-        raise UserError(f"{path}: cannot read file; check its permissions") from None
+        raise UserError(f"{source}: cannot read file; check its permissions") from None
 
 
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError:
-        raise UserError(f"{path}: cannot read file; check its permissions") from None
+def _opened(source: Source):
+    """What PIL opens: the path, or a view of the bytes (BytesIO shares them, no copy)."""
+    return io.BytesIO(source.data) if isinstance(source, InMemory) else source
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -153,9 +168,9 @@ def side_by_side(images: list[Image.Image]) -> Image.Image:
     return _concatenate([im if im.mode == "RGB" else im.convert("RGB") for im in images], horizontal=True)
 
 
-def load_images(paths: PathType | Sequence[PathType], **kwargs) -> Image.Image:
+def load_images(paths: Source | Sequence[Source], **kwargs) -> Image.Image:
     """Load one image, or 2-4 images composited into one; keyword arguments go to `load_image`."""
-    if isinstance(paths, (str, PathLike)):
+    if isinstance(paths, (str, PathLike, InMemory)):
         paths = [paths]
     if not paths:
         raise ValueError("load_images needs at least one path")
@@ -165,7 +180,7 @@ def load_images(paths: PathType | Sequence[PathType], **kwargs) -> Image.Image:
 # ---------------------------------------------------------------- PIL formats
 
 
-def _load_pil(path: Path, *, frame: int | None, window: tuple[float, float] | None, max_pixels: int,
+def _load_pil(path: Path, source, *, frame: int | None, window: tuple[float, float] | None, max_pixels: int,
               max_bytes: int | None = None) -> Image.Image:
     def decode(im, decoded):
         im.load()  # decode everything now, so a truncated file fails here, not in a DataLoader worker
@@ -175,11 +190,11 @@ def _load_pil(path: Path, *, frame: int | None, window: tuple[float, float] | No
             im = ImageOps.exif_transpose(im)
         return _pil_to_rgb(im, window)
 
-    return _pil_open(path, decode, frame=frame, max_pixels=max_pixels, max_bytes=max_bytes)
+    return _pil_open(path, source, decode, frame=frame, max_pixels=max_pixels, max_bytes=max_bytes)
 
 
-def _pil_open(path: Path, then, *, frame: int | None, max_pixels: int, max_bytes: int | None):
-    """Open `path` with PIL, check its bounds from the header, and return `then(image, decoded bytes)`; every
+def _pil_open(path: Path, source, then, *, frame: int | None, max_pixels: int, max_bytes: int | None):
+    """Open `source` (named `path` in messages) with PIL, check its bounds from the header, and return `then(image, decoded bytes)`; every
     failure is one UserError naming the file."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Some library set this process-wide; half-grey images would then train silently. Say so instead of
@@ -192,7 +207,7 @@ def _pil_open(path: Path, then, *, frame: int | None, max_pixels: int, max_bytes
         # PIL's own bomb check only warns between 1x and 2x its limit; make that a hard stop too.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path, formats=PIL_FORMATS) as im:
+            with Image.open(source, formats=PIL_FORMATS) as im:
                 check_pixels(path, im.width, im.height, max_pixels)
                 n_frames = getattr(im, "n_frames", 1)
                 if frame is not None:

@@ -51,16 +51,24 @@ def parse_window(text: str | None) -> tuple[float, float] | None:
 
 def load_chat_images(paths, template, *, window: tuple[float, float] | None = None, frame: int | None = None,
                      max_bytes: int | None = None) -> list:
-    """Image paths -> what the model is shown, by the template's rule: `[composite]` (one image; ChiMed-VL's way) or
+    """Image paths (or uploads in memory) -> what the model is shown, by the template's rule: `[composite]` (one image; ChiMed-VL's way) or
     each image on its own (`separate`: HuatuoGPT-Vision, up to 6). Raises UserError for any bad file."""
     from ..images.decode import load_images
 
-    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    paths = _sources(paths)
     check_image_count(len(paths), template)
     if not template.separate_images:
         return [load_chat_image(paths, window=window, frame=frame, max_bytes=max_bytes)]
     kw = {"window": window, "frame": frame, **({"max_bytes": max_bytes} if max_bytes else {})}
     return [load_images([p], **kw) for p in paths]
+
+
+def _sources(paths) -> list:
+    """One path, several, or uploads held in memory (`images.decode.InMemory`, the web page's) -> a list."""
+    from ..images.decode import InMemory
+
+    one = isinstance(paths, (str, os.PathLike, InMemory))
+    return [p if isinstance(p, InMemory) else Path(p) for p in ([paths] if one else paths)]
 
 
 def check_image_count(n: int, template) -> None:
@@ -76,7 +84,7 @@ def load_chat_image(paths, *, window: tuple[float, float] | None = None, frame: 
     `max_bytes`: refuse an image whose decoded size (from its header) is larger (the web server's bound)."""
     from ..images.decode import load_images
 
-    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    paths = _sources(paths)
     if not 1 <= len(paths) <= COMPOSITE_MAX_IMAGES:
         raise UserError(f"chat takes 1 to {COMPOSITE_MAX_IMAGES} images (several are joined into one), "
                         f"got {len(paths)}")

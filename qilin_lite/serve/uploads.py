@@ -1,63 +1,52 @@
-"""Uploaded image bytes -> paths the image decoders can open, with nothing left on disk, even after a crash.
+"""Uploaded files (base64 in the page's JSON) -> images decoded from memory, with nothing on disk, even after a crash.
 
-On Linux each upload lives in an anonymous memory file (memfd) and is opened through /proc/self/fd: it has no
-name in any directory, and the kernel frees it when the server closes it or dies (the out-of-memory killer's
-SIGKILL included), so a patient's file can never be read back afterwards. Elsewhere, and for the rare DICOM that
-lacks the DICM magic (recognised only by its .dcm name), the bytes go to a private temporary folder in memory
-(/dev/shm where there is one) named with this process's id, deleted once decoded; `remove_stale` deletes the
-folders of servers that died before they could.
+Each upload stays a Python `bytes` object (`images.decode.InMemory`): PIL reads it through a BytesIO, pydicom too
+(`force` for the DICOMs without a preamble, known by their .dcm name). It never has a name in any directory, so a
+server killed while decoding (the out-of-memory killer's SIGKILL included) leaves no patient file behind: the
+kernel frees its memory with the process. Earlier versions wrote some uploads to a folder in /dev/shm (named
+`qilin-web-PID-...`); `remove_stale` deletes the ones whose server died before it could.
 """
 
 from __future__ import annotations
 
-import contextlib
+import base64
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from ..errors import UserError
+from ..images.decode import InMemory
+
 PREFIX = "qilin-web-"
-DICOM_NAME = (".dcm", ".dicom")
+
+
+def in_memory(files: list[dict], max_chars: int) -> list[InMemory]:
+    """The page's `[{"name", "data": base64}]` -> the files' bytes under the names the user gave them (shown in
+    messages; the suffix tells the decoder the kind). `max_chars`: the base64 one file may have."""
+    out = []
+    for i, f in enumerate(files):
+        name = str(f.get("name") or f"image{i}")[:200]
+        if len(f.get("data") or "") > max_chars:  # (the HTTP layer already refused larger bodies)
+            raise UserError(f"{name}: larger than {max_chars * 3 // 4 // 2**20} MB; downscale it first")
+        try:
+            data = base64.b64decode(f.get("data") or "", validate=True)
+        except ValueError:
+            raise UserError(f"{name}: the upload arrived damaged; try again") from None
+        if not data:
+            raise UserError(f"{name}: empty file")
+        out.append(InMemory(name, data))
+    return out
 
 
 def scratch_root() -> str | None:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
-@contextlib.contextmanager
-def held(uploads: list[tuple[str, bytes]]):
-    """[(name, bytes)] -> the paths to decode them from, valid inside the `with` block only."""
-    fds: list[int] = []
-    folder: str | None = None
-    try:
-        paths = []
-        for i, (name, data) in enumerate(uploads):
-            suffix = Path(name).suffix.lower()
-            named_dicom = suffix in DICOM_NAME and data[128:132] != b"DICM"
-            if hasattr(os, "memfd_create") and not named_dicom:
-                fd = os.memfd_create(f"upload{i}", getattr(os, "MFD_CLOEXEC", 0))
-                fds.append(fd)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                paths.append(Path(f"/proc/self/fd/{fd}"))
-            else:
-                folder = folder or tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=scratch_root())
-                # a neutral name: the user's file name stays out of any path; the suffix tells the decoder the kind
-                p = Path(folder) / f"upload{i}{suffix if suffix.isascii() and suffix[1:].isalnum() else ''}"
-                p.write_bytes(data)
-                paths.append(p)
-        yield paths
-    finally:
-        for fd in fds:
-            os.close(fd)
-        if folder:
-            shutil.rmtree(folder, ignore_errors=True)
-
-
 def remove_stale(root: str | None = None, legacy_age_s: float = 600) -> list[Path]:
-    """Delete upload folders whose server died (its pid is gone), and old ones of earlier versions (no pid)."""
+    """Delete upload folders earlier versions left: those whose server died (its pid is gone), and old ones of
+    versions before that (no pid in the name)."""
     removed = []
     for d in Path(root or scratch_root() or tempfile.gettempdir()).glob(f"{PREFIX}*"):
         rest = d.name[len(PREFIX):]

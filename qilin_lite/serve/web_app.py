@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..heap import release_freed_memory
-from .uploads import held
+from .uploads import in_memory
 from .web_input import WINDOWS, sampling
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,6 @@ MAX_DECODED_BYTES = 128 * 2**20  # one image decoded (width x height x frames x 
 MAX_REQUEST_BYTES = 2**30
 MAX_SESSIONS = 64
 IDLE_EVICT_S = 30 * 60  # a new tab may push out only a tab idle this long: no client can evict an active one
-SUFFIX = re.compile(r"\.(dcm|dicom|png|jpe?g|tiff?|bmp|webp|gif)$", re.IGNORECASE)
 
 
 class SessionGone(UserError):
@@ -128,32 +127,14 @@ class WebApp:
             s.chat.check_addable(len(files))
         else:
             check_image_count(len(files), t)
-        uploads = []
-        for i, f in enumerate(files):
-            name = str(f.get("name") or f"image{i}")
-            if len(f.get("data") or "") > MAX_BODY_BYTES:  # (the HTTP layer already refused larger bodies)
-                raise UserError(f"{name}: larger than {MAX_UPLOAD_BYTES // 2**20} MB; downscale it first")
-            try:
-                data = base64.b64decode(f.get("data") or "", validate=True)
-            except ValueError:
-                raise UserError(f"{name}: the upload arrived damaged; try again") from None
-            if not data:
-                raise UserError(f"{name}: empty file")
-            m = SUFFIX.search(name)
-            uploads.append((name, f"upload{i}{m.group(0).lower() if m else ''}", data))
-        # in memory with no name on disk (uploads.py); one decode at a time bounds the server's peak memory
-        with self.decoding, held([(neutral, data) for _, neutral, data in uploads]) as paths:
-            try:
-                self.check_cost(paths, [shown for shown, _, _ in uploads], frame, kept=s.chat.images if add else [])
-                images = load_chat_images(paths, t, window=window, frame=frame, max_bytes=MAX_DECODED_BYTES)
-            except UserError as e:
-                msg = str(e)
-                # longest first: /proc/self/fd/1 must not rewrite part of /proc/self/fd/12
-                for p, shown in sorted(((str(p), u[0]) for p, u in zip(paths, uploads)), key=lambda x: -len(x[0])):
-                    msg = msg.replace(p, shown)
-                raise UserError(msg) from None
+        uploads = in_memory(files, MAX_BODY_BYTES)
+        # decoded from memory, never a name on disk (uploads.py); one decode at a time bounds the peak memory
+        with self.decoding:
+            self.check_cost(uploads, [u.name for u in uploads], frame, kept=s.chat.images if add else [])
+            images = load_chat_images(uploads, t, window=window, frame=frame, max_bytes=MAX_DECODED_BYTES)
+            del uploads  # the upload's bytes go as soon as its pixels exist
         release_freed_memory()
-        names = [Path(shown) for shown, _, _ in uploads]
+        names = [Path(str(f.get("name") or f"image{i}")[:200]) for i, f in enumerate(files)]
         if add:
             s.chat.add_loaded(images, names)
         else:
