@@ -168,9 +168,9 @@ def test_merge_onto_the_right_base_wherever_it_lies(lora_run, tiny_base, bases, 
     caplog.clear()
     code, out, _ = run_cli_captured(monkeypatch, capsys, "merge", old, tmp_path / "m2")
     assert code == 0 and out.startswith("merged:")
-    assert [r.getMessage() for r in caplog.records if "records no identity" in r.getMessage()] == [
-        f"{old} records no identity of the base it was trained on (written before qilin-lite recorded it); merging "
-        f"onto {tiny_base} unchecked"]
+    said = f"{old} records no identity of the base it was trained on (written before qilin-lite recorded it); " \
+        f"merging onto {tiny_base} unchecked"
+    assert [r.getMessage() for r in caplog.records if "records no identity" in r.getMessage()] == [said]
     line = refusal(monkeypatch, capsys, old, tmp_path / "m3", "--base", bases["wider"])
     assert line.startswith(f"error: {bases['wider']}: its shapes do not fit {old} (") and "pass --base" in line
     # --trust-base merges onto a same-shaped other base

@@ -152,10 +152,9 @@ def test_two_runs_into_one_out_one_is_refused_at_once(tmp_path, align_run, tiny_
 
 def test_a_killed_run_leaves_no_lock_behind(tmp_path):
     out = tmp_path / "run"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from qilin_lite.train import run_dir; "
-         "run_dir.claim(Path(sys.argv[1])); print('held', flush=True); time.sleep(600)", str(out)],
-        stdout=subprocess.PIPE, text=True)
+    hold = ("import sys, time; from pathlib import Path; from qilin_lite.train import run_dir; "
+            "run_dir.claim(Path(sys.argv[1])); print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(UserError, match=rf"another run is training into this directory \(process {holder.pid} on"):

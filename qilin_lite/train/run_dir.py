@@ -106,8 +106,8 @@ def claim(out: Path) -> None:
             holder = _read(fd)
             os.close(fd)
             if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise UserError(f"{out}: another run is training into this directory ({holder or 'it holds '+LOCK});"
-                                " wait for it to end, or choose another --out") from None
+                raise UserError(f"{out}: another run is training into this directory ({holder or LOCK + ' is held'}"
+                                "); wait for it to end, or choose another --out") from None
             if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 log.warning("%s: its file system cannot lock files; make sure no other run trains into it at the same "
                             "time", out)
@@ -135,8 +135,9 @@ def release(out: Path) -> None:
 
 
 def _read(fd: int) -> str:
+    """Who holds the lock, as its holder wrote it; printable characters only, the message stays one line."""
     with contextlib.suppress(OSError):
-        return os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+        return "".join(c for c in os.pread(fd, 200, 0).decode("utf-8", "replace") if c.isprintable()).strip()
     return ""
 
 
