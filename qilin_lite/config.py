@@ -7,14 +7,17 @@ are an error naming the file and the key, so a typo never silently falls back to
 from __future__ import annotations
 
 import dataclasses
-import math
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .device import ATTENTION, DTYPES
 from .errors import UserError
+from .families import TEMPLATES
+from .rules import ANY_TEXT, COUNT_MAX, FLAG, PATH, TEXT, Rule, check_fields, choice, kind_of, number, setting, shown
 from .train.stages import MODES, llm_bits
 
 
@@ -28,117 +31,125 @@ def _recipes_dir() -> Path:
 REPO_RECIPES = _recipes_dir()
 
 
+def _optimizers() -> list[str]:
+    from transformers.training_args import OptimizerNames
+
+    return [o.value for o in OptimizerNames]
+
+
+# schedulers that need settings a recipe has no field for: lr_scheduler_kwargs (min_lr, num_decay_steps) or an
+# eval metric to follow; transformers refuses them at the first step, so they are refused here before any work
+_SCHEDULERS_NEEDING_MORE = {"cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay",
+                            "reduce_lr_on_plateau", "greedy"}
+
+
+def _schedulers() -> list[str]:
+    from transformers.trainer_utils import SchedulerType
+
+    return [s.value for s in SchedulerType if s.value not in _SCHEDULERS_NEEDING_MORE]
+
+
+LENGTH_MAX = 2**20  # tokens per sample or row: beyond any model's context here, and what buffers can be sized to
+whole = number  # ints use the same bounds; the annotation decides the type
+
+
 @dataclass
 class ModelSection:
-    base: str | None = None  # an existing Llava directory or hub id; when unset, vision + llm are joined
-    vision: str = "openai/clip-vit-large-patch14-336"
-    llm: str = "FlagAlpha/Llama2-Chinese-13b-Chat"
-    projector: str = "mlp2x_gelu"  # released weights; "linear" is the paper's text
-    projector_init: str = "torch"  # torch: nn.Linear's own init (the authors'); normal: N(0, 0.02), zero bias
-    vision_feature_layer: int = -2
-    from_run: str | None = None  # tune: the align output directory whose projector to start from
-    dtype: str = "bfloat16"
-    attn: str = "auto"  # auto | flash_attention_2 | sdpa | eager
-    load_4bit: bool = False  # align only: frozen LLM in 4-bit NF4 so stage 1 fits small GPUs
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
+    base: str | None = setting(None, PATH)  # an existing Llava directory or hub id; when unset, vision + llm are joined
+    vision: str = setting("openai/clip-vit-large-patch14-336", PATH)
+    llm: str = setting("FlagAlpha/Llama2-Chinese-13b-Chat", PATH)
+    projector: str = setting("mlp2x_gelu", choice(("mlp2x_gelu", "linear")))  # released weights; linear: the paper's text
+    # torch: nn.Linear's own init (the authors'); normal: N(0, 0.02), zero bias
+    projector_init: str = setting("torch", choice(("torch", "normal")))
+    # which hidden state of the tower feeds the projector; assemble_base checks it against the tower's layer count
+    vision_feature_layer: int = setting(-2, whole(-LENGTH_MAX, LENGTH_MAX))
+    from_run: str | None = setting(None, PATH)  # tune: the align output directory whose projector to start from
+    dtype: str = setting("bfloat16", choice(DTYPES))
+    attn: str = setting("auto", choice(ATTENTION))  # auto | flash_attention_2 | sdpa | eager
+    load_4bit: bool = setting(False, FLAG)  # align only: frozen LLM in 4-bit NF4 so stage 1 fits small GPUs
+    trust_remote_code: bool = setting(False, FLAG)
+    allow_pickle: bool = setting(False, FLAG)
 
     def __post_init__(self):
-        if self.projector not in ("mlp2x_gelu", "linear"):
-            raise UserError(f"model.projector must be mlp2x_gelu or linear, not '{self.projector}'")
-        if self.projector_init not in ("torch", "normal"):
-            raise UserError(f"model.projector_init must be torch or normal, not '{self.projector_init}'")
-        if self.attn not in ("auto", "flash_attention_2", "sdpa", "eager"):
-            raise UserError(f"model.attn must be auto, flash_attention_2, sdpa or eager, not '{self.attn}'")
+        check_fields(self, "model.")
 
 
 @dataclass
 class DataSection:
-    train: str | None = None  # LLaVA JSON/JSONL file, or a Hugging Face dataset name/path
-    eval: str | None = None  # held-out file in the same format (same image folder): eval loss while training
-    image_folder: str | None = None
-    template: str | None = None  # default: plain (align), vicuna_v1 (tune)
-    image_mode: str | None = None  # default: crop (align), pad (tune), as the paper's scripts
-    max_length: int = 2048
+    train: str | None = setting(None, PATH)  # LLaVA JSON/JSONL file, or a Hugging Face dataset name/path
+    eval: str | None = setting(None, PATH)  # held-out file in the same format (same image folder): eval loss while training
+    image_folder: str | None = setting(None, PATH)
+    template: str | None = setting(None, choice(lambda: TEMPLATES))  # default: plain (align), vicuna_v1 (tune)
+    image_mode: str | None = setting(None, choice(("pad", "crop")))  # default: crop (align), pad (tune), as the paper's scripts
+    max_length: int = setting(2048, whole(16, LENGTH_MAX, why="16 holds an image and a reply"))
     # text: max_length counts text ids, an image as one (the authors' cut; sequences reach max_length + 575 at 336 px)
     # total: every position counts, image tokens included (a hard cap on memory)
-    length_mode: str = "text"
-    group_by_length: bool = True  # batches of similar length: less padding
-    packing: bool = False  # several samples per row, no padding between them (batch counts rows, not samples)
+    length_mode: str = setting("text", choice(("text", "total")))
+    group_by_length: bool = setting(True, FLAG)  # batches of similar length: less padding
+    packing: bool = setting(False, FLAG)  # several samples per row, no padding between them (batch counts rows, not samples)
     # rows of this many tokens, as given; unset: the row length with the least estimated work, and no packing when
     # none saves enough over unpacked batches (3%, 20% on the CPU: packing.py)
-    packing_row_length: int | None = None
-    skip_bad: bool = False  # set bad records aside in rejects.jsonl instead of stopping
-    allow_outside_images: bool = False  # image names may lead outside image_folder (absolute paths on purpose)
-    verify_images: bool = True  # decode every image once before training
-    num_workers: int = 2
-    split: str = "train"
-    image_column: str = "image"
-    messages_column: str | None = None
+    packing_row_length: int | None = setting(None, whole(16, LENGTH_MAX, why="one sample; unset: --packing chooses"))
+    skip_bad: bool = setting(False, FLAG)  # set bad records aside in rejects.jsonl instead of stopping
+    allow_outside_images: bool = setting(False, FLAG)  # image names may lead outside image_folder (absolute paths on purpose)
+    verify_images: bool = setting(True, FLAG)  # decode every image once before training
+    num_workers: int = setting(2, whole(0, 256, why="0 loads in the main process"))
+    split: str = setting("train", TEXT)
+    image_column: str = setting("image", TEXT)
+    messages_column: str | None = setting(None, TEXT)
 
     def __post_init__(self):
-        if self.max_length < 16:
-            raise UserError(f"data.max_length {self.max_length} is too small to hold an image and a reply")
-        if self.length_mode not in ("text", "total"):
-            raise UserError(f"data.length_mode must be text (the authors' cut) or total, not '{self.length_mode}'")
-        if self.image_mode not in (None, "pad", "crop"):
-            raise UserError(f"data.image_mode must be pad or crop, not '{self.image_mode}'")
-        if self.packing_row_length is not None and self.packing_row_length < 16:
-            raise UserError(f"data.packing_row_length {self.packing_row_length} is too small for one sample; unset it "
-                            "to let --packing choose")
+        check_fields(self, "data.")
 
 
 @dataclass
 class TrainSection:
-    mode: str = "align"  # align | lora | qlora | full
-    global_batch: int = 256  # the batch the recipe reproduces; accumulation is derived from it
-    per_device_batch: int = 32
-    lr: float = 1e-3
-    projector_lr: float | None = None  # lora/qlora/full: the projector's own rate (LLaVA-1.5's mm_projector_lr)
-    optim: str = "adamw_torch_fused"  # the authors': adamw_torch (same maths, unfused kernels)
-    max_grad_norm: float = 1.0  # 0: no clipping (the authors' DeepSpeed configs set none)
-    loss_average: str = "tokens"  # tokens: mean over every supervised token of the step (all GPUs, accumulation);
-    # batch: mean over each micro-batch's tokens, then averaged over GPUs and accumulation (the authors')
-    lean_metrics: bool = True  # token entropy / accuracy computed on the steps that log, not on every step
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0 stops early (smoke runs)
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    scheduler: str = "cosine"
-    bf16: bool = True
-    tf32: bool = True
-    gradient_checkpointing: bool = True
-    reentrant_checkpointing: bool = False  # torch's reentrant checkpoint, as the authors' transformers 4.31 used
-    lora_r: int = 64  # higher: more capacity and memory
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    seed: int = 42
-    logging_steps: int = 1
-    save_steps: int = 500
-    eval_steps: int = 0  # with data.eval: evaluate every N steps; 0: at the end of each epoch
-    save_total_limit: int = 2
-    report_to: str = "auto"  # auto: TensorBoard when installed; none; or wandb, swanlab, tensorboard, ... (comma list)
-    deepspeed: str | None = None  # a DeepSpeed JSON (paper: ZeRO-2 for align, ZeRO-3 for tune)
-    fsdp: str | None = None  # instead of DeepSpeed: full_shard (like ZeRO-3) | shard_grad_op (like ZeRO-2), "+ offload"
+    mode: str = setting("align", choice(MODES))  # align | lora | qlora | full
+    # the batch the recipe reproduces; accumulation is derived from it
+    global_batch: int = setting(256, whole(1, LENGTH_MAX))
+    per_device_batch: int = setting(32, whole(1, LENGTH_MAX))
+    lr: float = setting(1e-3, number(0, lo_open=True))
+    # lora/qlora/full: the projector's own rate (LLaVA-1.5's mm_projector_lr); none: the same as train.lr
+    projector_lr: float | None = setting(None, number(0, lo_open=True))
+    optim: str = setting("adamw_torch_fused", choice(_optimizers))  # the authors': adamw_torch (same maths, unfused kernels)
+    max_grad_norm: float = setting(1.0, number(0, why="0: no clipping"))  # the authors' DeepSpeed configs set none
+    loss_average: str = setting("tokens", choice(("tokens", "batch")))  # tokens: mean over every supervised token of
+    # the step (all GPUs, accumulation); batch: mean over each micro-batch's tokens, then averaged over GPUs and
+    # accumulation (the authors')
+    lean_metrics: bool = setting(True, FLAG)  # token entropy / accuracy computed on the steps that log, not on every step
+    epochs: float = setting(1.0, number(0, 10_000, lo_open=True, why="passes over the data"))
+    max_steps: int = setting(-1, Rule(f"-1 (train for train.epochs) or 1 to {COUNT_MAX}",
+                                      lambda v: v == -1 or 1 <= v <= COUNT_MAX))  # > 0 stops early (smoke runs)
+    warmup_ratio: float = setting(0.03, number(0, 1, hi_open=True))
+    weight_decay: float = setting(0.0, number(0))  # and below 1 / lr: see __post_init__
+    scheduler: str = setting("cosine", choice(_schedulers))
+    bf16: bool = setting(True, FLAG)
+    tf32: bool = setting(True, FLAG)
+    gradient_checkpointing: bool = setting(True, FLAG)
+    reentrant_checkpointing: bool = setting(False, FLAG)  # torch's reentrant checkpoint, as the authors' transformers 4.31 used
+    lora_r: int = setting(64, whole(1, 65536))  # higher: more capacity and memory
+    lora_alpha: int = setting(16, whole(1, LENGTH_MAX))
+    lora_dropout: float = setting(0.05, number(0, 1, hi_open=True))
+    seed: int = setting(42, whole(0, 2**32 - 1, why="what numpy can be seeded with"))
+    logging_steps: int = setting(1, whole(1, COUNT_MAX))
+    save_steps: int = setting(500, whole(1, COUNT_MAX))
+    eval_steps: int = setting(0, whole(0, COUNT_MAX, why="0: at the end of each epoch"))  # with data.eval
+    save_total_limit: int = setting(2, whole(0, COUNT_MAX, why="0 keeps every checkpoint"))
+    # auto: TensorBoard when installed; none; or wandb, swanlab, tensorboard, ... (comma list; args.report_targets)
+    report_to: str = setting("auto", TEXT)
+    deepspeed: str | None = setting(None, PATH)  # a DeepSpeed JSON (paper: ZeRO-2 for align, ZeRO-3 for tune)
+    # instead of DeepSpeed: full_shard (like ZeRO-3) | shard_grad_op (like ZeRO-2), "+ offload"
+    fsdp: str | None = setting(None, TEXT)
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise UserError(f"train.mode must be {', '.join(MODES[:-1])} or {MODES[-1]}, not '{self.mode}'")
-        if self.global_batch < 1 or self.per_device_batch < 1:
-            raise UserError("train.global_batch and train.per_device_batch must be at least 1")
-        if not 0 <= self.warmup_ratio < 1:
-            raise UserError(f"train.warmup_ratio must be in [0, 1), not {self.warmup_ratio}")
-        if self.lr <= 0 or not math.isfinite(self.lr):
-            raise UserError(f"train.lr must be positive, not {self.lr}")
-        if self.projector_lr is not None and (self.projector_lr <= 0 or not math.isfinite(self.projector_lr)):
-            raise UserError(f"train.projector_lr must be positive (or none: the same as train.lr), not {self.projector_lr}")
-        if self.loss_average not in ("tokens", "batch"):
-            raise UserError(f"train.loss_average must be tokens or batch (the authors'), not '{self.loss_average}'")
-        if self.max_grad_norm < 0:
-            raise UserError(f"train.max_grad_norm must be 0 (no clipping) or positive, not {self.max_grad_norm}")
+        check_fields(self, "train.")
+        # AdamW (and SGD's L2 decay) shrink each weight by lr x weight_decay per step: at 1 or more every weight is
+        # zeroed or flips sign each step, which no recipe means
+        for name, lr in (("lr", self.lr), ("projector_lr", self.projector_lr)):
+            if lr is not None and lr * self.weight_decay >= 1:
+                raise UserError(f"train.weight_decay {self.weight_decay} x train.{name} {lr} must stay below 1 (each "
+                                f"step shrinks every weight by that fraction); lower train.weight_decay")
         self.fsdp_options  # noqa: B018 (raises on a bad value)
-        if self.eval_steps < 0:
-            raise UserError(f"train.eval_steps must be 0 (every epoch) or positive, not {self.eval_steps}")
 
     @property
     def fsdp_options(self) -> tuple[bool, bool] | None:
@@ -164,16 +175,15 @@ class TrainSection:
 
 @dataclass
 class Recipe:
-    stage: str = "align"  # align | tune
-    output_dir: str | None = None
-    reproduces: str = ""  # what the recipe reproduces, e.g. "paper stage 1: global batch 256, lr 1e-3"
+    stage: str = setting("align", choice(("align", "tune")))
+    output_dir: str | None = setting(None, PATH)
+    reproduces: str = setting("", ANY_TEXT)  # what the recipe reproduces, e.g. "paper stage 1: global batch 256, lr 1e-3"
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
 
     def __post_init__(self):
-        if self.stage not in ("align", "tune"):
-            raise UserError(f"stage must be align or tune, not '{self.stage}'")
+        check_fields(self)
 
     @property
     def template(self) -> str:
@@ -192,7 +202,10 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def check(self) -> "Recipe":
-        """Cross-field rules, checked once every override is in."""
+        """Every field again (code may have changed one since construction), the cross-field rules, and the DeepSpeed
+        file: checked once every override is in, before any work."""
+        for section, prefix in ((self, ""), (self.model, "model."), (self.data, "data."), (self.train, "train.")):
+            check_fields(section, prefix)
         if self.stage == "align" and self.train.mode != "align":
             raise UserError(f"stage align trains the projector only; train.mode must be align, not '{self.train.mode}'")
         if self.stage == "tune" and self.train.mode == "align":
@@ -209,19 +222,46 @@ class Recipe:
             raise UserError("no training data: pass --data FILE (LLaVA JSON/JSONL) or set data.train in the recipe")
         if not self.output_dir:
             raise UserError("no output directory: pass --out DIR")
+        deepspeed_path(self.train.deepspeed)
         return self
 
 
+# keys of DeepSpeed's own config (deepspeed/runtime/constants.py); a JSON file with none of them is something else
+_DEEPSPEED_KEYS = {"zero_optimization", "train_batch_size", "train_micro_batch_size_per_gpu",
+                   "gradient_accumulation_steps", "fp16", "bf16", "optimizer", "scheduler", "gradient_clipping",
+                   "steps_per_print", "wall_clock_breakdown", "zero_allow_untested_optimizer", "activation_checkpointing"}
+
+
 def deepspeed_path(name: str | None) -> str | None:
-    """The DeepSpeed JSON a recipe names (None: no DeepSpeed). Recipes name shipped files relative to the
-    repository (`recipes/deepspeed/zero3.json`); that works from any working directory and in an installed
-    package, where recipes/ ships as qilin_lite/recipes."""
+    """The DeepSpeed JSON a recipe names (None: no DeepSpeed), checked to be one. Recipes name shipped files
+    relative to the repository (`recipes/deepspeed/zero3.json`); that works from any working directory and in an
+    installed package, where recipes/ ships as qilin_lite/recipes."""
     if not name:
         return None
-    for p in (Path(name), REPO_RECIPES.parent / name):
-        if p.is_file():
-            return str(p)
-    raise UserError(f"{name}: DeepSpeed config not found; give a path that exists (shipped: recipes/deepspeed/)")
+    found = next((p for p in (Path(name), REPO_RECIPES.parent / name) if _is_file(p)), None)
+    if found is None:
+        raise UserError(f"{name}: DeepSpeed config not found; give a path that exists (shipped: recipes/deepspeed/)")
+    fix = "name a DeepSpeed JSON config (shipped: recipes/deepspeed/zero2.json, zero3.json) or set train.deepspeed=none"
+    try:
+        with found.open("rb") as f:
+            raw = f.read((1 << 20) + 1)  # a config is a few hundred bytes; never read a huge file whole
+        config = json.loads(raw.decode("utf-8")) if len(raw) <= 1 << 20 else None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        config = None
+    if not isinstance(config, dict) or not _DEEPSPEED_KEYS & set(config):
+        raise UserError(f"{found}: not a DeepSpeed config (a JSON object with zero_optimization, "
+                        f"train_batch_size, ...); {fix}")
+    zero = config.get("zero_optimization", {})
+    if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
+        raise UserError(f"{found}: zero_optimization must be an object whose stage is 0, 1, 2 or 3; {fix}")
+    return str(found)
+
+
+def _is_file(p: Path) -> bool:
+    try:
+        return p.is_file()
+    except (OSError, ValueError):  # a name the file system refuses to look up (too long once joined)
+        return False
 
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection}
@@ -229,14 +269,15 @@ SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection}
 
 def _build(cls, values: dict, source: str, prefix: str = ""):
     names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(names))
+    unknown = sorted(str(k) for k in set(values) - set(names))
     if unknown:
         raise UserError(
-            f"{source}: unknown key '{prefix}{unknown[0]}'; valid keys here: {', '.join(sorted(names))}"
+            f"{source}: unknown key {shown(prefix + unknown[0])}; valid keys here: {', '.join(sorted(names))}"
         )
     kwargs = {}
     for k, v in values.items():
         if k in SECTIONS and cls is Recipe:
+            v = {} if v is None else v  # `train:` with nothing under it
             if not isinstance(v, dict):
                 raise UserError(f"{source}: '{k}' must be a mapping of settings")
             kwargs[k] = _build(SECTIONS[k], v, source, prefix=f"{k}.")
@@ -246,29 +287,38 @@ def _build(cls, values: dict, source: str, prefix: str = ""):
 
 
 def _coerce(f: dataclasses.Field, value: Any, source: str, key: str):
-    t = str(f.type)
+    """A YAML value -> the field's type (ranges are the field's rule, checked when the section is built)."""
+    kind, optional = kind_of(f)
     if value is None:
         return None
-    if "None" in t and not t.startswith(("bool", "int", "float")) and (
-            value is False or (isinstance(value, str) and value.strip().lower() in ("none", "null", "off", "false", ""))):
-        # an optional setting switched off (--set train.deepspeed=none); YAML reads a bare `off` as false
+    if optional and (value is False or (
+            isinstance(value, str) and value.strip().lower() in ("none", "null", "off", "false", ""))):
+        # an optional setting switched off (--set train.deepspeed=none, train.projector_lr=none); YAML reads a bare
+        # `off` as false
         return None
     try:
-        if t.startswith("bool"):
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
-        if t.startswith("int"):
-            if isinstance(value, bool) or float(value) != int(float(value)):
-                raise ValueError
-            return int(float(value))
-        if t.startswith("float"):
+        if isinstance(value, bool) != (kind == "bool") or not isinstance(value, (bool, int, float, str)):
+            raise ValueError  # a mapping, a list, a date; yes/no for a number or text (quote text: 'yes')
+        if kind == "int":
+            if isinstance(value, str):
+                value = value.strip()
+                return int(value) if value.lstrip("+-").isdigit() else _whole(float(value))
+            return value if isinstance(value, int) else _whole(value)
+        if kind == "float":
             return float(value)
-        if t.startswith("str"):
+        if kind == "str":
             return str(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{source}: '{key}' must be {t.split(' ')[0]}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        if isinstance(value, str) and value.lstrip("+-").isdigit():  # past Python's 4,300-digit int() limit
+            raise UserError(f"{source}: '{key}' is a {len(value)}-digit number, far outside its range") from None
+        raise UserError(f"{source}: '{key}' must be {kind}, got {shown(value)}") from None
     return value
+
+
+def _whole(x: float) -> int:
+    if not x.is_integer():  # also NaN and inf
+        raise ValueError
+    return int(x)
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None, **fields_) -> Recipe:
@@ -284,26 +334,39 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, **f
         source = str(p)
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except (yaml.YAMLError, ValueError, OSError, RecursionError) as e:  # ValueError: a number of 5,000 digits
+            raise UserError(f"{p}: not a readable YAML recipe ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
         if not isinstance(data, dict):
             raise UserError(f"{p}: a recipe must be a mapping of settings")
     for item in overrides or []:
         if "=" not in item:
             raise UserError(f"override '{item}' must look like section.key=value, e.g. train.lr=2e-4")
         key, raw = item.split("=", 1)
-        _set(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        _set(data, key.strip(), _value(raw))
     for key, value in fields_.items():
         if value is not None:
             _set(data, key, value)
     return _build(Recipe, data, source)
 
 
+def _value(raw: str):
+    """An override's value as YAML reads it (2e-4, true, none); what YAML cannot read (`[`, a 5,000-digit number)
+    stays the text it is, and the field's type then says whether text is allowed there."""
+    if not raw.strip():
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except (yaml.YAMLError, ValueError, RecursionError):
+        return raw
+
+
 def _set(data: dict, dotted: str, value) -> None:
     parts = dotted.split(".")
     node = data
     for p in parts[:-1]:
-        node = node.setdefault(p, {})
+        if node.get(p) is None:  # absent, or `train:` with nothing under it
+            node[p] = {}
+        node = node[p]
         if not isinstance(node, dict):
             raise UserError(f"cannot set '{dotted}': '{p}' is not a section")
     node[parts[-1]] = value

@@ -157,6 +157,10 @@ def assemble_base(
     tok = load_tokenizer(llm, "LLM tokenizer", trust_remote_code=trust_remote_code)
     image_processor = load_image_processor(vision)
     vision_model = friendly_load(CLIPVisionModel.from_pretrained, vision, "vision encoder", dtype=dt, **kw)
+    layers = vision_model.config.num_hidden_layers  # its hidden states: the embeddings, then one per layer
+    if not -(layers + 1) <= vision_feature_layer <= layers:
+        raise UserError(f"model.vision_feature_layer {vision_feature_layer} is outside {vision}'s hidden states "
+                        f"(-{layers + 1} to {layers}); the paper's is -2")
     lm = friendly_load(AutoModelForCausalLM.from_pretrained, llm, "LLM", dtype=dt, **kw)
 
     if IMAGE_TOKEN not in tok.get_vocab():

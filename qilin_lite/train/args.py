@@ -102,6 +102,18 @@ def fsdp_args(tr, wrap: list[str] | None) -> dict:
     }}
 
 
+def check_optimizer(args, model) -> None:
+    """A known optimizer whose package is not installed (torchao, galore-torch, schedulefree, ...) or that needs what
+    a recipe cannot give: one line before the first step, not a traceback at it (config.py refuses unknown names)."""
+    from transformers import Trainer
+
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(args, model)
+    except (ImportError, ValueError) as e:
+        raise UserError(f"train.optim {args.optim.value}: {(str(e).splitlines() or [''])[0]}; install what it "
+                        "names or choose another train.optim (adamw_torch is the authors')") from None
+
+
 def check_deepspeed(name: str | None) -> None:
     """A recipe naming DeepSpeed where it is not installed: one line with both ways out."""
     import importlib.util

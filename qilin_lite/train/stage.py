@@ -35,7 +35,7 @@ from .packing import PackedDataset, choose_packing
 from .collator import Collator
 from .dataset import as_hf_dataset
 from .stages import LoraSettings, configure, trainable_summary
-from .args import check_deepspeed, fsdp_units, report_targets, sft_config
+from .args import check_deepspeed, check_optimizer, fsdp_units, report_targets, sft_config
 from .data import build_dataset
 from .trainer import Preemption, QilinTrainer, Stopped, last_checkpoint, sharded_fraction, trainable_to_fp32
 
@@ -89,15 +89,21 @@ def packed_attention(model, data: "Datasets") -> str | None:
 
 
 def prepare_output(recipe: Recipe, resume: bool, overwrite: bool = False) -> Path:
-    """Check everything that can fail without work (the recipe, the tracker, DeepSpeed), then claim the output:
-    one run at a time, never over a finished run without --overwrite or into a folder of the user's, never a
-    --resume with other settings or data (run_dir.py)."""
+    """Check everything that can fail without work, then claim the output: one run at a time, never over a finished
+    run without --overwrite or into a folder of the user's, never a --resume with other settings or data
+    (run_dir.py)."""
+    check_before_work(recipe)
+    return run_dir.prepare(recipe, resume, overwrite)
+
+
+def check_before_work(recipe: Recipe) -> None:
+    """What can be refused before anything is read, loaded or written: every recipe field and rule, the template,
+    the tracker, DeepSpeed, and the library versions (tests/test_recipe_fuzz.py runs hostile recipes through it)."""
     recipe.check()
     settle_template(recipe)
     report_targets(recipe.train.report_to)  # a missing tracker fails now, not after minutes of data checks
     check_deepspeed(recipe.train.deepspeed)  # so does a DeepSpeed config without DeepSpeed
     private_api.check_versions()  # and a trl / transformers / accelerate without what private_api.py reaches
-    return run_dir.prepare(recipe, resume, overwrite)
 
 
 def settle_template(recipe: Recipe) -> None:
@@ -211,6 +217,7 @@ def build_datasets(recipe: Recipe, tokenizer, image_processor, model_config, out
 def build_trainer(trainer_cls: type, recipe: Recipe, model, tokenizer, data: Datasets, out: Path):
     tr = recipe.train
     args = sft_config(recipe, out, wrap=fsdp_units(model) if tr.fsdp else None)
+    check_optimizer(args, model)
     # transformers refuses to train a quantized model that has no peft adapter, to stop runs in which nothing can
     # learn. align with a 4-bit LLM trains the full-precision projector, so that guard does not apply: it is told
     # the model carries its own trainable part for the duration of the constructor only.
