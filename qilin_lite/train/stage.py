@@ -37,6 +37,7 @@ from .dataset import as_hf_dataset
 from .stages import LoraSettings, configure, trainable_summary
 from .args import check_deepspeed, check_optimizer, fsdp_units, report_targets, sft_config
 from .data import build_dataset
+from .finite import NonFinite
 from .trainer import Preemption, QilinTrainer, Stopped, last_checkpoint, sharded_fraction, trainable_to_fp32
 
 log = logging.getLogger(__name__)
@@ -254,15 +255,28 @@ def build_trainer(trainer_cls: type, recipe: Recipe, model, tokenizer, data: Dat
 
 def train(trainer, out: Path, resume: bool) -> None:
     """Run the Trainer (from the last complete checkpoint with --resume); a SIGTERM stop raises Stopped."""
-    preemption = Preemption()
+    preemption, guard = Preemption(), NonFinite()
     trainer.add_callback(preemption)
+    trainer.add_callback(guard)  # after Preemption: it can cancel the save a SIGTERM asked for
     start = last_checkpoint(out) if resume else None
     if resume and start is None:
         log.warning("--resume: %s has no checkpoint yet; training from the start", out)
     trainer.train(resume_from_checkpoint=start)
+    if guard.problem is not None:
+        raise UserError(f"{out}: training stopped at step {guard.step}: {guard.problem}; {_kept(out)}, no model was "
+                        f"saved; lower train.lr ({trainer.args.learning_rate}) or check the data, then train into a "
+                        "new --out")
     if preemption.stopped_at is not None:
         raise Stopped(f"stopped by SIGTERM after step {preemption.stopped_at}; checkpoint-{preemption.stopped_at} "
                       f"is saved in {out}; run the same command with --resume to continue")
+
+
+def _kept(out: Path) -> str:
+    try:
+        last = last_checkpoint(out)
+    except UserError:  # only checkpoints cut short while saving
+        last = None
+    return f"{Path(last).name} holds the last finite weights" if last else "no checkpoint had been saved before it"
 
 
 def write_summary(trainer, recipe: Recipe, out: Path, data: Datasets, seconds: float) -> None:

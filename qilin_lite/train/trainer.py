@@ -15,7 +15,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from trl import SFTTrainer
 
-from ..distributed import world_size
+from ..distributed import any_process
 from ..errors import UserError
 from . import private_api
 from .lm_head import plain_head_for, plain_head_ok, supervised_head
@@ -58,17 +58,7 @@ class Preemption(TrainerCallback):
         log.warning("SIGTERM: saving a checkpoint at the end of this step, then stopping")
 
     def on_step_end(self, args, state, control, **kwargs):
-        requested = self.requested
-        if world_size() > 1:  # every process must stop at the same step, or the collective save hangs
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                flag = torch.tensor([1.0 if requested else 0.0])
-                if dist.get_backend() == "nccl":
-                    flag = flag.cuda()
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                requested = bool(flag.item())
-        if requested:
+        if any_process(self.requested):  # every process stops at the same step, or the collective save hangs
             self.stopped_at = state.global_step
             control.should_save = True
             control.should_training_stop = True
