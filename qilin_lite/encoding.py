@@ -23,7 +23,7 @@ import numpy as np
 
 from .data.records import BadRecord, Record
 from .families import IGNORE, Rendered, Template, image_count
-from .families.base import labels_from_offsets
+from .families.base import TEXT_LT, labels_from_offsets, text_ids
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,8 @@ def sample_lengths(records: list[Record], template: Template, tokenizer, layout:
         for j, (ids, off, x) in enumerate(zip(enc["input_ids"], enc["offset_mapping"], rendered)):
             if x is None:
                 continue
+            if TEXT_LT in x.text:  # text spelling a tag, kept as text: tokenized as `ids_and_labels` does it
+                ids, off = text_ids(tokenizer, x.text)
             labels = labels_from_offsets(ids, off, x.supervised)
             try:
                 lengths[lo + j] = len(cut(np.asarray(ids, dtype=np.int64), labels, layout).input_ids)

@@ -29,6 +29,18 @@ IGNORE = -100  # the label of a token the loss does not see
 COMPOSITE_MAX_IMAGES = 4
 MARKER = "<__media__>"  # llama.cpp's (mtmd's) default image marker in prompt text
 MULTI_IMAGE = ("composite", "separate")
+# A `<` that starts no tag. Typed text, or the text around a record's tags once they are taken out, may still spell
+# a tag (`<<image>image>` loses its `<image>` and is `<image>` again): `as_text` marks the `<` of each such spelling,
+# so no later step places an image there or deletes it again, and `text_ids` tokenizes it as the plain `<` it is.
+# A Unicode private-use character: nothing a tokenizer knows, one character as `<` is, so offsets hold.
+TEXT_LT = "\ue000"
+
+
+def as_text(text: str, tags=(IMAGE_TOKEN,)) -> str:
+    """`text` with every spelling of `tags` in it kept as text (its `<` marked), never a tag."""
+    for tag in tags:
+        text = text.replace(tag, TEXT_LT + tag[1:])
+    return text
 
 
 @dataclass
@@ -74,10 +86,12 @@ def one_tag(messages: list[dict]) -> list[dict]:
     out, seen = [], False
     for m in messages:
         parts = m["content"].split(IMAGE_TOKEN)
-        text = parts[0]
-        for part in parts[1:]:
-            text += ("" if seen else IMAGE_TOKEN) + part
-            seen = True
+        if len(parts) == 1:
+            text = parts[0]
+        elif seen:  # the text around the tags taken out may spell a tag: kept as text
+            text = as_text("".join(parts))
+        else:
+            text, seen = parts[0] + IMAGE_TOKEN + as_text("".join(parts[1:])), True
         out.append({**m, "content": text})
     return out
 
@@ -90,7 +104,7 @@ def images_in_front(messages: list[dict], clean) -> list[dict]:
         if m["role"] == "user":
             n = m["content"].count(IMAGE_TOKEN)
             # the tag with the newline that placement (ours, LLaVA data's `<image>\n` prefix) put after it
-            text = clean(m["content"].replace(IMAGE_TOKEN + "\n", IMAGE_TOKEN))
+            text = as_text(clean(m["content"].replace(IMAGE_TOKEN + "\n", IMAGE_TOKEN)))  # a spelt tag: text
             m = {**m, "content": f"{IMAGE_TOKEN}\n" * n + text}
         out.append(m)
     return out
@@ -105,6 +119,36 @@ def labels_from_offsets(ids: list[int], offsets: list[tuple[int, int]], spans) -
     for s, e in spans:
         sup |= (starts >= s) & (starts < e) & (ends > starts)  # zero-width tokens (BOS) are never supervised
     return np.where(sup, ids_arr, IGNORE)
+
+
+def text_ids(tokenizer, text: str, add_special_tokens: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+    """`tokenizer(text)`'s ids and character offsets, a `<` that `as_text` marked read as `<`: a tag it spells is
+    tokenized as the text it is (the tokenizer's added `<image>` or `</s>` would take it whole: an image slot, an
+    end token)."""
+    plain = text.replace(TEXT_LT, "<")
+    enc = tokenizer(plain, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    if plain == text:
+        return ids, offsets
+    marked = {i for i, c in enumerate(text) if c == TEXT_LT}
+    added = set(getattr(tokenizer, "added_tokens_decoder", {}))
+    out_ids: list[int] = []
+    out_offsets: list[tuple[int, int]] = []
+    for t, (a, b) in zip(ids, offsets):
+        if a in marked and b > a and t in added:  # an added token where the text spelt a tag: its characters
+            sub = tokenizer(plain[a:b], add_special_tokens=False, split_special_tokens=True,
+                            return_offsets_mapping=True)
+            out_ids.extend(sub["input_ids"])
+            out_offsets.extend((a + x, a + y) for x, y in sub["offset_mapping"])
+        else:
+            out_ids.append(t)
+            out_offsets.append((a, b))
+    return out_ids, out_offsets
+
+
+def plain_lt(encode):
+    """A text encoder that splits at no tag itself (SentencePiece's, tokens.py) reading a marked `<` as `<`."""
+    return lambda t: encode(t.replace(TEXT_LT, "<"))
 
 
 def piece_ids(text: str, breaks, tokenizer, image_token_id: int) -> tuple[list[int], list[tuple[int, int]]]:
@@ -124,9 +168,9 @@ def piece_ids(text: str, breaks, tokenizer, image_token_id: int) -> tuple[list[i
                 offsets.append((pos, pos + len(IMAGE_TOKEN)))
                 pos += len(IMAGE_TOKEN)
             if chunk:
-                enc = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
-                ids.extend(enc["input_ids"])
-                offsets.extend((pos + a, pos + b) for a, b in enc["offset_mapping"])
+                chunk_ids, chunk_offsets = text_ids(tokenizer, chunk, add_special_tokens=False)
+                ids.extend(chunk_ids)
+                offsets.extend((pos + a, pos + b) for a, b in chunk_offsets)
             pos += len(chunk)
     return ids, offsets
 
@@ -245,15 +289,14 @@ class Template:
         """A rendered prompt -> ids with one image id per `<image>` (not yet expanded); `breaks` from `Rendered`."""
         if breaks:
             return piece_ids(text, breaks, tokenizer, image_token_id)[0]
-        return tokenizer(text, add_special_tokens=True)["input_ids"]
+        return text_ids(tokenizer, text)[0]
 
     def ids_and_labels(self, r: Rendered, tokenizer, image_token_id: int, max_length: int):
         """(ids, labels) of a rendered conversation: a token is supervised when it starts inside a reply span."""
         if r.breaks:
             ids, offsets = piece_ids(r.text, r.breaks, tokenizer, image_token_id)
         else:
-            enc = tokenizer(r.text, add_special_tokens=True, return_offsets_mapping=True)
-            ids, offsets = enc["input_ids"], enc["offset_mapping"]
+            ids, offsets = text_ids(tokenizer, r.text)
         return np.asarray(ids, dtype=np.int64), labels_from_offsets(ids, offsets, r.supervised)
 
     # --- exports ---------------------------------------------------------------------------------------------

@@ -11,6 +11,14 @@ the only code they published. Template `huatuo`.
   cli.py.
 A system message in a `huatuo` conversation is dropped (the format has none). Several images: each its own 576
 tokens, up to 6 (cli.py's limit).
+
+Where this departs from cli.py: text that still spells a tag after moderation's single pass (`<<image>image>` is
+`<image>` once the inner tag goes, `<</s>s>` is `<s>`) stays that text. cli.py keeps `<s>` too, and its ids are
+given, but it splits a `<image>` so formed into one more image slot than there are images (two images and
+`<<image>image>是什么？` give three slots, and the model fails on the mismatch); here that `<image>` is the text it
+spells, its characters tokenized, never an image slot. What a person typed is moderated once (`typed_text`); the
+tags it leaves are marked as text (`as_text`), so placement's cleaning, which records' text goes through, takes
+nothing more out of it.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from .base import (
     Ollama,
     Rendered,
     Template,
+    as_text,
     fit_gguf,
     images_in_front,
     with_marker,
@@ -38,17 +47,18 @@ HUATUO_REMOVED = (IMAGE_TOKEN, "<s>", "</s>")  # cli.py's input_moderation black
 
 
 def moderate(text: str) -> str:
-    """cli.py's input_moderation: the placeholder and LLaMA's BOS/EOS texts deleted from what a user typed."""
+    """cli.py's input_moderation: the placeholder and LLaMA's BOS/EOS texts deleted from what a user typed, in one
+    pass, as cli.py does; a tag that pass leaves spelt (`<</s>s>` -> `<s>`) is kept as text (`as_text`)."""
     for b in HUATUO_REMOVED:
         text = text.replace(b, "")
-    return text
+    return as_text(text, HUATUO_REMOVED)
 
 
 @dataclass(frozen=True)
 class HuatuoTemplate(Template):
     def typed_text(self, text: str) -> str:
-        """Exactly as cli.py does (`<image>`, `<s>`, `</s>` deleted, nothing else touched), so its models get their
-        own ids."""
+        """As cli.py does (`<image>`, `<s>`, `</s>` deleted once, nothing else touched), so its models get their own
+        ids; what the pass leaves spelt stays text (the module's note)."""
         return moderate(text)
 
     def place_images(self, messages: list[dict]) -> list[dict]:

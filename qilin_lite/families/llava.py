@@ -24,7 +24,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..tokens import image_split_ids, slow_llama
-from .base import IGNORE, IMAGE_TOKEN, MARKER, Family, Ollama, Rendered, Template, fit_gguf
+from .base import IGNORE, IMAGE_TOKEN, MARKER, Family, Ollama, Rendered, Template, as_text, fit_gguf, plain_lt
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -51,7 +51,7 @@ class LlavaTemplate(Template):
         out = []
         for m in messages:
             if IMAGE_TOKEN in m["content"]:
-                text = m["content"].replace(IMAGE_TOKEN, "").strip()
+                text = as_text(m["content"].replace(IMAGE_TOKEN, "")).strip()  # `<<image>image>`: text
                 m = {**m, "content": (IMAGE_TOKEN + "\n" + text).strip()}
             out.append(m)
         return out
@@ -63,7 +63,7 @@ class LlavaTemplate(Template):
         sp = slow_llama(tokenizer)
         if sp is None:
             return super().prompt_ids(text, tokenizer, image_token_id, breaks)
-        return image_split_ids(text, sp, image_token_id, sp.bos_id)
+        return image_split_ids(text, plain_lt(sp), image_token_id, sp.bos_id)
 
     def ids_and_labels(self, r: Rendered, tokenizer, image_token_id: int, max_length: int):
         sp = slow_llama(tokenizer)
@@ -75,7 +75,7 @@ class LlavaTemplate(Template):
         """(ids, labels) as the authors' `preprocess_plain` / `preprocess_v1` compute them: ids tokenized between
         images, labels masked by the token counts of each round tokenized on its own. Raises ValueError where their
         count does not match the whole (their code then masks the whole record and trains nothing on it)."""
-        enc = lambda t: image_split_ids(t, sp, image_token_id, sp.bos_id)  # noqa: E731
+        enc = lambda t: image_split_ids(t, plain_lt(sp), image_token_id, sp.bos_id)  # noqa: E731
         ids = np.asarray(enc(text), dtype=np.int64)
         labels = ids.copy()
         sep = self.user_end + self.assistant + ": "
@@ -133,9 +133,9 @@ class PlainTemplate(LlavaTemplate):
         return Rendered(text, [(start, len(text))])
 
     def _authors_labels(self, text: str, sp, image_token_id: int, max_length: int):
-        ids = np.asarray(image_split_ids(text, sp, image_token_id, sp.bos_id), dtype=np.int64)
+        ids = np.asarray(image_split_ids(text, plain_lt(sp), image_token_id, sp.bos_id), dtype=np.int64)
         labels = ids.copy()  # the prompt is the image alone; the caption and its newline are the target
-        labels[: len(image_split_ids(IMAGE_TOKEN, sp, image_token_id, sp.bos_id))] = IGNORE
+        labels[: len(image_split_ids(IMAGE_TOKEN, plain_lt(sp), image_token_id, sp.bos_id))] = IGNORE
         return ids, labels
 
     def chat_template_jinja(self) -> str:

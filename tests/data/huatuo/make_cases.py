@@ -31,10 +31,17 @@ for name, text, n in [
     ("six images", "What does the picture show?", 6),
     ("no image", "病灶位于哪里？", 0),
     ("typed tags and spaces", "  <image>Is there any </s>abnormality?<s>  ", 1),
+    # moderation's one pass leaves `<s>` spelt: text, which cli.py keeps
+    ("nested end tags", "<</s>s>这是什么？", 1),
+    # ... and leaves `<image>` spelt, which cli.py splits into one image slot more than there are images (3 for 2):
+    # its prompt is invalid here; "text_image" is what that `<image>` is as text in its tokenizer
+    ("nested image tag", "<<image>image>是什么？", 2),
 ]:
     t = bot.insert_image_placeholder(bot.input_moderation(text), n)
     ids = preprocess_list(bot.get_conv_without_history(t))
     cases.append({"name": name, "turns": [{"question": text, "images": n}], "answers": [], "ids": ids})
+    if ids.count(-200) != n:
+        cases[-1]["text_image"] = bot.tokenizer("<image>", add_special_tokens=False).input_ids
 
 def second_turn(name, first, answer, n_first, second, n_second):
     """HuatuoChatbot.chat's history ([text with its placeholders, answer]), then the next question's ids."""
@@ -49,6 +56,8 @@ second_turn("second turn", "这张胸部X光片显示了什么？", "右下肺�
 # asked about the first turn's image (how qilin-lite chat continues a conversation)
 second_turn("second turn, no new image", "What does the picture show?", "The CT scan shows a mass in the left lobe.", 1,
             "位于哪里？", 0)
+# a history holding what moderation left spelt: moderated once, when it was typed (cli.py keeps the moderated text)
+second_turn("nested end tags in the history", "<</s>s>这是什么？", "一张胸片。", 1, "<</s>s>还有呢？", 0)
 json.dump({"source": "FreedomIntelligence/HuatuoGPT-Vision cli.py (HuatuoChatbot.input_moderation, "
            "insert_image_placeholder, get_conv(_without_history), preprocess_huatuo, tokenizer_image_token), "
            "transformers 4.40.2, tokenizers 0.19.1", "image_token_index": -200, "cases": cases},
