@@ -136,8 +136,11 @@ def test_converted_logits_equal_the_source_computation(converted, tiny_data):
 
 
 @pytest.mark.parametrize("case,n", [("one image", 1), ("two images", 2), ("six images", 6),
-                                    ("second turn, no new image", 1)])
+                                    ("second turn, no new image", 1), ("nested end tags", 1),
+                                    ("nested end tags in the history", 1), ("nested image tag", 2)])
 def test_chat_sends_the_prompt_ids_their_cli_builds(case, n, converted, tiny_data):
+    """The ids chat sends (typed text moderated once, as cli.py does); where cli.py's prompt is invalid (a typed
+    `<<image>image>`, which it makes one image slot more than images), that slot is the text it spells."""
     from qilin_lite.serve.chat_session import ChatSession
 
     _, dst, _ = converted
@@ -154,8 +157,14 @@ def test_chat_sends_the_prompt_ids_their_cli_builds(case, n, converted, tiny_dat
     session.ask(turns[-1]["question"])
     image_id = session.generator.layout.image_token_id
     per_image = session.generator.layout.num_image_tokens
-    theirs = [x for i in want["ids"] for x in ([image_id] * per_image if i == -200 else [i])]
-    assert session.generator.last_prompt_ids == theirs
+    theirs, slots = [], 0
+    for i in want["ids"]:  # each of their image slots expanded; one past the images: the text it spells
+        if i == -200:
+            theirs += [image_id] * per_image if slots < n else want["text_image"]
+            slots += 1
+        else:
+            theirs.append(i)
+    assert session.generator.last_prompt_ids == theirs and theirs.count(image_id) == n * per_image
     assert "repetition_penalty" in dict(session.template.generation)
 
 
