@@ -51,25 +51,32 @@ class Encoded:
     cut: str | None = None  # why and where the sequence was cut, or None
 
 
-def expand_images(ids: np.ndarray, labels: np.ndarray, layout: TokenLayout) -> tuple[np.ndarray, np.ndarray]:
-    """Replace each `<image>` token by `num_image_tokens` copies (labels -100)."""
+def expand_images(ids: np.ndarray, labels: np.ndarray, layout: TokenLayout,
+                  counts=None) -> tuple[np.ndarray, np.ndarray]:
+    """Replace each image token by `num_image_tokens` copies (labels -100), or by `counts[k]` copies for the k-th
+    image where the count follows the image's size (native resolution: Qwen2.5-VL)."""
     where_img = np.flatnonzero(ids == layout.image_token_id)
     if len(where_img) == 0:
         return ids, labels
     reps = np.ones(len(ids), dtype=np.int64)
-    reps[where_img] = layout.num_image_tokens
+    if counts is None:
+        reps[where_img] = layout.num_image_tokens
+    else:
+        if len(counts) < len(where_img):
+            raise BadRecord(f"{len(where_img)} image slots in the text but {len(counts)} images")
+        reps[where_img] = np.asarray(counts[: len(where_img)], dtype=np.int64)
     ids = np.repeat(ids, reps)
     labels = np.repeat(labels, reps)
     labels[ids == layout.image_token_id] = IGNORE
     return ids, labels
 
 
-def prompt_ids(messages: list[dict], template: Template, tokenizer, layout: TokenLayout) -> np.ndarray:
+def prompt_ids(messages: list[dict], template: Template, tokenizer, layout: TokenLayout, counts=None) -> np.ndarray:
     """A history ending in a user turn -> the ids the model answers from (chat, web, eval, the demo): training's
     steps up to the assistant tag, with the template's tokenization and images expanded."""
     r = template.render(template.place_images(messages), add_generation_prompt=True)
-    ids = np.asarray(template.prompt_ids(r.text, tokenizer, layout.image_token_id, r.breaks), dtype=np.int64)
-    return expand_images(ids, np.zeros_like(ids), layout)[0]
+    ids = np.asarray(template.prompt_ids(r, tokenizer, layout.image_token_id), dtype=np.int64)
+    return expand_images(ids, np.zeros_like(ids), layout, counts)[0]
 
 
 def prepare(messages: list[dict], template: Template, eos: str) -> Rendered:
@@ -86,7 +93,7 @@ def prepare(messages: list[dict], template: Template, eos: str) -> Rendered:
     return template.render(messages, eos=eos)
 
 
-def encode_detail(messages: list[dict], template: Template, tokenizer, layout: TokenLayout) -> Encoded:
+def encode_detail(messages: list[dict], template: Template, tokenizer, layout: TokenLayout, counts=None) -> Encoded:
     """One conversation -> `Encoded`: ids and labels as training builds them (images expanded), cut to max_length.
 
     Raises BadRecord when the template cannot express the record, an image does not fit, or no supervised token is
@@ -96,16 +103,18 @@ def encode_detail(messages: list[dict], template: Template, tokenizer, layout: T
         ids, labels = template.ids_and_labels(r, tokenizer, layout.image_token_id, layout.max_length)
     except ValueError as e:
         raise BadRecord(str(e)) from None
-    return cut(ids, labels, layout)
+    return cut(ids, labels, layout, counts)
 
 
-def encode(messages: list[dict], template: Template, tokenizer, layout: TokenLayout) -> tuple[np.ndarray, np.ndarray]:
-    """One conversation -> (input_ids, labels), image tokens expanded, cut to max_length (see `encode_detail`)."""
-    e = encode_detail(messages, template, tokenizer, layout)
+def encode(messages: list[dict], template: Template, tokenizer, layout: TokenLayout,
+           counts=None) -> tuple[np.ndarray, np.ndarray]:
+    """One conversation -> (input_ids, labels), image tokens expanded, cut to max_length (see `encode_detail`).
+    `counts`: each image's token count where it follows the image's size; None: `layout.num_image_tokens` each."""
+    e = encode_detail(messages, template, tokenizer, layout, counts)
     return e.input_ids, e.labels
 
 
-def cut(ids: np.ndarray, labels: np.ndarray, layout: TokenLayout) -> Encoded:
+def cut(ids: np.ndarray, labels: np.ndarray, layout: TokenLayout, counts=None) -> Encoded:
     """Cut where the length mode says and expand images; an image is never cut in part."""
     n = layout.max_length
     img = np.flatnonzero(ids == layout.image_token_id)
@@ -116,9 +125,9 @@ def cut(ids: np.ndarray, labels: np.ndarray, layout: TokenLayout) -> Encoded:
                 "shorten the text before the image"
             )
         why = f"cut at {n} text ids (images count one each) from {len(ids)}" if len(ids) > n else None
-        ids, labels = expand_images(ids[:n], labels[:n], layout)
+        ids, labels = expand_images(ids[:n], labels[:n], layout, counts)
     else:
-        ids, labels = expand_images(ids, labels, layout)
+        ids, labels = expand_images(ids, labels, layout, counts)
         img = np.flatnonzero(ids == layout.image_token_id)
         if len(img) and img[-1] >= n:
             raise BadRecord(
@@ -135,18 +144,21 @@ def cut(ids: np.ndarray, labels: np.ndarray, layout: TokenLayout) -> Encoded:
     return Encoded(ids, labels, why)
 
 
-def sample_lengths(records: list[Record], template: Template, tokenizer, layout: TokenLayout, batch: int = 512):
+def sample_lengths(records: list[Record], template: Template, tokenizer, layout: TokenLayout, batch: int = 512,
+                   counts_of=None):
     """Token length of every record (for length grouping and packing) and the reason each bad one fails.
 
     Tokenizes in batches where the template tokenizes its text whole; cheap enough to run over 500k records up
-    front. The steps are `encode_detail`'s: `prepare`, the template's labels rule, `cut`.
+    front. The steps are `encode_detail`'s: `prepare`, the template's labels rule, `cut`. `counts_of(record)`: its
+    images' token counts where they follow the images' sizes (native resolution), so lengths are the true ones.
     """
     lengths = np.zeros(len(records), dtype=np.int64)
     bad: dict[int, str] = {}
     if not template.batch_tokenizable(tokenizer):  # tokenized piece by piece anyway
         for i, rec in enumerate(records):
             try:
-                lengths[i] = len(encode(rec.messages, template, tokenizer, layout)[0])
+                counts = counts_of(rec) if counts_of is not None else None
+                lengths[i] = len(encode(rec.messages, template, tokenizer, layout, counts)[0])
             except BadRecord as e:
                 bad[i] = str(e)
         return lengths, bad
@@ -168,7 +180,8 @@ def sample_lengths(records: list[Record], template: Template, tokenizer, layout:
                 ids, off = text_ids(tokenizer, x.text)
             labels = labels_from_offsets(ids, off, x.supervised)
             try:
-                lengths[lo + j] = len(cut(np.asarray(ids, dtype=np.int64), labels, layout).input_ids)
+                counts = counts_of(records[lo + j]) if counts_of is not None else None
+                lengths[lo + j] = len(cut(np.asarray(ids, dtype=np.int64), labels, layout, counts).input_ids)
             except BadRecord as e:
                 bad[lo + j] = str(e)
     return lengths, bad

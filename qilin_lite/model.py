@@ -20,7 +20,7 @@ import torch
 from .device import pick_attention
 from .encoding import TokenLayout
 from .errors import UserError
-from .families import IMAGE_TOKEN, chat_template_jinja, get_template, guess_template
+from .families import IMAGE_TOKEN, Family, chat_template_jinja, family_of_config, get_template, guess_template
 from .families.llava import LLAVA
 from .run_file import read_run_file
 from .tokens import attach, keep_sentencepiece, slow_llama
@@ -63,7 +63,7 @@ class RunInfo:
                                                    "base_identity")})
 
 
-def quantization_config(bits: int | None, compute_dtype: torch.dtype = torch.bfloat16):
+def quantization_config(bits: int | None, compute_dtype: torch.dtype = torch.bfloat16, family: Family = LLAVA):
     """4-bit NF4 (double quantization) or 8-bit for the LLM's decoder layers only.
 
     The vision tower, the projector and lm_head stay unquantized: the projector must train in every mode,
@@ -73,7 +73,7 @@ def quantization_config(bits: int | None, compute_dtype: torch.dtype = torch.bfl
         return None
     from transformers import BitsAndBytesConfig
 
-    skip = [VISION, PROJECTOR, "lm_head"]
+    skip = [family.vision, family.projector, "lm_head"]
     if bits == 4:
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -95,6 +95,9 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def num_image_tokens(config) -> int:
+    """Tokens one image expands to; 0 where the count follows each image's size (native resolution)."""
+    if family_of_config(config).image_mode == "native":
+        return 0
     vc = config.vision_config
     n = (vc.image_size // vc.patch_size) ** 2
     return n + (1 if config.vision_feature_select_strategy == "full" else 0)
@@ -215,6 +218,12 @@ def save_processor(out_dir: Path, tokenizer, image_processor, config, template: 
     from transformers import LlavaProcessor
 
     tokenizer.chat_template = chat_template_jinja(get_template(template))
+    if family_of_config(config).image_mode == "native":
+        # the files its processor class (Qwen2_5_VLProcessor) is built from, as the hub's releases ship them; the
+        # class itself is not built here, since its video half needs torchvision, which CPU installs lack
+        tokenizer.save_pretrained(out_dir)
+        image_processor.save_pretrained(out_dir)
+        return
     proc = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -274,20 +283,43 @@ def load_llava(
 ):
     """A Llava directory or hub id -> model (4/8-bit LLM when asked). `device_map` (device.Placement's) loads the
     weights straight onto a GPU; None leaves them on the CPU."""
-    from transformers import LlavaForConditionalGeneration
+    import transformers
 
     dt = torch_dtype(dtype)
+    family = family_at(str(path), trust_remote_code)
     model = friendly_load(
-        LlavaForConditionalGeneration.from_pretrained,
+        getattr(transformers, family.model_class).from_pretrained,
         str(path),
-        "Llava model",
+        f"{family.name} model",
         dtype=dt,
-        quantization_config=quantization_config(bits, dt),
+        quantization_config=quantization_config(bits, dt, family),
         attn_implementation=pick_attention(attn),
         **({"device_map": device_map} if device_map is not None else {}),
         **_pretrained_kwargs(trust_remote_code, allow_pickle),
     )
     return model
+
+
+def image_mode_for(config, wanted: str | None, default: str) -> str:
+    """How a run shows images: a native-resolution family always `native`; LLaVA's `pad` / `crop` as asked."""
+    if family_of_config(config).image_mode == "native":
+        if wanted not in (None, "native"):
+            raise UserError(f"data.image_mode={wanted}: this model sees images at their own size (native "
+                            "resolution); pad and crop are for LLaVA models: drop the setting")
+        return "native"
+    return default
+
+
+def family_at(source: str, trust_remote_code: bool = False) -> Family:
+    """The family whose class a model directory or hub id loads as (its config.json's model_type)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: a config.json nested thousands deep
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise UserError(f"{source}: cannot read the model's config.json ({msg}); check the id or path") from None
+    return family_of_config(config)
 
 
 def template_of(source: str) -> str:
@@ -333,17 +365,24 @@ def load_run(path: str | Path, *, bits: int | None = None, dtype: str = "bfloat1
     return model, tok, ip, info
 
 
+def projector_of(model):
+    """The projector module of a model (inside a PeftModel too): the family's connector between vision and LLM."""
+    inner = _llava(model)
+    return inner.get_submodule(family_of_config(inner.config).projector)
+
+
 def projector_state(model) -> dict[str, torch.Tensor]:
-    proj = _llava(model).model.multi_modal_projector
+    proj = projector_of(model)
     return {k: v.detach().cpu().contiguous() for k, v in proj.state_dict().items()}
 
 
-def projector_from_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def projector_from_state_dict(state: dict[str, torch.Tensor], config=None) -> dict[str, torch.Tensor]:
     """The projector's entries of a whole-model state dict (as FSDP / ZeRO-3 gather it), named as in the module."""
-    marker = "multi_modal_projector."
+    path = (family_of_config(config) if config is not None else LLAVA).projector
+    marker = path.split(".", 1)[1] + "."  # the path below the top model ("model.") that state dicts may drop
     found = {k.split(marker, 1)[1]: v.detach().to("cpu", copy=True) for k, v in state.items() if marker in k}
     if not found:
-        raise RuntimeError("the gathered state dict holds no multi_modal_projector weights")
+        raise RuntimeError(f"the gathered state dict holds no {marker.rstrip('.')} weights")
     return found
 
 
@@ -360,7 +399,7 @@ def save_projector(model, path: Path) -> None:
 def load_projector(model, path: Path) -> None:
     if not Path(path).exists():
         raise UserError(f"{path}: projector weights not found; is this the output directory of `qilin-lite align`?")
-    proj = _llava(model).model.multi_modal_projector
+    proj = projector_of(model)
     state = load_safetensors(path, "projector weights")
     dtype = next(proj.parameters()).dtype
     state = {k: v.to(dtype) for k, v in state.items()}
@@ -375,10 +414,14 @@ def load_projector(model, path: Path) -> None:
 
 
 def _llava(model):
-    """The LlavaForConditionalGeneration inside a PeftModel (or the model itself)."""
-    from transformers import LlavaForConditionalGeneration
+    """The family's model (LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, ...) inside a
+    PeftModel, or the model itself."""
+    import transformers
 
+    from .families import FAMILIES
+
+    classes = tuple({getattr(transformers, f.model_class) for f in FAMILIES})
     for m in (model, getattr(model, "base_model", None), getattr(getattr(model, "base_model", None), "model", None)):
-        if isinstance(m, LlavaForConditionalGeneration):
+        if isinstance(m, classes):
             return m
-    raise TypeError(f"not a Llava model: {type(model).__name__}")
+    raise TypeError(f"not a vision-language model qilin-lite knows: {type(model).__name__}")

@@ -203,8 +203,9 @@ def test_composite_is_one_image_and_dicom_is_used(lora_run, tiny_data, tmp_path)
     session.load_image([first, second])
     assert session.image.size == composite([load_image(first), load_image(second)]).size
     seen = []
-    original = session.generator.images
-    session.generator.images = lambda imgs: seen.append(original(imgs)) or seen[-1]
+    loader = session.generator.images
+    original, inputs = loader.__call__, loader.inputs
+    loader.inputs = lambda pil: seen.append(inputs(pil)["pixel_values"]) or {"pixel_values": seen[-1]}
     session.ask(Q1)
     session.ask(Q2)
     assert [p.shape[0] for p in seen] == [1, 1]  # one composite per request, not one image per file

@@ -61,7 +61,8 @@ class CheckResult:
 
 
 def model_facts(model: str | Path):
-    """A Llava directory or run directory -> (tokenizer, image token id, tokens per image, run template)."""
+    """A model or run directory -> (tokenizer, image token id, tokens per image, run template, counts_of): at native
+    resolution tokens per image is 0 and `counts_of(record)` gives each of its images' counts (else None)."""
     from transformers import AutoConfig
 
     from ..model import RunInfo, load_tokenizer_and_processor, num_image_tokens, resolve_base
@@ -74,8 +75,12 @@ def model_facts(model: str | Path):
     except (OSError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{model}: cannot read the model config ({reason}); pass a Llava or run directory") from None
-    tok, _ = load_tokenizer_and_processor(str(model))
-    return tok, config.image_token_id, num_image_tokens(config), info.template if info else None
+    tok, ip = load_tokenizer_and_processor(str(model))
+    from ..images.pixel_values import image_loader, record_counts
+    from ..model import image_mode_for
+
+    counts_of = record_counts(image_loader(ip, image_mode_for(config, None, "pad")))
+    return tok, config.image_token_id, num_image_tokens(config), info.template if info else None, counts_of
 
 
 def check_data(
@@ -131,12 +136,13 @@ def check_data(
                 if p in bad_images:
                     note(rec, "image does not decode", bad_images[p])
     if model is not None and records:
-        tok, image_token_id, per_image, run_template = model_facts(model)
+        tok, image_token_id, per_image, run_template, counts_of = model_facts(model)
         tpl = get_template(template or run_template or "vicuna_v1")
         # sample_lengths reports the length after truncation; an unbounded layout gives the full length to compare
-        lengths, bad = sample_lengths(records, tpl, tok, TokenLayout(image_token_id, per_image, 1 << 40))
+        lengths, bad = sample_lengths(records, tpl, tok, TokenLayout(image_token_id, per_image, 1 << 40),
+                                      counts_of=counts_of)
         for i, rec in enumerate(records):
-            image_tokens = per_image * len(rec.images)
+            image_tokens = sum(counts_of(rec)) if counts_of and i not in bad else per_image * len(rec.images)
             # "text" (the authors' cut) counts an image as one id; "total" counts every position
             counted = lengths[i] - image_tokens + len(rec.images) if length_mode == "text" else lengths[i]
             if i in bad:

@@ -52,7 +52,7 @@ def inspect_records(file, model: str, *, image_folder=None, recipe: str | None =
     if n < 1:
         raise UserError(f"-n must be at least 1, not {n}")
     run = _settings(model, recipe)
-    tok, image_id, per_image, _ = model_facts(model)
+    tok, image_id, per_image, _, counts_of = model_facts(model)
     tpl = get_template(template or run.get("template") or "vicuna_v1")
     mode = length_mode or run.get("length_mode", "text")
     if mode not in ("text", "total"):
@@ -74,7 +74,7 @@ def inspect_records(file, model: str, *, image_folder=None, recipe: str | None =
     shown = []
     for rec in records:
         try:
-            e = encode_detail(rec.messages, tpl, tok, layout)
+            e = encode_detail(rec.messages, tpl, tok, layout, counts_of(rec) if counts_of else None)
         except BadRecord as err:
             row = {"id": rec.id, "error": str(err)}
             print(json.dumps(row, ensure_ascii=False) if as_json
@@ -89,7 +89,9 @@ def inspect_records(file, model: str, *, image_folder=None, recipe: str | None =
             continue
         supervised = sum(x != IGNORE for x in labels)
         n_img = sum(i == image_id for i in ids)
-        shown_as = (f"{n_img // per_image} image(s) of {per_image}, {tpl.multi_image}" if n_img else "no image")
+        counts = f"of {per_image}" if per_image else f"at native resolution, {n_img} tokens in all"
+        n_shown = n_img // per_image if per_image else len(rec.images)
+        shown_as = (f"{n_shown} image(s) {counts}, {tpl.multi_image}" if n_img else "no image")
         print(f"── {rec.where} ── template {tpl.name}, {len(ids)} positions ({n_img} image: {shown_as}), "
               f"{supervised} supervised; cut: {e.cut or 'none'}", file=out)
         print(_render(ids, labels, tok, image_id, color, per_image), file=out)
@@ -110,7 +112,10 @@ def _render(ids: list[int], labels: list[int], tok, image_id: int, color: bool, 
             j = k
             while j < len(ids) and ids[j] == image_id:
                 j += 1
-            pieces.extend([f"<image ×{per_image}>"] * ((j - k) // per_image))  # adjacent images: one run each
+            if per_image:
+                pieces.extend([f"<image ×{per_image}>"] * ((j - k) // per_image))  # adjacent images: one run each
+            else:  # native resolution: each image's own count, its run closed by the family's end-of-image token
+                pieces.append(f"<image ×{j - k}>")
             k = j
             continue
         name = names[k] if names[k] is not None else f"<{ids[k]}>"

@@ -20,9 +20,11 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
 QWEN2_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
-def train_qwen_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 600, eos: str = "<|endoftext|>"):
+def train_qwen_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 600, eos: str = "<|endoftext|>",
+                         special: tuple[str, ...] = QWEN2_SPECIAL):
     """A byte-level BPE with Qwen2's pre-tokenizer, saved as Qwen2 saves it (Qwen2Tokenizer, no BOS). `eos`:
-    `<|endoftext|>` as Qwen2-7B (and HuatuoGPT-Vision-7B) ship it, `<|im_end|>` as the Instruct models do."""
+    `<|endoftext|>` as Qwen2-7B (and HuatuoGPT-Vision-7B) ship it, `<|im_end|>` as the Instruct models do.
+    `special`: the added tokens, in Qwen's order right after the vocabulary (Qwen2.5-VL adds its vision tokens)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(byte_fallback=False))
@@ -35,13 +37,13 @@ def train_qwen_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 600,
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
-    tok.add_special_tokens(list(QWEN2_SPECIAL))
+    tok.add_special_tokens(list(special))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_dir / "tokenizer.json"))
     _merges_as_strings(out_dir / "tokenizer.json")
     added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                       "single_word": False, "special": True} for t in QWEN2_SPECIAL}
+                                       "single_word": False, "special": True} for t in special}
     cfg = {"tokenizer_class": "Qwen2Tokenizer", "added_tokens_decoder": added, "bos_token": None,
            "eos_token": eos, "pad_token": "<|endoftext|>", "unk_token": None, "add_prefix_space": False,
            "clean_up_tokenization_spaces": False, "errors": "replace", "model_max_length": 32768,

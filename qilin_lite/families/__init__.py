@@ -26,10 +26,12 @@ from .base import (  # noqa: F401 - the package's public names
 from .chatml import QWEN2_CHAT
 from .huatuo import HUATUO_VISION
 from .llava import LLAVA, VICUNA_SYSTEM, VICUNA_V1  # noqa: F401
+from .qwen_vl import QWEN2_5_VL
 
 # Asked in this order which template an unknown checkpoint speaks; the paper's LLaVA, last, takes any the others
-# leave (HuatuoGPT-Vision is a Qwen2 LLM too, so it is asked before the ChatML family).
-FAMILIES: tuple[Family, ...] = (HUATUO_VISION, QWEN2_CHAT, LLAVA)
+# leave (HuatuoGPT-Vision is a Qwen2 LLM too, so it is asked before the ChatML family; the native Qwen-VL models
+# are Qwen2 LLMs inside, and HuatuoGPT-Vision-7B-Qwen2.5VL one of them, so they are asked first).
+FAMILIES: tuple[Family, ...] = (QWEN2_5_VL, HUATUO_VISION, QWEN2_CHAT, LLAVA)
 TEMPLATES: dict[str, Template] = {t.name: t for f in FAMILIES[::-1] for t in f.templates}
 
 
@@ -44,6 +46,13 @@ def get_template(name: str) -> Template:
 
 def family_of(template: Template) -> Family:
     return next(f for f in FAMILIES if template in f.templates)
+
+
+def family_of_config(config) -> Family:
+    """The family whose transformers class a config (a loaded one, or config.json's dict) is; every Llava-built
+    family shares LLaVA's class and parts."""
+    kind = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    return next((f for f in FAMILIES if kind in f.model_types), LLAVA)
 
 
 def guess_template(source: str) -> str:

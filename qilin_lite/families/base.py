@@ -244,6 +244,10 @@ class Template:
 
     # a dialog format (chat, GGUF and Ollama templates) or an image-captioning one (LLaVA's align stage)
     dialog: ClassVar[bool] = True
+    # what one image is in the rendered text, before its tokens are expanded
+    image_text: ClassVar[str] = IMAGE_TOKEN
+    # whether `export gguf` (llama.cpp, Ollama) serves this format's models yet
+    exports_gguf: ClassVar[bool] = True
 
     @property
     def separate_images(self) -> bool:
@@ -285,11 +289,11 @@ class Template:
         """Whether the whole rendered text is tokenized at once by `tokenizer` (so `sample_lengths` may batch)."""
         return True
 
-    def prompt_ids(self, text: str, tokenizer, image_token_id: int, breaks=()) -> list[int]:
-        """A rendered prompt -> ids with one image id per `<image>` (not yet expanded); `breaks` from `Rendered`."""
-        if breaks:
-            return piece_ids(text, breaks, tokenizer, image_token_id)[0]
-        return text_ids(tokenizer, text)[0]
+    def prompt_ids(self, r: Rendered, tokenizer, image_token_id: int) -> list[int]:
+        """A rendered prompt -> ids with one image id per image (not yet expanded)."""
+        if r.breaks:
+            return piece_ids(r.text, r.breaks, tokenizer, image_token_id)[0]
+        return text_ids(tokenizer, r.text)[0]
 
     def ids_and_labels(self, r: Rendered, tokenizer, image_token_id: int, max_length: int):
         """(ids, labels) of a rendered conversation: a token is supervised when it starts inside a reply span."""
@@ -325,6 +329,12 @@ class Family:
     name: str
     templates: tuple[Template, ...]
     model_class: str = "LlavaForConditionalGeneration"  # transformers class the checkpoint loads as
+    model_types: tuple[str, ...] = ("llava",)  # config.json model_type(s) of that class
+    # "pad" / "crop": images squared and resized to the tower's one size (LLaVA); "native": each at its own size,
+    # its token count following it (Qwen2.5-VL)
+    image_mode: str = "pad"
+    # the template stage 1 (align) trains in: LLaVA's captioning `plain`; a family without one aligns in its own
+    align_template: str = "plain"
     # module paths in the loaded model (transformers 5's layout); skip lists match from the start of the path
     vision: str = "model.vision_tower"
     projector: str = "model.multi_modal_projector"

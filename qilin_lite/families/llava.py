@@ -59,11 +59,11 @@ class LlavaTemplate(Template):
     def batch_tokenizable(self, tokenizer) -> bool:
         return slow_llama(tokenizer) is None  # the authors' encoding goes piece by piece
 
-    def prompt_ids(self, text: str, tokenizer, image_token_id: int, breaks=()) -> list[int]:
+    def prompt_ids(self, r: Rendered, tokenizer, image_token_id: int) -> list[int]:
         sp = slow_llama(tokenizer)
         if sp is None:
-            return super().prompt_ids(text, tokenizer, image_token_id, breaks)
-        return image_split_ids(text, plain_lt(sp), image_token_id, sp.bos_id)
+            return super().prompt_ids(r, tokenizer, image_token_id)
+        return image_split_ids(r.text, plain_lt(sp), image_token_id, sp.bos_id)
 
     def ids_and_labels(self, r: Rendered, tokenizer, image_token_id: int, max_length: int):
         sp = slow_llama(tokenizer)

@@ -18,7 +18,7 @@ from ..device import placement
 from ..encoding import TokenLayout, prompt_ids
 from ..errors import UserError
 from ..families import Template
-from ..images.pixel_values import ImageLoader
+from ..images.pixel_values import ImageLoader, image_loader
 
 
 @dataclass
@@ -35,15 +35,17 @@ class Generator:
 
     last_prompt_ids: list[int] = field(default_factory=list)  # the ids of the latest prompt (images expanded)
 
-    def prompt_ids(self, messages: list[dict]) -> np.ndarray:
+    def prompt_ids(self, messages: list[dict], counts=None) -> np.ndarray:
         """The prompt as training encoded it (image placement, the authors' tokenization for their templates on
-        LLaMA SentencePiece tokenizers), ending where the assistant speaks; images expanded."""
-        return prompt_ids(messages, self.template, self.tokenizer, self.layout)
+        LLaMA SentencePiece tokenizers), ending where the assistant speaks; images expanded (`counts`: each image's
+        token count at native resolution)."""
+        return prompt_ids(messages, self.template, self.tokenizer, self.layout, counts)
 
     @torch.inference_mode()
     def generate(self, conversations: list[list[dict]], images: list[list], streamer=None) -> list[str]:
         """One answer per conversation (each ending with a user turn); `images[i]` are that conversation's images."""
-        prompts = [self.prompt_ids(m) for m in conversations]
+        opened = [[self.images.open(ref) for ref in imgs or ()] for imgs in images]
+        prompts = [self.prompt_ids(m, self.images.counts(o)) for m, o in zip(conversations, opened)]
         self.last_prompt_ids = prompts[-1].tolist()
         longest = max(len(p) for p in prompts)
         context = self.context_length()
@@ -58,10 +60,13 @@ class Generator:
             input_ids[k, longest - len(p):] = torch.from_numpy(p)
             attention[k, longest - len(p):] = 1
         kwargs = {"input_ids": input_ids, "attention_mask": attention}
-        pix = [self.images(imgs) for imgs in images if imgs]
-        if pix:
+        if self.images.mode == "native":  # image tokens marked, as the model's processor marks them (3-D positions)
+            kwargs["mm_token_type_ids"] = (input_ids == self.layout.image_token_id).long()
+        flat = [img for o in opened for img in o]
+        if flat:
             dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
-            kwargs["pixel_values"] = torch.cat(pix).to(dtype)
+            vision = self.images.inputs(flat)
+            kwargs.update(vision, pixel_values=vision["pixel_values"].to(dtype))
         device = next(self.model.parameters()).device
         kwargs = {k: v.to(device) for k, v in kwargs.items()}
         sample = self.temperature > 0
@@ -123,7 +128,7 @@ def load_generator(model: str, *, adapter: str | None = None, bits: int | None =
         model_obj, info = _apply_adapter(model_obj, info, Path(adapter))
     model_obj.eval()
     layout = token_layout(model_obj.config, max_length=10**9)
-    generator = Generator(model_obj, tok, ImageLoader(ip, info.image_mode), get_template(info.template), layout,
+    generator = Generator(model_obj, tok, image_loader(ip, info.image_mode), get_template(info.template), layout,
                           max_new_tokens=max_new_tokens, temperature=temperature)
     return generator, info
 

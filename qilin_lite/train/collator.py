@@ -25,11 +25,14 @@ class Collator:
         input_ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((n, longest), IGNORE, dtype=torch.long)
         attention = torch.zeros((n, longest), dtype=torch.long)
+        kinds = torch.zeros((n, longest), dtype=torch.long) if "mm_token_type_ids" in samples[0] else None
         for k, s in enumerate(samples):
             L = len(s["input_ids"])
             input_ids[k, :L] = s["input_ids"]
             labels[k, :L] = s["labels"]
             attention[k, :L] = 1
+            if kinds is not None:
+                kinds[k, :L] = s["mm_token_type_ids"]
         if "position_ids" in samples[0]:
             # packed rows: positions restart per sample; padding forms its own run starting at 0, and no attention
             # mask is passed: with no cache (training) transformers then builds the per-sample mask for sdpa and
@@ -42,7 +45,10 @@ class Collator:
             batch = {"input_ids": input_ids, "labels": labels, "position_ids": pos}
         else:
             batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
-        pixels = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
-        if pixels:
-            batch["pixel_values"] = torch.cat(pixels)  # images in row order, as the model consumes them
+        if kinds is not None:  # image tokens 1, the rest 0 (native-resolution models' 3-D positions)
+            batch["mm_token_type_ids"] = kinds
+        for key in ("pixel_values", "image_grid_thw"):  # images in row order, as the model consumes them
+            parts = [s[key] for s in samples if s.get(key) is not None]
+            if parts:
+                batch[key] = torch.cat(parts)
         return batch

@@ -21,19 +21,19 @@ from ..data.records import Record, Reject, read_records, write_rejects
 from ..distributed import gather_dicts, my_share, rank, wait_for_everyone, world_size
 from ..errors import UserError
 from ..heap import release_freed_memory
-from ..model import token_layout
+from ..model import image_mode_for, token_layout
 from ..encoding import sample_lengths
-from ..images.pixel_values import ImageLoader
+from ..images.pixel_values import image_loader, record_counts
 from .dataset import VisionTextDataset
 
 log = logging.getLogger(__name__)
 
-def shared_lengths(records: list[Record], template, tokenizer, layout):
+def shared_lengths(records: list[Record], template, tokenizer, layout, counts_of=None):
     """`sample_lengths`, each process tokenizing its share and all getting every result (as `verify_images`)."""
     if world_size() == 1:
-        return sample_lengths(records, template, tokenizer, layout)
+        return sample_lengths(records, template, tokenizer, layout, counts_of=counts_of)
     mine = list(my_share(len(records)))
-    part, part_bad = sample_lengths([records[i] for i in mine], template, tokenizer, layout)
+    part, part_bad = sample_lengths([records[i] for i in mine], template, tokenizer, layout, counts_of=counts_of)
     found = gather_dicts({i: int(n) for i, n in zip(mine, part)})
     bad = gather_dicts({mine[j]: reason for j, reason in part_bad.items()})
     return np.array([found[i] for i in range(len(records))], dtype=np.int64), bad
@@ -107,11 +107,13 @@ def build_dataset(recipe: Recipe, tokenizer, image_processor, model_config, out:
     source = source or d.train
     template = get_template(recipe.template)
     layout = token_layout(model_config, d.max_length, d.length_mode)
+    images = image_loader(image_processor, image_mode_for(model_config, d.image_mode, recipe.image_mode))
     key = data_key({
         "data": file_identity(source), "image_folder": str(Path(d.image_folder).resolve()) if d.image_folder else None,
         "tokenizer": tokenizer_identity(tokenizer), "template": [template.name, template.system], "layout": layout,
         "verify_images": d.verify_images, "skip_bad": d.skip_bad, "hf": [d.split, d.image_column, d.messages_column],
         **({"allow_outside_images": True} if d.allow_outside_images else {}),  # keys of earlier runs stay valid
+        **({"images": images.identity()} if hasattr(images, "identity") else {}),  # what sets image token counts
     })
     index_dir = out / CACHE_DIR / key
     hf = None if is_data_file(source) else open_hf_dataset(str(source), d.split)
@@ -120,7 +122,7 @@ def build_dataset(recipe: Recipe, tokenizer, image_processor, model_config, out:
         log.info("reusing the records checked before (%s): %d records, %d set aside then (see rejects.jsonl)",
                  index_dir, len(index), index.meta["rejected"])
     else:
-        records, lengths, rejects = check_records(recipe, source, tokenizer, template, layout, out)
+        records, lengths, rejects = check_records(recipe, source, tokenizer, template, layout, out, images)
         if rank() == 0:
             RecordIndex.write(index_dir, records, lengths, {"records": len(records), "rejected": len(rejects),
                                                             "source": str(source)})
@@ -131,13 +133,13 @@ def build_dataset(recipe: Recipe, tokenizer, image_processor, model_config, out:
         if index is None:
             raise RuntimeError(f"{index_dir}: the record index just written cannot be read back")
     dataset = VisionTextDataset(
-        index, tokenizer, ImageLoader(image_processor, recipe.image_mode), template, layout, index.lengths,
+        index, tokenizer, images, template, layout, index.lengths,
         rejects_path=out / "rejects.jsonl",
     )
     return dataset, int(index.meta["rejected"])
 
 
-def check_records(recipe: Recipe, source, tokenizer, template, layout, out: Path):
+def check_records(recipe: Recipe, source, tokenizer, template, layout, out: Path, images=None):
     """Read, decode and tokenize every record once: (kept records, their lengths, rejects)."""
     from ..data.cache import CACHE_DIR, ImageVerdicts
 
@@ -158,7 +160,7 @@ def check_records(recipe: Recipe, source, tokenizer, template, layout, out: Path
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))  # processes sharing this machine
         records = verify_images(records, rejects, d.skip_bad, workers=max(2, cores // max(1, per_node)),
                                 verdicts=ImageVerdicts(out / CACHE_DIR / "images.json"))
-    lengths, bad = shared_lengths(records, template, tokenizer, layout)
+    lengths, bad = shared_lengths(records, template, tokenizer, layout, record_counts(images))
     if bad:
         first = min(bad)
         if not d.skip_bad:

@@ -2,7 +2,7 @@
 
 In:  `Record`s, a tokenizer, an `ImageLoader` (images/pixel_values.py), a `Template`, a `TokenLayout`, the lengths
      `sample_lengths` computed.
-Out: per sample `{"input_ids", "labels", "pixel_values"}`, built lazily per batch in DataLoader workers; a sample
+Out: per sample `{"input_ids", "labels", "pixel_values"}` (and `image_grid_thw` at native resolution), built lazily per batch in DataLoader workers; a sample
      that fails to load is recorded in rejects.jsonl and replaced by the next.
 """
 
@@ -61,14 +61,20 @@ class VisionTextDataset(torch.utils.data.Dataset):
     def _item(self, rec: Record) -> dict:
         item, opened = self._unprocessed(rec)
         if opened:
-            item["pixel_values"] = self.images.process(opened)
+            item.update(self.images.inputs(opened))
         return item
 
     def _unprocessed(self, rec: Record) -> tuple[dict, list]:
-        """Tokens and labels, and the record's images decoded and squared (what can fail per record)."""
-        ids, labels = encode(rec.messages, self.template, self.tokenizer, self.layout)
-        return ({"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)},
-                self.images.open_record(list(rec.images or ()), self.template))
+        """Tokens and labels, and the record's images decoded and squared (what can fail per record); at native
+        resolution the images are opened first, since their sizes give their token counts."""
+        opened = self.images.open_record(list(rec.images or ()), self.template)
+        ids, labels = encode(rec.messages, self.template, self.tokenizer, self.layout, self.images.counts(opened))
+        item = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
+        if self.images.mode == "native":
+            # which tokens are image tokens: Qwen2.5-VL computes its 3-D positions from them, and without them
+            # silently falls back to 1-D positions (its processor returns them beside input_ids)
+            item["mm_token_type_ids"] = torch.from_numpy((ids == self.layout.image_token_id).astype(np.int64))
+        return item, opened
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
         """A batch, as the DataLoader asks for it: each record tokenized and its images opened as in `__getitem__`
@@ -82,11 +88,8 @@ class VisionTextDataset(torch.utils.data.Dataset):
             opened.append(imgs)
         flat = [img for imgs in opened for img in imgs]
         if flat:
-            pixels, k = self.images.process(flat), 0
-            for item, imgs in zip(items, opened):
-                if imgs:
-                    item["pixel_values"] = pixels[k:k + len(imgs)]
-                    k += len(imgs)
+            for item, vision in zip(items, self.images.split(self.images.inputs(flat), [len(x) for x in opened])):
+                item.update(vision)
         return items
 
     def _reject(self, rec: Record, err: Exception) -> None:
@@ -107,7 +110,7 @@ def as_hf_dataset(ds):
 
     def transform(batch: dict) -> dict:
         items = ds.__getitems__(batch["index"]) if hasattr(ds, "__getitems__") else [ds[i] for i in batch["index"]]
-        keys = ("input_ids", "labels", "pixel_values", "position_ids")
+        keys = ("input_ids", "labels", "pixel_values", "image_grid_thw", "mm_token_type_ids", "position_ids")
         # any item, not the first: a text-only first item must not drop the images of the rest
         return {k: [it.get(k) for it in items] for k in keys if any(k in it for it in items)}
 

@@ -25,6 +25,7 @@ from ..model import (
     PROJECTOR_FILE,
     RunInfo,
     assemble_base,
+    image_mode_for,
     load_llava,
     load_projector,
     load_tokenizer_and_processor,
@@ -115,6 +116,12 @@ def settle_template(recipe: Recipe) -> None:
     from ..model import template_of
 
     d, m = recipe.data, recipe.model
+    if not d.template and recipe.stage == "align" and m.base:
+        from ..model import family_at
+
+        # a released model aligns in its own format where it has no captioning one (Qwen2.5-VL); a Llava in `plain`
+        d.template = family_at(m.base, m.trust_remote_code).align_template
+        return
     if d.template or recipe.stage != "tune":
         return
     source = m.base
@@ -134,9 +141,12 @@ def resolve_base_for(recipe: Recipe, out: Path) -> tuple[str, Path | None]:
         info = RunInfo.load(src)
         if info is not None and info.kind in ("converted", "merged", "full"):
             return str(src), None  # a whole model (HuatuoGPT-Vision converted, an earlier run merged): tuned on
+        if info is None and released_model(str(m.from_run)):
+            return str(m.from_run), None  # a release (Lingshu-7B, Qwen2.5-VL, a Llava): tuned as it ships
         if info is None or info.kind != "align":
             raise UserError(f"{src}: not an align output directory or a whole model (no qilin.json of kind 'align', "
-                            "'converted', 'merged' or 'full'); pass --from ALIGN_DIR, or --model for other models")
+                            "'converted', 'merged' or 'full', and no config.json); pass --from ALIGN_DIR, a model "
+                            "directory or a hub id")
         return resolve_base(src, info), src / PROJECTOR_FILE
     if m.base:
         return m.base, None
@@ -153,6 +163,15 @@ def resolve_base_for(recipe: Recipe, out: Path) -> tuple[str, Path | None]:
     return str(base_dir), None
 
 
+def released_model(source: str) -> bool:
+    """A model directory qilin-lite did not write (its config.json, no qilin.json), or a hub id (`owner/name`, not
+    a local path)."""
+    p = Path(source)
+    if p.exists():
+        return (p / "config.json").is_file()
+    return source.count("/") == 1 and not source.startswith((".", "/", "~"))
+
+
 def load_model(recipe: Recipe, out: Path):
     """The base model with this stage's trainable parameters: (base it came from, model, tokenizer, processor)."""
     tr, m = recipe.train, recipe.model
@@ -163,7 +182,7 @@ def load_model(recipe: Recipe, out: Path):
     # No KV cache in training: it is useless there, conflicts with checkpointing, and with a cache transformers
     # skips the packed-sequence detection, so packed samples would silently attend to each other.
     model.config.use_cache = False
-    model.config.text_config.use_cache = False
+    model.config.get_text_config().use_cache = False
     tokenizer, image_processor = load_tokenizer_and_processor(base)
     if projector is not None:
         load_projector(model, projector)
@@ -194,6 +213,11 @@ class Datasets:
 def build_datasets(recipe: Recipe, tokenizer, image_processor, model_config, out: Path) -> Datasets:
     """The checked training set (packed when asked and worth it) and the held-out set."""
     tr, d = recipe.train, recipe.data
+    if d.packing and image_mode_for(model_config, d.image_mode, recipe.image_mode) == "native":
+        # a packed row restarts positions per sample, and these models' 3-D (M-RoPE) positions are computed from
+        # each sample's images: transformers does not compute them per packed sample
+        raise UserError("data.packing: this model's image positions (M-RoPE) do not survive packing; leave "
+                        "--packing off (length grouping still keeps padding low)")
     dataset, n_rejected = build_dataset(recipe, tokenizer, image_processor, model_config, out)
     n_samples = len(dataset)
     # eval rows are never packed: each sample's loss counts as it would alone
@@ -327,9 +351,10 @@ def save_outputs(trainer, recipe: Recipe, out: Path, base: str, tokenizer, image
     kind = "full" if mode == "full" else mode
     # what the adapter / projector was trained on, so merge can refuse another base at that path or of that shape
     trained_on = None if mode == "full" else identify(base)
-    RunInfo(kind, None if mode == "full" else _portable(base, out), recipe.template, recipe.image_mode,
-            base_identity=trained_on).save(out)
     model = trainer.accelerator.unwrap_model(trainer.model)
+    image_mode = image_mode_for(model.config, recipe.data.image_mode, recipe.image_mode)
+    RunInfo(kind, None if mode == "full" else _portable(base, out), recipe.template, image_mode,
+            base_identity=trained_on).save(out)
     save_processor(out, tokenizer, image_processor, model.config, recipe.template)
 
 

@@ -1,6 +1,7 @@
 """Which parameters train in each mode.
 
-In:  a loaded Llava model and a mode: align | lora | qlora | full.
+In:  a loaded model of a family (a Llava, a Qwen2.5-VL) and a mode: align | lora | qlora | full; the family says
+     where its vision tower, projector (Qwen's patch merger) and LLM sit.
 Out: the same model (wrapped by peft for lora/qlora) with exactly these parameters trainable:
 - align: the projector only (vision tower and LLM frozen), as the paper's stage 1;
 - lora / qlora: LoRA adapters on every linear layer of the LLM's decoder, plus the whole projector;
@@ -13,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UserError
+from ..families import family_of_config
 from ..families.llava import LLAVA
 
 MODES = ("align", "lora", "qlora", "full")
@@ -40,6 +42,7 @@ def configure(model, mode: str, lora: LoraSettings | None = None, gradient_check
     if mode not in MODES:
         raise UserError(f"unknown training mode '{mode}'; choose one of {', '.join(MODES)}")
     model.requires_grad_(False)
+    family = family_of_config(model.config)
     if mode in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
@@ -50,17 +53,18 @@ def configure(model, mode: str, lora: LoraSettings | None = None, gradient_check
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules=LORA_TARGETS,
-            modules_to_save=["multi_modal_projector"],  # the trained projector is saved inside the adapter
+            target_modules=family.lora_targets,
+            # the trained projector is saved inside the adapter (peft matches the module's own name)
+            modules_to_save=[family.projector.split(".")[-1]],
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, cfg)
         if gradient_checkpointing:
             model.enable_input_require_grads()
         return model
-    model.model.multi_modal_projector.requires_grad_(True)
+    model.get_submodule(family.projector).requires_grad_(True)
     if mode == "full":
-        model.model.language_model.requires_grad_(True)
+        model.get_submodule(family.llm).requires_grad_(True)
         model.lm_head.requires_grad_(True)
     return model
 

@@ -16,6 +16,7 @@ from transformers import Trainer, TrainerCallback
 from trl import SFTTrainer
 
 from ..distributed import any_process
+from ..families import family_of_config
 from ..errors import UserError
 from . import private_api
 from .lm_head import plain_head_for, plain_head_ok, supervised_head
@@ -117,10 +118,11 @@ class QilinTrainer(private_api.TrainerHooks, SFTTrainer):
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
         decay = set(self.get_decay_parameter_names(opt_model))
+        projector = family_of_config(opt_model.config).projector.split(".")[-1] + "."  # the module's own name
         groups: dict[tuple[bool, bool], list] = {}
         for name, p in opt_model.named_parameters():
             if p.requires_grad:
-                groups.setdefault(("multi_modal_projector" in name, name in decay), []).append(p)
+                groups.setdefault((projector in name, name in decay), []).append(p)
         param_groups = [
             {"params": ps, "weight_decay": self.args.weight_decay if dec else 0.0,
              **({"lr": self.projector_lr} if proj else {})}
@@ -301,7 +303,8 @@ class QilinTrainer(private_api.TrainerHooks, SFTTrainer):
         if state_dict is None:  # unsharded: read the projector from the model
             save_projector(self.accelerator.unwrap_model(self.model), Path(output_dir) / PROJECTOR_FILE)
         else:  # FSDP / ZeRO-3: the trainer gathered the full state dict on every process for this call
-            save_projector_state(projector_from_state_dict(state_dict), Path(output_dir) / PROJECTOR_FILE)
+            save_projector_state(projector_from_state_dict(state_dict, self.model.config),
+                                 Path(output_dir) / PROJECTOR_FILE)
 
     def save_training_state(self, output_dir, model_too: bool = True):
         # under FSDP the trainer would also write the whole frozen model (pytorch_model_fsdp.bin, 26 GB at 13B)

@@ -1,0 +1,170 @@
+"""Qwen2.5-VL (Lingshu, HuatuoGPT-Vision-7B-Qwen2.5VL, MedVLThinker, ...): the native transformers class
+`Qwen2_5_VLForConditionalGeneration`, images at native resolution. Template `qwen2-vl`.
+
+As the model's processor prompts it (its chat template) and as QwenLM's own fine-tuning code
+(`qwen-vl-finetune/qwenvl/data/data_processor.py`) trains it:
+- a record's `<image>` tags become image parts where they stand, and the text between them is stripped (their
+  `_build_messages`: `re.split` on the tag, `seg.strip()`, empty pieces dropped); an image part renders as
+  `<|vision_start|><|image_pad|><|vision_end|>`, and the processor repeats `<|image_pad|>` once per merged patch
+  (grid_t * grid_h * grid_w / merge_size**2: about 1,300 for a 1024 px X-ray, 4 for a 56 px crop);
+- `<|im_start|>role\\n...<|im_end|>\\n` per message, the default system prompt "You are a helpful assistant." when
+  the first message is not a system message;
+- supervised: each reply after `<|im_start|>assistant\\n`, its `<|im_end|>` and the `\\n` after it (their labels run
+  from two tokens after `assistant` to one past `<|im_end|>`). Their scan keys on the id of the word `assistant`
+  anywhere, so a user turn holding that word as one token would open a span in theirs: here spans come from the
+  message structure, which equals theirs on every conversation where the word is only the role.
+Typed text stays text: what a person or a record writes is tokenized with special tokens split, so a typed
+`<|vision_start|>` or `<|image_pad|>` is characters, never an image slot (a typed `<image>` is removed by the generic
+rule, since the program places images itself).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from .base import IMAGE_TOKEN, TEXT_LT, Family, Rendered, Template, labels_from_offsets
+
+QWEN_VL_SYSTEM = "You are a helpful assistant."
+VISION = "<|vision_start|><|image_pad|><|vision_end|>"
+PAD = "<|image_pad|>"
+
+
+@dataclass
+class NativeRendered(Rendered):
+    # character spans of the special tokens the template itself wrote; the text between them is tokenized with
+    # special tokens split, so only these become special ids
+    specials: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _parts(text: str) -> str:
+    """A user turn as qwen-vl-finetune builds its content: image tags kept where they are, the text pieces between
+    them stripped, empty pieces dropped."""
+    pieces = re.split(f"({re.escape(IMAGE_TOKEN)})", text)
+    return "".join(p if p == IMAGE_TOKEN else p.strip() for p in pieces)
+
+
+@dataclass(frozen=True)
+class QwenVLTemplate(Template):
+    image_text: ClassVar[str] = VISION
+    # llama.cpp runs Qwen2.5-VL through its own converter's GGUF pair; qilin-lite's exporter writes LLaVA's only
+    exports_gguf: ClassVar[bool] = False
+
+    def gguf_chat_template(self) -> str:
+        from ..errors import UserError
+
+        raise UserError(f"export gguf does not write {self.name} models yet; llama.cpp's convert_hf_to_gguf.py "
+                        "(with --mmproj for the vision half) converts a merged Qwen2.5-VL directory")
+
+    ollama = gguf_chat_template
+    def place_images(self, messages: list[dict]) -> list[dict]:
+        return [{**m, "content": _parts(m["content"])} if m["role"] == "user" else m for m in messages]
+
+    def batch_tokenizable(self, tokenizer) -> bool:
+        return False  # special tokens are told from typed text by position, piece by piece
+
+    def render(self, messages: list[dict], *, add_generation_prompt: bool = False, eos: str = "") -> Rendered:
+        r = NativeRendered("")
+
+        def special(tok: str) -> None:
+            r.specials.append((len(r.text), len(r.text) + len(tok)))
+            r.text += tok
+
+        def header(role: str) -> None:
+            special("<|im_start|>")
+            r.text += role + "\n"
+
+        if messages and messages[0]["role"] != "system" and self.system:
+            header("system")
+            r.text += self.system
+            special("<|im_end|>")
+            r.text += "\n"
+        for m in messages:
+            header(m["role"])
+            if m["role"] == "assistant":
+                start = len(r.text)
+                r.text += m["content"]
+                special("<|im_end|>")
+                r.text += "\n"
+                r.supervised.append((start, len(r.text)))
+                continue
+            for k, piece in enumerate(m["content"].split(IMAGE_TOKEN)):
+                if k:
+                    for tok in ("<|vision_start|>", PAD, "<|vision_end|>"):
+                        special(tok)
+                r.text += piece
+            special("<|im_end|>")
+            r.text += "\n"
+        if add_generation_prompt:
+            header("assistant")
+        return r
+
+    def _ids(self, r: Rendered, tokenizer) -> tuple[list[int], list[tuple[int, int]]]:
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        pos = 0
+        for s, e in [*getattr(r, "specials", ()), (len(r.text), len(r.text))]:
+            if s > pos:  # a `<` another step marked as text (base.as_text) is a `<`: special tokens split anyway
+                enc = tokenizer(r.text[pos:s].replace(TEXT_LT, "<"), add_special_tokens=False,
+                                split_special_tokens=True, return_offsets_mapping=True)
+                ids.extend(enc["input_ids"])
+                offsets.extend((pos + a, pos + b) for a, b in enc["offset_mapping"])
+            if e > s:
+                ids.append(tokenizer.convert_tokens_to_ids(r.text[s:e]))
+                offsets.append((s, e))
+            pos = e
+        return ids, offsets
+
+    def prompt_ids(self, r: Rendered, tokenizer, image_token_id: int) -> list[int]:
+        return self._ids(r, tokenizer)[0]
+
+    def ids_and_labels(self, r: Rendered, tokenizer, image_token_id: int, max_length: int):
+        ids, offsets = self._ids(r, tokenizer)
+        return np.asarray(ids, dtype=np.int64), labels_from_offsets(ids, offsets, r.supervised)
+
+    def chat_template_jinja(self) -> str:
+        """The processor's chat template renders these prompts; this one also takes string content with `<image>`
+        tags (records' and chat's form), placing each where it stands, the text between stripped as in training."""
+        sys = self.system.replace("'", "\\'")
+        return (
+            "{% for message in messages %}{% if loop.first and message['role'] != 'system' and '" + sys + "' %}"
+            "<|im_start|>system\n" + self.system + "<|im_end|>\n{% endif %}"
+            "<|im_start|>{{ message['role'] }}\n"
+            "{% if message['content'] is string %}{% if message['role'] == 'user' %}"
+            "{% set parts = message['content'].split('<image>') %}{% for p in parts %}"
+            "{% if not loop.first %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}{{ p | trim }}{% endfor %}"
+            "{% else %}{{ message['content'] }}{% endif %}"
+            "{% else %}{% for content in message['content'] %}"
+            "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+            "<|vision_start|><|image_pad|><|vision_end|>"
+            "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        )
+
+
+QWEN2_VL = QwenVLTemplate(name="qwen2-vl", system=QWEN_VL_SYSTEM, multi_image="separate", max_images=16,
+                          stop=("<|im_end|>",))
+
+
+@dataclass(frozen=True)
+class QwenVLFamily(Family):
+    def template_for(self, source: str, config: dict) -> str | None:
+        return "qwen2-vl" if config.get("model_type") in self.model_types else None
+
+
+QWEN2_5_VL = QwenVLFamily(
+    name="qwen2.5-vl",
+    templates=(QWEN2_VL,),
+    model_class="Qwen2_5_VLForConditionalGeneration",
+    model_types=("qwen2_5_vl",),
+    image_mode="native",
+    align_template="qwen2-vl",  # no captioning format: stage 1 trains the merger on captions as replies
+    vision="model.visual",
+    projector="model.visual.merger",  # the patch merger: Qwen's vision -> LLM connector
+    llm="model.language_model",
+    # qwen-vl-finetune's LoRA: the LLM's attention projections only (the vision blocks' fused qkv never match)
+    lora_targets=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)",
+)
