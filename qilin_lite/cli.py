@@ -60,7 +60,7 @@ def align(
     image_folder: Images = None,
     out: Out = None,
     eval_data: EvalData = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="an existing Llava base (directory or hub id)")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="an existing base (directory or hub id): a Llava, or a Qwen2.5-VL whose merger aligns")] = None,
     vision: Annotated[Optional[str], typer.Option("--vision", help="vision encoder to join (default CLIP ViT-L/14-336)")] = None,
     llm: Annotated[Optional[str], typer.Option("--llm", help="LLM to join (default FlagAlpha/Llama2-Chinese-13b-Chat)")] = None,
     projector: Annotated[Optional[str], typer.Option("--projector", help="mlp2x_gelu (released weights) | linear (paper text)")] = None,
@@ -113,7 +113,7 @@ def _run(recipe, resume: bool, trainer_cls=None, overwrite: bool = False):
 @app.command()
 def tune(
     recipe: Recipe = None,
-    from_run: Annotated[Optional[Path], typer.Option("--from", help="align output directory (its projector is the start)")] = None,
+    from_run: Annotated[Optional[Path], typer.Option("--from", help="an align run (its projector is the start), or a released model to tune as it ships: a directory or hub id (lingshu-medical-mllm/Lingshu-7B)")] = None,
     lora: Annotated[bool, typer.Option("--lora", help="bf16 LLM + LoRA on all its linear layers; projector trained")] = False,
     qlora: Annotated[bool, typer.Option("--qlora", help="4-bit NF4 LLM + LoRA; projector trained (one consumer GPU)")] = False,
     full: Annotated[bool, typer.Option("--full", help="LLM and projector fully trained, as the paper")] = False,
@@ -121,7 +121,7 @@ def tune(
     image_folder: Images = None,
     out: Out = None,
     eval_data: EvalData = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="a Llava base to tune without an align run")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="a Llava base (or a native VLM such as Qwen2.5-VL) to tune without an align run")] = None,
     max_length: MaxLen = None,
     attn: Attn = None,
     skip_bad: SkipBad = False,

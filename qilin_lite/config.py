@@ -81,6 +81,10 @@ class DataSection:
     image_folder: str | None = setting(None, PATH)
     template: str | None = setting(None, choice(lambda: TEMPLATES))  # default: plain (align), vicuna_v1 (tune)
     image_mode: str | None = setting(None, choice(("pad", "crop")))  # default: crop (align), pad (tune), as the paper's scripts
+    # native-resolution models (Qwen2.5-VL): each image resized to between these many pixels, as the Qwen processors'
+    # min_pixels / max_pixels (28 x 28 pixels a token); unset: the model's own preprocessor_config.json
+    min_pixels: int | None = setting(None, whole(28 * 28, COUNT_MAX, why="one 28 x 28 patch group at least"))
+    max_pixels: int | None = setting(None, whole(28 * 28, COUNT_MAX, why="one 28 x 28 patch group at least"))
     max_length: int = setting(2048, whole(16, LENGTH_MAX, why="16 holds an image and a reply"))
     # text: max_length counts text ids, an image as one (the authors' cut; sequences reach max_length + 575 at 336 px)
     # total: every position counts, image tokens included (a hard cap on memory)

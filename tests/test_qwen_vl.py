@@ -474,3 +474,54 @@ def test_a_crashed_run_resumes_to_the_same_weights(tmp_path, vl_data, vl_align):
     assert want.keys() == got.keys() and any("merger" in k for k in want)
     for k in want:
         assert torch.equal(want[k], got[k]), k
+
+
+def test_pixel_bounds_of_the_recipe_train_and_are_saved_with_the_run(tmp_path, qwen_vl_dir, vl_data, tiny_base,
+                                                                     tiny_data):
+    """data.max_pixels bounds every image's tokens in training, and the run's saved processor keeps the bound, so
+    chat and eval resize as training did; on a LLaVA model (one fixed size) the setting is one line."""
+    import json
+
+    from conftest import tiny_recipe
+
+    from qilin_lite.errors import UserError
+    from qilin_lite.train.stage import train_stage
+
+    bound = 28 * 28 * 16
+    r = tiny_recipe("align", "align", tmp_path / "a", vl_data / "train.json", vl_data / "img",
+                    **{"model.base": str(qwen_vl_dir), "data.max_pixels": bound})
+    out, _ = train_stage(r)
+    saved = json.loads((out / "preprocessor_config.json").read_text(encoding="utf-8"))
+    assert saved["size"]["longest_edge"] == bound
+    tok, ip = load_tokenizer_and_processor(str(out))
+    assert NativeImageLoader(ip).tokens(224, 224) == 16  # 64 at the base's own bound
+    lengths = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
+    assert lengths  # the run finished and described itself
+    with pytest.raises(UserError, match="data.min_pixels / data.max_pixels"):
+        train_stage(tiny_recipe("align", "align", tmp_path / "b", tiny_data["align"], tiny_data["images"],
+                                **{"model.base": str(tiny_base), "data.max_pixels": bound}))
+
+
+def test_the_command_line_tunes_a_released_model_directory(tmp_path, qwen_vl_dir, vl_data, monkeypatch, capsys):
+    """`qilin-lite tune --lora --from DIR` with DIR a Qwen2.5-VL release (no qilin.json), as users pass
+    `--from lingshu-medical-mllm/Lingshu-7B`; its template settles to the model's own. `plan` says in one line that
+    it does not size this family yet, rather than sizing a LLaVA."""
+    from conftest import run_cli_captured
+
+    from qilin_lite.config import REPO_RECIPES
+    from qilin_lite.errors import UserError
+    from qilin_lite.model import RunInfo
+    from qilin_lite.plan.cli import plan_recipe
+
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli_captured(
+        monkeypatch, capsys, "tune", "--lora", "--from", qwen_vl_dir, "--data", vl_data / "train.json",
+        "--image-folder", vl_data / "img", "--out", out, "--set", "train.max_steps=1", "--set", "model.dtype=float32",
+        "--set", "train.bf16=false", "--set", "train.global_batch=2", "--set", "train.per_device_batch=2",
+        "--set", "data.num_workers=0", "--set", "train.lora_r=4")
+    assert code == 0, stderr[-2000:]
+    assert "tune done" in stdout
+    info = RunInfo.load(out)
+    assert (info.kind, info.template, info.image_mode) == ("lora", "qwen2-vl", "native")
+    with pytest.raises(UserError, match="not sized yet"):
+        plan_recipe(REPO_RECIPES / "lingshu-7b" / "tune-qlora.yaml")

@@ -164,7 +164,13 @@ def recipe_config(recipe):
 
     from ..model import RunInfo, resolve_base
 
+    from ..families import family_of, get_template
+
     m = recipe.model
+    family = family_of(get_template(recipe.template))
+    if family.image_mode == "native":  # its own class, not a Llava: the planner's shapes are LLaVA's
+        raise UserError(f"plan sizes LLaVA-built models only so far; the {family.name} family "
+                        f"({recipe.template} template) is not sized yet")
     base = m.base
     if m.from_run:
         info = RunInfo.load(Path(m.from_run))

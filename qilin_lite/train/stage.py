@@ -32,6 +32,7 @@ from ..model import (
     resolve_base,
     save_processor,
 )
+from ..images.pixel_values import set_pixel_bounds
 from .packing import PackedDataset, choose_packing
 from .collator import Collator
 from .dataset import as_hf_dataset
@@ -184,6 +185,7 @@ def load_model(recipe: Recipe, out: Path):
     model.config.use_cache = False
     model.config.get_text_config().use_cache = False
     tokenizer, image_processor = load_tokenizer_and_processor(base)
+    set_pixel_bounds(image_processor, recipe.data.min_pixels, recipe.data.max_pixels)  # saved with the run
     if projector is not None:
         load_projector(model, projector)
     # LoRA's A matrices are drawn here, before the Trainer seeds anything: seed now, so a run is reproducible and
