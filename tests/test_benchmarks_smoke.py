@@ -148,7 +148,9 @@ def test_gpu_check_runs_at_toy_size(demo_run, tmp_path):
     report = json.loads((tmp_path / "gpu-check.json").read_text(encoding="utf-8"))
     checks = report["checks"]
     assert {k: c["status"] for k, c in checks.items()} == dict.fromkeys(
-        ["environment", "demo", "placement", "training", "planner", "packing"], "ok")
+        ["environment", "demo", "placement", "training", "planner", "packing", "native"], "ok")
+    native = checks["native"]["result"]
+    assert native["trained"]["attn"] == "sdpa" and native["trained"]["loss_finite"] and native["steps"] == 2
     placed = checks["placement"]["result"]
     assert placed["expected"] == {"weights": "cpu", "dtype": "float32", "attn": "sdpa", "inputs": "cpu"}
     for command in ("chat", "eval", "web"):

@@ -19,7 +19,8 @@ QWEN_VL_SPECIAL = QWEN2_SPECIAL + ("<|object_ref_start|>", "<|object_ref_end|>",
                                    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
 
-def build_tiny_qwen2_5_vl(out_dir: Path, texts: list[str], *, hidden: int = 64, layers: int = 2, vocab_size: int = 700,
+def build_tiny_qwen2_5_vl(out_dir: Path, texts: list[str], *, hidden: int = 64, layers: int = 2, heads: int = 2,
+                          vocab_size: int = 700,
                           min_pixels: int = 28 * 28 * 4, max_pixels: int = 28 * 28 * 64, seed: int = 0) -> Path:
     """Write a tiny Qwen2.5-VL directory (random weights) and return it. With the default pixels an image becomes
     4 to 64 tokens (56 px to 224 px a side)."""
@@ -36,7 +37,6 @@ def build_tiny_qwen2_5_vl(out_dir: Path, texts: list[str], *, hidden: int = 64, 
     corpus = list(texts) + [template.system, "system\n", "user\n", "assistant\n"] * 20
     tok = train_qwen_tokenizer(corpus, out_dir, vocab_size, eos="<|im_end|>", special=QWEN_VL_SPECIAL)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_VL_SPECIAL}
-    heads = 2
     head_dim = hidden // heads
     # mrope splits each head's rotary half-dimensions over (time, height, width): 1/4, 3/8, 3/8 as Qwen's 16/24/24
     half = head_dim // 2
