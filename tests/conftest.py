@@ -71,18 +71,24 @@ def reply_chat_completion(handler, content: str) -> None:
 
 
 @contextlib.contextmanager
-def web_server(args: list, log: Path):
-    """`qilin-lite web ARGS` on a free port of 127.0.0.1, its output in `log`; yields the port once it listens."""
+def web_server(args: list, log: Path, open_files: int | None = None):
+    """`qilin-lite web ARGS` on a free port of 127.0.0.1, its output in `log`; yields the port once it listens.
+    `open_files`: the server's file limit (RLIMIT_NOFILE), to run out of descriptors sooner."""
     import os
+    import resource
     import socket
     import subprocess
     import sys
     import time
 
+    def limit():
+        if open_files:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
     port = free_port()
     with open(log, "w") as f:
         p = subprocess.Popen([str(Path(sys.executable).with_name("qilin-lite")), "web", "--port", str(port),
-                              *map(str, args)], stdout=f, stderr=subprocess.STDOUT,
+                              *map(str, args)], stdout=f, stderr=subprocess.STDOUT, preexec_fn=limit,
                              env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
         try:
             deadline = time.time() + 180

@@ -293,3 +293,39 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path):
         port = s.getsockname()[1]
         with pytest.raises(UserError, match=rf"127\.0\.0\.1:{port}: cannot listen there .*pick another --port"):
             serve(str(tmp_path / "no-model-needed"), port=port)
+
+
+@pytest.mark.slow
+def test_a_refused_request_says_why_in_the_status_line(browser, server, tmp_path):
+    """Issue 34.3: when the server refused the tab's session (429) the upload silently did nothing and the status
+    still said 就绪. Now a refusal's reason shows in the status line, in Chinese first as the page is (English after
+    the switch), the detail below it: an upload over the server's budget (real), and a refused session (the
+    server's 429 answer, as web_sessions.py words it, fulfilled by the browser)."""
+    from PIL import Image
+
+    from qilin_lite.serve.web_sessions import Sessions
+
+    base, _ = server
+    files = []
+    for i in range(4):  # each within the per-image bound; joined, far over the request's
+        files.append(tmp_path / f"big{i}.png")
+        Image.new("L", (4000, 4000), 90).save(files[-1])
+    requests: list[str] = []
+    ctx, page = open_page(browser, base, requests)
+    page.set_input_files("#image-upload", [str(f) for f in files])
+    page.wait_for_function("document.getElementById('error').textContent.length > 0")
+    assert "图像过大" in page.inner_text("#status") and "就绪" not in page.inner_text("#status")
+    assert "per upload" in page.inner_text("#error") and "big0.png" in page.inner_text("#error")
+    page.click("#lang")
+    assert "per upload" in page.inner_text("#status")
+    ctx.close()
+
+    refusal = Sessions.refusal(True)
+    ctx, page = open_page(browser, base, requests)
+    page.route("**/api/session", lambda route: route.fulfill(
+        status=429, content_type="application/json",
+        body=json.dumps({"error": str(refusal), "zh": refusal.zh}, ensure_ascii=False)))
+    page.set_input_files("#image-upload", [str(dicom(tmp_path, "ct.dcm", left=True))])
+    page.wait_for_function("document.getElementById('status').textContent.includes('标签页')")
+    assert page.inner_text("#status") == refusal.zh and "close one" in page.inner_text("#error")
+    ctx.close()

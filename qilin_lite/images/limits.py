@@ -88,6 +88,7 @@ def pipeline_bytes(headers: list[Header], *, joined: bool, pad: bool) -> int:
     squared = sum(rgb * w * h for (w, h), s in zip(shown, squares) if s != (w, h))  # expand_to_square's copy
     seen = sum(rgb * w * h for w, h in squares)
     row = seen if len(squares) > 1 else 0  # separate images: the preview is a row of the squares, a new canvas
-    # a question squares the kept image(s) again, and the processor holds the pixels as an array and a resized copy
-    return total + squared + row + squared + 2 * seen
+    # a question squares the kept image(s) again, and the processor's arrays and resized copies peak at about 3.2
+    # times the image (measured: CLIP's, a 10240x10240 view, benchmarks/web_memory.py)
+    return total + squared + row + squared + 4 * seen
 

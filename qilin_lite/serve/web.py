@@ -10,8 +10,9 @@ Each browser tab is a session (an id kept in the tab) with its own image and his
 requests queue behind one lock; a waiting request is told its place. Uploads are decoded by the code `chat` uses
 (`load_chat_image`: DICOM windowing, 16-bit, composites) from memory with no name on disk (uploads.py). No DICOM
 header value is read into anything the page, the server log or a transcript receives: only pixels leave the decoder.
-The pieces: web_app.py (sessions, images, answers), web_http.py (routes), web_guard.py (who may call it, and how
-much memory a request may cost), web_input.py (what a request may contain); the README's security model.
+The pieces: web_app.py (images, answers), web_sessions.py (tabs, whose answer is next), web_http.py (routes),
+web_guard.py (who may call it, uploads' size and pace), web_connections.py (connections and logs under a flood),
+web_input.py (what a request may contain); the README's security model.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 7860, bits: int | 
     from .chat_session import quiet
     from .generate import load_generator
     from .web_app import MAX_BODY_BYTES, WebApp
+    from .web_connections import ConnectionTable, guarded_protocol, log_config
     from .web_http import create_app
 
     if token is not None and not token.strip():  # `--token=` would otherwise turn authentication off unseen
@@ -69,8 +71,10 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 7860, bits: int | 
               + f"; answers to host names {', '.join(sorted(guard.hosts))} (--allow-host adds one)", flush=True)
     print(f"qilin-lite web: {where}  (model {model}; {'transcripts in ' + str(log_dir) if log_dir else 'nothing is stored'})"
           "\n仅供研究，不构成医疗诊断 / for research only, not a diagnosis", flush=True)
-    # access_log off: request lines carry nothing private, but there is no need to keep them either
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    # access_log off: request lines carry nothing private, but there is no need to keep them either; connections
+    # capped per client with a deadline for their headers, and every log line rate-limited (web_connections.py)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+                http=guarded_protocol(ConnectionTable()), log_config=log_config())
 
 
 def register(app: typer.Typer) -> None:

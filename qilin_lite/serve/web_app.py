@@ -17,17 +17,16 @@ import json
 import logging
 import queue
 import re
-import secrets
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
 from ..heap import release_freed_memory
 from .uploads import in_memory
 from .web_input import WINDOWS, sampling
+from .web_sessions import Refused, Session, SessionGone, Sessions, Turns
 
 log = logging.getLogger(__name__)
 
@@ -37,33 +36,7 @@ MAX_KEPT_BYTES = 2**30  # what all tabs together keep (images, conversations); t
 MAX_DECODED_BYTES = 128 * 2**20  # one image decoded (width x height x frames x bytes per sample), from its header
 # one upload's images on their way to the model, from their headers (images/limits.pipeline_bytes): four images that
 # each pass MAX_DECODED_BYTES once joined into a 37600x37600 view and took the server past 11 GB
-MAX_REQUEST_BYTES = 2**30
-MAX_SESSIONS = 64
-IDLE_EVICT_S = 30 * 60  # a new tab may push out only a tab idle this long: no client can evict an active one
-
-
-class SessionGone(UserError):
-    """HTTP 410: the page reloads and gets a new session."""
-
-
-class TooManyTabs(UserError):
-    """HTTP 429."""
-
-
-@dataclass
-class Session:
-    chat: object  # chat.ChatSession with this tab's image and history
-    stop: threading.Event = field(default_factory=threading.Event)
-    used: float = field(default_factory=time.time)
-    transcript: Path | None = None
-    busy: bool = False  # answering now: its image is never let go
-    released: bool = False  # its image was let go to make room for other tabs
-
-    def kept_bytes(self) -> int:
-        """What this tab holds in memory: the decoded image and the conversation's text."""
-        pixels = sum(img.width * img.height * len(img.getbands()) for img in self.chat.images)
-        return pixels + sum(len(m["content"].encode()) for m in self.chat.history)
-
+MAX_REQUEST_BYTES = 3 * 2**29  # 1.5 GiB: the largest image one decode takes (16-bit 8184x8184) fits, asked about
 
 class WebApp:
     """The model, the sessions, the generation lock; plain methods the HTTP layer calls (and tests can)."""
@@ -71,35 +44,30 @@ class WebApp:
     def __init__(self, generator, info, model_name: str, log_dir: Path | None = None):
         self.generator, self.info, self.model_name = generator, info, model_name
         self.log_dir = Path(log_dir) if log_dir else None
-        self.sessions: dict[str, Session] = {}
-        self.sessions_lock = threading.Lock()
+        self.sessions = Sessions()
+        self.sessions_lock = self.sessions.lock
         self.decoding = threading.Lock()  # one upload decoded at a time: a decode can take gigabytes
+        self.turns = Turns()  # whose answer runs next: one per tab, clients in turn
         self.lock = threading.Lock()  # one model: one generation at a time
         self.waiting = 0
         self.defaults = {"temperature": generator.temperature, "top_p": 1.0,
                          "max_new_tokens": generator.max_new_tokens}
 
-    def new_session(self) -> str:
-        """A new tab's session id, made here (a client never names its own, so it cannot reach another's)."""
+    def new_session(self, client: str = "") -> str:
+        """A new tab's session id, made here (a client never names its own, so it cannot reach another's).
+        `client`: who asks (remote address and token): the caps and evictions of web_sessions.py are per client."""
         from .chat_session import ChatSession
 
-        with self.sessions_lock:
-            if len(self.sessions) >= MAX_SESSIONS:
-                oldest = min(self.sessions, key=lambda k: self.sessions[k].used)
-                if time.time() - self.sessions[oldest].used < IDLE_EVICT_S:
-                    raise TooManyTabs(f"{MAX_SESSIONS} tabs are open on this server; close one, or try again when "
-                                      "one has been idle for 30 minutes")
-                del self.sessions[oldest]
-            sid = secrets.token_urlsafe(24)
-            self.sessions[sid] = Session(ChatSession(self.generator, name=self.model_name, kind=self.info.kind))
-        return sid
+        chat = ChatSession(self.generator, name=self.model_name, kind=self.info.kind)
+        return self.sessions.add(Session(chat, client=client))
 
     def session(self, sid: str) -> Session:
         if not re.fullmatch(r"[A-Za-z0-9_-]{16,64}", sid or ""):
             raise UserError("missing or malformed session id; reload the page")
         s = self.sessions.get(sid)
         if s is None:
-            raise SessionGone("this tab's session has ended (the server restarted or closed it); reload the page")
+            raise SessionGone("this tab's session has ended (the server restarted or closed it); reload the page",
+                              "此标签页的会话已结束（服务器已重启或已将其关闭）；请刷新页面")
         s.used = time.time()
         return s
 
@@ -147,7 +115,7 @@ class WebApp:
         self.make_room(keep=s)
         release_freed_memory()
         buf = io.BytesIO()
-        view.save(buf, format="PNG")
+        view.save(buf, format="PNG", compress_level=1)  # the same pixels; level 6 took 20 s for a noisy 5000x5000
         png = buf.getvalue()
         if self.log_dir is not None:  # opted in: the model's view only, never the upload itself
             if s.transcript is None:
@@ -171,9 +139,11 @@ class WebApp:
             sizes = ", ".join(f"{h.width}x{h.height}" for h in headers)
             view = " joined into {}x{}".format(*joined_size([(h.width, h.height) for h in headers])) \
                 if joined and len(headers) > 1 else ""
-            raise UserError(f"{', '.join(names)}: {sizes}{view} would take {cost / MB:,.0f} MB to decode and show to "
-                            f"the model, above this server's {MAX_REQUEST_BYTES / MB:,.0f} MB per upload; downscale "
-                            "them or send fewer")
+            limit = f"{MAX_REQUEST_BYTES / MB:,.0f} MB"
+            raise Refused(f"{', '.join(names)}: {sizes}{view} would take {cost / MB:,.0f} MB to decode and show to "
+                          f"the model, above this server's {limit} per upload; downscale them or send fewer",
+                          f"图像过大：解码并输入模型需要 {cost / MB:,.0f} MB，超过此服务器每次上传 {limit} 的上限；"
+                          "请缩小图像或减少张数", status=413)
         return cost
 
     def make_room(self, keep: Session) -> int:
@@ -209,8 +179,10 @@ class WebApp:
         if regenerate and len(s.chat.history) < 2:
             raise UserError("nothing to regenerate yet: ask a question first")
         temperature, top_p, max_new = sampling(settings, self.defaults)
+        self.turns.enter(s)  # one waiting or running answer per tab (409 for a second)
+        stop = s.stop = threading.Event()  # this answer's own: a later one's is never set by this one's end
+        self.waiting += 1
         events: queue.Queue = queue.Queue()
-        s.stop.clear()
 
         class Pipe:  # ChatSession streams the answer into this, the HTTP response reads it
             def write(self, text):
@@ -220,33 +192,52 @@ class WebApp:
             def flush(self):
                 pass
 
-        def run():
-            if not self.lock.acquire(blocking=False):  # another tab is generating: say so, then wait our turn
-                self.waiting += 1
-                events.put({"queued": self.waiting})
-                self.lock.acquire()
+        def turn() -> bool:
+            """Wait for this tab's turn, then for the model; False when Stop came first (or the tab went away)."""
+            try:
+                if not self.turns.wait(s, on_place=lambda n: events.put({"queued": n})):
+                    return False
+                if not self.lock.acquire(blocking=False):  # the model is busy outside the queue (another caller)
+                    events.put({"queued": 1})
+                    while not self.lock.acquire(timeout=0.1):
+                        if stop.is_set():
+                            self.turns.leave(s)
+                            return False
+                if stop.is_set():  # Stop pressed while waiting
+                    self.lock.release()
+                    self.turns.leave(s)
+                    return False
+                return True
+            finally:
                 self.waiting -= 1
-            try:  # holding the lock from here
-                if s.stop.is_set():  # Stop pressed while waiting
-                    events.put({"done": True, "stopped": True, "answer": ""})
-                    return
+
+        def run():
+            if not turn():
+                events.put({"done": True, "stopped": True, "answer": ""})
+                events.put(None)
+                return
+            last = None
+            try:  # holding the turn and the model from here
                 events.put({"started": True})
                 s.busy = True
                 g = self.generator
                 g.temperature, g.top_p, g.max_new_tokens = temperature, top_p, max_new
                 s.chat.stream = Pipe()
-                answer = s.chat.regenerate(stop=s.stop) if regenerate else s.chat.ask(question.strip(), stop=s.stop)
+                # s.stop is the stopping criterion checked after every token: Stop, or the tab gone (web_http.py)
+                answer = s.chat.regenerate(stop=stop) if regenerate else s.chat.ask(question.strip(), stop=stop)
                 stopped = s.chat.last.stopped
-                events.put({"done": True, "stopped": stopped, "answer": answer})
+                last = {"done": True, "stopped": stopped, "answer": answer}
                 self._log(s, stopped)
             except UserError as e:
-                events.put({"error": str(e)})
+                last = {"error": str(e)}
             except Exception:  # noqa: BLE001 - a bug: logged here without the question or the image
                 log.exception("generation failed")
-                events.put({"error": "generation failed; see the server log"})
+                last = {"error": "generation failed; see the server log"}
             finally:
                 s.busy = False
                 self.lock.release()
+                self.turns.leave(s)  # before the page hears "done", so its next question finds the tab free
+                events.put(last)
                 events.put(None)
 
         threading.Thread(target=run, daemon=True).start()
@@ -257,7 +248,7 @@ class WebApp:
             finished = True
         finally:  # the reader went away (a closed tab: the response stream is closed): stop, free the model
             if not finished:
-                s.stop.set()
+                stop.set()
 
     def _log(self, s: Session, stopped: bool) -> None:
         if s.transcript is None or stopped:

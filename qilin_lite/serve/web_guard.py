@@ -8,12 +8,14 @@ to 127.0.0.1, and a page on a domain that re-points its DNS to 127.0.0.1 (DNS re
 - Token: off loopback the API needs the token shown once in the banner (header `X-Token`, or the `qilin_token`
   cookie the page sets from the address it was opened with), unless the operator says `--no-auth` on purpose.
 - Every response forbids framing (`frame-ancestors 'none'`, X-Frame-Options) and content sniffing.
-- Uploads are read one at a time, so a client that trickles its body would hold everyone else's upload: after a
-  grace period the body must keep arriving at a minimum rate (`read_body_in_time`), or the upload is refused (408).
+- Uploads are read a few at a time, one per client (`UploadSlots`), so a client that trickles its body would hold
+  others' uploads: after a grace period the body must keep arriving at a minimum rate, and all of it within a
+  deadline (`read_body_in_time`), or the upload is refused (408).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import socket
@@ -84,30 +86,74 @@ class Guard:
 
 UPLOAD_GRACE_S = 10.0  # an upload may start slowly (connection set-up, a busy browser)
 MIN_UPLOAD_BYTES_PER_S = 64 * 2**10  # then it must average at least this: 512 kbit/s, a slow link, not a stall
+UPLOAD_DEADLINE_S = 60.0  # and be all there within this: a steady 70 KB/s once held the one upload slot for minutes
+UPLOAD_SLOTS = 2  # uploads read, parsed and decoded at once (bodies in memory), each from another client
+MAX_UPLOADS_PER_CLIENT = 2  # one being read, one waiting; more are refused, not queued
 
 
-async def read_body_in_time(request) -> str | None:
-    """Read `request`'s body (Starlette caches it for the endpoint) while the bytes received keep up with
-    `MIN_UPLOAD_BYTES_PER_S` after `UPLOAD_GRACE_S`. None when read; otherwise the message to answer with."""
+class UploadSlots:
+    """Whose upload is read next: at most UPLOAD_SLOTS at once and one per client, the others waiting in order with
+    their bodies unread (uvicorn stops reading a socket whose body nobody consumes), so N clients uploading at once
+    cost two uploads' memory, not N; a client may have MAX_UPLOADS_PER_CLIENT in the building."""
+
+    def __init__(self, slots: int = UPLOAD_SLOTS, per_client: int = MAX_UPLOADS_PER_CLIENT):
+        self.slots, self.per_client = slots, per_client
+        self.holding: set[str] = set()
+        self.count: dict[str, int] = {}
+        self.cond = None  # made inside the server's event loop
+
+    @contextlib.asynccontextmanager
+    async def turn(self, client: str):
+        import asyncio
+
+        from .web_sessions import Refused
+
+        if self.count.get(client, 0) >= self.per_client:
+            raise Refused(f"{self.per_client} uploads of yours are already being read or waiting; wait for them",
+                          f"您已有 {self.per_client} 个上传正在读取或排队；请等待其完成后再试")
+        self.cond = self.cond or asyncio.Condition()
+        self.count[client] = self.count.get(client, 0) + 1
+        try:
+            async with self.cond:
+                await self.cond.wait_for(lambda: len(self.holding) < self.slots and client not in self.holding)
+                self.holding.add(client)
+            try:
+                yield
+            finally:
+                async with self.cond:
+                    self.holding.discard(client)
+                    self.cond.notify_all()
+        finally:
+            self.count[client] -= 1
+            if not self.count[client]:
+                del self.count[client]
+
+
+async def read_body_in_time(receive) -> tuple[bytes | None, str | None, str | None]:
+    """Read an ASGI request's body while the bytes received keep up with `MIN_UPLOAD_BYTES_PER_S` after
+    `UPLOAD_GRACE_S`, and all of it within `UPLOAD_DEADLINE_S`. (body, None, None) when read; otherwise (None, the
+    message to answer with, in English and Chinese)."""
     import asyncio
 
     loop = asyncio.get_running_loop()
-    start, chunks, got = loop.time(), [], 0
-    stream = request.stream()
+    start, chunks, got, more = loop.time(), [], 0, True
     try:
-        while True:
-            # the moment the bytes so far stop covering the minimum rate: the next chunk must come before it
-            wait = start + UPLOAD_GRACE_S + got / MIN_UPLOAD_BYTES_PER_S - loop.time()
-            try:
-                chunk = await asyncio.wait_for(anext(stream), max(wait, 0.0))
-            except StopAsyncIteration:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
+        while more:
+            # the moment the bytes so far stop covering the minimum rate, or the deadline: the next chunk comes first
+            wait = min(start + UPLOAD_GRACE_S + got / MIN_UPLOAD_BYTES_PER_S, start + UPLOAD_DEADLINE_S) - loop.time()
+            message = await asyncio.wait_for(receive(), max(wait, 0.0))
+            if message["type"] == "http.disconnect":
+                return None, "the upload was cut off; send the files again", "上传中断；请重新发送文件"
+            chunks.append(message.get("body", b""))
+            got += len(chunks[-1])
+            more = message.get("more_body", False)
     except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
-        return (f"the upload stalled ({got / 2**10:.0f} KB in {loop.time() - start:.0f} s; this server needs "
-                f"{MIN_UPLOAD_BYTES_PER_S // 2**10} KB/s after {UPLOAD_GRACE_S:.0f} s); send the files again")
-    finally:
-        await stream.aclose()
-    request._body = b"".join(chunks)  # what Request.body() would have kept; the endpoint reads it from there
-    return None
+        took = loop.time() - start
+        if took >= UPLOAD_DEADLINE_S - 0.05:
+            return None, (f"the upload took longer than {UPLOAD_DEADLINE_S:.0f} s ({got / 2**20:.1f} MB arrived); "
+                          "send fewer or smaller files, or from a faster link"), \
+                f"上传超过 {UPLOAD_DEADLINE_S:.0f} 秒仍未完成（已收到 {got / 2**20:.1f} MB）；请减少或缩小文件后重试"
+        return None, (f"the upload stalled ({got / 2**10:.0f} KB in {took:.0f} s; this server needs "
+                      f"{MIN_UPLOAD_BYTES_PER_S // 2**10} KB/s after {UPLOAD_GRACE_S:.0f} s); send the files again"), \
+            f"上传停滞（{took:.0f} 秒内只收到 {got / 2**10:.0f} KB）；请重新发送文件"
+    return b"".join(chunks), None, None

@@ -1,20 +1,85 @@
 """The HTTP layer of `qilin-lite web`: FastAPI routes over a WebApp (web_app.py), behind the guard (web_guard.py).
 
 In:  requests from the page (web_page.html); Out: JSON answers, an NDJSON stream per answer, the page itself.
-A refusal is a status and `{"error": message}`, never a traceback.
+A refusal is a status and `{"error": message, "zh": 中文}` (the page shows it in its status line), never a traceback.
+A client is its remote address and, where the server has one, the token it sent: sessions, uploads and connections
+are capped per client (web_sessions.py, web_guard.UploadSlots, web_connections.py).
 """
 
 # no `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at runtime, and the classes
 # they name are imported inside create_app
 
-import asyncio
+import contextlib
 import json
 from pathlib import Path
 
 from ..errors import UserError
-from .web_app import MAX_BODY_BYTES, SessionGone, TooManyTabs, WebApp
-from .web_guard import HEADERS, Guard, allowed_hosts, read_body_in_time
+from .web_app import MAX_BODY_BYTES, WebApp
+from .web_guard import HEADERS, Guard, UploadSlots, allowed_hosts, read_body_in_time
 from .web_input import expect, window_setting
+from .web_sessions import Refused
+
+
+def client_of(scope, headers, cookies) -> str:
+    """Who is asking: the remote address, and the token where one is sent (on 127.0.0.1 every local user is one
+    address; the per-tab rules of web_sessions.py keep them fair to each other)."""
+    addr = (scope.get("client") or ("?",))[0]
+    token = headers.get("x-token") or cookies.get("qilin_token") or ""
+    return f"{addr} {token}" if token else addr
+
+
+class Guarded:
+    """Plain ASGI in front of the routes (no BaseHTTPMiddleware: a closed tab's disconnect must reach the answer's
+    stream at once): the guard's refusals, one upload slot per client, each upload's body read in time."""
+
+    def __init__(self, app, guard: Guard, uploads: UploadSlots):
+        self.app, self.guard, self.uploads = app, guard, uploads
+
+    async def __call__(self, scope, receive, send):
+        from starlette.datastructures import Headers
+        from starlette.requests import cookie_parser
+
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def secured(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + \
+                    [(k.lower().encode(), v.encode()) for k, v in HEADERS.items()]
+            await send(message)
+
+        headers = Headers(scope=scope)
+        cookies = cookie_parser(headers.get("cookie", ""))
+        refused = self.guard.refuse(scope["path"], headers, cookies, scope["method"])
+        if refused:
+            return await answer(secured, refused[0], {"error": refused[1]})
+        if scope["method"] != "POST" or scope["path"] not in self.guard.upload_paths:
+            return await self.app(scope, receive, secured)
+        try:
+            async with self.uploads.turn(client_of(scope, headers, cookies)):
+                body, message, zh = await read_body_in_time(receive)
+                if body is None:
+                    return await answer(secured, 408, {"error": message, "zh": zh}, close=True)
+                given = False
+
+                async def replay():  # the body once, then the real channel (a disconnect reaches the app)
+                    nonlocal given
+                    if not given:
+                        given = True
+                        return {"type": "http.request", "body": body, "more_body": False}
+                    return await receive()
+
+                await self.app(scope, replay, secured)
+        except Refused as e:
+            await answer(secured, e.status, {"error": str(e), "zh": e.zh})
+
+
+async def answer(send, status: int, payload: dict, close: bool = False) -> None:
+    body = json.dumps(payload, ensure_ascii=False).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status,
+                "headers": headers + ([(b"connection", b"close")] if close else [])})
+    await send({"type": "http.response.body", "body": body})
 
 
 def create_app(web: WebApp, guard: Guard | None = None):
@@ -25,27 +90,11 @@ def create_app(web: WebApp, guard: Guard | None = None):
     page = (Path(__file__).parent / "web_page.html").read_text(encoding="utf-8")
     guard = guard or Guard(allowed_hosts("127.0.0.1"), max_body=MAX_BODY_BYTES)
 
-    # one upload read, parsed and decoded at a time: the others wait here with their bodies unread (uvicorn stops
-    # reading a socket whose body nobody consumes), so N clients uploading at once cost one upload's memory, not N
-    uploading = asyncio.Semaphore(1)
-
-    @app.middleware("http")
-    async def only_our_own(request: Request, call_next):
-        refused = guard.refuse(request.url.path, request.headers, request.cookies, request.method)
-        if refused:
-            response = JSONResponse({"error": refused[1]}, status_code=refused[0])
-        elif request.method == "POST" and request.url.path in guard.upload_paths:
-            async with uploading:
-                stalled = await read_body_in_time(request)
-                response = JSONResponse({"error": stalled}, status_code=408, headers={"Connection": "close"}) \
-                    if stalled else await call_next(request)
-        else:
-            response = await call_next(request)
-        response.headers.update(HEADERS)
-        return response
+    app.add_middleware(Guarded, guard=guard, uploads=UploadSlots())
 
     def problem(e: UserError, status: int = 400):
-        status = 410 if isinstance(e, SessionGone) else 429 if isinstance(e, TooManyTabs) else status
+        if isinstance(e, Refused):
+            return JSONResponse({"error": str(e), "zh": e.zh}, status_code=e.status)
         return JSONResponse({"error": str(e)}, status_code=status)
 
     @app.get("/", response_class=HTMLResponse)
@@ -55,9 +104,9 @@ def create_app(web: WebApp, guard: Guard | None = None):
                                            "script-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'"})
 
     @app.post("/api/session")
-    def new_session():
+    def new_session(request: Request):
         try:
-            return {"session": web.new_session()}
+            return {"session": web.new_session(client_of(request.scope, request.headers, request.cookies))}
         except UserError as e:
             return problem(e)
 
@@ -99,10 +148,20 @@ def create_app(web: WebApp, guard: Guard | None = None):
         except ValueError:
             return problem(UserError("malformed request; reload the page"))
 
-        def stream():
-            yield json.dumps(first, ensure_ascii=False) + "\n"
-            for e in events:
-                yield json.dumps(e, ensure_ascii=False) + "\n"
+        async def stream():
+            import anyio
+
+            finished = False
+            try:
+                yield json.dumps(first, ensure_ascii=False) + "\n"
+                # abandon_on_cancel: a closed tab cancels this at once, not after the next token
+                while (e := await anyio.to_thread.run_sync(next, events, None, abandon_on_cancel=True)) is not None:
+                    yield json.dumps(e, ensure_ascii=False) + "\n"
+                finished = True
+            finally:
+                if not finished:  # the tab went away: its answer's stop is checked after every token
+                    with contextlib.suppress(UserError):
+                        web.stop(sid)
 
         return StreamingResponse(stream(), media_type="application/x-ndjson")
 
