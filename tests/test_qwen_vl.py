@@ -525,3 +525,34 @@ def test_the_command_line_tunes_a_released_model_directory(tmp_path, qwen_vl_dir
     assert (info.kind, info.template, info.image_mode) == ("lora", "qwen2-vl", "native")
     with pytest.raises(UserError, match="not sized yet"):
         plan_recipe(REPO_RECIPES / "lingshu-7b" / "tune-qlora.yaml")
+
+
+def test_the_web_page_sends_chats_prompt_with_each_image_at_its_own_size(tmp_path, vl_data, vl_lora):
+    """The web page's app (what its HTTP layer calls) on the tuned run: two uploads of different sizes and a DICOM
+    (windowed as the LLaVA path windows it) reach the model each at its own size, with the prompt ids chat sends."""
+    import base64
+
+    from test_chat import write_dicom
+
+    from qilin_lite.serve.chat_session import ChatSession
+    from qilin_lite.serve.generate import load_generator
+    from qilin_lite.serve.web_app import WebApp
+
+    run, _ = vl_lora
+    gen, info = load_generator(str(run), temperature=0, max_new_tokens=3, dtype="float32")
+    web = WebApp(gen, info, "run")
+    assert web.describe()["images"]["mode"] == "separate"
+    paths = [vl_data / "img" / "1.png", vl_data / "img" / "4.png", write_dicom(tmp_path / "ct.dcm")]
+    for shown in (paths[:2], paths[2:]):
+        sid = web.new_session()
+        files = [{"name": p.name, "data": base64.b64encode(p.read_bytes()).decode()} for p in shown]
+        web.set_image(sid, files)
+        events = list(web.ask(sid, "病灶位于哪里？", {}))
+        assert events[-1].get("done"), events[-3:]
+        served = list(gen.last_prompt_ids)
+        chat = ChatSession.load(str(run), temperature=0, max_new_tokens=3, dtype="float32")
+        chat.load_image(shown)
+        chat.ask("病灶位于哪里？")
+        assert served == chat.generator.last_prompt_ids
+        sizes = [NativeImageLoader(gen.images.processor).raw(p).size for p in shown]
+        assert served.count(gen.layout.image_token_id) == sum(gen.images.tokens(*s) for s in sizes)
