@@ -36,6 +36,8 @@ class TokenLayout:
     # "text": max_length counts text ids with each image as one (the authors' cut: 2048 + 575 positions at most);
     # "total": every position counts, image tokens included (a hard cap for memory-bound runs)
     length_mode: str = "text"
+    # the batch key marking image tokens for models that compute positions or attention from it (families.Family)
+    marks: str | None = None
 
     def __post_init__(self):
         if self.length_mode not in ("text", "total"):

@@ -96,15 +96,12 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def num_image_tokens(config) -> int:
     """Tokens one image expands to; 0 where the count follows each image's size (native resolution)."""
-    if family_of_config(config).image_mode == "native":
-        return 0
-    vc = config.vision_config
-    n = (vc.image_size // vc.patch_size) ** 2
-    return n + (1 if config.vision_feature_select_strategy == "full" else 0)
+    return family_of_config(config).tokens_per_image(config)
 
 
 def token_layout(config, max_length: int, length_mode: str = "text") -> TokenLayout:
-    return TokenLayout(config.image_token_id, num_image_tokens(config), max_length, length_mode)
+    return TokenLayout(config.image_token_id, num_image_tokens(config), max_length, length_mode,
+                       family_of_config(config).image_marks)
 
 
 def _pretrained_kwargs(trust_remote_code: bool, allow_pickle: bool) -> dict:
@@ -218,9 +215,9 @@ def save_processor(out_dir: Path, tokenizer, image_processor, config, template: 
     from transformers import LlavaProcessor
 
     tokenizer.chat_template = chat_template_jinja(get_template(template))
-    if family_of_config(config).image_mode == "native":
-        # the files its processor class (Qwen2_5_VLProcessor) is built from, as the hub's releases ship them; the
-        # class itself is not built here, since its video half needs torchvision, which CPU installs lack
+    if family_of_config(config).model_class != LLAVA.model_class:
+        # the files its processor class (Qwen2_5_VLProcessor, Gemma3Processor) is built from, as the hub's releases
+        # ship them; the class itself is not built here: Qwen's video half needs torchvision, which CPU installs lack
         tokenizer.save_pretrained(out_dir)
         image_processor.save_pretrained(out_dir)
         return
@@ -302,11 +299,14 @@ def load_llava(
 
 def image_mode_for(config, wanted: str | None, default: str) -> str:
     """How a run shows images: a native-resolution family always `native`; LLaVA's `pad` / `crop` as asked."""
-    if family_of_config(config).image_mode == "native":
+    family = family_of_config(config)
+    if family.image_mode == "native":
         if wanted not in (None, "native"):
             raise UserError(f"data.image_mode={wanted}: this model sees images at their own size (native "
                             "resolution); pad and crop are for LLaVA models: drop the setting")
         return "native"
+    if family.model_class != LLAVA.model_class:  # its processor's own resize (Gemma 3: 896 x 896) unless asked
+        return wanted or family.image_mode
     return default
 
 

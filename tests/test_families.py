@@ -57,7 +57,7 @@ def test_every_template_belongs_to_one_family_and_every_name_resolves():
         assert isinstance(t, Template) and get_template(name) is t
         assert sum(t in f.templates for f in FAMILIES) == 1
         assert family_of(t).templates
-    assert set(TEMPLATES) == {"plain", "vicuna_v1", "huatuo", "chatml", "qwen2-vl"}
+    assert set(TEMPLATES) == {"plain", "vicuna_v1", "huatuo", "chatml", "qwen2-vl", "gemma3"}
 
 
 HISTORY = [{"role": "user", "content": f"{IMAGE_TOKEN}\n左肺有什么异常？"}, {"role": "assistant", "content": "可见结节。"},
@@ -77,11 +77,15 @@ def test_a_dialog_template_keeps_the_contract(name):
     prompt = t.render(first, add_generation_prompt=True)
     whole = t.render([*first, {"role": "assistant", "content": "约5毫米。"}], eos="</s>")
     assert whole.text.startswith(prompt.text) and prompt.text.count(t.image_text) == 1
-    (start, end), = whole.supervised
-    assert start >= len(prompt.text) - 1 and whole.text[start:end].strip().startswith("约5毫米。")
     placed = t.place_images(HISTORY)
     spans = t.render([*placed, {"role": "assistant", "content": "约5毫米。"}], eos="</s>")
-    assert ["可见结节。" in spans.text[s:e] for s, e in spans.supervised] == [True, False]
+    if t.supervises == "replies":
+        (start, end), = whole.supervised
+        assert start >= len(prompt.text) - 1 and whole.text[start:end].strip().startswith("约5毫米。")
+        assert ["可见结节。" in spans.text[s:e] for s, e in spans.supervised] == [True, False]
+    else:  # the whole text but the image: the question and both replies
+        covered = "".join(spans.text[s:e] for s, e in spans.supervised)
+        assert all(x in covered for x in ("左肺有什么异常？", "可见结节。", "约5毫米。")) and t.image_text not in covered
     prompt = t.render(placed, add_generation_prompt=True)
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     jinja = env.from_string(t.chat_template_jinja()).render(messages=HISTORY, add_generation_prompt=True)

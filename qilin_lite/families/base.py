@@ -50,6 +50,35 @@ class Rendered:
     # character offsets where the template's own code tokenizes a new piece (HuatuoGPT-Vision tokenizes each round's
     # user and assistant text separately); empty: the text is tokenized whole
     breaks: list[int] = field(default_factory=list)
+    # character spans of the special tokens the template itself wrote (`special`); where a template lists them, the
+    # text between is tokenized with special tokens split, so a typed one stays text (`positioned_ids`)
+    specials: list[tuple[int, int]] = field(default_factory=list)
+
+    def special(self, token: str) -> None:
+        """Append one of the template's own special tokens."""
+        self.specials.append((len(self.text), len(self.text) + len(token)))
+        self.text += token
+
+
+def positioned_ids(r: Rendered, tokenizer) -> tuple[list[int], list[tuple[int, int]]]:
+    """(ids, character offsets) of a text whose special tokens are known by position (`Rendered.specials`): those
+    become their ids, the text between is tokenized on its own, special tokens split (a `<` `as_text` marked is a
+    `<`). The tokenizer splits at special tokens before anything else, so this equals tokenizing the whole text
+    wherever no special token was typed."""
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    pos = 0
+    for s, e in [*r.specials, (len(r.text), len(r.text))]:
+        if s > pos:
+            enc = tokenizer(r.text[pos:s].replace(TEXT_LT, "<"), add_special_tokens=False, split_special_tokens=True,
+                            return_offsets_mapping=True)
+            ids.extend(enc["input_ids"])
+            offsets.extend((pos + a, pos + b) for a, b in enc["offset_mapping"])
+        if e > s:
+            ids.append(tokenizer.convert_tokens_to_ids(r.text[s:e]))
+            offsets.append((s, e))
+        pos = e
+    return ids, offsets
 
 
 @dataclass(frozen=True)
@@ -248,6 +277,9 @@ class Template:
     image_text: ClassVar[str] = IMAGE_TOKEN
     # whether `export gguf` (llama.cpp, Ollama) serves this format's models yet
     exports_gguf: ClassVar[bool] = True
+    # what the model's own fine-tuning code supervises: "replies" (each reply and the token ending it: LLaVA, Qwen)
+    # or "text" (the whole text but the image tokens: MedGemma's notebook)
+    supervises: ClassVar[str] = "replies"
 
     @property
     def separate_images(self) -> bool:
@@ -291,13 +323,17 @@ class Template:
 
     def prompt_ids(self, r: Rendered, tokenizer, image_token_id: int) -> list[int]:
         """A rendered prompt -> ids with one image id per image (not yet expanded)."""
+        if r.specials:
+            return positioned_ids(r, tokenizer)[0]
         if r.breaks:
             return piece_ids(r.text, r.breaks, tokenizer, image_token_id)[0]
         return text_ids(tokenizer, r.text)[0]
 
     def ids_and_labels(self, r: Rendered, tokenizer, image_token_id: int, max_length: int):
         """(ids, labels) of a rendered conversation: a token is supervised when it starts inside a reply span."""
-        if r.breaks:
+        if r.specials:
+            ids, offsets = positioned_ids(r, tokenizer)
+        elif r.breaks:
             ids, offsets = piece_ids(r.text, r.breaks, tokenizer, image_token_id)
         else:
             ids, offsets = text_ids(tokenizer, r.text)
@@ -335,6 +371,9 @@ class Family:
     image_mode: str = "pad"
     # the template stage 1 (align) trains in: LLaVA's captioning `plain`; a family without one aligns in its own
     align_template: str = "plain"
+    # the batch key marking which tokens are image tokens, where the model computes positions or attention from
+    # it (Qwen2.5-VL's M-RoPE: mm_token_type_ids; Gemma 3's bidirectional image attention: token_type_ids)
+    image_marks: str | None = None
     # module paths in the loaded model (transformers 5's layout); skip lists match from the start of the path
     vision: str = "model.vision_tower"
     projector: str = "model.multi_modal_projector"
@@ -346,3 +385,12 @@ class Family:
         """The template a checkpoint qilin-lite did not write is prompted with, when it is of this family; None when
         it is not. `config`: its config.json (possibly empty)."""
         return None
+
+    def tokens_per_image(self, config) -> int:
+        """Tokens one image expands to in a loaded config; 0 where the count follows each image's size. LLaVA's:
+        the tower's patches (CLS dropped unless the strategy is `full`)."""
+        if self.image_mode == "native":
+            return 0
+        vc = config.vision_config
+        n = (vc.image_size // vc.patch_size) ** 2
+        return n + (1 if config.vision_feature_select_strategy == "full" else 0)

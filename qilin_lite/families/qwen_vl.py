@@ -21,23 +21,14 @@ rule, since the program places images itself).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
-
-from .base import IMAGE_TOKEN, TEXT_LT, Family, Rendered, Template, labels_from_offsets
+from .base import IMAGE_TOKEN, Family, Rendered, Template
 
 QWEN_VL_SYSTEM = "You are a helpful assistant."
 VISION = "<|vision_start|><|image_pad|><|vision_end|>"
 PAD = "<|image_pad|>"
-
-
-@dataclass
-class NativeRendered(Rendered):
-    # character spans of the special tokens the template itself wrote; the text between them is tokenized with
-    # special tokens split, so only these become special ids
-    specials: list[tuple[int, int]] = field(default_factory=list)
 
 
 def _parts(text: str) -> str:
@@ -60,18 +51,16 @@ class QwenVLTemplate(Template):
                         "(with --mmproj for the vision half) converts a merged Qwen2.5-VL directory")
 
     ollama = gguf_chat_template
+
     def place_images(self, messages: list[dict]) -> list[dict]:
         return [{**m, "content": _parts(m["content"])} if m["role"] == "user" else m for m in messages]
 
     def batch_tokenizable(self, tokenizer) -> bool:
-        return False  # special tokens are told from typed text by position, piece by piece
+        return False  # special tokens are told from typed text by position (Rendered.specials), piece by piece
 
     def render(self, messages: list[dict], *, add_generation_prompt: bool = False, eos: str = "") -> Rendered:
-        r = NativeRendered("")
-
-        def special(tok: str) -> None:
-            r.specials.append((len(r.text), len(r.text) + len(tok)))
-            r.text += tok
+        r = Rendered("")
+        special = r.special
 
         def header(role: str) -> None:
             special("<|im_start|>")
@@ -101,29 +90,6 @@ class QwenVLTemplate(Template):
         if add_generation_prompt:
             header("assistant")
         return r
-
-    def _ids(self, r: Rendered, tokenizer) -> tuple[list[int], list[tuple[int, int]]]:
-        ids: list[int] = []
-        offsets: list[tuple[int, int]] = []
-        pos = 0
-        for s, e in [*getattr(r, "specials", ()), (len(r.text), len(r.text))]:
-            if s > pos:  # a `<` another step marked as text (base.as_text) is a `<`: special tokens split anyway
-                enc = tokenizer(r.text[pos:s].replace(TEXT_LT, "<"), add_special_tokens=False,
-                                split_special_tokens=True, return_offsets_mapping=True)
-                ids.extend(enc["input_ids"])
-                offsets.extend((pos + a, pos + b) for a, b in enc["offset_mapping"])
-            if e > s:
-                ids.append(tokenizer.convert_tokens_to_ids(r.text[s:e]))
-                offsets.append((s, e))
-            pos = e
-        return ids, offsets
-
-    def prompt_ids(self, r: Rendered, tokenizer, image_token_id: int) -> list[int]:
-        return self._ids(r, tokenizer)[0]
-
-    def ids_and_labels(self, r: Rendered, tokenizer, image_token_id: int, max_length: int):
-        ids, offsets = self._ids(r, tokenizer)
-        return np.asarray(ids, dtype=np.int64), labels_from_offsets(ids, offsets, r.supervised)
 
     def chat_template_jinja(self) -> str:
         """The processor's chat template renders these prompts; this one also takes string content with `<image>`
@@ -161,6 +127,7 @@ QWEN2_5_VL = QwenVLFamily(
     model_class="Qwen2_5_VLForConditionalGeneration",
     model_types=("qwen2_5_vl",),
     image_mode="native",
+    image_marks="mm_token_type_ids",
     align_template="qwen2-vl",  # no captioning format: stage 1 trains the merger on captions as replies
     vision="model.visual",
     projector="model.visual.merger",  # the patch merger: Qwen's vision -> LLM connector

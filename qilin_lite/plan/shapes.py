@@ -168,7 +168,7 @@ def recipe_config(recipe):
 
     m = recipe.model
     family = family_of(get_template(recipe.template))
-    if family.image_mode == "native":  # its own class, not a Llava: the planner's shapes are LLaVA's
+    if family.model_class != "LlavaForConditionalGeneration":  # its own class: the planner's shapes are LLaVA's
         raise UserError(f"plan sizes LLaVA-built models only so far; the {family.name} family "
                         f"({recipe.template} template) is not sized yet")
     base = m.base

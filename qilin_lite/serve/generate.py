@@ -60,8 +60,8 @@ class Generator:
             input_ids[k, longest - len(p):] = torch.from_numpy(p)
             attention[k, longest - len(p):] = 1
         kwargs = {"input_ids": input_ids, "attention_mask": attention}
-        if self.images.mode == "native":  # image tokens marked, as the model's processor marks them (3-D positions)
-            kwargs["mm_token_type_ids"] = (input_ids == self.layout.image_token_id).long()
+        if self.layout.marks:  # image tokens marked, as the model's processor marks them
+            kwargs[self.layout.marks] = (input_ids == self.layout.image_token_id).long()
         flat = [img for o in opened for img in o]
         if flat:
             dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype

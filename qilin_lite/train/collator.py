@@ -8,6 +8,8 @@ import torch
 
 from ..families import IGNORE
 
+MARKS = ("mm_token_type_ids", "token_type_ids")  # the image-token marks families name (Family.image_marks)
+
 
 @dataclass
 class Collator:
@@ -25,14 +27,15 @@ class Collator:
         input_ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((n, longest), IGNORE, dtype=torch.long)
         attention = torch.zeros((n, longest), dtype=torch.long)
-        kinds = torch.zeros((n, longest), dtype=torch.long) if "mm_token_type_ids" in samples[0] else None
+        marks = next((k for k in MARKS if k in samples[0]), None)
+        kinds = torch.zeros((n, longest), dtype=torch.long) if marks else None
         for k, s in enumerate(samples):
             L = len(s["input_ids"])
             input_ids[k, :L] = s["input_ids"]
             labels[k, :L] = s["labels"]
             attention[k, :L] = 1
             if kinds is not None:
-                kinds[k, :L] = s["mm_token_type_ids"]
+                kinds[k, :L] = s[marks]
         if "position_ids" in samples[0]:
             # packed rows: positions restart per sample; padding forms its own run starting at 0, and no attention
             # mask is passed: with no cache (training) transformers then builds the per-sample mask for sdpa and
@@ -45,8 +48,8 @@ class Collator:
             batch = {"input_ids": input_ids, "labels": labels, "position_ids": pos}
         else:
             batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
-        if kinds is not None:  # image tokens 1, the rest 0 (native-resolution models' 3-D positions)
-            batch["mm_token_type_ids"] = kinds
+        if kinds is not None:  # image tokens 1, the rest (padding too) 0
+            batch[marks] = kinds
         for key in ("pixel_values", "image_grid_thw"):  # images in row order, as the model consumes them
             parts = [s[key] for s in samples if s.get(key) is not None]
             if parts:

@@ -70,10 +70,11 @@ class VisionTextDataset(torch.utils.data.Dataset):
         opened = self.images.open_record(list(rec.images or ()), self.template)
         ids, labels = encode(rec.messages, self.template, self.tokenizer, self.layout, self.images.counts(opened))
         item = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
-        if self.images.mode == "native":
-            # which tokens are image tokens: Qwen2.5-VL computes its 3-D positions from them, and without them
-            # silently falls back to 1-D positions (its processor returns them beside input_ids)
-            item["mm_token_type_ids"] = torch.from_numpy((ids == self.layout.image_token_id).astype(np.int64))
+        if self.layout.marks:
+            # which tokens are image tokens: Qwen2.5-VL computes its 3-D positions from them (without them it
+            # silently falls back to 1-D positions), Gemma 3 its bidirectional image attention; their processors
+            # return them beside input_ids
+            item[self.layout.marks] = torch.from_numpy((ids == self.layout.image_token_id).astype(np.int64))
         return item, opened
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
@@ -110,7 +111,8 @@ def as_hf_dataset(ds):
 
     def transform(batch: dict) -> dict:
         items = ds.__getitems__(batch["index"]) if hasattr(ds, "__getitems__") else [ds[i] for i in batch["index"]]
-        keys = ("input_ids", "labels", "pixel_values", "image_grid_thw", "mm_token_type_ids", "position_ids")
+        keys = ("input_ids", "labels", "pixel_values", "image_grid_thw", "mm_token_type_ids", "token_type_ids",
+                "position_ids")
         # any item, not the first: a text-only first item must not drop the images of the rest
         return {k: [it.get(k) for it in items] for k in keys if any(k in it for it in items)}
 

@@ -26,6 +26,7 @@ from ..model import (
     RunInfo,
     assemble_base,
     image_mode_for,
+    token_layout,
     load_llava,
     load_projector,
     load_tokenizer_and_processor,
@@ -215,11 +216,11 @@ class Datasets:
 def build_datasets(recipe: Recipe, tokenizer, image_processor, model_config, out: Path) -> Datasets:
     """The checked training set (packed when asked and worth it) and the held-out set."""
     tr, d = recipe.train, recipe.data
-    if d.packing and image_mode_for(model_config, d.image_mode, recipe.image_mode) == "native":
-        # a packed row restarts positions per sample, and these models' 3-D (M-RoPE) positions are computed from
-        # each sample's images: transformers does not compute them per packed sample
-        raise UserError("data.packing: this model's image positions (M-RoPE) do not survive packing; leave "
-                        "--packing off (length grouping still keeps padding low)")
+    if d.packing and token_layout(model_config, d.max_length).marks:
+        # a packed row restarts positions per sample, and these models compute positions (Qwen2.5-VL's M-RoPE) or
+        # image attention (Gemma 3) from each sample's image-token marks: transformers does not per packed sample
+        raise UserError("data.packing: this model's image positions or image attention do not survive packing; "
+                        "leave --packing off (length grouping still keeps padding low)")
     dataset, n_rejected = build_dataset(recipe, tokenizer, image_processor, model_config, out)
     n_samples = len(dataset)
     # eval rows are never packed: each sample's loss counts as it would alone
