@@ -5,7 +5,7 @@
     python benchmarks/plan_accuracy.py --paper        # the 13B figures of the paper's recipes, from `qilin-lite plan`
     python benchmarks/plan_accuracy.py --head         # the CPU constants of trl's chunked LM head fallback
 
-Each case builds a small Llava (CLIP + LLaMA) from config on the CPU, loads it with `model.load_llava` (4-bit for
+Each case builds a small Llava (CLIP + LLaMA) from config on the CPU, loads it with `model.load_vlm` (4-bit for
 QLoRA), in float32 or in bf16 with autocast (as the Trainer's `bf16`), and trains it the way the Trainer does:
 `stages.configure` for the mode, trl's chunked LM head and loss, activation checkpointing through transformers,
 torch's fused AdamW, gradient clipping, `zero_grad(set_to_none=True)`, gradient accumulation. One warm-up step
@@ -149,7 +149,7 @@ def measure(c: Case) -> dict:
     from transformers import LlavaForConditionalGeneration
     from trl.trainer.utils import add_fused_lm_head
 
-    from qilin_lite.model import load_llava
+    from qilin_lite.model import load_vlm
     from qilin_lite.plan import llava_config
     from qilin_lite.train.stages import LoraSettings, configure
 
@@ -159,7 +159,7 @@ def measure(c: Case) -> dict:
     config = llava_config(VISION, llm_dict(c))
     with tempfile.TemporaryDirectory() as tmp:
         LlavaForConditionalGeneration(config).save_pretrained(tmp)
-        model = load_llava(tmp, bits=4 if c.mode == "qlora" else None, dtype="bfloat16" if c.bf16 else "float32",
+        model = load_vlm(tmp, bits=4 if c.mode == "qlora" else None, dtype="bfloat16" if c.bf16 else "float32",
                            attn="sdpa")
         # the loaded weights may be views of the memory-mapped file; give them their own memory, as on a GPU
         for p in model.parameters():

@@ -9,7 +9,7 @@ Out: per run, a `Probe` (harness/probe.py) with the wall time of the training lo
 - stock: what a trl user writes: `SFTTrainer(model, SFTConfig(...), train_dataset=messages+images dataset,
          processing_class=LlavaProcessor)`, so trl's `DataCollatorForVisionLanguageModeling` tokenizes, expands
          `<image>` and processes images per batch, and the Trainer samples at random. Same model (loaded and frozen
-         by the same `load_llava` + `configure`), same chat template, batch, learning rate, schedule, optimizer,
+         by the same `load_vlm` + `configure`), same chat template, batch, learning rate, schedule, optimizer,
          clipping and workers.
 
 Timing: the loop runs from `on_train_begin` to the last `on_step_end` (setup before it and the final checkpoint
@@ -93,12 +93,12 @@ def run_stock(stage: str, base: Path, data: dict, out: Path, s: Settings, num_wo
     from trl import SFTConfig, SFTTrainer
 
     from qilin_lite.families import chat_template_jinja, get_template
-    from qilin_lite.model import load_llava
+    from qilin_lite.model import load_vlm
     from qilin_lite.train.stages import configure
 
     recipe = ours_recipe(stage, base, data, out, s)  # the shared settings, read from the same recipe
     tr = recipe.train
-    model = load_llava(str(base), dtype="float32", attn="sdpa")
+    model = load_vlm(str(base), dtype="float32", attn="sdpa")
     model.config.use_cache = False
     model.config.text_config.use_cache = False
     model = configure(model, tr.mode)

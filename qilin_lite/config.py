@@ -32,9 +32,9 @@ REPO_RECIPES = _recipes_dir()
 
 
 def _optimizers() -> list[str]:
-    from transformers.training_args import OptimizerNames
+    from .train.private_api import optimizer_names
 
-    return [o.value for o in OptimizerNames]
+    return optimizer_names()
 
 
 # schedulers that need settings a recipe has no field for: lr_scheduler_kwargs (min_lr, num_decay_steps) or an
@@ -44,7 +44,7 @@ _SCHEDULERS_NEEDING_MORE = {"cosine_with_min_lr", "cosine_warmup_with_min_lr", "
 
 
 def _schedulers() -> list[str]:
-    from transformers.trainer_utils import SchedulerType
+    from transformers import SchedulerType
 
     return [s.value for s in SchedulerType if s.value not in _SCHEDULERS_NEEDING_MORE]
 

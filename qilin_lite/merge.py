@@ -68,7 +68,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str | None = N
     from .model import (
         PROJECTOR_FILE,
         RunInfo,
-        load_llava,
+        load_vlm,
         load_projector,
         load_tokenizer_and_processor,
         resolve_base,
@@ -91,7 +91,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: str | None = N
     check_safetensors(run_dir, "run weights")  # a truncated adapter or projector: one line, before a long load
     log.info("loading %s unquantized (%s) and folding in %s", base, dtype, run_dir)
     where = placement(dtype=dtype, attn="sdpa")  # on a GPU when there is one: no CPU copy of the base first
-    model = load_llava(base, bits=None, dtype=where.dtype, attn=where.attn, device_map=where.device_map)
+    model = load_vlm(base, bits=None, dtype=where.dtype, attn=where.attn, device_map=where.device_map)
     if not checked and not check_base(run_dir, info, base, trust_base):  # a hub id is in the cache now
         log.warning("%s: no safetensors weights to check against the base %s was trained on; merged unchecked",
                     base, run_dir)

@@ -268,7 +268,7 @@ def load_tokenizer_and_processor(path: str, trust_remote_code: bool = False):
     return tok, ip
 
 
-def load_llava(
+def load_vlm(
     path: str,
     *,
     bits: int | None = None,
@@ -278,8 +278,9 @@ def load_llava(
     allow_pickle: bool = False,
     device_map: dict | None = None,
 ):
-    """A Llava directory or hub id -> model (4/8-bit LLM when asked). `device_map` (device.Placement's) loads the
-    weights straight onto a GPU; None leaves them on the CPU."""
+    """A model directory or hub id of any family (a Llava, a Qwen2.5-VL, a Gemma 3: its config.json's model_type
+    picks the class) -> model (4/8-bit LLM when asked). `device_map` (device.Placement's) loads the weights straight
+    onto a GPU; None leaves them on the CPU."""
     import transformers
 
     dt = torch_dtype(dtype)
@@ -351,7 +352,7 @@ def load_run(path: str | Path, *, bits: int | None = None, dtype: str = "bfloat1
         info = RunInfo(kind="base", base=None, template=guess_template(str(path)), image_mode="pad")
     if info.kind in ("align", "lora", "qlora"):
         base = resolve_base(p, info)
-        model = load_llava(base, bits=bits, dtype=dtype, attn=attn, device_map=device_map)
+        model = load_vlm(base, bits=bits, dtype=dtype, attn=attn, device_map=device_map)
         if info.kind == "align":
             load_projector(model, p / PROJECTOR_FILE)
         else:
@@ -360,7 +361,7 @@ def load_run(path: str | Path, *, bits: int | None = None, dtype: str = "bfloat1
             check_safetensors(p, "adapter weights")
             model = PeftModel.from_pretrained(model, str(p), is_trainable=trainable)
     else:
-        model = load_llava(str(path), bits=bits, dtype=dtype, attn=attn, device_map=device_map)
+        model = load_vlm(str(path), bits=bits, dtype=dtype, attn=attn, device_map=device_map)
     tok, ip = load_tokenizer_and_processor(str(path))
     return model, tok, ip, info
 

@@ -51,7 +51,7 @@ def test_a_damaged_adapter_is_one_line_in_chat_loading_and_merge(lora_run, tmp_p
 
 
 def test_a_damaged_projector_and_base_are_one_line(align_run, tiny_base, tmp_path, monkeypatch, capsys):
-    from qilin_lite.model import load_llava, load_run
+    from qilin_lite.model import load_vlm, load_run
 
     run = _copy_run(align_run, tmp_path / "align")
     _truncate(run / "projector.safetensors")
@@ -62,7 +62,7 @@ def test_a_damaged_projector_and_base_are_one_line(align_run, tiny_base, tmp_pat
     for f in base.glob("*.safetensors"):
         _bad_header(f)
     with pytest.raises(UserError, match=r"model\.safetensors: cannot read these weights \(.*header too large\)"):
-        load_llava(str(base), dtype="float32")
+        load_vlm(str(base), dtype="float32")
     # and through a command: one line on stderr, exit 2
     capsys.readouterr()  # the loads above printed their progress
     code, out, err = run_cli_captured(monkeypatch, capsys, "merge", run, tmp_path / "merged")

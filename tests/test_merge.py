@@ -17,7 +17,7 @@ from qilin_lite.families import chat_template_jinja, get_template
 from qilin_lite.data.records import read_records
 from qilin_lite.errors import UserError
 from qilin_lite.merge import merge_run
-from qilin_lite.model import PROJECTOR_FILE, RunInfo, load_llava, load_projector, resolve_base, token_layout
+from qilin_lite.model import PROJECTOR_FILE, RunInfo, load_vlm, load_projector, resolve_base, token_layout
 from qilin_lite.encoding import encode
 from qilin_lite.images.pixel_values import ImageLoader
 from qilin_lite.train.collator import Collator
@@ -42,7 +42,7 @@ def unmerged(run: Path):
     from peft import PeftModel
 
     info = RunInfo.load(run)
-    base = load_llava(resolve_base(run, info), dtype="float32", attn="sdpa")
+    base = load_vlm(resolve_base(run, info), dtype="float32", attn="sdpa")
     if info.kind == "align":
         load_projector(base, run / PROJECTOR_FILE)
         return base
@@ -75,7 +75,7 @@ def test_merged_model_equals_the_run(which, request, tiny_data, tmp_path, monkey
                        run_info, merged.config)
     assert batch["pixel_values"].shape[0] == 2
     reference = unmerged(run).eval()
-    base = load_llava(resolve_base(run, run_info), dtype="float32", attn="sdpa").eval()
+    base = load_vlm(resolve_base(run, run_info), dtype="float32", attn="sdpa").eval()
     with torch.no_grad():
         got = merged.eval()(**batch).logits
         want = reference(**batch).logits

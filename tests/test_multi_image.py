@@ -105,12 +105,12 @@ def test_a_separate_image_run_trains(two_image_data, tiny_base, tiny_data, tmp_p
     # the first step's loss (LoRA starts as the identity) is the base model's on the 4 records, each shown 2 images
     import torch
 
-    from qilin_lite.model import load_llava, load_tokenizer_and_processor, token_layout
+    from qilin_lite.model import load_vlm, load_tokenizer_and_processor, token_layout
     from qilin_lite.images.pixel_values import ImageLoader
     from qilin_lite.train.collator import Collator
     from qilin_lite.train.dataset import VisionTextDataset
 
-    model = load_llava(str(tiny_base), dtype="float32", attn="sdpa").eval()
+    model = load_vlm(str(tiny_base), dtype="float32", attn="sdpa").eval()
     tok, ip = load_tokenizer_and_processor(str(tiny_base))
     recs = read_records(two_image_data, tiny_data["images"])
     ds = VisionTextDataset(recs, tok, ImageLoader(ip, "pad"), get_template("huatuo"),
@@ -140,7 +140,7 @@ def test_a_packed_row_carries_every_samples_images_in_order(two_image_data, tiny
     import torch
 
     from qilin_lite.train import segments
-    from qilin_lite.model import load_llava, load_tokenizer_and_processor
+    from qilin_lite.model import load_vlm, load_tokenizer_and_processor
     from qilin_lite.train.packing import PackedDataset
     from qilin_lite.images.pixel_values import ImageLoader
     from qilin_lite.train.collator import Collator
@@ -155,7 +155,7 @@ def test_a_packed_row_carries_every_samples_images_in_order(two_image_data, tiny
     row = PackedDataset(ds, max_length=int(ds.lengths.sum()))[0]
     assert row["pixel_values"].shape[0] == 8
     assert int((row["input_ids"] == layout.image_token_id).sum()) == 8 * layout.num_image_tokens
-    model = load_llava(str(tiny_base), dtype="float32", attn="sdpa").eval()
+    model = load_vlm(str(tiny_base), dtype="float32", attn="sdpa").eval()
     collate = Collator(tok.pad_token_id)
     with torch.no_grad():
         segments.use(model, segments.SEGMENTS)

@@ -41,12 +41,12 @@ def test_packed_loss_and_projector_gradient_equal_padded(tiny_base, tiny_data, a
     from qilin_lite.train import segments
     from qilin_lite.families import TEMPLATES
     from qilin_lite.data.records import read_records
-    from qilin_lite.model import load_llava, load_tokenizer_and_processor, token_layout
+    from qilin_lite.model import load_vlm, load_tokenizer_and_processor, token_layout
     from qilin_lite.train.packing import PackedDataset
     from qilin_lite.images.pixel_values import ImageLoader
     from qilin_lite.train.dataset import VisionTextDataset
 
-    model = load_llava(str(tiny_base), dtype="float32", attn="sdpa")
+    model = load_vlm(str(tiny_base), dtype="float32", attn="sdpa")
     model.config.use_cache = model.config.text_config.use_cache = False  # as train.py sets it
     tok, ip = load_tokenizer_and_processor(str(tiny_base))
     recs = read_records(tiny_data["tune"], tiny_data["images"])[:5]

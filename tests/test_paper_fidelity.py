@@ -367,7 +367,7 @@ def test_loss_average_is_the_mean_the_recipe_names(tmp_path, tiny_base, average)
     from conftest import tiny_recipe
 
     from qilin_lite.demo.data import DemoDataSpec, make_demo_data
-    from qilin_lite.model import load_llava, load_tokenizer_and_processor
+    from qilin_lite.model import load_vlm, load_tokenizer_and_processor
     from qilin_lite.train.collator import Collator
     from qilin_lite.train.stage import train_stage
     from qilin_lite.train.data import build_dataset
@@ -381,7 +381,7 @@ def test_loss_average_is_the_mean_the_recipe_names(tmp_path, tiny_base, average)
         "model.base": str(tiny_base), "train.global_batch": 2, "train.per_device_batch": 1, "train.max_steps": 1,
         "train.loss_average": average, "train.lr": 1e-9, "data.group_by_length": False})
     recipe.check()
-    model = load_llava(str(tiny_base), dtype="float32", attn="sdpa").eval()
+    model = load_vlm(str(tiny_base), dtype="float32", attn="sdpa").eval()
     tok, ip = load_tokenizer_and_processor(str(tiny_base))
     ds, _ = build_dataset(recipe, tok, ip, model.config, tmp_path / "scratch")
     means, counts = [], []

@@ -185,13 +185,19 @@ def test_inputs_follow_the_weights():
         def decode(self, ids, **kw):
             return "ok"
 
-    class Images:
-        def __call__(self, imgs):
-            return torch.zeros(1, 3, 4, 4)
+    class Images:  # images/pixel_values.ImageLoader's face to the generator
+        def open(self, ref):
+            return ref
 
-    layout = SimpleNamespace(image_token_id=5, image_tokens=1)
+        def counts(self, pil):
+            return None
+
+        def inputs(self, pil):
+            return {"pixel_values": torch.zeros(len(pil), 3, 4, 4)}
+
+    layout = SimpleNamespace(image_token_id=5, image_tokens=1, marks=None)
     gen = Generator(Model(), Tok(), Images(), get_template("vicuna_v1"), layout)
-    gen.prompt_ids = lambda messages: torch.tensor([1, 5, 7]).numpy()
+    gen.prompt_ids = lambda messages, counts=None: torch.tensor([1, 5, 7]).numpy()
     assert gen.generate([[{"role": "user", "content": "<image>\nQ"}]], [["x.png"]]) == ["ok"]
     assert seen["input_ids"][0] == seen["attention_mask"][0] == "meta"
     assert seen["pixel_values"] == ("meta", torch.bfloat16)

@@ -96,10 +96,10 @@ def test_lora_count_equals_peft(tiny_config):
 
 
 def test_nf4_bytes_match_bitsandbytes_storage(tiny_config, tmp_path):
-    from qilin_lite.model import load_llava
+    from qilin_lite.model import load_vlm
 
     _model(tiny_config).save_pretrained(tmp_path)
-    model = load_llava(str(tmp_path), bits=4, dtype="float32", attn="sdpa")
+    model = load_vlm(str(tmp_path), bits=4, dtype="float32", attn="sdpa")
     storages: dict[int, int] = {}
     numels = 0
     for mod in model.modules():

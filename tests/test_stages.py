@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qilin_lite.model import load_llava, load_run
+from qilin_lite.model import load_vlm, load_run
 
 
 def base_state(base: Path) -> dict[str, torch.Tensor]:
     """The base's weights under in-memory names (transformers writes Llava files in the hub's legacy key layout)."""
-    return {k: v.clone() for k, v in load_llava(str(base), dtype="float32", attn="sdpa").state_dict().items()}
+    return {k: v.clone() for k, v in load_vlm(str(base), dtype="float32", attn="sdpa").state_dict().items()}
 
 
 def group(name: str) -> str:
@@ -108,7 +108,7 @@ def test_qlora_keeps_frozen_weights_in_the_load_dtype_and_norms_in_fp32(tiny_bas
     from qilin_lite.train.stages import LoraSettings, configure
     from qilin_lite.train.trainer import trainable_to_fp32
 
-    model = load_llava(str(tiny_base), bits=4, dtype="bfloat16", attn="sdpa")
+    model = load_vlm(str(tiny_base), bits=4, dtype="bfloat16", attn="sdpa")
     model = configure(model, "qlora", LoraSettings(r=4, alpha=8))
     trainable_to_fp32(model)
     by_kind: dict[str, set] = {}

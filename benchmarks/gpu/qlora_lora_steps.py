@@ -8,7 +8,7 @@ ViT-L/14-336, random weights) at the paper's 2048 text tokens, per attention ker
     python benchmarks/gpu/qlora_lora_steps.py --modes qlora --attn sdpa --steps 2
 
 Each (mode, attention) runs in a fresh process: the model is written once with random weights (bf16 safetensors)
-and loaded through qilin-lite's own `load_llava` (NF4 for QLoRA), configured by `stages.configure` with the shipped
+and loaded through qilin-lite's own `load_vlm` (NF4 for QLoRA), configured by `stages.configure` with the shipped
 recipes' LoRA (r 128, alpha 256, dropout 0.05) and activation checkpointing, then trained as trl's SFTTrainer does
 (fused LM head, token-mean loss, fused AdamW, bf16 autocast): one warm-up step, then `--steps` timed steps of one
 sample: 2048 text ids + one image (576 tokens) = 2623 positions, every text token supervised.
@@ -91,14 +91,14 @@ def run_case(model_dir: Path, mode: str, attn: str, steps: int, size: str) -> di
     import torch
     from trl.trainer.utils import add_fused_lm_head
 
-    from qilin_lite.model import load_llava
+    from qilin_lite.model import load_vlm
     from qilin_lite.train.stages import LoraSettings, configure
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     toy = size.startswith("toy")
     llm, vision, text = shapes(size)
-    model = load_llava(str(model_dir), bits=4 if mode == "qlora" else None, dtype="bfloat16", attn=attn)
+    model = load_vlm(str(model_dir), bits=4 if mode == "qlora" else None, dtype="bfloat16", attn=attn)
     if not cuda:
         model.to(device)
     model.config.use_cache = False

@@ -51,6 +51,15 @@ SUPPORTED = {"trl": ">=1.16.0,<2", "transformers": ">=5.25.0,<6", "accelerate": 
 HOOKS = ("_get_train_sampler", "_save", "_save_optimizer_and_scheduler", "_load_from_checkpoint")
 
 
+# ---------------------------------------------------------------- names
+def optimizer_names() -> list[str]:
+    """The optimizer names `TrainingArguments(optim=...)` accepts: transformers lists them in
+    `training_args.OptimizerNames`, which its top level does not export."""
+    from transformers.training_args import OptimizerNames
+
+    return [o.value for o in OptimizerNames]
+
+
 # ---------------------------------------------------------------- versions
 def _installed(package: str) -> str:
     from importlib.metadata import PackageNotFoundError, version

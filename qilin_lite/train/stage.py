@@ -27,7 +27,7 @@ from ..model import (
     assemble_base,
     image_mode_for,
     token_layout,
-    load_llava,
+    load_vlm,
     load_projector,
     load_tokenizer_and_processor,
     resolve_base,
@@ -179,7 +179,7 @@ def load_model(recipe: Recipe, out: Path):
     tr, m = recipe.train, recipe.model
     base, projector = resolve_base_for(recipe, out)
     where = training_placement(dtype=m.dtype, attn=m.attn, bits=recipe.llm_bits, sharded=bool(tr.deepspeed or tr.fsdp))
-    model = load_llava(base, bits=recipe.llm_bits, dtype=where.dtype, attn=where.attn, device_map=where.device_map,
+    model = load_vlm(base, bits=recipe.llm_bits, dtype=where.dtype, attn=where.attn, device_map=where.device_map,
                        trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle)
     # No KV cache in training: it is useless there, conflicts with checkpointing, and with a cache transformers
     # skips the packed-sequence detection, so packed samples would silently attend to each other.
