@@ -57,7 +57,7 @@ def test_every_template_belongs_to_one_family_and_every_name_resolves():
         assert isinstance(t, Template) and get_template(name) is t
         assert sum(t in f.templates for f in FAMILIES) == 1
         assert family_of(t).templates
-    assert set(TEMPLATES) == {"plain", "vicuna_v1", "huatuo", "chatml", "qwen2-vl", "gemma3"}
+    assert set(TEMPLATES) == {"plain", "vicuna_v1", "huatuo", "chatml", "qwen2-vl", "qwen3-vl", "gemma3"}
 
 
 HISTORY = [{"role": "user", "content": f"{IMAGE_TOKEN}\n左肺有什么异常？"}, {"role": "assistant", "content": "可见结节。"},
@@ -131,6 +131,8 @@ def test_the_image_count_rule_is_one_rule():
     ("FreedomIntelligence/HuatuoGPT-Vision-7B", {"text_config": {"model_type": "qwen2"}}, "huatuo"),
     ("someone/llava-qwen", {"text_config": {"model_type": "qwen2"}}, "chatml"),
     ("Qwen/Qwen2.5-7B-Instruct", {"model_type": "qwen2"}, "chatml"),
+    ("lingshu-medical-mllm/Lingshu-7B", {"model_type": "qwen2_5_vl"}, "qwen2-vl"),
+    ("Qwen/Qwen3-VL-8B-Instruct", {"model_type": "qwen3_vl"}, "qwen3-vl"),
     ("williamliujl/Qilin-Med-VL-Chat", {"text_config": {"model_type": "llama"}}, "vicuna_v1"),
     ("anything", {}, "vicuna_v1"),
 ])

@@ -1,5 +1,6 @@
 """Model families, one module each (llava.py: the paper's; huatuo.py: HuatuoGPT-Vision; chatml.py: Qwen2 chat LLMs
-behind a Llava tower; qwen_vl.py: Qwen2.5-VL; gemma3.py: Gemma 3 / MedGemma), on the contract in base.py. This module lists them and finds the one a checkpoint belongs to.
+behind a Llava tower; qwen_vl.py: Qwen2.5-VL; qwen3_vl.py: Qwen3-VL; gemma3.py: Gemma 3 / MedGemma), on the contract
+in base.py. This module lists them and finds the one a checkpoint belongs to.
 
 Add a family: a module with its `Template` subclass(es) and a `Family`, listed in FAMILIES below, and its tests
 (CONTRIBUTING.md, "Add a model family").
@@ -28,11 +29,13 @@ from .huatuo import HUATUO_VISION
 from .llava import LLAVA, VICUNA_SYSTEM, VICUNA_V1  # noqa: F401
 from .gemma3 import GEMMA3
 from .qwen_vl import QWEN2_5_VL
+from .qwen3_vl import QWEN3_VL
 
 # Asked in this order which template an unknown checkpoint speaks; the paper's LLaVA, last, takes any the others
 # leave (HuatuoGPT-Vision is a Qwen2 LLM too, so it is asked before the ChatML family; the native Qwen-VL models
-# are Qwen2 LLMs inside, and HuatuoGPT-Vision-7B-Qwen2.5VL one of them, so they are asked first).
-FAMILIES: tuple[Family, ...] = (QWEN2_5_VL, GEMMA3, HUATUO_VISION, QWEN2_CHAT, LLAVA)
+# are Qwen2 LLMs inside, and HuatuoGPT-Vision-7B-Qwen2.5VL one of them, so they are asked first; Qwen2.5-VL and
+# Qwen3-VL claim only their own config model_type, so between them the order does not matter).
+FAMILIES: tuple[Family, ...] = (QWEN2_5_VL, QWEN3_VL, GEMMA3, HUATUO_VISION, QWEN2_CHAT, LLAVA)
 TEMPLATES: dict[str, Template] = {t.name: t for f in FAMILIES[::-1] for t in f.templates}
 
 

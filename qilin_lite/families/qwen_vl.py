@@ -48,7 +48,7 @@ class QwenVLTemplate(Template):
         from ..errors import UserError
 
         raise UserError(f"export gguf does not write {self.name} models yet; llama.cpp's convert_hf_to_gguf.py "
-                        "(with --mmproj for the vision half) converts a merged Qwen2.5-VL directory")
+                        "(with --mmproj for the vision half) converts a merged Qwen-VL directory")
 
     ollama = gguf_chat_template
 
@@ -118,7 +118,7 @@ QWEN2_VL = QwenVLTemplate(name="qwen2-vl", system=QWEN_VL_SYSTEM, multi_image="s
 @dataclass(frozen=True)
 class QwenVLFamily(Family):
     def template_for(self, source: str, config: dict) -> str | None:
-        return "qwen2-vl" if config.get("model_type") in self.model_types else None
+        return self.templates[0].name if config.get("model_type") in self.model_types else None
 
 
 QWEN2_5_VL = QwenVLFamily(
