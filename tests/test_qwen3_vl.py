@@ -348,3 +348,37 @@ def test_chat_answers_with_the_trained_prompt(vl_data, vl_align):
                          add_generation_prompt=True)
     assert gen.last_prompt_ids == want
     assert tok.decode(want[:2]) == "<|im_start|>user"
+
+
+def test_the_command_line_tunes_a_released_model_directory_and_merge_folds_it(tmp_path, qwen3_vl_dir, vl_data,
+                                                                              monkeypatch, capsys):
+    """`qilin-lite tune --lora --from DIR` with DIR a Qwen3-VL release (no qilin.json), as users pass
+    `--from Qwen/Qwen3-VL-8B-Instruct`: the template settles to the model's own; `merge` then writes a plain
+    Qwen3VLForConditionalGeneration directory that answers as the adapter run does."""
+    from conftest import run_cli_captured
+    from peft import PeftModel
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from qilin_lite.merge import merge_run
+    from qilin_lite.model import RunInfo
+    from qilin_lite.serve.generate import load_generator
+
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli_captured(
+        monkeypatch, capsys, "tune", "--lora", "--from", qwen3_vl_dir, "--data", vl_data / "train.json",
+        "--image-folder", vl_data / "img", "--out", out, "--set", "train.max_steps=2", "--set", "model.dtype=float32",
+        "--set", "train.bf16=false", "--set", "train.global_batch=2", "--set", "train.per_device_batch=2",
+        "--set", "data.num_workers=0", "--set", "train.lora_r=4", "--set", "train.lr=1e-2")
+    assert code == 0, stderr[-2000:]
+    info = RunInfo.load(out)
+    assert (info.kind, info.template, info.image_mode) == ("lora", "qwen3-vl", "native")
+    merged = merge_run(out, tmp_path / "merged", dtype="float32")
+    assert (RunInfo.load(merged).kind, RunInfo.load(merged).template) == ("merged", "qwen3-vl")
+    plain = Qwen3VLForConditionalGeneration.from_pretrained(str(merged), dtype=torch.float32)
+    assert not any("lora" in k or "modules_to_save" in k for k in plain.state_dict())
+    tuned, _ = load_generator(str(out), dtype="float32", max_new_tokens=6, temperature=0)
+    folded, _ = load_generator(str(merged), dtype="float32", max_new_tokens=6, temperature=0)
+    assert isinstance(tuned.model, PeftModel)
+    question, image = [[{"role": "user", "content": "<image>\n病灶位于哪里？"}]], [[vl_data / "img" / "2.png"]]
+    assert folded.generate(question, image) == tuned.generate(question, image)
+    assert folded.last_prompt_ids == tuned.last_prompt_ids
