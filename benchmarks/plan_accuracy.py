@@ -54,6 +54,7 @@ class Case:
     bf16: bool = False  # bf16 weights (fp32 where peft/train.py upcast them) and CPU autocast, as the Trainer's bf16
     vocab: int = 2000  # small, so that the LM head (whose CPU fallback differs from the GPU kernel) does not dominate
     lora_r: int = 16
+    family: str = "llava"  # or qwen2.5-vl: the model in its own class, images at native resolution (NATIVE_IMAGE)
 
     @property
     def intermediate(self) -> int:
@@ -76,8 +77,14 @@ BF16_CASES = [
     Case("h512-qlora-bf16", 512, 4, "qlora", batch=2, seq=512, bf16=True),
     Case("h768-qlora-bf16-ckpt", 768, 3, "qlora", batch=2, seq=512, checkpointing=True, bf16=True),
 ]
+NATIVE_CASES = [
+    Case("qwen-vl-h512-lora", 512, 4, "lora", batch=2, seq=512, family="qwen2.5-vl"),
+    Case("qwen-vl-h512-qlora-ckpt", 512, 4, "qlora", batch=2, seq=512, checkpointing=True, family="qwen2.5-vl"),
+    Case("qwen-vl-h512-full", 512, 4, "full", batch=2, seq=512, family="qwen2.5-vl"),
+]
 TEST_CASE = Case("test-lora-ckpt", 256, 2, "lora", batch=2, seq=512, checkpointing=True)  # tests/test_plan.py
-BY_NAME = {c.name: c for c in CASES + BF16_CASES + [TEST_CASE]}
+TEST_NATIVE = Case("test-qwen-vl-lora", 256, 2, "lora", batch=2, seq=512, family="qwen2.5-vl")  # tests/test_plan.py
+BY_NAME = {c.name: c for c in CASES + BF16_CASES + NATIVE_CASES + [TEST_CASE, TEST_NATIVE]}
 
 VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, image_size=112,
               patch_size=14, projection_dim=128, hidden_act="quick_gelu")
@@ -89,10 +96,41 @@ def llm_dict(c: Case) -> dict:
                 max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
 
 
-def predict(c: Case) -> dict:
-    from qilin_lite.plan import Settings, count_parameters, estimate, llava_config
+# a small Qwen2.5-VL (its vision blocks as Qwen's, narrower) and one 224 x 224 px image per sample: 256 patches, 64
+# image tokens in the LLM's sequence, as the processor would make of it
+NATIVE_VISION = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, patch_size=14, spatial_merge_size=2,
+                     temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1], hidden_act="silu")
+NATIVE_IMAGE = (224, 224)
 
-    shape = count_parameters(llava_config(VISION, llm_dict(c)))
+
+def native_config(c: Case):
+    from qilin_lite.plan.native import native_config as from_dict
+
+    llm = llm_dict(c)
+    head = llm["hidden_size"] // llm["num_attention_heads"] // 2
+    section = [head // 4, (head - head // 4) // 2, head - head // 4 - (head - head // 4) // 2]
+    llm["rope_parameters"] = {"rope_type": "default", "mrope_section": section, "rope_theta": 1000000.0}
+    return from_dict(dict(model_type="qwen2_5_vl", text_config=llm,
+                          vision_config={**NATIVE_VISION, "out_hidden_size": c.hidden}, image_token_id=c.vocab - 1,
+                          video_token_id=c.vocab - 2, vision_start_token_id=c.vocab - 3, vision_end_token_id=c.vocab - 4,
+                          tie_word_embeddings=False))
+
+
+def shape_of(c: Case):
+    from qilin_lite.families import family_of_config
+    from qilin_lite.plan import count_parameters, llava_config
+    from qilin_lite.plan.native import native_shape
+
+    if c.family == "llava":
+        return count_parameters(llava_config(VISION, llm_dict(c)))
+    config = native_config(c)
+    return native_shape(config, family_of_config(config), NATIVE_IMAGE)[0]
+
+
+def predict(c: Case) -> dict:
+    from qilin_lite.plan import Settings, estimate
+
+    shape = shape_of(c)
     s = Settings(mode=c.mode, per_device_batch=c.batch, global_batch=c.batch * c.accumulation, max_length=c.seq,
                  gradient_checkpointing=c.checkpointing, dtype="bfloat16" if c.bf16 else "float32",
                  mixed_precision=c.bf16, lora_r=c.lora_r,
@@ -149,6 +187,7 @@ def measure(c: Case) -> dict:
     from transformers import LlavaForConditionalGeneration
     from trl.trainer.utils import add_fused_lm_head
 
+    from qilin_lite.families import family_of_config
     from qilin_lite.model import load_vlm
     from qilin_lite.plan import llava_config
     from qilin_lite.train.stages import LoraSettings, configure
@@ -156,9 +195,15 @@ def measure(c: Case) -> dict:
     t0 = time.time()
     torch.manual_seed(0)
     torch.set_num_threads(int(os.environ.get("PLAN_THREADS", "2")))
-    config = llava_config(VISION, llm_dict(c))
+    native = c.family != "llava"
+    config = native_config(c) if native else llava_config(VISION, llm_dict(c))
     with tempfile.TemporaryDirectory() as tmp:
-        LlavaForConditionalGeneration(config).save_pretrained(tmp)
+        if native:
+            from transformers import Qwen2_5_VLForConditionalGeneration
+
+            Qwen2_5_VLForConditionalGeneration(config).save_pretrained(tmp)
+        else:
+            LlavaForConditionalGeneration(config).save_pretrained(tmp)
         model = load_vlm(tmp, bits=4 if c.mode == "qlora" else None, dtype="bfloat16" if c.bf16 else "float32",
                            attn="sdpa")
         # the loaded weights may be views of the memory-mapped file; give them their own memory, as on a GPU
@@ -167,6 +212,7 @@ def measure(c: Case) -> dict:
                 p.data = p.data.clone()
     model.config.use_cache = False
     model.config.text_config.use_cache = False
+    family = family_of_config(config)
     model = configure(model, c.mode, LoraSettings(c.lora_r, 2 * c.lora_r, 0.05), gradient_checkpointing=c.checkpointing)
     for p in model.parameters():  # train.py: trained parameters of a quantized model stay fp32
         if p.requires_grad and p.dtype != torch.float32:
@@ -179,8 +225,12 @@ def measure(c: Case) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
 
-    n_img = (VISION["image_size"] // VISION["patch_size"]) ** 2
-    ids = torch.randint(3, c.vocab, (c.batch, c.seq))
+    if native:
+        grid = [1, NATIVE_IMAGE[0] // 14, NATIVE_IMAGE[1] // 14]
+        n_img = grid[1] * grid[2] // 4
+    else:
+        n_img = (VISION["image_size"] // VISION["patch_size"]) ** 2
+    ids = torch.randint(3, c.vocab - 4, (c.batch, c.seq))
     ids[:, 0] = 1
     ids[:, 1 : 1 + n_img] = config.image_token_id
     labels = ids.clone()
@@ -190,14 +240,18 @@ def measure(c: Case) -> dict:
         cut = c.seq - c.seq // 8
         mask[0, cut:] = 0
         labels[0, cut:] = -100
-    pixels = torch.randn(c.batch, 3, VISION["image_size"], VISION["image_size"])
+    if native:  # the processor's flattened patches (3 x 2 x 14 x 14 values each), the grid, the image marks
+        extra = {"pixel_values": torch.randn(c.batch * grid[1] * grid[2], 3 * 2 * 14 * 14),
+                 "image_grid_thw": torch.tensor([grid] * c.batch),
+                 family.image_marks: (ids == config.image_token_id).long()}
+    else:
+        extra = {"pixel_values": torch.randn(c.batch, 3, VISION["image_size"], VISION["image_size"])}
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=c.bf16)
     num_items = (labels[:, 1:] != -100).sum() * c.accumulation
 
     def step():
         for _ in range(c.accumulation):
-            inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "labels": labels,
-                      "use_cache": False}
+            inputs = {"input_ids": ids, "attention_mask": mask, **extra, "labels": labels, "use_cache": False}
             with autocast:  # the Trainer's bf16 (accelerate's autocast)
                 out = model(**inputs, fused_lm_head=True)  # trl's SFTTrainer.compute_loss
             loss = -out.log_probs.sum() / num_items
@@ -328,7 +382,7 @@ def main() -> None:
         r = one(args.case)
         print(json.dumps(r) if args.json else json.dumps(r, indent=1))
     else:
-        table([c.name for c in CASES + BF16_CASES])
+        table([c.name for c in CASES + BF16_CASES + NATIVE_CASES])
 
 
 if __name__ == "__main__":

@@ -250,13 +250,25 @@ def test_tune_trains_what_the_mode_says_and_chat_answers(tmp_path, g_data, g_ali
         assert folded.last_prompt_ids == gen.last_prompt_ids
 
 
-def test_plan_says_it_does_not_size_this_family_yet():
+def test_plan_sizes_this_family_from_its_directory(gemma_dir):
+    """`plan --from DIR` counts the model in its own class and each image as its soft tokens; without a model it
+    says to name one; an image size is refused (every image is resized to the tower's)."""
+    from transformers import Gemma3ForConditionalGeneration
+
     from qilin_lite.config import REPO_RECIPES
     from qilin_lite.errors import UserError
     from qilin_lite.plan.cli import plan_recipe
 
-    with pytest.raises(UserError, match="gemma3 family .* not sized yet"):
-        plan_recipe(REPO_RECIPES / "medgemma-4b" / "tune-qlora.yaml")
+    recipe = REPO_RECIPES / "medgemma-4b" / "tune-qlora.yaml"
+    with pytest.raises(UserError, match="say which with --from"):
+        plan_recipe(recipe)
+    model = Gemma3ForConditionalGeneration.from_pretrained(gemma_dir)
+    plan = plan_recipe(recipe, source=str(gemma_dir), device="cpu")
+    assert plan.shape.total == sum(p.numel() for p in model.parameters())
+    assert plan.shape.image_tokens == model.config.mm_tokens_per_image
+    assert plan.shape.lm_head == 0  # tied to the embeddings, counted once
+    with pytest.raises(UserError, match="--image-size: every image"):
+        plan_recipe(recipe, source=str(gemma_dir), image_size="1024")
 
 
 def test_packing_is_refused_in_one_line(tmp_path, gemma_dir, g_data):

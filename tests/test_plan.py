@@ -304,3 +304,64 @@ def test_predicted_peak_matches_a_measured_training_step():
     bench = _benchmark()
     r = bench.one("test-lora-ckpt")
     assert 0.85 < r["ratio"] < 1.15, r
+
+
+@pytest.mark.parametrize("model, total", [
+    ("Qwen/Qwen2.5-VL-7B-Instruct", 8_292_166_656),  # the hub's safetensors parameter counts
+    ("google/medgemma-4b-it", 4_300_079_472),
+    ("google/medgemma-27b-it", 27_432_406_640),
+])
+def test_native_models_count_their_released_figures(model, total):
+    """Models in their own class are counted in that class, grouped by the family's module paths."""
+    from qilin_lite.families import family_of_config
+    from qilin_lite.plan.native import KNOWN_NATIVE, native_config, native_shape
+
+    config = native_config(KNOWN_NATIVE[model])
+    shape, _ = native_shape(config, family_of_config(config), (1024, 1024))
+    assert shape.total == total
+    assert shape.projector and shape.vision and shape.embeddings
+    if "Qwen" in model:  # the merger is inside `model.visual`: counted once, as the projector
+        assert shape.projector == 44_574_464 and shape.image_tokens == 37 * 37  # 1036 x 1036 px / 28 x 28
+
+
+def test_native_qlora_counts_every_decoder_linear_as_4bit():
+    """LoRA targets only q/k/v/o in Qwen-VL, but bitsandbytes quantizes every decoder linear layer (the MLP too)."""
+    from qilin_lite.plan.native import KNOWN_NATIVE, native_config, native_shape
+    from qilin_lite.families import family_of_config
+
+    config = native_config(KNOWN_NATIVE["Qwen/Qwen2.5-VL-7B-Instruct"])
+    shape, _ = native_shape(config, family_of_config(config), (512, 512))
+    assert len(shape.linears) == 4 * 28 and len(shape.quantized) == 7 * 28
+    est = estimate(shape, Settings(mode="qlora", max_length=2048))
+    assert est.components["weights: LLM decoder linear"] == sum(nf4_bytes(i * o) + (2 * o if b else 0)
+                                                                 for _, i, o, b in shape.quantized)
+
+
+def test_native_plan_cli(monkeypatch, capsys):
+    recipe = REPO_RECIPES / "lingshu-7b/tune-qlora.yaml"
+    code, out = _cli(monkeypatch, capsys, recipe, "--from", "lingshu-medical-mllm/Lingshu-7B", "--image-size", "1024",
+                     "--max-length", "2048", "--gpu-memory", "24GiB")
+    assert code == 0 and "verdict: fits" in out
+    assert "576 image tokens: a 1024 x 1024 px image, resized to 672 x 672 px" in out  # the recipe's max_pixels
+    code, out = _cli(monkeypatch, capsys, recipe, "--from", "lingshu-medical-mllm/Lingshu-7B", "--image-size", "64x40",
+                     "--max-length", "2048", "--json")
+    assert code == 0 and json.loads(out)["parameters"]["total"] == 8_292_166_656
+    for args, says in (
+        ((), "say which with --from"),
+        (("--from", "google/medgemma-4b-it"), "a gemma3 model, which this recipe's qwen2-vl template does not train"),
+        (("--from", "Qwen/Qwen2.5-VL-7B-Instruct", "--image-size", "big"), "--image-size 'big': write"),
+        (("--from", "no/such-model"), "no/such-model: no config for the model here and nothing is downloaded"),
+    ):
+        code, out = _cli(monkeypatch, capsys, recipe, *args)
+        assert code == 2 and says in out and "Traceback" not in out and len(out.strip().splitlines()) == 1, out
+    code, out = _cli(monkeypatch, capsys, REPO_RECIPES / "qilin-med-vl/tune-lora.yaml", "--image-size", "512")
+    assert code == 2 and "resized to the tower's 336 px" in out
+
+
+def test_native_predicted_peak_matches_a_measured_training_step():
+    """A small Qwen2.5-VL in its own class, LoRA, 224 px images at native resolution (benchmarks/plan_accuracy.py)."""
+    bench = _benchmark()
+    r = bench.one("test-qwen-vl-lora")
+    assert 0.85 < r["ratio"] < 1.15, r
+    rest = r["predicted"]["phases"]["rest of backward"] / r["measured"]["phases"]["rest of backward"]
+    assert 0.85 < rest < 1.15, r  # past the LM head's buffers: where the layers' and the image path's terms decide

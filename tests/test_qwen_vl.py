@@ -504,8 +504,8 @@ def test_pixel_bounds_of_the_recipe_train_and_are_saved_with_the_run(tmp_path, q
 
 def test_the_command_line_tunes_a_released_model_directory(tmp_path, qwen_vl_dir, vl_data, monkeypatch, capsys):
     """`qilin-lite tune --lora --from DIR` with DIR a Qwen2.5-VL release (no qilin.json), as users pass
-    `--from lingshu-medical-mllm/Lingshu-7B`; its template settles to the model's own. `plan` says in one line that
-    it does not size this family yet, rather than sizing a LLaVA."""
+    `--from lingshu-medical-mllm/Lingshu-7B`; its template settles to the model's own, and `plan --from DIR` sizes
+    the model in its own class (every parameter counted), an image's tokens as its processor counts them."""
     from conftest import run_cli_captured
 
     from qilin_lite.config import REPO_RECIPES
@@ -523,8 +523,21 @@ def test_the_command_line_tunes_a_released_model_directory(tmp_path, qwen_vl_dir
     assert "tune done" in stdout
     info = RunInfo.load(out)
     assert (info.kind, info.template, info.image_mode) == ("lora", "qwen2-vl", "native")
-    with pytest.raises(UserError, match="not sized yet"):
+    with pytest.raises(UserError, match="say which with --from"):
         plan_recipe(REPO_RECIPES / "lingshu-7b" / "tune-qlora.yaml")
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from qilin_lite.model import load_tokenizer_and_processor
+    from qilin_lite.images.pixel_values import NativeImageLoader
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen_vl_dir)
+    _, processor = load_tokenizer_and_processor(str(qwen_vl_dir))
+    loader = NativeImageLoader(processor)  # the directory's own bounds: the recipe's would be Lingshu's
+    for w, h in ((40, 40), (230, 97), (1024, 1024)):
+        plan = plan_recipe(REPO_RECIPES / "lingshu-7b" / "tune-qlora.yaml", ["data.min_pixels=null", "data.max_pixels=null"],
+                           source=str(qwen_vl_dir), image_size=f"{w}x{h}", device="cpu")
+        assert plan.shape.total == sum(p.numel() for p in model.parameters())
+        assert plan.shape.image_tokens == loader.tokens(w, h), (w, h)
 
 
 def test_the_web_page_sends_chats_prompt_with_each_image_at_its_own_size(tmp_path, vl_data, vl_lora):

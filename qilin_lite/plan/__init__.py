@@ -1,6 +1,8 @@
 """Memory planner: a recipe -> per-GPU memory estimate, whether it fits, and the smallest change that makes it fit.
 
-One step a module: shapes.py (parameter counts and shapes from configs, on the meta device), settings.py (what the
+One step a module: shapes.py (parameter counts and shapes from configs, on the meta device), native.py (the same
+for models in their own class, Qwen2.5-VL and Gemma 3, and the image tokens an image's size becomes), source.py (the
+model a recipe trains, as a config, nothing downloaded), settings.py (what the
 estimate depends on besides the shape; bytes per stored parameter), estimate.py (bytes per component at the step's
 peak, and what is modelled), verdict.py (fits? the smallest change that fits), cli.py (`qilin-lite plan`: from a
 recipe, out as a table or JSON).

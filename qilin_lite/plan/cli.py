@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,7 +14,8 @@ import typer
 from ..errors import UserError
 from ..train.stages import MODES
 from .settings import Settings, settings_from_recipe
-from .shapes import GiB, Shape, count_parameters, recipe_config
+from .shapes import GiB, Shape, count_parameters
+from .source import base_of, recipe_config
 from .verdict import Plan, make_plan
 
 
@@ -39,6 +40,8 @@ def plan_recipe(
     dtype: str | None = None,
     device: str = "cuda",
     images: int = 1,
+    source: str | None = None,
+    image_size: str | None = None,
 ) -> Plan:
     """A recipe file (+ `section.key=value` overrides) and the run's shape -> `Plan`."""
     from ..config import load_recipe
@@ -46,7 +49,7 @@ def plan_recipe(
 
     if mode is not None and mode not in MODES:
         raise UserError(f"--mode must be one of {', '.join(MODES)}, not '{mode}'")
-    fields_ = {"data.max_length": max_length, "train.mode": mode, "model.dtype": dtype}
+    fields_ = {"data.max_length": max_length, "train.mode": mode, "model.dtype": dtype, "model.from_run": source}
     if mode is not None:
         fields_["stage"] = "align" if mode == "align" else "tune"
     r = load_recipe(recipe, overrides, **{k: v for k, v in fields_.items() if v is not None})
@@ -60,11 +63,32 @@ def plan_recipe(
     s = settings_from_recipe(r, gpus=gpus, gpu_memory_gib=memory, per_device_batch=batch, device=device,
                              images=images)
     _ = s.accumulation  # a batch that does not divide the global batch is the user's to fix, before anything else
-    return make_plan(count_parameters(recipe_config(r)), s, str(recipe))
+    return make_plan(recipe_shape(r, image_size), s, str(recipe))
+
+
+def recipe_shape(r, image_size: str | None = None) -> Shape:
+    """The recipe's model as the planner's `Shape`; a model in its own class (Qwen2.5-VL, Gemma 3) with the image
+    tokens `image_size` becomes by its resize rule (its recipe's pixel bounds)."""
+    from ..families import family_of_config
+    from .native import image_hw, native_shape, release_pixels
+
+    config = recipe_config(r)
+    hw = image_hw(image_size)
+    family = family_of_config(config)
+    if hw is not None and family.image_mode != "native":
+        raise UserError(f"--image-size: every image of the {r.template} template is resized to the tower's "
+                        f"{config.vision_config.image_size} px; the flag sizes native-resolution models (Qwen2.5-VL)")
+    if config.model_type == "llava":
+        return count_parameters(config)
+    lo, hi = release_pixels(base_of(r))  # the recipe's bounds where it sets them, else the model's own
+    pixels = (r.data.min_pixels or lo, r.data.max_pixels or hi)
+    shape, how = native_shape(config, family, hw, pixels)
+    return replace(shape, image_note=how)
 
 
 def _images(s: Settings, shape: Shape) -> str:
-    return f"{shape.image_tokens} image" if s.images == 1 else f"{s.images} images x {shape.image_tokens}"
+    n = f"{shape.image_tokens} image" if s.images == 1 else f"{s.images} images x {shape.image_tokens}"
+    return n + (f" tokens: {shape.image_note}" if shape.image_note else "")
 
 
 def _gib(n: int) -> float:
@@ -182,6 +206,8 @@ def register(app: typer.Typer) -> None:
         mode: Annotated[Optional[str], typer.Option("--mode", help="align | lora | qlora | full (default: the recipe's)")] = None,
         dtype: Annotated[Optional[str], typer.Option("--dtype", help="weights' dtype: bfloat16 | float16 | float32")] = None,
         images: Annotated[int, typer.Option("--images", help="images per sample to plan for (templates that keep images separate: huatuo, chatml)")] = 1,
+        source: Annotated[Optional[str], typer.Option("--from", help="the model the run starts from, as tune takes it: an align run, a model directory or a hub id (google/medgemma-4b-it; the planner knows the common ones without a download)")] = None,
+        image_size: Annotated[Optional[str], typer.Option("--image-size", help="native-resolution models: the image to plan for, 1024 or WIDTHxHEIGHT (default: the largest data.max_pixels lets through)")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
         set_: Annotated[Optional[list[str]], typer.Option("--set", help="override any recipe field: section.key=value")] = None,
     ):
@@ -190,6 +216,6 @@ def register(app: typer.Typer) -> None:
         Exit status: 0 fits, 1 does not fit, 2 a bad recipe or flag.
         """
         p = plan_recipe(recipe, set_, gpus=gpus, gpu_memory=gpu_memory, batch=batch, max_length=max_length, mode=mode,
-                        dtype=dtype, images=images)
+                        dtype=dtype, images=images, source=source, image_size=image_size)
         typer.echo(json.dumps(plan_to_dict(p), indent=2, ensure_ascii=False) if as_json else format_plan(p))
         raise typer.Exit(0 if p.fits else 1)

@@ -101,7 +101,7 @@ def layer_activation_bytes(shape: Shape, s: Settings, tokens: int) -> dict[str, 
     T, h, i = tokens, shape.hidden, shape.intermediate
     rows = {
         "norm inputs (fp32)": 2 * 4 * T * h,
-        "attention q, k, v, out": z.attn * T * (2 * h + 2 * shape.kv_dim),
+        "attention q, k, v, out": z.attn * T * (2 * shape.query_dim + 2 * shape.kv_dim),
         "SwiGLU gate, act, up": 3 * z.mlp * T * i,
         "small (rsqrt, log-sum-exp)": 2 * 4 * T + 4 * T * shape.heads,
     }
@@ -140,12 +140,12 @@ def estimate(shape: Shape, s: Settings) -> Estimate:
     other_w = z.w  # unquantized frozen weights keep the load dtype, in QLoRA too ...
     norm_w = 4 if (s.mode == "qlora" and not ds) else other_w  # ... but its norms are fp32 (stages.norms_to_fp32)
     if s.bits == 4:
-        lin = sum(nf4_bytes(i * o) + (o * other_w if bias else 0) for _, i, o, bias in shape.linears)
-        lin += (shape.decoder_linear - sum(i * o + (o if bias else 0) for _, i, o, bias in shape.linears)) * other_w
+        lin = sum(nf4_bytes(i * o) + (o * other_w if bias else 0) for _, i, o, bias in shape.quantized)
+        lin += (shape.decoder_linear - sum(i * o + (o if bias else 0) for _, i, o, bias in shape.quantized)) * other_w
         lin_fmt = "NF4 + double quant"
     elif s.bits == 8:
-        lin = sum(int8_bytes(i, o) + (o * other_w if bias else 0) for _, i, o, bias in shape.linears)
-        lin += (shape.decoder_linear - sum(i * o + (o if bias else 0) for _, i, o, bias in shape.linears)) * other_w
+        lin = sum(int8_bytes(i, o) + (o * other_w if bias else 0) for _, i, o, bias in shape.quantized)
+        lin += (shape.decoder_linear - sum(i * o + (o if bias else 0) for _, i, o, bias in shape.quantized)) * other_w
         lin_fmt = "int8"
     else:
         lin, lin_fmt = shape.decoder_linear * z.w, _name(z.w, s)
@@ -312,7 +312,7 @@ def _activations(shape: Shape, s: Settings, z: _Sizes, T: int):
     # input-gradient chain (down input, act and up gradients) while the layer's saved tensors are still alive
     layer_peak = T * (2 * h * z.stream + 3 * shape.intermediate * z.mlp)
     if s.bits:
-        _, i_, o_, _ = max(shape.linears, key=lambda t: t[1] * t[2])
+        _, i_, o_, _ = max(shape.quantized, key=lambda t: t[1] * t[2])
         layer_peak += i_ * o_ * (z.e if z.autocast else z.stream)  # the dequantized weight of one linear layer
     other = image + inputs
     return act_full, act_ckpt, recompute, layer_peak, head_bwd, head_saved, other

@@ -4,12 +4,9 @@ downloaded) and the shapes the activations need. The paper's models are written 
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
-from ..errors import UserError
 
 GiB = 1024**3
 
@@ -62,6 +59,14 @@ class Shape:
     image_tokens: int  # what one image becomes in the LLM's sequence
     image_size: int
     linear_projector: bool
+    q_dim: int = 0  # query heads x head dim where it is not the hidden size (Gemma 3: 8 x 256 in a 2560 model)
+    image_note: str = ""  # how the image tokens were decided, where they follow the image's size
+    # every decoder linear layer, as `linears`, where LoRA targets only some (Qwen-VL: q/k/v/o) but 4-bit quantizes all
+    decoder_linears: tuple = ()
+
+    @property
+    def quantized(self) -> tuple:
+        return self.decoder_linears or self.linears
 
     @property
     def total(self) -> int:
@@ -75,6 +80,10 @@ class Shape:
     @property
     def layer_params(self) -> int:
         return (self.decoder_linear + self.decoder_other) // self.layers
+
+    @property
+    def query_dim(self) -> int:
+        return self.q_dim or self.hidden
 
     def lora_params(self, r: int) -> int:
         """A (r x in) + B (out x r) on every targeted linear: exactly what peft adds."""
@@ -141,55 +150,3 @@ def llava_config(vision: dict, llm: dict, projector: str = "mlp2x_gelu", vision_
         vision_feature_layer=vision_feature_layer, vision_feature_select_strategy="default",
         image_seq_length=(vc.image_size // vc.patch_size) ** 2, tie_word_embeddings=llm.get("tie_word_embeddings", False),
     )
-
-
-def _local_config(source: str, what: str) -> dict:
-    p = Path(source)
-    if (p / "config.json").is_file():
-        return json.loads((p / "config.json").read_text(encoding="utf-8"))
-    try:  # a hub id already in the local cache
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(source, local_files_only=True).to_dict()
-    except (OSError, ValueError):
-        raise UserError(
-            f"{source}: no config for the {what} here and nothing is downloaded; give a local directory "
-            f"(the planner knows {', '.join(sorted(KNOWN_VISION if what == 'vision encoder' else KNOWN_LLM))} by heart)"
-        ) from None
-
-
-def recipe_config(recipe):
-    """The LlavaConfig a recipe trains: its base / align run's base, or vision + LLM joined as `assemble_base` does."""
-    from transformers import LlavaConfig
-
-    from ..model import RunInfo, resolve_base
-
-    from ..families import family_of, get_template
-
-    m = recipe.model
-    family = family_of(get_template(recipe.template))
-    if family.model_class != "LlavaForConditionalGeneration":  # its own class: the planner's shapes are LLaVA's
-        raise UserError(f"plan sizes LLaVA-built models only so far; the {family.name} family "
-                        f"({recipe.template} template) is not sized yet")
-    base = m.base
-    if m.from_run:
-        info = RunInfo.load(Path(m.from_run))
-        if info is None:
-            raise UserError(
-                f"{m.from_run}: not a qilin-lite run directory (no qilin.json); pass --set model.from_run=ALIGN_DIR")
-        base = resolve_base(Path(m.from_run), info)
-    if base:
-        cfg = _local_config(base, "Llava base")
-        if cfg.get("model_type") != "llava":
-            raise UserError(f"{base}: not a Llava model (model_type {cfg.get('model_type')!r})")
-        return LlavaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version")})
-    vision = KNOWN_VISION.get(m.vision) or _vision_dict(_local_config(m.vision, "vision encoder"))
-    llm = KNOWN_LLM.get(m.llm) or _local_config(m.llm, "LLM")
-    return llava_config(vision, llm, m.projector, m.vision_feature_layer)
-
-
-def _vision_dict(cfg: dict) -> dict:
-    cfg = cfg.get("vision_config", cfg)  # a full CLIP directory holds the tower's config inside
-    keep = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size",
-            "projection_dim", "hidden_act", "layer_norm_eps", "num_channels")
-    return {k: cfg[k] for k in keep if k in cfg}
