@@ -382,3 +382,23 @@ def test_the_command_line_tunes_a_released_model_directory_and_merge_folds_it(tm
     question, image = [[{"role": "user", "content": "<image>\n病灶位于哪里？"}]], [[vl_data / "img" / "2.png"]]
     assert folded.generate(question, image) == tuned.generate(question, image)
     assert folded.last_prompt_ids == tuned.last_prompt_ids
+
+
+def test_plan_sizes_qwen3_vl_with_its_32_px_tokens(qwen3_vl_dir):
+    """`plan --from DIR` counts the Qwen3-VL class (DeepStack mergers with the tower) and an image as its processor
+    does: one token per 32 x 32 px (16 px patches, 2 x 2 merged), within the directory's own pixel bounds."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from qilin_lite.config import REPO_RECIPES
+    from qilin_lite.images.pixel_values import NativeImageLoader
+    from qilin_lite.model import load_tokenizer_and_processor
+    from qilin_lite.plan.cli import plan_recipe
+
+    model = Qwen3VLForConditionalGeneration.from_pretrained(qwen3_vl_dir)
+    _, processor = load_tokenizer_and_processor(str(qwen3_vl_dir))
+    loader = NativeImageLoader(processor)
+    for w, h in ((40, 40), (230, 97), (1024, 1024)):
+        plan = plan_recipe(REPO_RECIPES / "qwen3-vl-8b" / "tune-qlora.yaml", ["data.min_pixels=null", "data.max_pixels=null"],
+                           source=str(qwen3_vl_dir), image_size=f"{w}x{h}", device="cpu")
+        assert plan.shape.total == sum(p.numel() for p in model.parameters())
+        assert plan.shape.image_tokens == loader.tokens(w, h), (w, h)
