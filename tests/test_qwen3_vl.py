@@ -402,3 +402,26 @@ def test_plan_sizes_qwen3_vl_with_its_32_px_tokens(qwen3_vl_dir):
                            source=str(qwen3_vl_dir), image_size=f"{w}x{h}", device="cpu")
         assert plan.shape.total == sum(p.numel() for p in model.parameters())
         assert plan.shape.image_tokens == loader.tokens(w, h), (w, h)
+
+
+def test_a_thinking_release_is_refused_in_one_line(tmp_path, qwen3_vl_dir, monkeypatch, capsys):
+    """Qwen3-VL-*-Thinking shares the Instruct model_type but not its template (each answer opens with <think>):
+    refused by its chat template or its name, before any work, rather than trained in the Instruct format."""
+    import shutil
+
+    from conftest import run_cli_captured
+
+    from qilin_lite.families import guess_template
+
+    assert guess_template(str(qwen3_vl_dir)) == "qwen3-vl"
+    thinking = tmp_path / "local-copy"
+    shutil.copytree(qwen3_vl_dir, thinking)
+    (thinking / "chat_template.jinja").write_text((DATA / "qwen3_vl" / "chat_template_thinking.jinja").read_text(encoding="utf-8"),
+                                                  encoding="utf-8")
+    named = tmp_path / "Qwen3-VL-8B-Thinking"
+    shutil.copytree(qwen3_vl_dir, named)
+    for d in (thinking, named):
+        code, stdout, stderr = run_cli_captured(monkeypatch, capsys, "tune", "--lora", "--from", d, "--data",
+                                                tmp_path / "none.json", "--out", tmp_path / f"run-{d.name}")
+        assert code == 2 and "Thinking release" in stderr and "Traceback" not in stderr, stderr
+        assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / f"run-{d.name}").exists()

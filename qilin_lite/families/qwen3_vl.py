@@ -18,17 +18,54 @@ with the frozen tower), its LoRA the LLM's q/k/v/o projections.
 
 Not here: the Thinking releases (Qwen3-VL-*-Thinking, the same model_type). Their template opens every generation
 with `<think>\\n` and wraps the last reply in `<think>...</think>`; this template would train and prompt them as
-Instruct models. A `qwen3-vl-thinking` template is the missing piece.
+Instruct models, so they are refused in one line (by the name, or a chat template that speaks `<think>`) until a
+`qwen3-vl-thinking` template is written.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
 from .qwen_vl import QwenVLFamily, QwenVLTemplate
+
+
+def _thinks(source: str) -> bool:
+    """A Thinking release: by its name, or (a local directory) a chat template that writes `<think>`."""
+    if "thinking" in Path(str(source)).name.lower():
+        return True
+    d = Path(str(source))
+    for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+        f = d / name
+        if f.is_file():
+            try:
+                text = f.read_text(encoding="utf-8")
+                if name.endswith(".json"):
+                    text = str(json.loads(text).get("chat_template") or "")
+            except (OSError, ValueError):
+                continue
+            if "<think>" in text:
+                return True
+    return False
+
+
+@dataclass(frozen=True)
+class Qwen3VLFamily(QwenVLFamily):
+    def template_for(self, source: str, config: dict) -> str | None:
+        found = super().template_for(source, config)
+        if found and _thinks(source):
+            from ..errors import UserError
+
+            raise UserError(f"{source}: a Qwen3-VL Thinking release; qilin-lite speaks the Instruct releases' template "
+                            "only (the Thinking one opens every answer with <think>), so it would train and prompt "
+                            "this model wrongly: use a Qwen3-VL-*-Instruct model")
+        return found
 
 QWEN3_VL_TEMPLATE = QwenVLTemplate(name="qwen3-vl", system="", multi_image="separate", max_images=16,
                                    stop=("<|im_end|>",))
 
-QWEN3_VL = QwenVLFamily(
+QWEN3_VL = Qwen3VLFamily(
     name="qwen3-vl",
     templates=(QWEN3_VL_TEMPLATE,),
     model_class="Qwen3VLForConditionalGeneration",
