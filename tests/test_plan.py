@@ -342,7 +342,7 @@ def test_native_plan_cli(monkeypatch, capsys):
     code, out = _cli(monkeypatch, capsys, recipe, "--from", "lingshu-medical-mllm/Lingshu-7B", "--image-size", "1024",
                      "--max-length", "2048", "--gpu-memory", "24GiB")
     assert code == 0 and "verdict: fits" in out
-    assert "576 image tokens: a 1024 x 1024 px image, resized to 672 x 672 px" in out  # the recipe's max_pixels
+    assert "576 image tokens: a 1024 x 1024 px image, resized by its processor to 2304 patches" in out  # the recipe's max_pixels
     code, out = _cli(monkeypatch, capsys, recipe, "--from", "lingshu-medical-mllm/Lingshu-7B", "--image-size", "64x40",
                      "--max-length", "2048", "--json")
     assert code == 0 and json.loads(out)["parameters"]["total"] == 8_292_166_656

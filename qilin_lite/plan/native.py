@@ -117,17 +117,21 @@ def image_tokens(config, family, hw: tuple[int, int] | None, pixels: tuple[int |
         n = family.tokens_per_image(config)
         side = vc.image_size // vc.patch_size
         return n, side * side, f"{vc.image_size} px, as every image is resized"
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
     merge, patch = vc.spatial_merge_size, vc.patch_size
     lo, hi = pixels
     if hw is None:  # the largest image the bound lets through: what a long-edged X-ray comes to
         h = w = int((hi ** 0.5) // (patch * merge)) * patch * merge
+        patches = (h // patch) * (w // patch)
         how = f"the largest image data.max_pixels {hi} lets through ({w} x {h} px)"
     else:
-        h, w = smart_resize(hw[0], hw[1], factor=patch * merge, min_pixels=lo, max_pixels=hi)
-        how = f"a {hw[1]} x {hw[0]} px image, resized to {w} x {h} px within pixels {lo}-{hi}"
-    patches = (h // patch) * (w // patch)
+        # the processor's own count (its resize rule within the bounds), through its public method
+        from transformers import Qwen2VLImageProcessorPil
+
+        counter = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=merge,
+                                           size={"shortest_edge": lo, "longest_edge": hi})
+        patches = counter.get_number_of_image_patches(hw[0], hw[1], {})
+        how = (f"a {hw[1]} x {hw[0]} px image, resized by its processor to {patches} patches of {patch} px "
+               f"within pixels {lo}-{hi}")
     return patches // merge**2, patches, how
 
 
