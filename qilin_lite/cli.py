@@ -161,12 +161,13 @@ def base(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="new directory for the demo's data, models and metrics")] = Path("demo-out"),
+    family: Annotated[str, typer.Option("--family", help="llava (the paper's CLIP + LLaMA) | qwen2.5-vl (a tiny Qwen2.5-VL in its own class, native resolution)")] = "llava",
     set_: Sets = None,
 ):
     """End-to-end demo on synthetic data and a tiny model: align -> tune --qlora -> held-out accuracy."""
     from .demo.run import run_demo
 
-    m = run_demo(out, overrides=set_)
+    m = run_demo(out, overrides=set_, family=family)
     typer.echo(f"metrics: {out / 'metrics.json'}")
     if m["accuracy_after"] < 0.9:
         typer.echo("note: accuracy after tuning is below 0.9; the demo expects >= 0.9", err=True)

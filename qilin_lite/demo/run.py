@@ -19,9 +19,14 @@ from .data import CHOICES, QUESTIONS, DemoDataSpec, chance_level, demo_texts, ma
 
 
 def run_demo(out: Path, *, data_spec: DemoDataSpec | None = None, tiny: TinySpec | None = None,
-             overrides: list[str] | None = None, echo=print) -> dict:
+             overrides: list[str] | None = None, echo=print, family: str = "llava") -> dict:
+    """`family`: llava (the paper's CLIP + LLaMA, joined by align) or a family in its own class (demo/native.py:
+    qwen2.5-vl), whose tiny release stand-in align takes as `--model`."""
     from ..train.stage import run_stage
+    from .native import DEMO_FAMILIES, NATIVE_DEMOS
 
+    if family not in DEMO_FAMILIES:
+        raise UserError(f"demo --family {family}: choose one of {', '.join(DEMO_FAMILIES)}")
     t0 = time.time()
     out = Path(out)
     # "is there a lesion" and "which modality" are decided by what the patches show, which a tiny random frozen
@@ -40,22 +45,34 @@ def run_demo(out: Path, *, data_spec: DemoDataSpec | None = None, tiny: TinySpec
     paths = make_demo_data(out / "data", data_spec)
     echo("2/5 tiny base model (tokenizer, LLM pre-training, vision encoder) ...")
     questions = [(q, list(CHOICES[t])) for t in data_spec.tasks for q in QUESTIONS[t]]
-    vision, llm = build_tiny_base(out / "tiny", demo_texts(data_spec), questions, tiny)
     common = {"data.image_folder": str(paths["images"])}
+    tune_overrides = overrides
+    if family not in NATIVE_DEMOS:  # the paper's: CLIP + LLaMA, joined by align
+        vision, llm = build_tiny_base(out / "tiny", demo_texts(data_spec), questions, tiny)
+        base = {"model.vision": str(vision), "model.llm": str(llm)}
+        from ..families import guess_template
+
+        dialog = guess_template(str(llm))  # the LLM's own dialog format, which tuning trains in
+    else:
+        from .native import DEMO_PIXELS, TUNE_OVERRIDES, build_tiny_native
+
+        model_dir, dialog = build_tiny_native(out / "tiny", demo_texts(data_spec), questions, family,
+                                              steps=tiny.pretrain_steps, seed=tiny.seed)
+        base = {"model.base": str(model_dir)}
+        common.update({"data.min_pixels": DEMO_PIXELS, "data.max_pixels": DEMO_PIXELS})
+        tune_overrides = TUNE_OVERRIDES + list(overrides or [])  # applied in order: the user's come last and win
 
     echo("3/5 align: projector only ...")
     align = load_recipe(recipes / "align.yaml", overrides, **common, output_dir=str(out / "align"),
-                        **{"data.train": str(paths["align"]), "model.vision": str(vision), "model.llm": str(llm)})
+                        **{"data.train": str(paths["align"]), **base})
     run_stage(align)
     heldout = json.loads(Path(paths["heldout"]).read_text(encoding="utf-8"))
     echo("   scoring held-out questions before tuning ...")
-    # before tuning = the model tuning starts from, asked in the tuning template (the LLM's own dialog format)
-    from ..families import guess_template
-
-    before = score(out / "align", paths, template=guess_template(str(llm)))
+    # before tuning = the model tuning starts from, asked in the tuning template
+    before = score(out / "align", paths, template=dialog)
 
     echo("4/5 tune --qlora: 4-bit LLM + LoRA + projector ...")
-    tune = load_recipe(recipes / "tune-qlora.yaml", overrides, **common, output_dir=str(out / "tune"),
+    tune = load_recipe(recipes / "tune-qlora.yaml", tune_overrides, **common, output_dir=str(out / "tune"),
                        **{"data.train": str(paths["tune"]), "model.from_run": str(out / "align")})
     run_stage(tune)
     echo("5/5 scoring held-out questions after tuning ...")
@@ -69,6 +86,7 @@ def run_demo(out: Path, *, data_spec: DemoDataSpec | None = None, tiny: TinySpec
         "per_task_before": before["per_task"],
         "per_task_after": after["per_task"],
         "seconds": round(time.time() - t0, 1),
+        "family": family,
         "data": asdict(data_spec),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
