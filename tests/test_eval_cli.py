@@ -258,7 +258,8 @@ def test_cli_scores_predictions_without_a_model_and_compares(tmp_path, tiny_data
         (["--task", "vqa", "--model", "m"],
          "error: unknown task 'vqa'; use one of: pmc-vqa, vqa-rad, slake, pathvqa, caption, llava, omnimedvqa, mmmu"),
         (["--limit", "0", "--model", "m"], "error: --limit must be at least 1, got 0"),
-        ([], "error: give either a model (--model) or answers made elsewhere (--predictions FILE), not both"),
+        ([], "error: give one source of answers, not both or none: a model (--model), a server (--endpoint URL "
+             "--served-model NAME) or answers made elsewhere (--predictions FILE)"),
         # images are checked before the model loads: there is no model at /nonexistent to load
         (["--model", "/nonexistent", "--image-folder", "/nonexistent"], "error: /nonexistent/img_"),
     ],

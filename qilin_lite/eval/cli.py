@@ -57,15 +57,27 @@ def eval_run(
         "--judge", help="score open answers with a judge model at this OpenAI-compatible server too (e.g. a local "
                         "llama-server: http://127.0.0.1:8080); off by default")] = None,
     judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="the judge's model name")] = None,
+    endpoint: Annotated[Optional[str], typer.Option(
+        "--endpoint", help="answer through this OpenAI-compatible server instead of loading a model (vLLM, SGLang, "
+                           "llama-server, transformers serve, Ollama), e.g. http://127.0.0.1:8000")] = None,
+    served_model: Annotated[Optional[str], typer.Option(
+        "--served-model", help="the model's name at --endpoint (GET /v1/models lists it)")] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", help="requests in flight at --endpoint")] = 4,
+    timeout: Annotated[float, typer.Option("--timeout", help="seconds to wait for one answer from --endpoint")] = 300,
+    images_as: Annotated[Optional[str], typer.Option(
+        "--images-as", help="send each image to --endpoint as this run saw it in training (square padding, "
+                            "composite); default: the served model, where its name is an output directory here")] = None,
     dtype: Dtype = "auto",
     attn: Attn = "auto",
 ):
-    """Answer a benchmark with a model (or score answers made elsewhere); write predictions, metrics and a report."""
+    """Answer a benchmark with a model or a server (or score answers made elsewhere); write predictions, metrics and
+    a report."""
     metrics = run_benchmark(data, task, out, model=model, predictions=predictions, image_folder=image_folder,
                             limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
                             bits=quant_bits(load_4bit, load_8bit), dtype=dtype, attn=attn,
                             instruction=instruction, image_blind=image_blind, judge_url=judge,
-                            judge_model=judge_model)
+                            judge_model=judge_model, endpoint=endpoint, served_model=served_model,
+                            concurrency=concurrency, timeout=timeout, images_as=images_as)
     typer.echo(render_report(metrics))
     typer.echo("written: " + ", ".join(str(Path(out) / name) for name in (PREDICTIONS, METRICS, REPORT)))
 

@@ -18,6 +18,8 @@ from ..families import IMAGE_TOKEN, get_template, typed_text
 from ..errors import UserError, where
 from ..files import write_text_atomic
 from .benchmarks import load_eval_items
+from .endpoint import PartialAnswers, endpoint_generate
+from .endpoint import check_flags as check_endpoint_flags
 from .items import METRICS, PREDICTIONS, REPORT, EvalItem, scan_predictions
 from .judge import JUDGE_CACHE, PROMPT_VERSION, http_judge, is_local, judge_open
 from .matching import as_text
@@ -87,11 +89,14 @@ def run_eval(
     return metrics
 
 
-def _check_flags(model: bool, predictions: bool, limit: int | None, batch_size: int, controls: bool) -> None:
-    if model == predictions:
-        raise UserError("give either a model (--model) or answers made elsewhere (--predictions FILE), not both")
-    if controls and not model:
-        raise UserError("--image-blind asks the model again without the images: it needs --model, not --predictions")
+def _check_flags(model: bool, predictions: bool, limit: int | None, batch_size: int, controls: bool,
+                 endpoint: bool = False) -> None:
+    if model + predictions + endpoint != 1:
+        raise UserError("give one source of answers, not both or none: a model (--model), a server (--endpoint "
+                        "URL --served-model NAME) or answers made elsewhere (--predictions FILE)")
+    if controls and predictions:
+        raise UserError("--image-blind asks the model again without the images: it needs --model or --endpoint, "
+                        "not --predictions")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
     if batch_size < 1:
@@ -106,7 +111,15 @@ def _answer(pred_path: Path, items: Sequence[EvalItem], generate, batch_size: in
     with open(pred_path, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            answers = list(generate(batch))
+            try:
+                answers = list(generate(batch))
+            except PartialAnswers as e:  # a server stopped mid-batch: what it answered is kept for the resume
+                f.write("".join(_prediction_line(it, a) for it, a in zip(batch, e.answers)))
+                f.flush()
+                os.fsync(f.fileno())
+                kept = len(done) + start + len(e.answers)
+                raise UserError(f"{e} ({kept} of {len(items)} answers are kept in {pred_path}; rerun into the same "
+                                "--out to go on)") from None
             if len(answers) != len(batch):
                 raise ValueError(f"generate returned {len(answers)} answers for a batch of {len(batch)}")
             f.write("".join(_prediction_line(it, a) for it, a in zip(batch, answers)))
@@ -128,7 +141,9 @@ def _same_protocol(out: Path, protocol: dict) -> None:
         except json.JSONDecodeError:
             before = None
         changed = differences(before, protocol, include_model=True)
-        changed = [c for c in changed if not c.startswith(("benchmark.n:", "benchmark.limit:", "controls:"))]
+        # a resume may score more questions, add controls, or find its server on another address
+        changed = [c for c in changed if not c.startswith(("benchmark.n:", "benchmark.limit:", "controls:",
+                                                           "model.endpoint:", "model.server.listed_models:"))]
         if changed:
             raise UserError(f"{out}: answered before under another protocol ({'; '.join(changed[:3])}); "
                             "use a new --out for this run")
@@ -288,13 +303,26 @@ def run_benchmark(
     image_blind: bool = False,
     judge_url: str | None = None,
     judge_model: str | None = None,
+    endpoint: str | None = None,
+    served_model: str | None = None,
+    concurrency: int = 4,
+    timeout: float = 300,
+    images_as: str | None = None,
 ) -> dict:
-    """`qilin-lite eval run`: read DATA as TASK, answer with MODEL (or take PREDICTIONS), write OUT; the metrics."""
+    """`qilin-lite eval run`: read DATA as TASK, answer with MODEL, a server at ENDPOINT (endpoint.py) or take
+    PREDICTIONS; write OUT; the metrics."""
     from ..images.pixel_values import pad_fill
     from .reliance import CONTROLS
 
     items = load_eval_items(data, task, image_folder)
-    _check_flags(model is not None, predictions is not None, limit, batch_size, image_blind)
+    _check_flags(model is not None, predictions is not None, limit, batch_size, image_blind, endpoint is not None)
+    if (endpoint is None) != (served_model is None):
+        raise UserError("--endpoint URL and --served-model NAME go together (e.g. --endpoint http://127.0.0.1:8000 "
+                        "--served-model runs/tune-merged)")
+    if endpoint is not None:
+        check_endpoint_flags(endpoint, served_model, concurrency, timeout)
+    elif images_as is not None:
+        raise UserError("--images-as RUN prepares the images sent to --endpoint; without a server, drop it")
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if (judge_url is None) != (judge_model is None):
@@ -318,6 +346,14 @@ def run_benchmark(
         described = model_protocol(str(model))
         fill = pad_fill(described["image_processor"]["image_mean"] or (0.5, 0.5, 0.5))
         decoding = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "dtype": dtype, "bits": bits}
+    elif endpoint is not None:
+        _check_images(items[:limit] if limit else items)  # before the server is asked anything
+        generate, described = endpoint_generate(endpoint, served_model, max_new_tokens=max_new_tokens,
+                                                concurrency=concurrency, timeout=timeout, instruction=instruction,
+                                                images_as=images_as)
+        # answers are written a batch at a time; several rounds of requests in flight per batch keep the server busy
+        batch_size = concurrency * 4
+        decoding = {"max_new_tokens": max_new_tokens, "temperature": 0, "top_p": 1, "served": True}
     else:
         described = {"predictions": Path(predictions).name, "sha256": file_sha256(Path(predictions))
                      if Path(predictions).is_file() else None}
