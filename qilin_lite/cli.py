@@ -126,6 +126,10 @@ def tune(
     attn: Attn = None,
     skip_bad: SkipBad = False,
     packing: Packing = False,
+    eval_task: Annotated[Optional[str], typer.Option("--eval-task", help="[TASK:]FILE, a benchmark eval reads (e.g. slake:SLAKE/test.json; a bare FILE: held-out dialogs with answers): answered and scored while training, beside the loss")] = None,
+    eval_task_images: Annotated[Optional[Path], typer.Option("--eval-task-images", help="folder --eval-task's image names are relative to (default: --image-folder for a bare FILE, else the file's folder)")] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="score --eval-task every N optimizer steps (0: after the last step only)")] = None,
+    keep_best: Annotated[bool, typer.Option("--keep-best", help="keep the checkpoint with the best --eval-task score; the finished run holds its weights")] = False,
     resume: Resume = False,
     overwrite: Overwrite = False,
     set_: Sets = None,
@@ -136,6 +140,8 @@ def tune(
         raise UserError(f"choose one of --lora, --qlora, --full (got {', '.join('--' + m for m in modes)})")
     done = _stage("tune", recipe, set_, out, resume, overwrite, {
         "train.mode": modes[0] if modes else None, "model.from_run": str(from_run) if from_run else None,
+        "data.eval_task": eval_task, "data.eval_task_images": str(eval_task_images) if eval_task_images else None,
+        "train.eval_every": eval_every, "train.keep_best": keep_best or None,
         **_data_fields(data, image_folder, model, max_length, attn, skip_bad, packing, eval_data)})
     if done and _main_process():
         typer.echo(f"tune done: {done}  (next: qilin-lite chat IMAGE --model {done})")

@@ -78,6 +78,11 @@ class ModelSection:
 class DataSection:
     train: str | None = setting(None, PATH)  # LLaVA JSON/JSONL file, or a Hugging Face dataset name/path
     eval: str | None = setting(None, PATH)  # held-out file in the same format (same image folder): eval loss while training
+    # a benchmark in any layout eval reads, as [TASK:]FILE (a bare FILE: the llava layout): answered and scored every
+    # train.eval_every steps (train/task_eval.py); its images relative to eval_task_images (default: image_folder for
+    # the llava layout, else the file's folder)
+    eval_task: str | None = setting(None, PATH)
+    eval_task_images: str | None = setting(None, PATH)
     image_folder: str | None = setting(None, PATH)
     template: str | None = setting(None, choice(lambda: TEMPLATES))  # default: plain (align), vicuna_v1 (tune)
     image_mode: str | None = setting(None, choice(("pad", "crop")))  # default: crop (align), pad (tune), as the paper's scripts
@@ -139,6 +144,10 @@ class TrainSection:
     save_steps: int = setting(500, whole(1, COUNT_MAX))
     eval_steps: int = setting(0, whole(0, COUNT_MAX, why="0: at the end of each epoch"))  # with data.eval
     save_total_limit: int = setting(2, whole(0, COUNT_MAX, why="0 keeps every checkpoint"))
+    eval_every: int = setting(0, whole(0, COUNT_MAX, why="0: after the last step only"))  # with data.eval_task
+    eval_task_metric: str = setting("auto", choice(("auto", "accuracy", "closed_strict", "closed_llavamed",
+                                                    "short_accuracy", "open_recall", "rougeL")))
+    keep_best: bool = setting(False, FLAG)  # the finished run holds the weights of the best data.eval_task score
     # auto: TensorBoard when installed; none; or wandb, swanlab, tensorboard, ... (comma list; args.report_targets)
     report_to: str = setting("auto", TEXT)
     deepspeed: str | None = setting(None, PATH)  # a DeepSpeed JSON (paper: ZeRO-2 for align, ZeRO-3 for tune)

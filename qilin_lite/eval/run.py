@@ -107,7 +107,7 @@ def _answer(pred_path: Path, items: Sequence[EvalItem], generate, batch_size: in
     """Append the answers of the items not yet in `pred_path`, a batch at a time, each batch synced to disk."""
     done = _resume(pred_path, {it.id: it for it in items})
     todo = [it for it in items if it.id not in done]
-    _check_images(todo)
+    check_images(todo)
     with open(pred_path, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
@@ -195,7 +195,7 @@ def _resume(pred_path: Path, by_id: dict[str, EvalItem]) -> set[str]:
     return done
 
 
-def _check_images(items: Iterable[EvalItem]) -> None:
+def check_images(items: Iterable[EvalItem]) -> None:
     """Fail before generating anything rather than after hours of it."""
     for it in items:
         for image in ([it.image] if it.image is not None else []) + list(it.parts):
@@ -261,15 +261,18 @@ def model_generate(
         answers: list[str] = []
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
-            conversations = [
-                [{"role": "user", "content": f"{IMAGE_TOKEN}\n" * len(it.shown(gen.template))
-                  + typed_text(format_prompt(it, instruction), gen.template)}]
-                for it in batch
-            ]
-            answers += gen.generate(conversations, [it.shown(gen.template) for it in batch])
+            answers += gen.generate([conversation_for(it, gen.template, instruction) for it in batch],
+                                    [it.shown(gen.template) for it in batch])
         return answers
 
     return generate
+
+
+def conversation_for(item: EvalItem, template, instruction: str | None = None) -> list[dict]:
+    """The one user turn an item is asked as: an image mark per image the template shows, then the prompt (typed
+    tags in it kept as text). Shared by eval and the task metrics during training (train/task_eval.py)."""
+    return [{"role": "user", "content": f"{IMAGE_TOKEN}\n" * len(item.shown(template))
+             + typed_text(format_prompt(item, instruction), template)}]
 
 
 def _load_on_first_call(load: Callable[[], Callable]) -> Callable:
@@ -338,7 +341,7 @@ def run_benchmark(
         judge = (http_judge(judge_url, judge_model), judge_model)
     generate, fill, controls = None, (127, 127, 127), list(CONTROLS) if image_blind else []
     if model is not None:
-        _check_images(items[:limit] if limit else items)  # before anything about the model is read
+        check_images(items[:limit] if limit else items)  # before anything about the model is read
         generate = _load_on_first_call(
             lambda: model_generate(model, bits=bits, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
                                    attn=attn, instruction=instruction)
@@ -347,7 +350,7 @@ def run_benchmark(
         fill = pad_fill(described["image_processor"]["image_mean"] or (0.5, 0.5, 0.5))
         decoding = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "dtype": dtype, "bits": bits}
     elif endpoint is not None:
-        _check_images(items[:limit] if limit else items)  # before the server is asked anything
+        check_images(items[:limit] if limit else items)  # before the server is asked anything
         generate, described = endpoint_generate(endpoint, served_model, max_new_tokens=max_new_tokens,
                                                 concurrency=concurrency, timeout=timeout, instruction=instruction,
                                                 images_as=images_as)
@@ -382,7 +385,7 @@ def score_demo_heldout(
     if not_choice:
         raise UserError(f"{where(path, record_id=not_choice[0])}: held-out records need choices and an answer")
     labels = [str(rec.get("task", "llava")) for _, _, rec in read_benchmark_records(path)]  # one per item, same order
-    _check_images(items)
+    check_images(items)
     answers = model_generate(model_dir, max_new_tokens=8, batch_size=16, dtype="float32", template=template)(items)
 
     def accuracy(pick: list[int]) -> float:

@@ -40,6 +40,7 @@ from .dataset import as_hf_dataset
 from .stages import LoraSettings, configure, trainable_summary
 from .args import check_deepspeed, check_optimizer, fsdp_units, report_targets, sft_config
 from .data import build_dataset
+from . import task_eval
 from .finite import NonFinite
 from .trainer import Preemption, QilinTrainer, Stopped, last_checkpoint, sharded_fraction, trainable_to_fp32
 
@@ -60,13 +61,22 @@ def train_stage(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
     `overwrite` replaces a finished run in the output directory; `trainer_cls` is QilinTrainer or a subclass of it
     (benchmarks and tests add probes that way)."""
     t0 = time.time()
+    task_eval.check(recipe, sharded=bool(recipe.train.fsdp) or zero_stage(recipe.train.deepspeed) == 3)
+    task_items = task_eval.load_task_items(recipe) if recipe.data.eval_task else None  # before any model loads
+    metric = task_eval.followed_metric(recipe, task_items) if task_items is not None else None
     out = prepare_output(recipe, resume, overwrite)
     try:  # the output directory stays claimed until its run ends (run_dir.py)
         base, model, tokenizer, image_processor = load_model(recipe, out)
         data = build_datasets(recipe, tokenizer, image_processor, model.config, out)
         attention = packed_attention(model, data)
         trainer = build_trainer(trainer_cls, recipe, model, tokenizer, data, out)
+        task = None
+        if task_items is not None:
+            task = task_eval.TaskEval(recipe, task_items, tokenizer, image_processor, out, metric=metric)
+            task.attach(trainer)
         train(trainer, out, resume)
+        if task is not None:
+            task_eval.finish(trainer, task)
         if attention is not None:  # the saved model attends as it was loaded; segments are for packed training only
             segments.use(model, attention)
         save_outputs(trainer, recipe, out, base, tokenizer, image_processor)
@@ -74,6 +84,19 @@ def train_stage(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
     finally:
         run_dir.release(out)
     return out, trainer.model
+
+
+def zero_stage(deepspeed: str | None) -> int | None:
+    """The ZeRO stage a DeepSpeed config names (None without one, or where the file does not say)."""
+    from ..config import deepspeed_path
+
+    path = deepspeed_path(deepspeed)
+    if not path:
+        return None
+    try:
+        return int(json.loads(Path(path).read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage"))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
 
 
 def packed_attention(model, data: "Datasets") -> str | None:

@@ -1,0 +1,84 @@
+"""`tune --eval-task [TASK:]FILE --eval-every N --keep-best`: the model in training answers a benchmark every N
+steps with eval's own code; the score (with its 95% interval) is logged beside the loss and in eval_history.json, and
+--keep-best leaves the run with the best checkpoint's weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_cli_captured, tiny_recipe
+from safetensors.torch import load_file
+
+from qilin_lite.errors import UserError
+from qilin_lite.eval.run import run_benchmark
+from qilin_lite.train.stage import run_stage
+
+
+def _task_recipe(out, tiny_data, align_run, **extra):
+    return tiny_recipe("tune", "lora", out, tiny_data["tune"], tiny_data["images"],
+                       **{"model.from_run": str(align_run), "train.max_steps": 4,
+                          "data.eval_task": str(tiny_data["heldout"]), "data.eval_task_images": str(tiny_data["images"]),
+                          "train.eval_every": 2, **extra})
+
+
+@pytest.mark.slow
+def test_the_logged_score_is_evals_score_of_those_weights(tiny_data, align_run, tmp_path):
+    out = run_stage(_task_recipe(tmp_path / "tune", tiny_data, align_run))
+    history = json.loads((out / "eval_history.json").read_text(encoding="utf-8"))
+    assert [h["step"] for h in history] == [2, 4] and all(h["metric"] == "accuracy" and h["n"] == 8 for h in history)
+    logged = [h for h in json.loads((out / "log_history.json").read_text(encoding="utf-8")) if "task_accuracy" in h]
+    assert [h["step"] for h in logged] == [2, 4]
+    assert all(h["task_accuracy_ci_low"] <= h["task_accuracy"] <= h["task_accuracy_ci_high"] for h in logged)
+    # the finished run holds the last step's weights: `qilin-lite eval` on it gives the score logged at that step
+    scored = run_benchmark(tiny_data["heldout"], "llava", tmp_path / "eval", model=str(out),
+                           image_folder=tiny_data["images"], dtype="float32", attn="sdpa")
+    assert scored["groups"]["all"]["accuracy"] == history[-1]["value"] == logged[-1]["task_accuracy"]
+    assert history[-1]["metrics"]["ci95"] == scored["groups"]["all"]["ci95"]
+
+
+@pytest.mark.slow
+def test_keep_best_keeps_that_checkpoint_and_its_weights(tiny_data, align_run, tmp_path, monkeypatch):
+    """Scores scripted 0.2, 0.9, 0.4, 0.1 at steps 1-4: step 2's checkpoint survives rotation (save_total_limit 2, the latest is step 4's)
+    and the finished run's adapter is that checkpoint's, not the last step's."""
+    import qilin_lite.eval.metrics as metrics
+
+    real, scripted = metrics.aggregate, iter([0.2, 0.9, 0.4, 0.1])
+
+    def aggregate(items, answers):
+        out = real(items, answers)
+        out["groups"]["all"]["accuracy"] = next(scripted)
+        return out
+
+    monkeypatch.setattr(metrics, "aggregate", aggregate)
+    out = run_stage(_task_recipe(tmp_path / "tune", tiny_data, align_run, **{
+        "train.eval_every": 1, "train.keep_best": True, "train.save_total_limit": 2, "train.save_steps": 4}))
+    assert (out / "checkpoint-2").is_dir() and not (out / "checkpoint-1").exists()  # the best, kept beside the latest
+    best = load_file(out / "checkpoint-2" / "adapter_model.safetensors")
+    final = load_file(out / "adapter_model.safetensors")
+    assert best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in best)
+    last = load_file(out / "checkpoint-4" / "adapter_model.safetensors")
+    assert any(not torch.equal(last[k], final[k]) for k in last)
+    assert [h["value"] for h in json.loads((out / "eval_history.json").read_text())] == [0.2, 0.9, 0.4, 0.1]
+
+
+def test_flags_are_checked_before_any_work(tiny_data, align_run, tmp_path, monkeypatch, capsys):
+    base = ["tune", "--lora", "--from", align_run, "--data", tiny_data["tune"], "--image-folder", tiny_data["images"],
+            "--set", "model.dtype=float32"]
+    for extra, says in (
+        (["--keep-best"], "--keep-best keeps the best checkpoint by the task metric: give --eval-task"),
+        (["--eval-task", tmp_path / "none.json"], "no such benchmark file"),
+        (["--eval-task", f"slake:{tiny_data['heldout']}"], "heldout"),  # not SLAKE's layout: eval's own one line
+        (["--eval-task", tiny_data["heldout"], "--eval-every", "-1"], "train.eval_every"),
+        (["--eval-task", tiny_data["heldout"], "--set", "train.eval_task_metric=rougeL"],
+         "train.eval_task_metric rougeL: the benchmark's questions give accuracy"),
+    ):
+        out = tmp_path / f"o{len(list(tmp_path.iterdir()))}"
+        code, _, err = run_cli_captured(monkeypatch, capsys, *base, "--out", out, *map(str, extra))
+        lines = [x for x in err.splitlines() if x.startswith("error:")]
+        assert code == 2 and len(lines) == 1 and says in lines[0], (extra, err)
+        assert not out.exists() or not any(out.iterdir())
+    with pytest.raises(UserError, match="align run"):
+        run_stage(tiny_recipe("align", "align", tmp_path / "a", tiny_data["align"], tiny_data["images"],
+                              **{"data.eval_task": str(tiny_data["heldout"])}))
