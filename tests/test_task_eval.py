@@ -36,6 +36,11 @@ def test_the_logged_score_is_evals_score_of_those_weights(tiny_data, align_run, 
                            image_folder=tiny_data["images"], dtype="float32", attn="sdpa")
     assert scored["groups"]["all"]["accuracy"] == history[-1]["value"] == logged[-1]["task_accuracy"]
     assert history[-1]["metrics"]["ci95"] == scored["groups"]["all"]["ci95"]
+    # answering in the middle of training changes nothing it trains: the same weights as a run without it
+    plain = run_stage(tiny_recipe("tune", "lora", tmp_path / "plain", tiny_data["tune"], tiny_data["images"],
+                                  **{"model.from_run": str(align_run), "train.max_steps": 4}))
+    a, b = load_file(out / "adapter_model.safetensors"), load_file(plain / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
