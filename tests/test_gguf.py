@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -276,7 +277,7 @@ def test_files_describe_the_run(exported):
     assert field(proj, "qilin.image_mode") == "pad"
     llm = gguf.GGUFReader(str(ex.model))
     assert field(llm, "tokenizer.ggml.model") == "llama"
-    assert MARKER in field(llm, "tokenizer.chat_template")
+    assert MARKER[:8] in field(llm, "tokenizer.chat_template")  # the marker's start: any marker llama.cpp uses
     modelfile = ex.modelfile.read_text(encoding="utf-8")
     assert f"FROM ./{ex.model.name}" in modelfile and f"FROM ./{ex.mmproj.name}" in modelfile
     assert 'PARAMETER stop "</s>"' in modelfile and "not a diagnosis" in modelfile
@@ -434,3 +435,96 @@ def test_a_plain_chinese_name_is_kept():
     from qilin_lite.export import model_name
 
     assert model_name(Path("麒麟-med_v1.2")) == "麒麟-med_v1.2"
+
+
+# ---------------------------------------------------------------- llama.cpp's own server, llama-server
+
+
+@pytest.fixture(scope="module")
+def llama_server(exported, tmp_path_factory):
+    """llama-server (scripts/llama-server.sh) on the f16 export, its chat template read from the GGUF (--jinja)."""
+    import os
+    import subprocess
+    import time
+    import urllib.request
+
+    from conftest import free_port
+
+    binary = Path(sys.executable).parent / "llama-server"
+    if not binary.is_file():
+        pytest.skip("llama-server not built here (scripts/llama-server.sh needs cmake and a C++ compiler)")
+    ex, port = exported["f16"], free_port()
+    log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
+    log = log_path.open("w")
+    proc = subprocess.Popen([str(binary), "-m", str(ex.model), "--mmproj", str(ex.mmproj), "--jinja", "--host",
+                             "127.0.0.1", "--port", str(port), "-c", "2048", "-np", "2", "-t", "2", "--no-webui"],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "LLAMA_ARG_NO_WEBUI": "1"})
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if json.loads(r.read()).get("status") == "ok":
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def _post(url: str, body: dict) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.slow
+def test_llama_server_renders_the_training_prompt(llama_server):
+    """llama-server's own Jinja (not Python's) over the GGUF's template, with an image part as it hands it over:
+    the training prompt for a first turn and for a later one, its media marker where training put the image (before
+    the template read any marker, llama-server's random one stayed text: 85% of the held-out answers as chat's)."""
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    for messages, trained in (
+        ([{"role": "user", "content": [image, {"type": "text", "text": "图像属于哪种影像模态？"}]}],
+         [{"role": "user", "content": "<image>\n图像属于哪种影像模态？"}]),
+        ([{"role": "user", "content": [image, {"type": "text", "text": "有病灶吗？"}]},
+          {"role": "assistant", "content": "有"}, {"role": "user", "content": "在哪一侧？"}],
+         [{"role": "user", "content": "<image>\n有病灶吗？"}, {"role": "assistant", "content": "有"},
+          {"role": "user", "content": "在哪一侧？"}]),
+    ):
+        got = _post(f"{llama_server}/apply-template", {"messages": messages})["prompt"]
+        # the server names the image with a random marker of its own (LLAMA_MEDIA_MARKER unset): the template renders
+        # that one, which the server then swaps for the image's tokens
+        markers = re.findall(r"<__media_[A-Za-z0-9]{8,}__>", got)
+        assert len(markers) == 1, got
+        assert got.replace(markers[0], MARKER) == training_prompt(trained, MARKER), got
+
+
+@pytest.mark.slow
+def test_eval_endpoint_through_llama_server_scores_as_in_process_eval(llama_server, exported, demo_run, tmp_path):
+    """`eval --endpoint` against llama-server on the export: the demo's held-out benchmark scores as `eval --model`
+    on the run it came from (greedy), nearly every answer the same."""
+    from qilin_lite.eval.run import run_benchmark
+
+    out, _ = demo_run
+    common = dict(image_folder=out / "data" / "images", max_new_tokens=16)
+    local = run_benchmark(out / "data" / "heldout.json", "llava", tmp_path / "local", model=str(out / "tune"),
+                          dtype="float32", attn="sdpa", **common)
+    served = run_benchmark(out / "data" / "heldout.json", "llava", tmp_path / "served", endpoint=llama_server,
+                           served_model=exported["f16"].model.name, images_as=str(out / "tune"), concurrency=2,
+                           **common)
+
+    def answers(d):
+        return [json.loads(x)["prediction"] for x in (d / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+
+    agree = np.mean([a == b for a, b in zip(answers(tmp_path / "served"), answers(tmp_path / "local"))])
+    assert agree >= 0.95, agree
+    assert served["groups"]["all"]["accuracy"] == local["groups"]["all"]["accuracy"]
+    assert served["protocol"]["model"]["server"]["build_info"]  # llama-server says which build answered

@@ -216,16 +216,19 @@ JINJA_USER_TEXT = (
 )
 JINJA_ASSISTANT_TEXT = ("{% if m['content'] is string %}{{ m['content'] }}{% else %}{{ m['content'][0]['text'] }}"
                         "{% endif %}")
-# The same for llama.cpp's Jinja (GGUF chat templates): images arrive as the marker (M) inside the text; each marker
-# goes to the front followed by a newline, as `images_in_front` put `<image>\n` in training.
+# The marker an image arrived as in a message's text `c`, as `mk`. llama-mtmd-cli writes mtmd's default `<__media__>`;
+# llama-server, unless LLAMA_MEDIA_MARKER is set, names images with a random marker of its own (`<__media_` + 32
+# random characters + `__>`, measured on llama.cpp 0c1e570) so that typed text never becomes an image. The template
+# takes whichever marker the message holds (`<__media` up to the next `__>`) and renders that marker, which the server
+# then finds; a message without one gets the default, which matches nothing in it.
+GGUF_MARK = ("{% set p = c.split('" + MARKER[:8] + "') %}"
+             "{% set mk = '" + MARKER[:8] + "' + (p[1].split('__>')[0] if p | length > 1 else '') + '__>' %}")
+# The same for llama.cpp's Jinja (GGUF chat templates): images arrive as the marker inside the text; each marker goes
+# to the front followed by a newline, as `images_in_front` put `<image>\n` in training.
 GGUF_TEXT = ("{% set c = x['content'] if x['content'] is string else x['content'] | map(attribute='text') | join('') %}"
-             "{% set n = c.split('M') | length - 1 %}{% set t = c.replace('M\\n', 'M').replace('M', '')REMOVE %}"
-             "{% set imgs = namespace(s='') %}{% for _ in range(n) %}{% set imgs.s = imgs.s + 'M\\n' %}{% endfor %}")
-
-
-def with_marker(t: str) -> str:
-    """GGUF_TEXT's M placeholders -> llama.cpp's image marker."""
-    return t.replace("'M", "'" + MARKER).replace("M'", MARKER + "'").replace("M\\n", MARKER + "\\n")
+             + GGUF_MARK +
+             "{% set n = c.split(mk) | length - 1 %}{% set t = c.replace(mk + '\\n', mk).replace(mk, '')REMOVE %}"
+             "{% set imgs = namespace(s='') %}{% for _ in range(n) %}{% set imgs.s = imgs.s + mk + '\\n' %}{% endfor %}")
 
 
 def fit_gguf(t: str, name: str) -> str:

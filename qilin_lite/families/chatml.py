@@ -21,7 +21,6 @@ from .base import (
     Template,
     fit_gguf,
     images_in_front,
-    with_marker,
 )
 
 QWEN_SYSTEM = "You are a helpful assistant."
@@ -79,7 +78,7 @@ class ChatMLTemplate(Template):
             "{% else %}{{ '<|im_start|>assistant\\n' + c + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
             "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
         )
-        return fit_gguf(with_marker(t), self.name)
+        return fit_gguf(t, self.name)
 
     def ollama(self) -> Ollama:
         return Ollama(OLLAMA_CHATML, self.system, ("<|im_end|>",))

@@ -38,7 +38,6 @@ from .base import (
     as_text,
     fit_gguf,
     images_in_front,
-    with_marker,
 )
 
 # HuatuoGPT-Vision's cli.py gen_kwargs (do_sample with temperature 0.2 is the Generator's temperature)
@@ -102,7 +101,7 @@ class HuatuoTemplate(Template):
             "{% else %}{{ '<|assistant|>\\n' + c + ' \\n' }}{% endif %}{% endfor %}"
             "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
         )
-        return fit_gguf(with_marker(t), self.name)
+        return fit_gguf(t, self.name)
 
     def ollama(self) -> Ollama:
         gen = dict(self.generation)

@@ -24,7 +24,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..tokens import image_split_ids, slow_llama
-from .base import IGNORE, IMAGE_TOKEN, MARKER, Family, Ollama, Rendered, Template, as_text, fit_gguf, plain_lt
+from .base import GGUF_MARK, IGNORE, IMAGE_TOKEN, Family, Ollama, Rendered, Template, as_text, fit_gguf, plain_lt
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -194,15 +194,15 @@ class VicunaTemplate(LlavaTemplate):
         with it) gets no second space after `ASSISTANT:`. Literal spaces are expressions, as transformers and
         llama-cpp-python render with trim_blocks / lstrip_blocks."""
         sys_default = self.system.replace("'", "\\'")
-        m = MARKER
         t = (
             f"{{% set ns = namespace(i=0, s='{sys_default}') %}}"
             "{% if messages[0]['role'] == 'system' %}{% set ns.s = messages[0]['content'] %}{% set ns.i = 1 %}{% endif %}"
             "{% if ns.s %}{{ ns.s + ' ' }}{% endif %}"
             "{% for x in messages[ns.i:] %}"
             "{% set c = x['content'] if x['content'] is string else x['content'] | map(attribute='text') | join('') %}"
+            + GGUF_MARK +
             "{% if x['role'] == 'user' %}{{ 'USER: ' }}"
-            f"{{% if c.split('{m}') | length == 2 %}}{{{{ ('{m}\\n' + c.replace('{m}', '').strip()).strip() }}}}"
+            "{% if c.split(mk) | length == 2 %}{{ (mk + '\\n' + c.replace(mk, '').strip()).strip() }}"
             "{% else %}{{ c }}{% endif %}{{ ' ' }}"
             "{% else %}{{ 'ASSISTANT:' + ('' if c.startswith(' ') else ' ') + c + '</s>' }}{% endif %}"
             "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
