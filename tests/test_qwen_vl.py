@@ -569,3 +569,24 @@ def test_the_web_page_sends_chats_prompt_with_each_image_at_its_own_size(tmp_pat
         assert served == chat.generator.last_prompt_ids
         sizes = [NativeImageLoader(gen.images.processor).raw(p).size for p in shown]
         assert served.count(gen.layout.image_token_id) == sum(gen.images.tokens(*s) for s in sizes)
+
+
+def test_tune_scores_a_benchmark_while_training_as_eval_does(tmp_path, vl_data, vl_align):
+    """--eval-task in the family's own class: the model in training answers at native resolution in its template,
+    and the score logged at the last step is what `eval` gives the finished run."""
+    import json
+
+    from conftest import tiny_recipe
+
+    from qilin_lite.eval.run import run_benchmark
+    from qilin_lite.train.stage import run_stage
+
+    r = tiny_recipe("tune", "lora", tmp_path / "tune", vl_data / "train.json", vl_data / "img",
+                    **{"model.from_run": str(vl_align[0]), "train.max_steps": 4, "train.eval_every": 2,
+                       "data.eval_task": str(vl_data / "train.json")})
+    out = run_stage(r)
+    history = json.loads((out / "eval_history.json").read_text(encoding="utf-8"))
+    assert [(h["step"], h["metric"], h["n"]) for h in history] == [(2, "open_recall", 8), (4, "open_recall", 8)]
+    scored = run_benchmark(vl_data / "train.json", "llava", tmp_path / "eval", model=str(out),
+                           image_folder=vl_data / "img", dtype="float32", attn="sdpa")
+    assert scored["groups"]["all"]["open_recall"] == history[-1]["value"]

@@ -72,7 +72,7 @@ def train_stage(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
         trainer = build_trainer(trainer_cls, recipe, model, tokenizer, data, out)
         task = None
         if task_items is not None:
-            task = task_eval.TaskEval(recipe, task_items, tokenizer, image_processor, out, metric=metric)
+            task = task_eval.TaskEval(recipe, task_items, tokenizer, image_processor, model.config, out, metric=metric)
             task.attach(trainer)
         train(trainer, out, resume)
         if task is not None:

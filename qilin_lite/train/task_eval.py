@@ -88,13 +88,17 @@ def check(recipe, sharded: bool) -> None:
 class TaskEval(TrainerCallback):
     """Answer the benchmark every `every` optimizer steps (and after the last one); log and record the score."""
 
-    def __init__(self, recipe, items, tokenizer, image_processor, out: Path, *, metric: str):
+    def __init__(self, recipe, items, tokenizer, image_processor, model_config, out: Path, *, metric: str):
         from ..families import get_template
         from ..images.pixel_values import image_loader
+        from ..model import image_mode_for
 
         self.items, self.tokenizer, self.out, self.metric = items, tokenizer, Path(out), metric
         self.template = get_template(recipe.template)
-        self.images = image_loader(image_processor, recipe.image_mode, recipe.data.min_pixels, recipe.data.max_pixels)
+        # the images as training reads them (train/data.py): the family's mode (native resolution for Qwen-VL) and
+        # the processor training uses, its pixel bounds set
+        self.images = image_loader(image_processor, image_mode_for(model_config, recipe.data.image_mode,
+                                                                   recipe.image_mode))
         self.every, self.keep_best = recipe.train.eval_every, recipe.train.keep_best
         self.trainer = None  # set by attach(): the trainer whose public log() the score goes to
         self.history = self._read_history()
