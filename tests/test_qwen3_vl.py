@@ -425,3 +425,47 @@ def test_a_thinking_release_is_refused_in_one_line(tmp_path, qwen3_vl_dir, monke
                                                 tmp_path / "none.json", "--out", tmp_path / f"run-{d.name}")
         assert code == 2 and "Thinking release" in stderr and "Traceback" not in stderr, stderr
         assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / f"run-{d.name}").exists()
+
+
+def test_a_crashed_run_resumes_to_the_same_weights_and_eval_scores_it(tmp_path, vl_data, vl_align):
+    """A lora run with --eval-task that dies after its step-3 checkpoint and resumes ends bit for bit where the
+    uninterrupted run ends (image grids, DeepStack features and marks of every batch come back the same), with the
+    same evaluation history; and `eval` on the finished run gives the score logged at its last step."""
+    import json
+
+    from conftest import tiny_recipe
+    from safetensors.torch import load_file
+
+    from qilin_lite.eval.run import run_benchmark
+    from qilin_lite.train.stage import run_stage
+    from qilin_lite.train.trainer import QilinTrainer
+
+    settings = {"model.from_run": str(vl_align[0]), "train.epochs": 2, "train.max_steps": -1,
+                "train.global_batch": 2, "train.per_device_batch": 2, "train.save_steps": 3,
+                "train.logging_steps": 2, "train.lora_dropout": 0.1, "train.lr": 5e-3,
+                "data.eval_task": str(vl_data / "train.json"), "train.eval_every": 2}
+
+    def recipe(out):
+        return tiny_recipe("tune", "lora", out, vl_data / "train.json", vl_data / "img", **settings)
+
+    class Crash(QilinTrainer):
+        def training_step(self, *a, **k):
+            if self.state.global_step == 5:
+                raise KeyboardInterrupt("the machine went away")
+            return super().training_step(*a, **k)
+
+    run_stage(recipe(tmp_path / "whole"))
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(recipe(tmp_path / "cut"), trainer_cls=Crash)
+    assert (tmp_path / "cut" / "checkpoint-3").is_dir() and not (tmp_path / "cut" / "qilin.json").exists()
+    run_stage(recipe(tmp_path / "cut"), resume=True)
+    want, got = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("whole", "cut"))
+    assert want.keys() == got.keys() and any("merger" in k for k in want)
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    whole, cut = (json.loads((tmp_path / d / "eval_history.json").read_text(encoding="utf-8")) for d in ("whole", "cut"))
+    assert [h["step"] for h in whole] == [2, 4, 6, 8] and [(h["step"], h["value"]) for h in cut] == [
+        (h["step"], h["value"]) for h in whole]
+    scored = run_benchmark(vl_data / "train.json", "llava", tmp_path / "eval", model=str(tmp_path / "cut"),
+                           image_folder=vl_data / "img", dtype="float32", attn="sdpa")
+    assert scored["groups"]["all"]["open_recall"] == whole[-1]["value"]
