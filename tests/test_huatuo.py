@@ -85,9 +85,11 @@ def test_prompt_ids_equal_their_cli(case, tok):
     assert ours.count(image_id) == PATCHES * images
 
 
-def test_training_supervises_the_reply_its_newline_and_the_end_token(tok):
-    """Training encodes the same pieces; only `{answer} \\n<|endoftext|>` of each round is learned, and a whole
-    conversation starts with exactly the ids of its own prompt (what chat sends) for its first question."""
+def test_training_sees_chats_prompt_before_every_reply(tok):
+    """Training encodes the same pieces; `{answer} \\n` of each round is learned and the end token after the last
+    one. The ids before every reply are exactly what chat (cli.py) sends for that turn, history included: cli.py's
+    history has no end token after earlier replies, so training puts none there (before, it did, and a run trained
+    here saw in chat a second-turn prefix it never saw in training)."""
     template = get_template("huatuo")
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     layout = TokenLayout(image_id, PATCHES, 4096)
@@ -97,12 +99,14 @@ def test_training_supervises_the_reply_its_newline_and_the_end_token(tok):
     assert (ids == image_id).sum() == 3 * PATCHES
     assert (labels[ids == image_id] == IGNORE).all()
     supervised = tok.decode(ids[labels != IGNORE])
-    assert supervised == "右下肺野可见片状高密度影，考虑肺炎。 \n<|endoftext|>位于肝右叶。 \n<|endoftext|>"
-    # the ids before the first answer are what chat sends for the first question (then `<|assistant|>\n`)
+    assert supervised == "右下肺野可见片状高密度影，考虑肺炎。 \n位于肝右叶。 \n<|endoftext|>"
     gen = Generator(model=None, tokenizer=tok, images=None, template=template, layout=layout)
-    first = gen.prompt_ids(msgs[:1])
-    assert ids[: len(first)].tolist() == first.tolist()
-    assert labels[len(first) - 1] == IGNORE and labels[len(first)] != IGNORE
+    for turn in (1, 3):  # the first question, then the second with the first round as history
+        prompt = gen.prompt_ids(msgs[:turn])
+        assert ids[: len(prompt)].tolist() == prompt.tolist(), turn
+        assert labels[len(prompt) - 1] == IGNORE and labels[len(prompt)] != IGNORE
+    # the second-turn prompt is cli.py's own (expected.json), images expanded
+    assert gen.prompt_ids(msgs[:3]).tolist() == _theirs_expanded(case["ids"], image_id)
 
 
 def test_template_facts():

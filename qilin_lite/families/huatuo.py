@@ -6,9 +6,10 @@ the only code they published. Template `huatuo`.
 - each past round is two pieces tokenized on their own, `<|user|>\\n{q}\\n` (split at `<image>`, as LLaVA's
   `tokenizer_image_token`) and `<|assistant|>\\n{a} \\n`; the question being answered is one piece,
   `<|user|>\\n{q}\\n<|assistant|>\\n`. No BOS, no system prompt, no end token between rounds.
-- Training (they published none): the reply, its ` \\n` and the tokenizer's end token are supervised, so the model
-  learns to stop where their cli.py stops it (at `eos_token_id`). Past rounds in a prompt carry no end token, as in
-  cli.py.
+- Training (they published none): each reply and its ` \\n` are supervised, and the tokenizer's end token after the
+  conversation's last reply, so the model learns to stop where their cli.py stops it (at `eos_token_id`). Earlier
+  replies carry no end token, as in cli.py's history: the ids before every reply in training are the prompt cli.py
+  (and chat) builds for that turn, for the released weights and for runs trained here alike.
 A system message in a `huatuo` conversation is dropped (the format has none). Several images: each its own 576
 tokens, up to 6 (cli.py's limit).
 
@@ -68,7 +69,8 @@ class HuatuoTemplate(Template):
 
     def render(self, messages: list[dict], *, add_generation_prompt: bool = False, eos: str = "") -> Rendered:
         text, spans, breaks = "", [], []
-        for m in messages:
+        last = len(messages) - 1
+        for k, m in enumerate(messages):
             if m["role"] == "system":
                 continue
             breaks.append(len(text))
@@ -77,7 +79,9 @@ class HuatuoTemplate(Template):
             else:
                 text += "<|assistant|>\n"
                 start = len(text)
-                text += f"{m['content']} \n{eos}"
+                # the end token after the conversation's last reply only: cli.py's history has none after earlier
+                # replies, so every prefix training sees is the prompt cli.py (and chat) builds for that turn
+                text += f"{m['content']} \n{eos if k == last else ''}"
                 spans.append((start, len(text)))
         if add_generation_prompt:
             text += "<|assistant|>\n"  # the same piece as the question, as cli.py tokenizes it
