@@ -528,3 +528,27 @@ def test_eval_endpoint_through_llama_server_scores_as_in_process_eval(llama_serv
     assert agree >= 0.95, agree
     assert served["groups"]["all"]["accuracy"] == local["groups"]["all"]["accuracy"]
     assert served["protocol"]["model"]["server"]["build_info"]  # llama-server says which build answered
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "病灶位于哪一侧？"}],
+    [{"role": "user", "content": "问题</s>后面"}],  # a typed end token: text, as in chat
+    [{"role": "user", "content": "\u3000病灶\u00a0在哪？\u3000"}],  # non-ASCII whitespace around and inside
+    [{"role": "user", "content": "cafe\u0301 病灶"}],  # decomposed Unicode (e + combining acute)
+    [{"role": "user", "content": [{"type": "text", "text": "有病灶吗？"}]}, {"role": "assistant", "content": "有"},
+     {"role": "user", "content": "在哪？"}],  # list-of-parts content and a past round
+], ids=["plain", "typed-eos", "unicode-spaces", "decomposed", "parts-two-turns"])
+def test_llama_server_tokenizes_the_prompt_chat_sends(llama_server, demo_run, messages):
+    """The ids llama-server builds (its template over the GGUF's vocabulary, /apply-template then /tokenize with
+    special tokens parsed, as its completion path does) equal the ids `chat` sends for the same turns."""
+    from qilin_lite.families import typed_text
+    from qilin_lite.serve.generate import load_generator
+
+    gen, _ = load_generator(str(demo_run[0] / "tune"), dtype="float32", attn="sdpa", temperature=0.0)
+    prompt = _post(f"{llama_server}/apply-template", {"messages": messages})["prompt"]
+    theirs = _post(f"{llama_server}/tokenize", {"content": prompt, "add_special": True, "parse_special": True})["tokens"]
+    as_chat = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
+                else "".join(p["text"] for p in m["content"])} for m in messages]
+    as_chat = [dict(m, content=typed_text(m["content"], gen.template)) if m["role"] == "user" else m for m in as_chat]
+    assert theirs == gen.prompt_ids(as_chat).tolist(), prompt
