@@ -1,4 +1,5 @@
 """`qilin-lite export gguf RUN_DIR OUT_DIR`: a trained model -> two GGUF files llama.cpp and Ollama run on a CPU.
+(`qilin-lite export vllm RUN_DIR OUT_DIR`, a directory vLLM serves, is described in vllm.py.)
 
 In:  any directory `chat` accepts: a lora / qlora / align run (merged first, unquantized, as `merge` does) or a full,
      merged, converted or base Llava directory. The LLM must be LLaMA-shaped with LLaMA's SentencePiece
@@ -22,10 +23,11 @@ What llama.cpp does differently (said in OUT_DIR/README.md):
 """
 
 from .cli import export_gguf, model_name, register
+from .vllm import VLLM_LLAVA_KEYS, export_vllm, vllm_key
 from .gguf import check_exportable, vision_layers_used, write_llm, write_mmproj
 from .quantize import QUANTS, find_quantizer, quantize
 from .templates import NOTICE, export_readme, ollama_modelfile
 
 __all__ = ["NOTICE", "QUANTS", "check_exportable", "export_gguf", "export_readme",
            "find_quantizer", "model_name", "ollama_modelfile", "quantize", "register",
-           "vision_layers_used", "write_llm", "write_mmproj"]
+           "VLLM_LLAVA_KEYS", "export_vllm", "vision_layers_used", "vllm_key", "write_llm", "write_mmproj"]

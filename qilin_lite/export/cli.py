@@ -1,4 +1,5 @@
-"""`qilin-lite export gguf RUN_DIR OUT_DIR`: the steps in order (merge if needed, write, quantize, templates).
+"""`qilin-lite export gguf RUN_DIR OUT_DIR`: the steps in order (merge if needed, write, quantize, templates);
+`qilin-lite export vllm RUN_DIR OUT_DIR`: registered here, written in vllm.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..errors import UserError
 from .gguf import Exported, Weights, check_exportable, write_llm, write_mmproj
 from .quantize import QUANTS, find_quantizer, quantize
 from .templates import export_readme, ollama_modelfile
+from .vllm import export_vllm
 
 log = logging.getLogger(__name__)
 
@@ -148,3 +150,15 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"exported: {done.model}\n          {done.mmproj}\n          {done.modelfile}")
         typer.echo(f"next: llama-mtmd-cli -m {done.model} --mmproj {done.mmproj} --jinja --image IMAGE.png -p QUESTION "
                    f"--temp 0  (see {done.readme})")
+
+    @export_app.command("vllm")
+    def vllm_command(
+        run_dir: Annotated[Path, typer.Argument(help="a tune run (a LoRA/QLoRA run is merged first), or a full, "
+                                                "merged or converted model")],
+        out_dir: Annotated[Path, typer.Argument(help="new directory for the weights, config, tokenizer and processor")],
+    ):
+        """A directory vLLM serves: merged weights in the names vLLM's loader reads, the run's chat template."""
+        done = export_vllm(run_dir, out_dir)
+        typer.echo(f"exported: {done}")
+        typer.echo(f"next: python -m vllm.entrypoints.openai.api_server --model {done}  (vLLM's OpenAI-compatible "
+                   "server; send each image as an image_url part)")
