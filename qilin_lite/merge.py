@@ -4,8 +4,9 @@ In:  a lora or qlora run (a base + a peft adapter that also holds the trained pr
      projector.safetensors), as `qilin-lite align` / `tune` wrote it.
 Out: OUT_DIR with safetensors shards, config, generation config, tokenizer, image processor and a LlavaProcessor
      carrying the run's chat template, plus qilin.json (kind "merged", the run's template and image mode).
-     Plain `LlavaForConditionalGeneration.from_pretrained(OUT_DIR)` + `AutoProcessor` load it, as do serving stacks
-     that know nothing of peft, and `qilin-lite chat --model OUT_DIR`.
+     Plain `LlavaForConditionalGeneration.from_pretrained(OUT_DIR)` + `AutoProcessor` load it, as do `transformers
+     serve` and `qilin-lite chat --model OUT_DIR`; vLLM reads the tower under other names (`export vllm` writes
+     those, export/vllm.py).
 
 QLoRA: the adapter was trained against NF4 weights, but the merge folds it into the base reloaded unquantized, in the
 run's dtype. Dequantizing the 4-bit weights instead would bake their rounding error into every merged weight.
