@@ -87,3 +87,38 @@ def test_flags_are_checked_before_any_work(tiny_data, align_run, tmp_path, monke
     with pytest.raises(UserError, match="align run"):
         run_stage(tiny_recipe("align", "align", tmp_path / "a", tiny_data["align"], tiny_data["images"],
                               **{"data.eval_task": str(tiny_data["heldout"])}))
+
+
+@pytest.mark.slow
+def test_keep_best_after_a_resume_holds_the_best_step(tiny_data, align_run, tmp_path, monkeypatch):
+    """A run that crashed after evaluating step 5 resumes from its last checkpoint (step 4's, the best): step 5 is
+    scored again by the resumed run rather than taken from the stopped run's history, and the weights kept are the
+    best step's."""
+    import qilin_lite.eval.metrics as metrics
+    from qilin_lite.train.trainer import QilinTrainer
+
+    real, scripted = metrics.aggregate, iter([0.2, 0.3, 0.5, 0.9, 0.1, 0.15, 0.1])
+
+    def aggregate(items, answers):
+        out = real(items, answers)
+        out["groups"]["all"]["accuracy"] = next(scripted)
+        return out
+
+    class Crash(QilinTrainer):
+        def training_step(self, *a, **k):
+            if self.state.global_step == 5:
+                raise KeyboardInterrupt("the machine went away")
+            return super().training_step(*a, **k)
+
+    monkeypatch.setattr(metrics, "aggregate", aggregate)
+    recipe = _task_recipe(tmp_path / "tune", tiny_data, align_run, **{
+        "train.max_steps": 6, "train.eval_every": 1, "train.keep_best": True, "train.save_steps": 3,
+        "train.save_total_limit": 2})
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(recipe, trainer_cls=Crash)
+    out = run_stage(recipe, resume=True)
+    history = json.loads((out / "eval_history.json").read_text(encoding="utf-8"))
+    assert [(h["step"], h["value"]) for h in history] == [(1, 0.2), (2, 0.3), (3, 0.5), (4, 0.9), (5, 0.15), (6, 0.1)]
+    best = load_file(out / "checkpoint-4" / "adapter_model.safetensors")
+    final = load_file(out / "adapter_model.safetensors")
+    assert all(torch.equal(best[k], final[k]) for k in best)

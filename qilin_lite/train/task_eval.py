@@ -114,6 +114,12 @@ class TaskEval(TrainerCallback):
         except (ValueError, OSError):
             return []
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # a resumed run starts from its checkpoint's step: evaluations written after it (by the run that stopped)
+        # are asked again, so the history and the best checkpoint (restored with the trainer's state) agree
+        self.history = [h for h in self.history if h["step"] <= state.global_step]
+        return control
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
         last = state.max_steps and state.global_step >= state.max_steps
         due = self.every > 0 and state.global_step % self.every == 0
