@@ -84,6 +84,13 @@ def test_flags_are_checked_before_any_work(tiny_data, align_run, tmp_path, monke
         lines = [x for x in err.splitlines() if x.startswith("error:")]
         assert code == 2 and len(lines) == 1 and says in lines[0], (extra, err)
         assert not out.exists() or not any(out.iterdir())
+    for extra, says in ((["--packing"], "--eval-task with --packing"), (["--full", "--keep-best"], "--keep-best with --full")):
+        base_mode = [x for x in base if x != "--lora"] if "--full" in extra else base
+        out = tmp_path / f"o{len(list(tmp_path.iterdir()))}"
+        code, _, err = run_cli_captured(monkeypatch, capsys, *base_mode, "--out", out, "--eval-task",
+                                        str(tiny_data["heldout"]), *extra)
+        lines = [x for x in err.splitlines() if x.startswith("error:")]
+        assert code == 2 and len(lines) == 1 and says in lines[0], (extra, err)
     with pytest.raises(UserError, match="align run"):
         run_stage(tiny_recipe("align", "align", tmp_path / "a", tiny_data["align"], tiny_data["images"],
                               **{"data.eval_task": str(tiny_data["heldout"])}))
@@ -122,3 +129,18 @@ def test_keep_best_after_a_resume_holds_the_best_step(tiny_data, align_run, tmp_
     best = load_file(out / "checkpoint-4" / "adapter_model.safetensors")
     final = load_file(out / "adapter_model.safetensors")
     assert all(torch.equal(best[k], final[k]) for k in best)
+
+
+@pytest.mark.slow
+def test_a_bf16_lora_run_answers_under_the_trainers_autocast(tiny_data, align_run, tmp_path):
+    """bf16 weights with the fp32 trained projector (the recipes' default dtype): generate goes around accelerate's
+    autocast on the model's forward, so the callback answers inside the trainer's own autocast."""
+    out = run_stage(_task_recipe(tmp_path / "tune", tiny_data, align_run, **{
+        "model.dtype": "bfloat16", "train.max_steps": 2}))
+    history = json.loads((out / "eval_history.json").read_text(encoding="utf-8"))
+    assert [h["step"] for h in history] == [2] and 0 <= history[0]["value"] <= 1
+    rows = json.loads((out / "log_history.json").read_text(encoding="utf-8"))
+    # the task row is its own: the step's training metrics stay on the loss row
+    task_rows = [r for r in rows if "task_accuracy" in r]
+    assert task_rows and all("entropy" not in r and "loss" not in r for r in task_rows)
+    assert any("entropy" in r and "loss" in r for r in rows)

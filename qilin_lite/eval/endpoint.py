@@ -22,6 +22,7 @@ chat-completions server (vLLM, SGLang, llama.cpp's `llama-server`, `transformers
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import logging
@@ -145,7 +146,7 @@ class Client:
             with urllib.request.urlopen(req, timeout=min(self.timeout, 30)) as r:
                 reply = json.loads(r.read().decode("utf-8"))
             return reply if isinstance(reply, dict) else None
-        except (urllib.error.URLError, OSError, ValueError):
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):
             return None
 
     def reachable(self) -> None:
@@ -154,7 +155,7 @@ class Client:
                                    timeout=min(self.timeout, 30)).close()
         except urllib.error.HTTPError:
             return  # it answers: an endpoint it lacks is not a server that is down
-        except (urllib.error.URLError, OSError) as e:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             raise UserError(f"--endpoint {self.url}: cannot reach the server ({getattr(e, 'reason', e)}); start it "
                             "(README: Serving) or check the address") from None
 
@@ -179,7 +180,7 @@ class Client:
             except TimeoutError:
                 raise UserError(f"--endpoint {self.address}: no answer within --timeout {self.timeout:g} s; raise "
                                 "--timeout or lower --concurrency") from None
-            except (urllib.error.URLError, OSError) as e:
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
                 reason = getattr(e, "reason", e)
                 if isinstance(reason, TimeoutError):
                     raise UserError(f"--endpoint {self.address}: no answer within --timeout {self.timeout:g} s; "
@@ -250,8 +251,10 @@ def endpoint_generate(url: str, served_model: str, *, max_new_tokens: int = 64, 
                     answer = f.result()
                 except UserError as e:
                     raise PartialAnswers(str(e), answers) from None
-                if answer is None:  # skipped after a failure further on, reported by that one's future
-                    continue
+                if answer is None:  # skipped after a failure elsewhere: nothing after it is in order any more
+                    failed_at = next((g for g in futures if g.done() and g.exception() is not None), None)
+                    reason = str(failed_at.exception()) if failed_at is not None else "a request failed"
+                    raise PartialAnswers(reason, answers)
                 answers.append(answer)
         return answers
 

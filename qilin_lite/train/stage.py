@@ -73,8 +73,7 @@ def train_stage(recipe: Recipe, *, resume: bool = False, overwrite: bool = False
         task = None
         if task_items is not None:
             task = task_eval.TaskEval(recipe, task_items, tokenizer, image_processor, model.config, out, metric=metric)
-            task.attach(trainer)
-        train(trainer, out, resume)
+        train(trainer, out, resume, task)
         if task is not None:
             task_eval.finish(trainer, task)
         if attention is not None:  # the saved model attends as it was loaded; segments are for packed training only
@@ -303,11 +302,15 @@ def build_trainer(trainer_cls: type, recipe: Recipe, model, tokenizer, data: Dat
     return trainer
 
 
-def train(trainer, out: Path, resume: bool) -> None:
-    """Run the Trainer (from the last complete checkpoint with --resume); a SIGTERM stop raises Stopped."""
+def train(trainer, out: Path, resume: bool, task=None) -> None:
+    """Run the Trainer (from the last complete checkpoint with --resume); a SIGTERM stop raises Stopped. `task`: a
+    task_eval.TaskEval, attached last: a SIGTERM save is asked for before a benchmark is answered, and a save the
+    non-finite guard cancels is never marked the best checkpoint."""
     preemption, guard = Preemption(), NonFinite()
     trainer.add_callback(preemption)
     trainer.add_callback(guard)  # after Preemption: it can cancel the save a SIGTERM asked for
+    if task is not None:
+        task.attach(trainer)
     start = last_checkpoint(out) if resume else None
     if resume and start is None:
         log.warning("--resume: %s has no checkpoint yet; training from the start", out)

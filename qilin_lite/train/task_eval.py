@@ -83,6 +83,14 @@ def check(recipe, sharded: bool) -> None:
     if sharded:
         raise UserError("--eval-task: a model sharded by FSDP or ZeRO-3 cannot answer on one process; evaluate the "
                         "checkpoints with qilin-lite eval instead")
+    if recipe.data.packing:
+        # packed training switches the language model to per-sample attention, which cannot decode
+        raise UserError("--eval-task with --packing: packed rows train with an attention that cannot generate "
+                        "answers; drop one of them (evaluate the checkpoints with qilin-lite eval)")
+    if recipe.train.keep_best and recipe.train.mode == "full":
+        # a full checkpoint is saved in the release's key names, which the Trainer's reload does not map back
+        raise UserError("--keep-best with --full: reloading a full checkpoint's weights is not checked here yet; "
+                        "use --lora / --qlora, or pick the best checkpoint from eval_history.json")
 
 
 class TaskEval(TrainerCallback):
@@ -125,6 +133,8 @@ class TaskEval(TrainerCallback):
         due = self.every > 0 and state.global_step % self.every == 0
         if not (due or last) or any(h["step"] == state.global_step for h in self.history):
             return control
+        if control.should_training_stop and not last:  # a SIGTERM or non-finite stop: save and go, answer nothing
+            return control
         # every process answers (each holds the whole model; sharded ones are refused): all reach the same score and
         # so the same save decision, which the processes must agree on
         score = self.evaluate(model, state)
@@ -150,18 +160,24 @@ class TaskEval(TrainerCallback):
                         token_layout(unwrapped.config, max_length=10**9), max_new_tokens=MAX_NEW_TOKENS,
                         temperature=0.0)
         answers: list[str] = []
+        # accelerate puts autocast on the prepared model's forward only; generate goes around it, and in bf16 the
+        # fp32 trained projector would meet bf16 image features
         try:
-            for start in range(0, len(self.items), BATCH):
-                batch = self.items[start: start + BATCH]
-                answers += gen.generate([conversation_for(it, gen.template) for it in batch],
-                                        [it.shown(gen.template) for it in batch])
+            with self.trainer.accelerator.autocast():
+                for start in range(0, len(self.items), BATCH):
+                    batch = self.items[start: start + BATCH]
+                    answers += gen.generate([conversation_for(it, gen.template) for it in batch],
+                                            [it.shown(gen.template) for it in batch])
         finally:
             unwrapped.train(was_training)
         metrics = aggregate(self.items, answers)["groups"]["all"]
         value = float(metrics[self.metric])
         low, high = metrics.get("ci95", {}).get(self.metric, (None, None))
         logs = {f"task_{self.metric}": value, f"task_{self.metric}_ci_low": low, f"task_{self.metric}_ci_high": high}
-        self.trainer.log({k: v for k, v in logs.items() if v is not None})
+        # transformers' own log: trl's would hand this row the step's pending training metrics (entropy, tokens)
+        from transformers import Trainer
+
+        Trainer.log(self.trainer, {k: v for k, v in logs.items() if v is not None})
         self.history.append({"step": state.global_step, "epoch": state.epoch, "metric": self.metric, "value": value,
                              "ci95": [low, high], "n": len(self.items), "metrics": metrics})
         if not state.is_world_process_zero:
