@@ -58,16 +58,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def reply_chat_completion(handler, content: str) -> None:
-    """Answer an http.server request as an OpenAI-compatible chat endpoint does (the fake translator and judge)."""
+def reply_json(handler, obj) -> None:
+    """Answer an http.server request with `obj` as JSON (status 200)."""
     import json
 
-    data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+    data = json.dumps(obj).encode()
     handler.send_response(200)
     handler.send_header("Content-Type", "application/json")
     handler.send_header("Content-Length", str(len(data)))
     handler.end_headers()
     handler.wfile.write(data)
+
+
+def reply_chat_completion(handler, content: str) -> None:
+    """Answer an http.server request as an OpenAI-compatible chat endpoint does (the fake translator and judge)."""
+    reply_json(handler, {"choices": [{"message": {"role": "assistant", "content": content}}]})
 
 
 @contextlib.contextmanager

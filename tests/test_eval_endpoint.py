@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port, reply_chat_completion
+from conftest import free_port, reply_chat_completion, reply_json
 from PIL import Image
 
 from qilin_lite.errors import UserError
@@ -82,15 +82,6 @@ class FakeServer:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
-
-
-def reply_json(handler, obj):
-    data = json.dumps(obj).encode()
-    handler.send_response(200)
-    handler.send_header("Content-Type", "application/json")
-    handler.send_header("Content-Length", str(len(data)))
-    handler.end_headers()
-    handler.wfile.write(data)
 
 
 @pytest.fixture
