@@ -139,6 +139,57 @@ def test_sigterm_saves_at_the_step_boundary_exits_0_and_resumes(tmp_path, tiny_b
         assert (ref[k] == got[k]).all(), k
 
 
+@pytest.mark.slow
+def test_a_full_run_killed_resumes_to_the_same_weights(tmp_path, tiny_base, tiny_data):
+    """--full checkpoints are saved under the release's key names; the Trainer's own reload maps none of them back
+    and went on from the base weights without an error (fails without trainer.load_full_checkpoint)."""
+    from conftest import tiny_recipe
+    from safetensors.torch import load_file
+
+    from qilin_lite.train.stage import run_stage
+
+    args = {**_recipe_args(tiny_base, tiny_data, tmp_path / "ref", True), "mode": "full", "train.lr": 1e-3}
+    pos, kw = _tiny_kwargs(args)
+    with _one_thread():
+        run_stage(tiny_recipe(*pos, **kw))
+    out = tmp_path / "run"
+    args["out"] = str(out)
+    r = _interrupted(tmp_path, args, 6, "SIGKILL")
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert (out / "checkpoint-5" / "model.safetensors").is_file()
+    pos, kw = _tiny_kwargs(args)
+    with _one_thread():
+        run_stage(tiny_recipe(*pos, **kw), resume=True)
+    ref, got = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert (ref[k] == got[k]).all(), k
+
+
+def test_a_full_checkpoint_of_another_model_is_one_line(tmp_path, tiny_base):
+    from safetensors.torch import save_file
+    from transformers import AutoModelForImageTextToText
+
+    from qilin_lite.errors import UserError
+    from qilin_lite.train.trainer import load_full_checkpoint
+
+    model = AutoModelForImageTextToText.from_pretrained(str(tiny_base))
+    model.save_pretrained(tmp_path)
+    state = load_file_all(tmp_path / "model.safetensors")
+    state.pop(next(k for k in state if "multi_modal_projector" in k))
+    state["something.else"] = next(iter(state.values())).clone()
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(UserError, match=r"does not match the model \(1 weights missing, e\.g\. "
+                                        r"model\.multi_modal_projector.*1 unknown, e\.g\. something\.else"):
+        load_full_checkpoint(model, tmp_path)
+
+
+def load_file_all(path):
+    from safetensors.torch import load_file
+
+    return {k: v.clone() for k, v in load_file(str(path)).items()}
+
+
 def test_resume_skips_a_checkpoint_cut_short_while_saving(tmp_path, caplog):
     from qilin_lite.errors import UserError
     from qilin_lite.train.trainer import COMPLETE, last_checkpoint

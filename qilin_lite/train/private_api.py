@@ -30,6 +30,10 @@ transformers
   align with a 4-bit LLM trains the full-precision projector, so the flag is set for the constructor only.
 - `PreTrainedModel._no_split_modules` (`no_split_modules`): the layer classes FSDP wraps one by one.
 - A model's `forward` replaced on the instance (`replace_forward`), as trl's own fused head does it.
+- `transformers.core_model_loading.revert_weight_conversion` (`saved_names`): `save_pretrained` writes a
+  checkpoint under the release's key names (`language_model.model.*` for Llava), while the Trainer's reload of a
+  full checkpoint calls `load_state_dict(strict=False)` with them and so loads nothing. The function is the one
+  save_pretrained applies; transformers exports no public name-mapping for a live model.
 
 accelerate
 - `PartialState._shared_state` (`mark_fsdp`): accelerate turns FSDP on for accelerator devices only; on CPU processes
@@ -148,6 +152,8 @@ def _needs() -> list[tuple[str, str, object]]:
         ("transformers", "PretrainedConfig._attn_implementation (a settable property)", config_attention),
         ("transformers", "the _hf_peft_config_loaded training guard", peft_flag),
         ("transformers", "PreTrainedModel._no_split_modules", no_split),
+        ("transformers", "transformers.core_model_loading.revert_weight_conversion",
+         imports("transformers.core_model_loading", "revert_weight_conversion")),
         ("accelerate", "PartialState._shared_state", shared_state),
     ]
 
@@ -289,6 +295,18 @@ def length_grouped_indices(lengths, group_size: int, generator):
 def no_split_modules(model) -> list[str]:
     """The layer class names a model says must not be split across devices (FSDP's units)."""
     return list(getattr(model, "_no_split_modules", None) or [])
+
+
+def saved_names(model) -> dict[str, str]:
+    """{a name in `model.state_dict()`: the name `save_pretrained` writes it under}. A placeholder tensor per name goes
+    through the same reversal save_pretrained applies, so renames are followed by identity; a conversion that
+    rebuilds tensors (fused experts) leaves its names unmapped and the caller refuses them."""
+    import torch
+    from transformers.core_model_loading import revert_weight_conversion
+
+    live = {k: torch.empty(0) for k in model.state_dict()}
+    by_id = {id(v): k for k, v in live.items()}
+    return {by_id[id(v)]: k for k, v in revert_weight_conversion(model, dict(live)).items() if id(v) in by_id}
 
 
 # ---------------------------------------------------------------- accelerate

@@ -87,10 +87,6 @@ def check(recipe, sharded: bool) -> None:
         # packed training switches the language model to per-sample attention, which cannot decode
         raise UserError("--eval-task with --packing: packed rows train with an attention that cannot generate "
                         "answers; drop one of them (evaluate the checkpoints with qilin-lite eval)")
-    if recipe.train.keep_best and recipe.train.mode == "full":
-        # a full checkpoint is saved in the release's key names, which the Trainer's reload does not map back
-        raise UserError("--keep-best with --full: reloading a full checkpoint's weights is not checked here yet; "
-                        "use --lora / --qlora, or pick the best checkpoint from eval_history.json")
 
 
 class TaskEval(TrainerCallback):

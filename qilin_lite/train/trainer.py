@@ -313,9 +313,49 @@ class QilinTrainer(private_api.TrainerHooks, SFTTrainer):
         return super().save_training_state(output_dir, model_too=model_too)
 
     def load_weights(self, resume_from_checkpoint, model=None):
-        if not self.align_only:
+        if self.align_only:
+            load_projector(model or self.model, Path(resume_from_checkpoint) / PROJECTOR_FILE)
+        elif full_checkpoint(Path(resume_from_checkpoint)) and not self.is_fsdp_enabled:
+            # FSDP reloads its own state dict, in the model's names; the plain path needs the names mapped
+            load_full_checkpoint(model or self.model, Path(resume_from_checkpoint))
+        else:
             return super().load_weights(resume_from_checkpoint, model)
-        load_projector(model or self.model, Path(resume_from_checkpoint) / PROJECTOR_FILE)
+
+
+def full_checkpoint(path: Path) -> bool:
+    """A checkpoint holding the whole model (--full), not an adapter."""
+    return (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+
+
+def load_full_checkpoint(model, path: Path) -> None:
+    """Load a --full checkpoint into `model`, every tensor or a one-line refusal. The Trainer's own reload passes the
+    saved names (the release's: `language_model.model.*` for Llava) to a non-strict load_state_dict, which then
+    loads nothing and says so in a warning only: a resumed full run went on from the base weights."""
+    import json
+
+    from ..weights import open_safetensors
+
+    to_live = {saved: live for live, saved in private_api.saved_names(model).items()}
+    if (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    else:
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        files = [path / f for f in sorted(set(index["weight_map"].values()))]
+    keys = {}
+    for f in files:
+        with open_safetensors(f, "checkpoint") as h:
+            keys[f] = list(h.keys())
+    saved = {k for ks in keys.values() for k in ks}
+    unexpected = sorted(saved - set(to_live))
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    missing = sorted(set(model.state_dict()) - {to_live[k] for k in saved if k in to_live} - tied)
+    if missing or unexpected:
+        raise UserError(f"{path}: the checkpoint does not match the model ({len(missing)} weights missing, e.g. "
+                        f"{(missing or ['-'])[0]}; {len(unexpected)} unknown, e.g. {(unexpected or ['-'])[0]}); "
+                        "resume with the transformers version and recipe that wrote it")
+    for f in files:  # a shard at a time: a 13B checkpoint is not held twice in memory
+        with open_safetensors(f, "checkpoint") as h:
+            model.load_state_dict({to_live[k]: h.get_tensor(k) for k in keys[f]}, strict=False)
 
 
 def sharded_fraction(model) -> float:
