@@ -188,11 +188,12 @@ def _register_extensions() -> None:
     from .export.cli import register as export
     from .merge import register as merge
     from .plan.cli import register as plan
+    from .prefer.cli import register as prefer
     from .serve.chat import register as chat
     from .serve.image_file import register as image
     from .serve.web import register as web
 
-    for register in (image, chat, merge, convert, export, evaluate, data, plan, web):
+    for register in (image, chat, merge, convert, export, evaluate, data, plan, web, prefer):
         register(app)
 
 
@@ -238,7 +239,7 @@ def main() -> None:
 
         full = disk_full(e)
         if full:  # an operator's problem, not a bug: one line, and how to go on
-            training = len(sys.argv) > 1 and sys.argv[1] in ("align", "tune")
+            training = len(sys.argv) > 1 and sys.argv[1] in ("align", "tune", "prefer")
             typer.echo(f"error: the disk is full ({full}); free space, then run the same command again"
                        + (" with --resume: training goes on from the last checkpoint saved completely"
                           if training else ""), err=True)

@@ -148,6 +148,11 @@ class TrainSection:
     eval_task_metric: str = setting("auto", choice(("auto", "accuracy", "closed_strict", "closed_llavamed",
                                                     "short_accuracy", "open_recall", "rougeL")))
     keep_best: bool = setting(False, FLAG)  # the finished run holds the weights of the best data.eval_task score
+    # prefer (DPO): how far the policy may move from the reference, and trl's DPOConfig.loss_type (a comma list mixes
+    # several, equally weighted); the projector trains in tune and stays frozen in prefer unless "train"
+    beta: float = setting(0.1, number(0, lo_open=True))
+    dpo_loss: str = setting("sigmoid", TEXT)
+    projector: str = setting("auto", choice(("auto", "train", "freeze")))
     # auto: TensorBoard when installed; none; or wandb, swanlab, tensorboard, ... (comma list; args.report_targets)
     report_to: str = setting("auto", TEXT)
     deepspeed: str | None = setting(None, PATH)  # a DeepSpeed JSON (paper: ZeRO-2 for align, ZeRO-3 for tune)
@@ -188,7 +193,7 @@ class TrainSection:
 
 @dataclass
 class Recipe:
-    stage: str = setting("align", choice(("align", "tune")))
+    stage: str = setting("align", choice(("align", "tune", "prefer")))
     output_dir: str | None = setting(None, PATH)
     reproduces: str = setting("", ANY_TEXT)  # what the recipe reproduces, e.g. "paper stage 1: global batch 256, lr 1e-3"
     model: ModelSection = field(default_factory=ModelSection)
@@ -211,6 +216,30 @@ class Recipe:
         """4 when the LLM is loaded in NF4 (qlora, or align with model.load_4bit), else None."""
         return llm_bits(self.train.mode, self.model.load_4bit)
 
+    @property
+    def dpo_losses(self) -> list[str]:
+        """train.dpo_loss as trl's DPOConfig.loss_type list, checked against the types the installed trl offers."""
+        import dataclasses as dc
+        import re
+
+        from trl import DPOConfig
+
+        # the installed trl's own list, from the field's help ("Possible values are: `'sigmoid'`, ...")
+        field_ = next((f for f in dc.fields(DPOConfig) if f.name == "loss_type"), None)
+        text = field_.metadata.get("help", "") if field_ is not None else ""
+        offered = re.findall(r"`'([a-z_]+)'`", text.split("If multiple")[0])
+        wanted = [w.strip() for w in self.train.dpo_loss.split(",") if w.strip()]
+        bad = [w for w in wanted if offered and w not in offered]
+        if not wanted or bad:
+            raise UserError(f"train.dpo_loss '{self.train.dpo_loss}': choose from {', '.join(offered) or 'sigmoid'} "
+                            "(a comma list mixes several)")
+        return wanted
+
+    @property
+    def projector_trains(self) -> bool:
+        """Whether the projector learns beside the LoRA / full LLM: tune yes, prefer no, unless train.projector says."""
+        return self.train.projector == "train" or (self.train.projector == "auto" and self.stage == "tune")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -221,8 +250,13 @@ class Recipe:
             check_fields(section, prefix)
         if self.stage == "align" and self.train.mode != "align":
             raise UserError(f"stage align trains the projector only; train.mode must be align, not '{self.train.mode}'")
-        if self.stage == "tune" and self.train.mode == "align":
-            raise UserError("stage tune needs a mode: pass --lora, --qlora or --full")
+        if self.stage in ("tune", "prefer") and self.train.mode == "align":
+            raise UserError(f"stage {self.stage} needs a mode: pass --lora, --qlora or --full")
+        if self.stage == "prefer":
+            if not (self.model.from_run or self.model.base):
+                raise UserError("prefer starts from a trained model: pass --from RUN (a tune, merged, full or "
+                                "converted run, or a released model)")
+            self.dpo_losses  # noqa: B018 (raises on a bad value)
         if self.model.load_4bit and self.stage != "align":
             raise UserError("model.load_4bit is for align; for tuning use --qlora")
         if self.train.fsdp:

@@ -21,6 +21,18 @@ def register(app: typer.Typer) -> None:
     app.add_typer(data_app, name="data")
 
 
+@data_app.command("pairs")
+def pairs_cmd(
+    eval_dir: Annotated[Path, typer.Argument(help="an output directory of qilin-lite eval (its predictions.jsonl)")],
+    out: Annotated[Path, typer.Option("--out", help="new JSONL file of preference pairs for qilin-lite prefer")],
+):
+    """Preference pairs from an eval run: each wrong answer rejected, the reference answer chosen."""
+    from ..prefer.pairs import pairs_from_eval
+
+    n = pairs_from_eval(eval_dir, out)
+    typer.echo(f"{n} pairs written to {out}  (next: qilin-lite prefer --from RUN --data {out})")
+
+
 @data_app.command("build")
 def build_cmd(
     inputs: Annotated[list[Path], typer.Argument(help="sources: PMC-OA / PMC-CaseReport / PMC-VQA / ChiMed-VL files (JSONL, JSON, CSV, Parquet)")],

@@ -290,6 +290,22 @@ def make_demo_data(out_dir: Path, spec: DemoDataSpec = DemoDataSpec()) -> dict[s
     return paths
 
 
+def make_demo_pairs(split_file: Path, out_file: Path, seed: int = 0) -> Path:
+    """Preference pairs from a split's dialogs (for `prefer`): the prompt up to the last question, its answer
+    chosen and another option of the same question rejected."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for rec in json.loads(Path(split_file).read_text(encoding="utf-8")):
+        turns, answer = rec["conversations"][:-1], rec["conversations"][-1]["value"]
+        options = next(c for c in CHOICES.values() if answer in c)
+        wrong = [o for o in options if o != answer]
+        rows.append({"id": rec["id"], "images": [rec["image"]], "conversations": turns,
+                     "chosen": {"from": "gpt", "value": answer},
+                     "rejected": {"from": "gpt", "value": wrong[int(rng.integers(len(wrong)))]}})
+    Path(out_file).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return Path(out_file)
+
+
 def demo_texts(spec: DemoDataSpec = DemoDataSpec()) -> list[str]:
     """Every caption, question and answer the demo can produce: text for the tiny tokenizer and LM warm-up."""
     texts = {_caption(f, spec, t) for f in _findings(spec) for t in CAPTIONS}

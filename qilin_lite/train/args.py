@@ -16,10 +16,32 @@ from ..errors import UserError
 def sft_config(recipe: Recipe, out: Path, wrap: list[str] | None = None):
     from trl import SFTConfig
 
+    return SFTConfig(
+        **trainer_settings(recipe, out, wrap),
+        dataset_kwargs={"skip_prepare_dataset": True},  # tokenized and truncated by encoding.py
+    )
+
+
+def dpo_config(recipe: Recipe, out: Path, wrap: list[str] | None = None):
+    """prefer's settings: the same Trainer settings as tune's, and DPO's own (beta, the loss types). The reference's
+    log-probabilities are computed beside the policy's in each step (not precomputed: the pairs carry images)."""
+    from trl import DPOConfig
+
+    return DPOConfig(
+        **trainer_settings(recipe, out, wrap),
+        beta=recipe.train.beta,
+        loss_type=recipe.dpo_losses,
+        precompute_ref_log_probs=False,
+        disable_dropout=True,  # trl's default: the policy and its reference then score a pair the same way at step 0
+    )
+
+
+def trainer_settings(recipe: Recipe, out: Path, wrap: list[str] | None = None) -> dict:
+    """The transformers Trainer settings every stage shares, from the recipe."""
     tr = recipe.train
     cuda = torch.cuda.is_available()
     report = report_targets(tr.report_to)
-    return SFTConfig(
+    return dict(
         output_dir=str(out),
         per_device_train_batch_size=tr.per_device_batch,
         gradient_accumulation_steps=tr.grad_accum(world_size()),
@@ -50,7 +72,6 @@ def sft_config(recipe: Recipe, out: Path, wrap: list[str] | None = None):
         report_to=report,
         dataloader_num_workers=recipe.data.num_workers,
         remove_unused_columns=False,  # our collator needs every field; nothing unused reaches it
-        dataset_kwargs={"skip_prepare_dataset": True},  # tokenized and truncated by encoding.py
         max_length=None,
         use_cpu=not cuda,
     )

@@ -12,6 +12,10 @@ trl
 - `SFTTrainer._total_train_tokens`, `_tp_size`, `_metrics` (`add_train_tokens`): the lean micro-batches skip trl's
   compute_loss, so the tokens they saw are added to trl's count when a log is written; trl's log reads `_metrics`.
 
+- `DPOTrainer._prepare_dataset` (`PreparedPairs`): DPOTrainer tokenizes every text dataset itself and has no
+  setting to skip it (SFTConfig's `skip_prepare_dataset` has no DPO twin); prefer's pairs arrive encoded by the
+  family's own template (prefer/pairs.py), so the hook returns them as they are.
+
 transformers
 - `Trainer._get_train_sampler`, `_save`, `_save_optimizer_and_scheduler`, `_load_from_checkpoint` (`TrainerHooks`):
   the only places to choose the training sampler (`get_train_dataloader` would have to be copied whole) and to make
@@ -135,6 +139,11 @@ def _needs() -> list[tuple[str, str, object]]:
 
         return hasattr(PreTrainedModel, "_no_split_modules")
 
+    def dpo_prepare():
+        from trl import DPOTrainer
+
+        return callable(getattr(DPOTrainer, "_prepare_dataset", None))
+
     def shared_state():
         from accelerate import PartialState
 
@@ -143,6 +152,7 @@ def _needs() -> list[tuple[str, str, object]]:
     return [
         ("trl", "trl.trainer.utils.add_fused_lm_head", imports("trl.trainer.utils", "add_fused_lm_head")),
         ("trl", "trl.trainer.utils.FusedCausalLMOutput", imports("trl.trainer.utils", "FusedCausalLMOutput")),
+        ("trl", "DPOTrainer._prepare_dataset", dpo_prepare),
         ("trl", "SFTTrainer's _metrics / _total_train_tokens / _tp_size",
          sets("trl.trainer.sft_trainer", "_metrics", "_total_train_tokens", "_tp_size")),
         ("transformers", "Trainer." + " / ".join(HOOKS), trainer_has(*HOOKS)),
@@ -192,6 +202,13 @@ def add_train_tokens(trainer, seen: int) -> None:
     count where its log reads it."""
     trainer._total_train_tokens += seen // trainer._tp_size
     trainer._metrics["train"]["num_tokens"] = [trainer._total_train_tokens]
+
+
+class PreparedPairs:
+    """A mixin before trl's DPOTrainer: the dataset it is given is already encoded (prefer/pairs.py)."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset
 
 
 # ---------------------------------------------------------------- transformers

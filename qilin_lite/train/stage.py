@@ -146,7 +146,7 @@ def settle_template(recipe: Recipe) -> None:
         # a released model aligns in its own format where it has no captioning one (Qwen2.5-VL); a Llava in `plain`
         d.template = family_at(m.base, m.trust_remote_code).align_template
         return
-    if d.template or recipe.stage != "tune":
+    if d.template or recipe.stage not in ("tune", "prefer"):
         return
     source = m.base
     if m.from_run:
@@ -217,7 +217,8 @@ def load_model(recipe: Recipe, out: Path):
 
     set_seed(tr.seed)
     lora = LoraSettings(tr.lora_r, tr.lora_alpha, tr.lora_dropout)
-    model = configure(model, tr.mode, lora, gradient_checkpointing=tr.gradient_checkpointing)
+    model = configure(model, tr.mode, lora, gradient_checkpointing=tr.gradient_checkpointing,
+                      projector_trains=recipe.stage == "align" or recipe.projector_trains)
     if not tr.deepspeed:
         trainable_to_fp32(model)
     log.info(trainable_summary(model))

@@ -38,7 +38,10 @@ class LoraSettings:
             raise UserError(f"LoRA settings out of range: r={self.r} alpha={self.alpha} dropout={self.dropout}")
 
 
-def configure(model, mode: str, lora: LoraSettings | None = None, gradient_checkpointing: bool = False):
+def configure(model, mode: str, lora: LoraSettings | None = None, gradient_checkpointing: bool = False,
+              projector_trains: bool = True):
+    """`projector_trains` False (prefer's default): the projector stays as it came; with LoRA it still rides in the
+    adapter (modules_to_save), frozen, so the run's directory carries the projector it started from."""
     if mode not in MODES:
         raise UserError(f"unknown training mode '{mode}'; choose one of {', '.join(MODES)}")
     model.requires_grad_(False)
@@ -59,14 +62,23 @@ def configure(model, mode: str, lora: LoraSettings | None = None, gradient_check
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, cfg)
+        if not projector_trains:
+            freeze_projector(model)
         if gradient_checkpointing:
             model.enable_input_require_grads()
         return model
-    model.get_submodule(family.projector).requires_grad_(True)
+    model.get_submodule(family.projector).requires_grad_(mode == "align" or projector_trains)
     if mode == "full":
         model.get_submodule(family.llm).requires_grad_(True)
         model.lm_head.requires_grad_(True)
     return model
+
+
+def freeze_projector(model) -> None:
+    """The projector's copy inside a peft adapter (modules_to_save) made frozen; LoRA matrices untouched."""
+    from ..model import projector_of
+
+    projector_of(model).requires_grad_(False)
 
 
 def norms_to_fp32(model) -> int:
