@@ -212,3 +212,28 @@ def test_saved_processor_prompts_like_training(lora_run):
             {"role": "user", "content": "这是什么类型的影像？"}]
     jinja = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert jinja == render(msgs, TEMPLATES["vicuna_v1"], add_generation_prompt=True).text
+
+
+def test_a_4bit_model_that_answers_mid_training_keeps_differentiable_kernels(tiny_data, align_run, tmp_path):
+    """An eval-mode forward (evaluation, --eval-task, reinforce's sampling) must not switch a QLoRA model's 4-bit
+    layers to bitsandbytes' CPU inference kernel, which has no autograd formula."""
+    import warnings
+
+    import torch
+    from conftest import tiny_recipe
+
+    from qilin_lite.train.stage import load_model
+
+    r = tiny_recipe("tune", "qlora", tmp_path / "o", tiny_data["tune"], tiny_data["images"],
+                    **{"model.from_run": str(align_run)})
+    _, model, _, _ = load_model(r, tmp_path / "o")
+    ids = torch.randint(5, 50, (2, 12))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert not [w for w in seen if "autograd kernel was not registered" in str(w.message)]
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)

@@ -37,7 +37,7 @@ from ..images.pixel_values import set_pixel_bounds
 from .packing import PackedDataset, choose_packing
 from .collator import Collator
 from .dataset import as_hf_dataset
-from .stages import LoraSettings, configure, trainable_summary
+from .stages import LoraSettings, configure, keep_4bit_differentiable, trainable_summary
 from .args import check_deepspeed, check_optimizer, fsdp_units, report_targets, sft_config
 from .data import build_dataset
 from . import task_eval
@@ -146,7 +146,7 @@ def settle_template(recipe: Recipe) -> None:
         # a released model aligns in its own format where it has no captioning one (Qwen2.5-VL); a Llava in `plain`
         d.template = family_at(m.base, m.trust_remote_code).align_template
         return
-    if d.template or recipe.stage not in ("tune", "prefer"):
+    if d.template or recipe.stage not in ("tune", "prefer", "reinforce"):
         return
     source = m.base
     if m.from_run:
@@ -207,6 +207,8 @@ def load_model(recipe: Recipe, out: Path):
     # skips the packed-sequence detection, so packed samples would silently attend to each other.
     model.config.use_cache = False
     model.config.get_text_config().use_cache = False
+    if recipe.llm_bits:  # evaluation mid-training (--eval-data, --eval-task) must not repack the 4-bit weights
+        keep_4bit_differentiable(model)
     tokenizer, image_processor = load_tokenizer_and_processor(base)
     set_pixel_bounds(image_processor, recipe.data.min_pixels, recipe.data.max_pixels)  # saved with the run
     if projector is not None:

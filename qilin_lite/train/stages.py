@@ -74,6 +74,21 @@ def configure(model, mode: str, lora: LoraSettings | None = None, gradient_check
     return model
 
 
+def keep_4bit_differentiable(model) -> int:
+    """bitsandbytes repacks a 4-bit layer's weight for its CPU inference kernel the first time the layer runs in
+    eval mode on a CPU with AVX512-BF16, and keeps it so: every later training forward then goes through a kernel
+    with no autograd formula. torch 2.13 still differentiates it through a deprecated fallback (the gradients match
+    here) and warns "may lead to silently incorrect behavior ... will be removed". A model that answers while it
+    trains (--eval-data, --eval-task, reinforce's rollouts) keeps its training kernels instead. Returns the layers
+    told so."""
+    told = 0
+    for m in model.modules():
+        if getattr(m, "support_avx512bf16_for_cpu", False):
+            m.support_avx512bf16_for_cpu = False
+            told += 1
+    return told
+
+
 def freeze_projector(model) -> None:
     """The projector's copy inside a peft adapter (modules_to_save) made frozen; LoRA matrices untouched."""
     from ..model import projector_of
