@@ -14,6 +14,8 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import UserError, printable
+from .options import ImageFolder as Images, MaxLen, Overwrite, RecipeAttn as Attn, RecipeFile as Recipe, Resume, Sets
+from .options import OutDir as Out, SkipBad, given as _fields, main_process as _main_process
 
 app = typer.Typer(
     add_completion=False,
@@ -22,18 +24,9 @@ app = typer.Typer(
     help="Train and run Chinese medical vision-language models the Qilin-Med-VL way (align -> tune -> chat).",
 )
 
-Recipe = Annotated[Optional[Path], typer.Argument(help="recipe YAML (see recipes/); flags override its fields")]
 Data = Annotated[Optional[str], typer.Option("--data", help="training data: LLaVA JSON/JSONL or a HF dataset")]
-Images = Annotated[Optional[Path], typer.Option("--image-folder", help="folder the records' image names are relative to")]
-Out = Annotated[Optional[Path], typer.Option("--out", help="output directory (the contract later commands read)")]
-Sets = Annotated[Optional[list[str]], typer.Option("--set", help="override any recipe field: section.key=value")]
-Resume = Annotated[bool, typer.Option("--resume", help="continue an interrupted run from its last checkpoint")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace a finished run in --out (otherwise refused)")]
 EvalData = Annotated[Optional[str], typer.Option("--eval-data", help="held-out file (same format and image folder): eval loss while training")]
-SkipBad = Annotated[bool, typer.Option("--skip-bad", help="set bad records aside in OUT/rejects.jsonl instead of stopping")]
-MaxLen = Annotated[Optional[int], typer.Option("--max-length", help="tokens per sample, image tokens included")]
 Packing = Annotated[bool, typer.Option("--packing", help="pack several samples per row, no padding (batch counts rows)")]
-Attn = Annotated[Optional[str], typer.Option("--attn", help="auto (flash-attn on CUDA if installed, else sdpa) | sdpa | eager | flash_attention_2")]
 
 
 def _setup_logging() -> None:
@@ -42,15 +35,6 @@ def _setup_logging() -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("bitsandbytes", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-
-
-def _main_process() -> bool:
-    """Under torchrun every process runs the command; one of them reports."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _fields(**kw) -> dict:
-    return {k: v for k, v in kw.items() if v is not None and v is not False}
 
 
 @app.command()
@@ -168,14 +152,15 @@ def base(
 def demo(
     out: Annotated[Path, typer.Option("--out", help="new directory for the demo's data, models and metrics")] = Path("demo-out"),
     family: Annotated[str, typer.Option("--family", help="llava (the paper's CLIP + LLaMA) | qwen2.5-vl (a tiny Qwen2.5-VL in its own class, native resolution)")] = "llava",
+    stage: Annotated[str, typer.Option("--stage", help="sft (align -> tune) | reinforce (align -> tune stopped early -> GRPO) | prefer (align -> tune -> DPO)")] = "sft",
     set_: Sets = None,
 ):
     """End-to-end demo on synthetic data and a tiny model: align -> tune --qlora -> held-out accuracy."""
     from .demo.run import run_demo
 
-    m = run_demo(out, overrides=set_, family=family)
+    m = run_demo(out, overrides=set_, family=family, stage=stage)
     typer.echo(f"metrics: {out / 'metrics.json'}")
-    if m["accuracy_after"] < 0.9:
+    if stage == "sft" and m["accuracy_after"] < 0.9:
         typer.echo("note: accuracy after tuning is below 0.9; the demo expects >= 0.9", err=True)
 
 
@@ -189,11 +174,12 @@ def _register_extensions() -> None:
     from .merge import register as merge
     from .plan.cli import register as plan
     from .prefer.cli import register as prefer
+    from .reinforce.cli import register as reinforce
     from .serve.chat import register as chat
     from .serve.image_file import register as image
     from .serve.web import register as web
 
-    for register in (image, chat, merge, convert, export, evaluate, data, plan, web, prefer):
+    for register in (image, chat, merge, convert, export, evaluate, data, plan, web, prefer, reinforce):
         register(app)
 
 
@@ -239,7 +225,7 @@ def main() -> None:
 
         full = disk_full(e)
         if full:  # an operator's problem, not a bug: one line, and how to go on
-            training = len(sys.argv) > 1 and sys.argv[1] in ("align", "tune", "prefer")
+            training = len(sys.argv) > 1 and sys.argv[1] in ("align", "tune", "prefer", "reinforce")
             typer.echo(f"error: the disk is full ({full}); free space, then run the same command again"
                        + (" with --resume: training goes on from the last checkpoint saved completely"
                           if training else ""), err=True)

@@ -148,11 +148,23 @@ class TrainSection:
     eval_task_metric: str = setting("auto", choice(("auto", "accuracy", "closed_strict", "closed_llavamed",
                                                     "short_accuracy", "open_recall", "rougeL")))
     keep_best: bool = setting(False, FLAG)  # the finished run holds the weights of the best data.eval_task score
-    # prefer (DPO): how far the policy may move from the reference, and trl's DPOConfig.loss_type (a comma list mixes
-    # several, equally weighted); the projector trains in tune and stays frozen in prefer unless "train"
-    beta: float = setting(0.1, number(0, lo_open=True))
+    # prefer (DPO) and reinforce (GRPO): how far the policy may move from the reference (none: 0.1 for DPO, trl's
+    # default; 0.04 for GRPO, the open-r1-multimodal scripts' KL weight); trl's DPOConfig.loss_type (a comma list
+    # mixes several, equally weighted); the projector trains in tune and stays frozen after it unless "train"
+    beta: float | None = setting(None, number(0))
     dpo_loss: str = setting("sigmoid", TEXT)
     projector: str = setting("auto", choice(("auto", "train", "freeze")))
+    # reinforce (GRPO): completions sampled per question and their sampling temperature (8 and 1.0, as the medical
+    # R1 runs and open-r1-multimodal), their length limit, how the loss averages over tokens (grpo: per completion,
+    # then over completions, as those runs; dapo: over every token; dr_grpo: over G x max length), how rewards are
+    # scaled (group: by each question's standard deviation), and the reasoning layout with its format reward
+    num_generations: int = setting(8, whole(2, 1024))
+    temperature: float = setting(1.0, number(0, 10, lo_open=True))
+    max_completion_length: int = setting(256, whole(1, LENGTH_MAX))
+    grpo_loss: str = setting("grpo", choice(("grpo", "dapo", "dr_grpo")))
+    scale_rewards: str = setting("group", choice(("group", "batch", "none")))
+    reasoning: bool = setting(False, FLAG)  # ask for <think>...</think><answer>...</answer>; score the answer part
+    format_weight: float = setting(1.0, number(0))  # with reasoning: the format reward's weight beside correctness
     # auto: TensorBoard when installed; none; or wandb, swanlab, tensorboard, ... (comma list; args.report_targets)
     report_to: str = setting("auto", TEXT)
     deepspeed: str | None = setting(None, PATH)  # a DeepSpeed JSON (paper: ZeRO-2 for align, ZeRO-3 for tune)
@@ -193,7 +205,7 @@ class TrainSection:
 
 @dataclass
 class Recipe:
-    stage: str = setting("align", choice(("align", "tune", "prefer")))
+    stage: str = setting("align", choice(("align", "tune", "prefer", "reinforce")))
     output_dir: str | None = setting(None, PATH)
     reproduces: str = setting("", ANY_TEXT)  # what the recipe reproduces, e.g. "paper stage 1: global batch 256, lr 1e-3"
     model: ModelSection = field(default_factory=ModelSection)
@@ -236,6 +248,13 @@ class Recipe:
         return wanted
 
     @property
+    def beta(self) -> float:
+        """train.beta, or the stage's default (DPO 0.1, GRPO 0.04)."""
+        if self.train.beta is not None:
+            return self.train.beta
+        return 0.04 if self.stage == "reinforce" else 0.1
+
+    @property
     def projector_trains(self) -> bool:
         """Whether the projector learns beside the LoRA / full LLM: tune yes, prefer no, unless train.projector says."""
         return self.train.projector == "train" or (self.train.projector == "auto" and self.stage == "tune")
@@ -252,10 +271,13 @@ class Recipe:
             raise UserError(f"stage align trains the projector only; train.mode must be align, not '{self.train.mode}'")
         if self.stage in ("tune", "prefer") and self.train.mode == "align":
             raise UserError(f"stage {self.stage} needs a mode: pass --lora, --qlora or --full")
-        if self.stage == "prefer":
+        if self.stage in ("prefer", "reinforce"):
             if not (self.model.from_run or self.model.base):
-                raise UserError("prefer starts from a trained model: pass --from RUN (a tune, merged, full or "
+                raise UserError(f"{self.stage} starts from a trained model: pass --from RUN (a tune, merged, full or "
                                 "converted run, or a released model)")
+        if self.stage == "prefer":
+            if self.train.beta == 0:
+                raise UserError("train.beta must be above 0 for DPO (it scales the preference margin); try 0.1")
             self.dpo_losses  # noqa: B018 (raises on a bad value)
         if self.model.load_4bit and self.stage != "align":
             raise UserError("model.load_4bit is for align; for tuning use --qlora")

@@ -3,6 +3,7 @@ behaves the same in chat, web, image and eval."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -34,3 +35,26 @@ def quant_bits(load_4bit: bool, load_8bit: bool) -> int | None:
     if load_4bit and load_8bit:
         raise UserError("choose one of --load-4bit and --load-8bit")
     return 4 if load_4bit else 8 if load_8bit else None
+
+
+# the recipe-driven commands' options (align, tune, prefer, reinforce): a flag left out is None / False, so the
+# recipe's own value stands (see `given`)
+RecipeFile = Annotated[Optional[Path], typer.Argument(help="recipe YAML (see recipes/); flags override its fields")]
+ImageFolder = Annotated[Optional[Path], typer.Option("--image-folder", help="folder the records' image names are relative to")]
+OutDir = Annotated[Optional[Path], typer.Option("--out", help="output directory (the contract later commands read)")]
+Sets = Annotated[Optional[list[str]], typer.Option("--set", help="override any recipe field: section.key=value")]
+Resume = Annotated[bool, typer.Option("--resume", help="continue an interrupted run from its last checkpoint")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace a finished run in --out (otherwise refused)")]
+SkipBad = Annotated[bool, typer.Option("--skip-bad", help="set bad records aside in OUT/rejects.jsonl instead of stopping")]
+MaxLen = Annotated[Optional[int], typer.Option("--max-length", help="tokens per sample, image tokens included")]
+RecipeAttn = Annotated[Optional[str], typer.Option("--attn", help="auto (flash-attn on CUDA if installed, else sdpa) | sdpa | eager | flash_attention_2")]
+
+
+def main_process() -> bool:
+    """Under torchrun every process runs the command; one of them reports."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def given(**kw) -> dict:
+    """The flags a user typed (a recipe field each), without those left out."""
+    return {k: v for k, v in kw.items() if v is not None and v is not False}

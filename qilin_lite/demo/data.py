@@ -87,7 +87,7 @@ TWO_TURN_FRACTION = 0.2  # multi-turn records exercise supervision of a second a
 CHINESE_NAME_EVERY = 50  # every 50th image gets a Chinese file name: such names must work everywhere
 LESION_RADIUS = (0.11, 0.14)  # fraction of the image size: 7-9 px at 64 px, so a lesion dominates its 16 px patch
 COUNT_LESION_RADIUS = (0.06, 0.075)  # smaller, so three fit in one half; one size for all counts: area grows with count
-_STREAMS = {"align": 1, "tune": 2, "heldout": 3}  # separate seed streams: held-out never shares draws with training
+_STREAMS = {"align": 1, "tune": 2, "heldout": 3, "questions": 4}  # separate seed streams: held-out never shares draws with training
 
 
 @dataclass
@@ -95,6 +95,7 @@ class DemoDataSpec:
     n_align: int = 600  # stage 1 caption records, one image each
     n_tune: int = 600  # stage 2 question records, one image each
     n_heldout: int = 120  # scored after stage 2; images never used in training
+    n_questions: int = 0  # closed questions with answers and choices for `reinforce` (its demo); images of their own
     image_size: int = 64  # pixels per side; 32 or 64 with patch 8 keeps the tiny ViT fast
     seed: int = 0
     tasks: tuple[str, ...] = ("side", "modality")  # add "count" for 1-3 lesions and count questions
@@ -265,7 +266,7 @@ def _split(split: str, start: int, n: int, spec: DemoDataSpec, images: Path) -> 
             if i in two_turn:
                 others = [t for t in tasks if t != task and _askable(f, t)] or [task]  # else ask it again
                 rec["conversations"] += _qa(others[rng.integers(len(others))], f, rng, first=False)
-        if split == "heldout":
+        if split in ("heldout", "questions"):
             rec.update(answer=f.answer(task), task=task, choices=list(CHOICES[task]))
         records.append(rec)
     return records
@@ -282,7 +283,10 @@ def make_demo_data(out_dir: Path, spec: DemoDataSpec = DemoDataSpec()) -> dict[s
     images.mkdir(parents=True, exist_ok=True)
     paths = {"images": images}
     start = 0
-    for split, n in (("align", spec.n_align), ("tune", spec.n_tune), ("heldout", spec.n_heldout)):
+    for split, n in (("align", spec.n_align), ("tune", spec.n_tune), ("heldout", spec.n_heldout),
+                     ("questions", spec.n_questions)):
+        if n == 0:  # only questions may be left out
+            continue
         paths[split] = out_dir / f"{split}.json"
         _write_json(paths[split], _split(split, start, n, spec, images))
         start += n

@@ -74,6 +74,24 @@ def as_text(prediction: Any) -> str:
     return prediction if isinstance(prediction, str) else str(prediction)
 
 
+ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
+REASONING_LAYOUT = re.compile(r"\s*<think>.+?</think>\s*<answer>.+?</answer>\s*", re.S)
+
+
+def answer_part(text: Any) -> str:
+    """The answer a reply gives: inside its last <answer>...</answer> where it has one (the layout Med-R1 and
+    MedVLM-R1 train, `reinforce --reasoning`), else the whole reply. Scoring reads answers through it, so eval and
+    reinforce's reward parse a reply the same way."""
+    text = as_text(text)
+    found = ANSWER_TAG.findall(text)
+    return found[-1].strip() if found else text
+
+
+def reasoning_layout(text: Any) -> bool:
+    """Whether a reply is <think>...</think><answer>...</answer> and nothing else (the format reward)."""
+    return REASONING_LAYOUT.fullmatch(as_text(text)) is not None
+
+
 def normalize_text(text: Any) -> str:
     """Lower-case, full-width folded, punctuation -> space; "3.5" and "1,000" (-> "1000") survive as numbers."""
     s = unicodedata.normalize("NFKC", as_text(text)).lower()

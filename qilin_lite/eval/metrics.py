@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .matching import (closed_llavamed, closed_strict, corpus_bleu, extract_option, open_recall, rouge_l, tokenize,
+from .matching import (answer_part, closed_llavamed, closed_strict, corpus_bleu, extract_option, open_recall, rouge_l, tokenize,
                        yes_no)
 from .mmmu import mmmu_choice, mmmu_short_correct
 from .omnimedvqa import omnimedvqa_choice
@@ -52,7 +52,9 @@ METRIC_LABELS = {
 
 
 def score_item(item: Any, prediction: Any) -> dict:
-    """{"correct": bool or float, "extracted": ...} (+ "correct_llavamed" for closed) for one EvalItem."""
+    """{"correct": bool or float, "extracted": ...} (+ "correct_llavamed" for closed) for one EvalItem. A reply in
+    the reasoning layout is scored on its <answer> part (matching.answer_part); reinforce's reward is this score."""
+    prediction = answer_part(prediction)
     if item.kind == "choice":
         if item.task in ("omnimedvqa", "mmmu"):  # their authors' rules (omnimedvqa.py, mmmu.py)
             letter = (omnimedvqa_choice(prediction, item.choices or []) if item.task == "omnimedvqa"

@@ -1,4 +1,4 @@
-"""`qilin-lite prefer`: a thin command over run.run_prefer (added to the CLI by cli.py), and `qilin-lite data pairs`
+"""`qilin-lite prefer`: a thin command over run.run_prefer (added to the CLI by cli.py; its flags are options.py's), and `qilin-lite data pairs`
 over pairs.pairs_from_eval (added beside the other data commands)."""
 
 
@@ -7,28 +7,28 @@ from typing import Annotated, Optional
 
 import typer
 
+from .. import options
+
 
 def register(app: typer.Typer) -> None:
-    from .. import cli
-
     @app.command()
     def prefer(
-        recipe: cli.Recipe = None,
+        recipe: options.RecipeFile = None,
         from_run: Annotated[Optional[Path], typer.Option("--from", help="the model to improve: a lora/qlora tune run (its adapter trains on), an align, merged, full or converted run, or a released model")] = None,
         lora: Annotated[bool, typer.Option("--lora", help="LoRA on the LLM (a tune run's own adapter, or a new one)")] = False,
         qlora: Annotated[bool, typer.Option("--qlora", help="4-bit NF4 LLM + LoRA")] = False,
         full: Annotated[bool, typer.Option("--full", help="the whole LLM trains (the reference is a second copy)")] = False,
         data: Annotated[Optional[str], typer.Option("--data", help="preference pairs: JSON/JSONL with a prompt, 'chosen' and 'rejected' (and images)")] = None,
-        image_folder: cli.Images = None,
-        out: cli.Out = None,
+        image_folder: options.ImageFolder = None,
+        out: options.OutDir = None,
         beta: Annotated[Optional[float], typer.Option("--beta", help="DPO's beta: how far from the reference the policy may move (default 0.1)")] = None,
         loss: Annotated[Optional[str], typer.Option("--loss", help="trl's DPO loss type(s): sigmoid (DPO), ipo, hinge, robust, apo_zero, ... (a comma list mixes several)")] = None,
-        max_length: cli.MaxLen = None,
-        attn: cli.Attn = None,
-        skip_bad: cli.SkipBad = False,
-        resume: cli.Resume = False,
-        overwrite: cli.Overwrite = False,
-        set_: cli.Sets = None,
+        max_length: options.MaxLen = None,
+        attn: options.RecipeAttn = None,
+        skip_bad: options.SkipBad = False,
+        resume: options.Resume = False,
+        overwrite: options.Overwrite = False,
+        set_: options.Sets = None,
     ):
         """After tune: DPO on pairs of a better and a worse reply; the output directory reads as a tune run's."""
         from ..config import load_recipe
@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         modes = [m for m, on in (("lora", lora), ("qlora", qlora), ("full", full)) if on]
         if len(modes) > 1:
             raise UserError(f"choose one of --lora, --qlora, --full (got {', '.join('--' + m for m in modes)})")
-        fields = cli._fields(**{
+        fields = options.given(**{
             "train.mode": modes[0] if modes else None, "model.from_run": str(from_run) if from_run else None,
             "data.train": data, "data.image_folder": str(image_folder) if image_folder else None,
             "train.beta": beta, "train.dpo_loss": loss, "data.max_length": max_length, "model.attn": attn,
@@ -54,8 +54,8 @@ def register(app: typer.Typer) -> None:
         try:
             done = run_prefer(r, resume=resume, overwrite=overwrite)
         except Stopped as e:
-            if cli._main_process():
+            if options.main_process():
                 typer.echo(str(e), err=True)
             return
-        if cli._main_process():
+        if options.main_process():
             typer.echo(f"prefer done: {done}  (next: qilin-lite chat IMAGE --model {done})")

@@ -83,7 +83,7 @@ def load_policy(recipe: Recipe, out: Path):
     """(base the output builds on, policy, reference model or None, tokenizer, image processor)."""
     from ..model import RunInfo, load_run, load_vlm, resolve_base
     from ..train.stage import load_model
-    from ..train.stages import freeze_projector, trainable_summary
+    from ..train.stages import freeze_projector, keep_4bit_differentiable, trainable_summary
     from ..device import training_placement
 
     m, tr = recipe.model, recipe.train
@@ -99,6 +99,7 @@ def load_policy(recipe: Recipe, out: Path):
         model, tokenizer, image_processor, _ = load_run(m.from_run, bits=recipe.llm_bits, dtype=where.dtype,
                                                         attn=where.attn, trainable=True, device_map=where.device_map)
         model.config.use_cache = False
+        keep_4bit_differentiable(model)
         if not recipe.projector_trains:
             freeze_projector(model)
         if tr.gradient_checkpointing:
@@ -165,7 +166,7 @@ def write_summary(trainer, recipe: Recipe, out: Path, pairs: int, rejected: int,
     write_loss_curve(history, out / "loss.png", title=f"prefer ({recipe.train.mode}, {recipe.train.dpo_loss})")
     rows = [h for h in history if "rewards/margins" in h]
     summary = {"stage": "prefer", "mode": recipe.train.mode, "samples": pairs, "rejected": rejected,
-               "steps": trainer.state.global_step, "seconds": round(seconds, 1), "beta": recipe.train.beta,
+               "steps": trainer.state.global_step, "seconds": round(seconds, 1), "beta": recipe.beta,
                "loss_type": recipe.dpo_losses,
                "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
                "first_margin": rows[0]["rewards/margins"] if rows else None,

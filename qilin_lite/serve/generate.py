@@ -44,6 +44,13 @@ class Generator:
     @torch.inference_mode()
     def generate(self, conversations: list[list[dict]], images: list[list], streamer=None) -> list[str]:
         """One answer per conversation (each ending with a user turn); `images[i]` are that conversation's images."""
+        _, new = self.generate_ids(conversations, images, streamer)
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+
+    @torch.inference_mode()
+    def generate_ids(self, conversations: list[list[dict]], images: list[list], streamer=None):
+        """(each conversation's prompt ids, the generated ids after them: one row per conversation, padded after
+        its stop token). `reinforce` scores the sampled ids themselves, not a re-tokenization of their text."""
         opened = [[self.images.open(ref) for ref in imgs or ()] for imgs in images]
         prompts = [self.prompt_ids(m, self.images.counts(o)) for m, o in zip(conversations, opened)]
         self.last_prompt_ids = prompts[-1].tolist()
@@ -84,8 +91,7 @@ class Generator:
             streamer=streamer,
             **extra,
         )
-        new = out[:, longest:]
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+        return prompts, out[:, longest:]
 
     def stop_ids(self) -> list[int]:
         """The tokenizer's end token and the template's own stop tokens (ChatML's <|im_end|>)."""

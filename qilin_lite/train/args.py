@@ -19,6 +19,7 @@ def sft_config(recipe: Recipe, out: Path, wrap: list[str] | None = None):
     return SFTConfig(
         **trainer_settings(recipe, out, wrap),
         dataset_kwargs={"skip_prepare_dataset": True},  # tokenized and truncated by encoding.py
+        max_length=None,
     )
 
 
@@ -29,10 +30,11 @@ def dpo_config(recipe: Recipe, out: Path, wrap: list[str] | None = None):
 
     return DPOConfig(
         **trainer_settings(recipe, out, wrap),
-        beta=recipe.train.beta,
+        beta=recipe.beta,
         loss_type=recipe.dpo_losses,
         precompute_ref_log_probs=False,
         disable_dropout=True,  # trl's default: the policy and its reference then score a pair the same way at step 0
+        max_length=None,  # pairs.py cuts as training does
     )
 
 
@@ -72,7 +74,6 @@ def trainer_settings(recipe: Recipe, out: Path, wrap: list[str] | None = None) -
         report_to=report,
         dataloader_num_workers=recipe.data.num_workers,
         remove_unused_columns=False,  # our collator needs every field; nothing unused reaches it
-        max_length=None,
         use_cpu=not cuda,
     )
 
