@@ -204,6 +204,22 @@ def test_paper_recipes_plan_from_configs_alone():
     assert d["settings"]["accumulation"] == 128
 
 
+def test_prefer_and_reinforce_plan_their_rows_and_reference():
+    """DPO scores a pair's two replies in one micro-batch, GRPO a question's G answers; --full keeps a frozen copy of
+    the starting weights as the reference (LoRA switches its adapter off instead)."""
+    tune = plan_recipe(REPO_RECIPES / "qilin-med-vl/tune-lora.yaml", ["train.per_device_batch=4",
+                                                                      "train.global_batch=64"])
+    dpo = plan_recipe(REPO_RECIPES / "qilin-med-vl/prefer-lora.yaml")
+    assert dpo.settings.per_device_batch == 2 * 4 and dpo.settings.accumulation == tune.settings.accumulation
+    assert dpo.estimate.total > tune.estimate.total
+    assert not any("reference" in k for k in dpo.estimate.components)
+    full = plan_recipe(REPO_RECIPES / "qilin-med-vl/prefer-lora.yaml", ["train.mode=full"], gpus=8)
+    ref = full.estimate.components["weights: reference model (frozen copy)"]
+    assert ref == full.shape.total * 2  # bf16, every parameter once more
+    grpo = plan_recipe(REPO_RECIPES / "lingshu-7b/reinforce-lora.yaml", source="lingshu-medical-mllm/Lingshu-7B")
+    assert grpo.settings.per_device_batch == 2 * 8 and grpo.settings.global_batch == 16 * 8
+
+
 def test_qwen_recipes_plan_on_24_and_80_gb():
     """The Qilin curriculum on Qwen2.5-7B-Instruct: its published parameter count, `<image>` in a spare embedding
     row, the paper's global batches, and what fits where."""

@@ -50,9 +50,9 @@ def plan_recipe(
     if mode is not None and mode not in MODES:
         raise UserError(f"--mode must be one of {', '.join(MODES)}, not '{mode}'")
     fields_ = {"data.max_length": max_length, "train.mode": mode, "model.dtype": dtype, "model.from_run": source}
-    if mode is not None:
-        fields_["stage"] = "align" if mode == "align" else "tune"
     r = load_recipe(recipe, overrides, **{k: v for k, v in fields_.items() if v is not None})
+    if mode is not None and r.stage in ("align", "tune"):  # prefer / reinforce keep their stage with any mode
+        r.stage = "align" if mode == "align" else "tune"
     memory = gpu_memory if isinstance(gpu_memory, (int, float)) else parse_memory(gpu_memory)
     t = get_template(r.template)
     if images > 1 and not t.separate_images:

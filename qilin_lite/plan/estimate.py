@@ -164,6 +164,8 @@ def estimate(shape: Shape, s: Settings) -> Estimate:
         "weights: LLM embeddings, lm_head, norms": llm_other,
         "weights: LoRA adapters": lora * z.adapter,
     }
+    if s.reference_copy:  # prefer / reinforce --full: the starting weights once more, frozen, in the load dtype
+        weights["weights: reference model (frozen copy)"] = (shape.vision + shape.projector + shape.llm) * z.w
     if ds == 3:
         sharded = {k: v for k, v in weights.items() if not (s.bits and k == "weights: LLM decoder linear")}
         weights.update({k: math.ceil(v / N) for k, v in sharded.items()})

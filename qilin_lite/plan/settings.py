@@ -67,6 +67,9 @@ class Settings:
     padding: bool = True  # batches hold padding, so sdpa gets a mask (group_by_length only makes it rarer)
     device: str = "cuda"  # "cpu": the CPU kernels, for validating against CPU measurements
     fused_lm_head: bool = True  # trl >= 1 SFTTrainer; False: full fp32 logits for the cross-entropy
+    # prefer / reinforce: a --full run holds a frozen copy of the starting weights as its reference (LoRA's reference
+    # is the adapter switched off, or an adapter-sized copy)
+    reference_copy: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -129,6 +132,12 @@ def settings_from_recipe(recipe, **overrides) -> Settings:
         # train/stage.py computes the loss without trl's fused head under FSDP, so the full logits are counted.
         values.update(fsdp=True, zero_stage=3 if tr.fsdp_options[0] else 2, fused_lm_head=False)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    # rows each sample becomes: a pair's chosen and rejected reply (prefer), a question's sampled answers
+    # (reinforce); the micro-batch holds that many sequences, each up to max_length
+    rows = {"prefer": 2, "reinforce": tr.num_generations}.get(recipe.stage, 1)
+    values["per_device_batch"] *= rows
+    values["global_batch"] *= rows
+    values["reference_copy"] = recipe.stage in ("prefer", "reinforce") and values["mode"] == "full"
     if values["mode"] != "align":
         values["load_4bit"] = False
     return Settings(**values)
