@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from qilin_lite.errors import UserError
 from qilin_lite.families import IGNORE
-from qilin_lite.prefer.pairs import last_reply_only, read_pairs
+from qilin_lite.prefer.pairs import read_pairs, reply_only
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +84,18 @@ def test_a_bad_pair_is_one_line_naming_its_line(tmp_path, tiny_data, row, says):
 
 
 def test_only_the_last_reply_is_scored():
+    """Nothing before the end of chat's prompt scores: an earlier reply (context) and, where the family's own
+    fine-tuning supervises the prompt text (Gemma 3), the prompt; a reply cut off by --max-length is a bad record."""
+    from qilin_lite.data.records import BadRecord
+
+    ids = np.array([1, 5, 6, 3, 4, 7, 8, 2, 9])
     labels = np.array([IGNORE, 5, 6, IGNORE, IGNORE, 7, 8, 2, IGNORE])
-    assert last_reply_only(labels).tolist() == [IGNORE] * 5 + [7, 8, 2, IGNORE]
+    assert reply_only(ids, labels, ids[:5]).tolist() == [IGNORE] * 5 + [7, 8, 2, IGNORE]
+    assert reply_only(ids, ids.copy(), ids[:5]).tolist() == [IGNORE] * 5 + [7, 8, 2, 9]  # all text supervised
+    with pytest.raises(BadRecord, match="max-length"):
+        reply_only(ids[:5], labels[:5], ids[:5])
+    with pytest.raises(BadRecord, match="does not start"):
+        reply_only(ids, labels, np.array([1, 5, 6, 3, 0]))
 
 
 # ---------------------------------------------------------------- ids: chat's prompt, tune's reply
@@ -324,3 +334,39 @@ def test_qwen2_5_vl_prefer_at_native_resolution(tmp_path):
     assert _history(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     after = load_file(out / "adapter_model.safetensors")
     assert any("merger" in k for k in after)
+
+
+@pytest.mark.parametrize("family, template", [("gemma3", "gemma3"), ("qwen3-vl", "qwen3-vl")])
+def test_gemma3_and_qwen3_vl_pairs_are_scored_on_chats_prompt(tmp_path, family, template):
+    """MedGemma's class and Qwen3-VL's: each pair's prefix is chat's prompt, its reply tune's ids, and a DPO run
+    from the release starts at log 2 and saves an adapter."""
+    from PIL import Image
+    from transformers import AutoConfig
+
+    from qilin_lite.demo.gemma3 import build_tiny_gemma3
+    from qilin_lite.demo.qwen_vl import build_tiny_qwen3_vl
+    from qilin_lite.model import load_tokenizer_and_processor
+    from qilin_lite.prefer.run import build_pairs, run_prefer
+    from qilin_lite.train.stage import settle_template
+
+    texts = ["胸部X光片显示双肺纹理清晰。", "病灶位于哪里？", "左肺上叶可见结节影。", "右侧", "左侧", "未见异常"]
+    build = {"gemma3": build_tiny_gemma3, "qwen3-vl": build_tiny_qwen3_vl}[family]
+    release = build(tmp_path / "release", texts * 30)
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i, size in enumerate([(40, 60), (120, 90), (230, 200)]):
+        Image.new("RGB", size, (40 * i, 100, 200 - 40 * i)).save(tmp_path / "img" / f"{i}.png")
+        rows.append({"prompt": "病灶位于哪里？", "chosen": "左肺上叶可见结节影。", "rejected": "未见异常",
+                     "images": [f"{i}.png"]})
+    path = _write(tmp_path, rows)
+    r = tiny_recipe("prefer", "lora", tmp_path / "run", path, tmp_path / "img",
+                    **{"model.from_run": str(release), "train.max_steps": 1, "train.global_batch": 2,
+                       "train.per_device_batch": 2})
+    settle_template(r)
+    assert r.template == template
+    tok, ip = load_tokenizer_and_processor(str(release))
+    dataset, _ = build_pairs(r, tok, ip, AutoConfig.from_pretrained(str(release)), tmp_path)
+    _check_ids_are_chats(dataset, dataset.pairs)
+    out = run_prefer(r)
+    assert _history(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert (out / "adapter_model.safetensors").exists()

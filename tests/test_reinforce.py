@@ -255,3 +255,40 @@ def test_the_prefer_demo_raises_the_margin_and_keeps_accuracy(tmp_path):
     assert m["margin_last"] > m["margin_first"] * 5 and m["margin_last"] > 0.02, m
     assert m["accuracy_after"] >= m["accuracy_before"] - 0.02, m
     assert "after DPO" in lines[-1]
+
+
+def _release(family: str, out, texts):
+    from qilin_lite.demo.gemma3 import build_tiny_gemma3
+    from qilin_lite.demo.qwen_vl import build_tiny_qwen3_vl
+
+    return {"gemma3": build_tiny_gemma3, "qwen3-vl": build_tiny_qwen3_vl}[family](out, texts)
+
+
+@pytest.mark.parametrize("family, template", [("gemma3", "gemma3"), ("qwen3-vl", "qwen3-vl")])
+def test_gemma3_and_qwen3_vl_rollouts_are_chats_prompt(tmp_path, family, template):
+    """MedGemma's class (image tokens attend both ways through token_type_ids) and Qwen3-VL's (DeepStack,
+    interleaved M-RoPE): sampled from chat's prompt, scored as each row alone, and a run from the release."""
+    from PIL import Image
+
+    from qilin_lite.reinforce.run import run_reinforce
+
+    texts = ["胸部X光片显示双肺纹理清晰。", "病灶位于哪里？", "左肺", "右肺", "是否可见病灶？", "是", "否"]
+    release = _release(family, tmp_path / "release", texts * 30)
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i, size in enumerate([(40, 60), (120, 90), (230, 200)]):
+        Image.new("RGB", size, (40 * i, 100, 200 - 40 * i)).save(tmp_path / "img" / f"{i}.png")
+        rows.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\n病灶位于哪里？"}, {"from": "gpt", "value": "左肺"}],
+            "answer": "左肺", "choices": ["左肺", "右肺"]})
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    t, model = _trainer_parts(release, questions, tmp_path / "img", tmp_path)
+    assert t.template.name == template
+    _check_rollout_is_chats_prompt_and_scores_what_was_sampled(t, model)
+    r = tiny_recipe("reinforce", "lora", tmp_path / "run", str(questions), tmp_path / "img",
+                    **{"model.from_run": str(release), "train.max_steps": 1, "train.num_generations": 2,
+                       "train.max_completion_length": 3, "train.global_batch": 2, "train.per_device_batch": 2})
+    out = run_reinforce(r)
+    assert json.loads((out / "qilin.json").read_text())["template"] == template
+    assert (out / "adapter_model.safetensors").exists()

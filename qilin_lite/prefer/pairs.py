@@ -24,7 +24,7 @@ import torch
 
 from ..data.records import BadRecord, Reject, _from_llava, messages_from_llava, write_rejects
 from ..data.rows import iter_json
-from ..encoding import encode
+from ..encoding import encode, prompt_ids
 from ..errors import UserError, where
 from ..families import IGNORE, IMAGE_TOKEN
 from ..train.collator import Collator
@@ -136,16 +136,18 @@ def read_pairs(path, image_folder=None, *, skip_bad: bool = False, rejects: list
     return out
 
 
-def last_reply_only(labels: np.ndarray) -> np.ndarray:
-    """Labels with only the final reply supervised: the last run of supervised positions (earlier replies of a
-    multi-turn prompt are context, as trl counts the completion alone)."""
-    sup = np.flatnonzero(labels != IGNORE)
-    if not len(sup):
-        return labels
-    gaps = np.flatnonzero(np.diff(sup) > 1)
-    start = sup[gaps[-1] + 1] if len(gaps) else sup[0]
+def reply_only(ids: np.ndarray, labels: np.ndarray, prompt: np.ndarray) -> np.ndarray:
+    """Labels with only the final reply supervised: nothing before the end of chat's prompt (earlier replies of a
+    multi-turn prompt are context, as trl counts the completion alone; and a family whose own fine-tuning code
+    supervises the prompt text too, Gemma 3's notebook, still scores the reply alone here), tune's labels after it."""
+    n = len(prompt)
+    if len(ids) < n or not np.array_equal(ids[:n], prompt):
+        raise BadRecord("the reply does not start where chat's prompt ends (cut by --max-length, or a template "
+                        "that cannot separate them); shorten the prompt or raise --max-length")
     out = labels.copy()
-    out[:start] = IGNORE
+    out[:n] = IGNORE
+    if not (out != IGNORE).any():
+        raise BadRecord("no reply token is left after the prompt (cut by --max-length); raise --max-length")
     return out
 
 
@@ -163,10 +165,11 @@ class PairDataset(torch.utils.data.Dataset):
     def encode(self, pair: Pair, counts=None) -> tuple[dict, dict]:
         """(chosen sample, rejected sample) without pixels; raises BadRecord."""
         sides = []
+        prompt = prompt_ids(pair.prompt, self.template, self.tokenizer, self.layout, counts)
         for reply in (pair.chosen, pair.rejected):
             ids, labels = encode(pair.prompt + [{"role": "assistant", "content": reply}], self.template,
                                  self.tokenizer, self.layout, counts)
-            s = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(last_reply_only(labels))}
+            s = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(reply_only(ids, labels, prompt))}
             if self.layout.marks:
                 s[self.layout.marks] = torch.from_numpy((ids == self.layout.image_token_id).astype(np.int64))
             sides.append(s)
