@@ -90,15 +90,21 @@ def test_a_dialog_template_keeps_the_contract(name):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     jinja = env.from_string(t.chat_template_jinja()).render(messages=HISTORY, add_generation_prompt=True)
     assert jinja == prompt.text
-    if not t.exports_gguf:  # said in one line, not half-written
-        from qilin_lite.errors import UserError
+    from qilin_lite.errors import UserError
+    from qilin_lite.families.base import MARKER
 
-        for export in (t.gguf_chat_template, t.ollama):
+    for exported, export in ((t.exports_gguf, t.gguf_chat_template), (t.exports_gguf and t.exports_ollama, t.ollama)):
+        if not exported:  # said in one line, not half-written
             with pytest.raises(UserError, match="does not write"):
                 export()
-        return
-    assert len(t.gguf_chat_template().encode()) < 1024
-    assert t.ollama().template and t.ollama().stops
+    if t.exports_gguf:  # llama.cpp's prompt over the history: training's text, each marker where an image is
+        gguf = t.gguf_chat_template()
+        assert len(gguf.encode()) < 1024
+        marked = [{**m, "content": m["content"].replace(IMAGE_TOKEN, MARKER)} for m in HISTORY]
+        text = env.from_string(gguf).render(messages=marked, add_generation_prompt=True, bos_token="<s>")
+        assert text.replace(MARKER, t.image_text).removeprefix("<s>") == prompt.text.removeprefix("<s>")
+    if t.exports_gguf and t.exports_ollama:
+        assert t.ollama().template and t.ollama().stops
 
 
 def test_a_caption_template_refuses_dialogs_and_exports():

@@ -31,7 +31,8 @@ class LlamaCppLlava:
     """A GGUF language model + mmproj in llama.cpp: the prompt from the GGUF's own chat template (jinja2, as
     llama-cpp-python renders it), the image through mtmd, greedy decoding on the logits."""
 
-    def __init__(self, model: str | Path, mmproj: str | Path, n_ctx: int = 1024, threads: int = 2):
+    def __init__(self, model: str | Path, mmproj: str | Path, n_ctx: int = 1024, threads: int = 2,
+                 image_tokens: tuple[int, int] | None = None):
         import llama_cpp
         import llama_cpp.mtmd_cpp as mtmd
 
@@ -43,6 +44,8 @@ class LlamaCppLlava:
         params.use_gpu = False
         params.n_threads = threads
         params.print_timings = False
+        if image_tokens:  # llama-mtmd-cli's --image-min-tokens / --image-max-tokens (export's Qwen2.5-VL README)
+            params.image_min_tokens, params.image_max_tokens = image_tokens
         self.ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), self.llm.model, params)
         if not self.ctx:
             raise RuntimeError(f"llama.cpp could not load {mmproj}")
@@ -57,13 +60,36 @@ class LlamaCppLlava:
         self.llm.close()
 
     def prompt(self, question: str, images: int = 1) -> str:
-        """llama-mtmd-cli's way: a marker per image after the question; the template moves them where training had
-        them."""
+        """llama-mtmd-cli's way: a prompt without a marker gets one per image in front of it; the template puts
+        them where training had them."""
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        content = question + self.marker * images
+        content = self.marker * images + question
         return ImmutableSandboxedEnvironment().from_string(self.template).render(
             messages=[{"role": "user", "content": content}], add_generation_prompt=True)
+
+    def image_embedding(self, image: str | Path, size: int) -> np.ndarray:
+        """mtmd's embedding of one image (what the LLM receives for it), flattened: `size` floats."""
+        mtmd = self.mtmd
+        bitmap = mtmd.mtmd_helper_bitmap_init_from_file(self.ctx, str(image).encode(), False)
+        chunks = mtmd.mtmd_input_chunks_init()
+        try:
+            text = mtmd.mtmd_input_text()
+            raw = self.marker.encode()
+            text.text, text.text_len, text.add_special, text.parse_special = raw, len(raw), False, True
+            if mtmd.mtmd_tokenize(self.ctx, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1):
+                raise RuntimeError("mtmd_tokenize failed")
+            parts = [mtmd.mtmd_input_chunks_get(chunks, i) for i in range(mtmd.mtmd_input_chunks_size(chunks))]
+            chunk = next(c for c in parts if mtmd.mtmd_input_chunk_get_type(c) != mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT)
+            n = mtmd.mtmd_input_chunk_get_n_tokens(chunk) * self.llm.n_embd()
+            if n != size:  # another grid than training's: reading `size` floats would read past the output
+                raise RuntimeError(f"{image}: llama.cpp made {n} values of this image, not {size}")
+            if mtmd.mtmd_encode_chunk(self.ctx, chunk):
+                raise RuntimeError("mtmd_encode_chunk failed")
+            return np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(self.ctx), shape=(size,)).copy()
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+            mtmd.mtmd_bitmap_free(bitmap)
 
     def answer(self, image: str | Path | list, question: str, max_new_tokens: int = 32) -> dict:
         """{'text', 'prompt_ids' (text ids; None where an image's positions are), 'first_logits' (the next-token

@@ -57,9 +57,11 @@ def _save(model, tok, image_processor, ids: dict, out_dir: Path) -> Path:
 
 def build_tiny_qwen2_5_vl(out_dir: Path, texts: list[str], *, hidden: int = 64, layers: int = 2, heads: int = 2,
                           vocab_size: int = 700, vision_hidden: int = 32,
-                          min_pixels: int = 28 * 28 * 4, max_pixels: int = 28 * 28 * 64, seed: int = 0) -> Path:
+                          min_pixels: int = 28 * 28 * 4, max_pixels: int = 28 * 28 * 64, window_size: int = 56,
+                          seed: int = 0) -> Path:
     """Write a tiny Qwen2.5-VL directory (random weights) and return it. With the default pixels an image becomes
-    4 to 64 tokens (56 px to 224 px a side)."""
+    4 to 64 tokens (56 px to 224 px a side). `window_size` 112 is the releases' (and the only one llama.cpp runs);
+    56 puts several windows in the tiny images."""
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -75,7 +77,7 @@ def build_tiny_qwen2_5_vl(out_dir: Path, texts: list[str], *, hidden: int = 64, 
             bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
         ),
         vision_config=dict(depth=2, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_heads=2,
-                           out_hidden_size=hidden, fullatt_block_indexes=[1], window_size=56, patch_size=14,
+                           out_hidden_size=hidden, fullatt_block_indexes=[1], window_size=window_size, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],

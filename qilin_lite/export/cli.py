@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import UserError
+from . import gguf_qwen_vl
 from .gguf import Exported, Weights, check_exportable, write_llm, write_mmproj
 from .quantize import QUANTS, find_quantizer, quantize
 from .templates import export_readme, ollama_modelfile
@@ -94,7 +95,10 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path, *, quant: str = "f16",
     if not (config_dir / "config.json").is_file():
         raise UserError(f"{config_dir}: no config.json; export needs the model's (or, for a run, its base's) "
                         "directory on this machine")
-    check_exportable(json.loads((config_dir / "config.json").read_text(encoding="utf-8")), run_dir)
+    # Qwen2.5-VL is llama.cpp's qwen2vl + a qwen2.5vl_merger mmproj; every other exportable model is LLaVA-1.5-shaped
+    base_cfg = json.loads((config_dir / "config.json").read_text(encoding="utf-8"))
+    qwen = gguf_qwen_vl.is_qwen2_5_vl(base_cfg)
+    (gguf_qwen_vl.check_exportable if qwen else check_exportable)(base_cfg, run_dir)
     created = writable(out_dir)
     try:
         # everything is written inside OUT_DIR/.export-*/ and moved out only when whole: a full disk or a kill
@@ -106,22 +110,30 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path, *, quant: str = "f16",
                 model_dir = merge_run(run_dir, Path(tmp) / "merged")
             cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
             tok, ip = load_tokenizer_and_processor(str(model_dir))
-            weights = Weights(model_dir)
+            weights = Weights(model_dir, gguf_qwen_vl.PREFIXES if qwen else None)
             staged = Path(tmp) / "out"
             staged.mkdir()
             llm_f16 = staged / f"{name}-f16.gguf"
-            write_llm(llm_f16, model_dir, cfg, weights, tok, template, name)
+            (gguf_qwen_vl.write_llm_qwen_vl if qwen else write_llm)(llm_f16, model_dir, cfg, weights, tok, template,
+                                                                     name)
             model = staged / f"{name}-{quant}.gguf"
             if quant != "f16":
                 quantize(llm_f16, model, quant, quantizer)
                 llm_f16.unlink()
             mmproj = staged / f"mmproj-{name}-f16.gguf"
-            write_mmproj(mmproj, model_dir, cfg, weights, ip, info.image_mode, name)
-            (staged / "Modelfile").write_text(ollama_modelfile(model.name, mmproj.name, template),
-                                              encoding="utf-8")
-            (staged / "README.md").write_text(export_readme(model.name, mmproj.name, name, info.image_mode),
-                                              encoding="utf-8")
-            for f in (model, mmproj, staged / "Modelfile", staged / "README.md"):
+            files = [model, mmproj, staged / "README.md"]
+            if qwen:
+                gguf_qwen_vl.write_mmproj_qwen_vl(mmproj, model_dir, cfg, weights, ip, name)
+                text = gguf_qwen_vl.readme(model.name, mmproj.name, name, gguf_qwen_vl.image_token_limits(ip))
+            else:
+                write_mmproj(mmproj, model_dir, cfg, weights, ip, info.image_mode, name)
+                text = export_readme(model.name, mmproj.name, name, info.image_mode)
+            (staged / "README.md").write_text(text, encoding="utf-8")
+            if template.exports_ollama:
+                (staged / "Modelfile").write_text(ollama_modelfile(model.name, mmproj.name, template),
+                                                  encoding="utf-8")
+                files.append(staged / "Modelfile")
+            for f in files:
                 os.replace(f, out_dir / f.name)  # a rename: needs no space
     except BaseException as e:
         if created:  # nothing half-written is left to look like an export
@@ -130,8 +142,9 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path, *, quant: str = "f16",
             raise cannot_write(out_dir, e) from None
         raise
     model_path, mmproj = out_dir / model.name, out_dir / mmproj.name
-    modelfile, readme = out_dir / "Modelfile", out_dir / "README.md"
-    return Exported(model_path, mmproj, modelfile, readme, round(time.time() - t0, 1))
+    modelfile = out_dir / "Modelfile" if template.exports_ollama else None
+    limits = gguf_qwen_vl.image_token_limits(ip) if qwen else None
+    return Exported(model_path, mmproj, modelfile, out_dir / "README.md", round(time.time() - t0, 1), limits)
 
 
 def register(app: typer.Typer) -> None:
@@ -147,9 +160,11 @@ def register(app: typer.Typer) -> None:
     ):
         """GGUF for llama.cpp / Ollama: the language model + an mmproj (CLIP + projector) to run on a CPU."""
         done = export_gguf(run_dir, out_dir, quant=quant, name=name)
-        typer.echo(f"exported: {done.model}\n          {done.mmproj}\n          {done.modelfile}")
-        typer.echo(f"next: llama-mtmd-cli -m {done.model} --mmproj {done.mmproj} --jinja --image IMAGE.png -p QUESTION "
-                   f"--temp 0  (see {done.readme})")
+        typer.echo("exported: " + "\n          ".join(str(f) for f in (done.model, done.mmproj, done.modelfile) if f))
+        flags = (f" --image-min-tokens {done.image_tokens[0]} --image-max-tokens {done.image_tokens[1]}"
+                 if done.image_tokens else "")
+        typer.echo(f"next: llama-mtmd-cli -m {done.model} --mmproj {done.mmproj} --jinja{flags} --image IMAGE.png "
+                   f"-p QUESTION --temp 0  (see {done.readme})")
 
     @export_app.command("vllm")
     def vllm_command(

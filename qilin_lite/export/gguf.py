@@ -57,15 +57,16 @@ VISION_LAYER_NAMES = {  # CLIP's fc1 is the up projection (hidden -> 4 x hidden)
 class Exported:
     model: Path
     mmproj: Path
-    modelfile: Path
+    modelfile: Path | None  # None where Ollama does not take the GGUF pair (Qwen2.5-VL)
     readme: Path
     seconds: float = 0.0
+    image_tokens: tuple[int, int] | None = None  # llama.cpp's --image-min-tokens / --image-max-tokens (Qwen)
 
 
 class Weights:
     """Names -> (file, key) over a directory's safetensors shards; tensors read one at a time as float32 numpy."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, prefixes: dict[str, tuple[str, ...]] | None = None):
         from ..convert import tensor_shapes
 
         files = sorted(model_dir.glob("*.safetensors"))
@@ -75,7 +76,7 @@ class Weights:
         self.shapes: dict[str, tuple[int, ...]] = {}
         for f in files:
             for key, shape in tensor_shapes(f).items():  # a truncated or foreign file: one UserError naming it
-                part, rest = _split(key)
+                part, rest = _split(key, prefixes or PREFIXES)
                 if part is not None:
                     self.where[f"{part}:{rest}"] = (f, key)
                     self.shapes[f"{part}:{rest}"] = shape
@@ -93,8 +94,8 @@ class Weights:
             return h.get_tensor(key).to(torch.float32).numpy()
 
 
-def _split(key: str) -> tuple[str | None, str]:
-    for part, prefixes in PREFIXES.items():
+def _split(key: str, table: dict[str, tuple[str, ...]]) -> tuple[str | None, str]:
+    for part, prefixes in table.items():
         for p in prefixes:
             if key.startswith(p):
                 return part, key[len(p):]
@@ -227,11 +228,15 @@ def _tokenizer_kv(w, model_dir: Path, tok, vocab_rows: int) -> None:
     w.add_add_eos_token(False)
 
 
-def write_llm(path: Path, model_dir: Path, cfg: dict, weights: Weights, tok, template, name: str) -> None:
+def write_llm(path: Path, model_dir: Path, cfg: dict, weights: Weights, tok, template, name: str, *,
+              arch: str | None = None, extra_kv=None) -> None:
+    """The language model's GGUF: `arch` names llama.cpp's architecture where it is not the text config's
+    model_type (Qwen2.5-VL's LLM is llama.cpp's qwen2vl), `extra_kv(writer)` adds what that architecture reads."""
     import gguf
 
     t = cfg["text_config"]
-    arch = t.get("model_type", "llama")
+    arch = arch or t.get("model_type", "llama")
+    bpe = arch in ("qwen2", "qwen2vl")  # Qwen2's byte-level BPE, q/k/v biases and NEOX rotation
     n_head, n_kv = t["num_attention_heads"], t.get("num_key_value_heads") or t["num_attention_heads"]
     head_dim = t.get("head_dim") or t["hidden_size"] // n_head
     rope = t.get("rope_parameters") or {}
@@ -254,7 +259,9 @@ def write_llm(path: Path, model_dir: Path, cfg: dict, weights: Weights, tok, tem
         w.add_rope_freq_base(float(theta))
         w.add_vocab_size(int(vocab_rows))
         w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
-        if arch == "qwen2":  # the LLM's vocabulary decides the tokenizer metadata; the template, the chat template
+        if extra_kv:
+            extra_kv(w)
+        if bpe:  # the LLM's vocabulary decides the tokenizer metadata; the template, the chat template
             from .bpe_vocab import tokenizer_kv_bpe
 
             tokenizer_kv_bpe(w, model_dir, tok, vocab_rows)
@@ -271,7 +278,7 @@ def write_llm(path: Path, model_dir: Path, cfg: dict, weights: Weights, tok, tem
     head = "head:weight" if weights.has("head:weight") else None
     if head:  # an absent head means tied embeddings: llama.cpp then reads token_embd
         tensors.append(("output.weight", weights.shapes[head], make(head)))
-    names = {**LLM_NAMES, **(QWEN2_BIASES if arch == "qwen2" else {})}
+    names = {**LLM_NAMES, **(QWEN2_BIASES if bpe else {})}
     for i in range(t["num_hidden_layers"]):
         for src, dst in names.items():
             if src in ("embed_tokens.weight", "norm.weight"):
@@ -280,7 +287,7 @@ def write_llm(path: Path, model_dir: Path, cfg: dict, weights: Weights, tok, tem
             if not weights.has(key):
                 raise UserError(f"{model_dir}: tensor for layer {i} '{src}' missing; the weights are incomplete")
             post = None
-            if arch == "qwen2":
+            if bpe:
                 pass  # llama.cpp's qwen2 uses the NEOX rotation, transformers' own layout: nothing to reorder
             elif src == "self_attn.q_proj.weight":
                 post = lambda a: _permute(a, n_head)  # noqa: E731

@@ -280,6 +280,7 @@ class Template:
     image_text: ClassVar[str] = IMAGE_TOKEN
     # whether `export gguf` (llama.cpp, Ollama) serves this format's models yet
     exports_gguf: ClassVar[bool] = True
+    exports_ollama: ClassVar[bool] = True  # a Modelfile beside the GGUF pair
     # what the model's own fine-tuning code supervises: "replies" (each reply and the token ending it: LLaVA, Qwen)
     # or "text" (the whole text but the image tokens: MedGemma's notebook)
     supervises: ClassVar[str] = "replies"

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import IMAGE_TOKEN, Family, Rendered, Template
+from .base import GGUF_MARK, IMAGE_TOKEN, Family, Rendered, Template, fit_gguf
 
 QWEN_VL_SYSTEM = "You are a helpful assistant."
 VISION = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -41,16 +41,32 @@ def _parts(text: str) -> str:
 @dataclass(frozen=True)
 class QwenVLTemplate(Template):
     image_text: ClassVar[str] = VISION
-    # llama.cpp runs Qwen2.5-VL through its own converter's GGUF pair; qilin-lite's exporter writes LLaVA's only
-    exports_gguf: ClassVar[bool] = False
+    # Ollama runs Qwen2.5-VL on its own engine from safetensors, not from a GGUF pair with a Modelfile template
+    exports_ollama: ClassVar[bool] = False
 
     def gguf_chat_template(self) -> str:
+        """llama.cpp's Jinja over messages whose images are markers in the text (mtmd puts `<|vision_start|>` and
+        `<|vision_end|>` around each itself): each marker stays where it stands and the text pieces between are
+        stripped, as training's `<image>` parts are."""
+        sys = self.system.replace("'", "\\'")
+        default = ("{% if loop.first and x['role'] != 'system' %}{{ '<|im_start|>system\\n" + sys
+                   + "<|im_end|>\\n' }}{% endif %}") if sys else ""
+        t = (
+            "{% for x in messages %}" + default +
+            "{% set c = x['content'] if x['content'] is string else x['content'] | map(attribute='text') | join('') %}"
+            + GGUF_MARK +
+            "{{ '<|im_start|>' + x['role'] + '\\n' }}{% if x['role'] == 'user' %}"
+            "{% for p in c.split(mk) %}{% if not loop.first %}{{ mk }}{% endif %}{{ p.strip() }}{% endfor %}"
+            "{% else %}{{ c }}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+        )
+        return fit_gguf(t, self.name)
+
+    def ollama(self):
         from ..errors import UserError
 
-        raise UserError(f"export gguf does not write {self.name} models yet; llama.cpp's convert_hf_to_gguf.py "
-                        "(with --mmproj for the vision half) converts a merged Qwen-VL directory")
-
-    ollama = gguf_chat_template
+        raise UserError(f"export gguf does not write an Ollama Modelfile for {self.name} models: Ollama runs "
+                        "Qwen2.5-VL on its own engine; `ollama create` from a `qilin-lite merge` directory")
 
     def place_images(self, messages: list[dict]) -> list[dict]:
         return [{**m, "content": _parts(m["content"])} if m["role"] == "user" else m for m in messages]

@@ -123,6 +123,19 @@ class NativeImageLoader(ImageLoader):
     def counts(self, pil: list) -> list[int]:
         return [self.tokens(*img.size) for img in pil]
 
+    def at_grid(self, img):
+        """The image resized as the processor resizes it (to its patch grid, aspect stretched), for a server that
+        resizes differently (llama.cpp pads a Qwen image to keep its aspect): an image already at its grid passes
+        through the processor unchanged."""
+        from PIL import Image
+
+        _, h, w = (int(x) for x in self.inputs([img])["image_grid_thw"][0])
+        patch = int(self.processor.patch_size)
+        size = (w * patch, h * patch)
+        resample = getattr(self.processor, "resample", None)
+        return img if img.size == size else img.resize(size, Image.Resampling(resample if resample is not None
+                                                                               else Image.Resampling.BICUBIC))
+
     def process(self, pil: list) -> torch.Tensor:
         return self.inputs(pil)["pixel_values"]
 

@@ -21,13 +21,14 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the fill when no model is nam
 def prepare_image(paths, out: str | Path, *, model: str | None = None, window: tuple[float, float] | None = None,
                   frame: int | None = None) -> Path:
     """1-4 images -> one PNG holding what the model saw in training: the composite, DICOM / 16-bit windowing and,
-    for runs trained with `pad`, the square padding in the processor's mean colour.
+    for runs trained with `pad`, the square padding in the processor's mean colour; for native-resolution runs
+    (Qwen2.5-VL), the size the processor resizes it to.
 
     For servers: they hand images to the HF processor, which only resizes and centre-crops, and they read no DICOM.
     Pixels only: the PNG carries no metadata, so no DICOM header value leaves the input file this way."""
     from ..images.decode import expand_to_square
     from ..model import RunInfo, load_tokenizer_and_processor
-    from ..images.pixel_values import ImageLoader, pad_fill
+    from ..images.pixel_values import image_loader, pad_fill
 
     out = Path(out)
     if out.suffix.lower() != ".png":
@@ -45,10 +46,12 @@ def prepare_image(paths, out: str | Path, *, model: str | None = None, window: t
     mode, fill = "pad", pad_fill(CLIP_MEAN)
     if model is not None:
         info = RunInfo.load(Path(model)) if Path(model).is_dir() else None
-        loader = ImageLoader(load_tokenizer_and_processor(str(model))[1], info.image_mode if info else "pad")
+        loader = image_loader(load_tokenizer_and_processor(str(model))[1], info.image_mode if info else "pad")
         mode, fill = loader.mode, loader.fill
     if mode == "pad":
         image = expand_to_square(image, fill)
+    elif mode == "native":  # at the processor's own grid, so that llama.cpp's resizing (aspect kept, padded) is none
+        image = loader.at_grid(image)
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out, format="PNG")
     return out

@@ -1,0 +1,192 @@
+"""Qwen2.5-VL as llama.cpp runs it: the LLM as llama.cpp's `qwen2vl` architecture (Qwen2's tensors, M-RoPE's
+sections) and the vision tower + patch merger as an mmproj of projector type `qwen2.5vl_merger`, names from the
+`gguf` package's own tensor map (the table llama.cpp's converter uses), written with gguf.py's streaming writer.
+
+What llama.cpp fixes that the checkpoint may not: window attention over 112 px windows (its graph does not read
+the config's `window_size`), a 2 x 2 patch merger, two frames per patch. A checkpoint that differs is refused in one
+line rather than exported to answer differently. Images: llama.cpp resizes as Qwen's `smart_resize` does, but
+between its own token limits (8 to 4,096 for Qwen2.5-VL), not the processor's; the run's limits are given to it as
+`--image-min-tokens` / `--image-max-tokens` (`image_token_limits`), which the export's README and the command line
+print.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from .gguf import LLM_NAMES, Weights, write_llm
+from .templates import NOTICE
+
+PREFIXES = {  # the vision tower first: "model." would also match "model.visual."
+    "vision": ("model.visual.", "visual."),
+    "head": ("lm_head.",),
+    "llm": ("model.language_model.", "model."),
+}
+LLAMA_CPP_WINDOW = 112  # px; clip.cpp's Qwen2.5-VL window attention, whatever the config says
+PROJECTOR_TYPE = "qwen2.5vl_merger"
+
+
+def is_qwen2_5_vl(cfg: dict) -> bool:
+    return cfg.get("model_type") == "qwen2_5_vl"
+
+
+def check_exportable(cfg: dict, model_dir: Path) -> None:
+    """Refuse, in one line each, what llama.cpp's Qwen2.5-VL graph would run differently from transformers."""
+    v, t = cfg.get("vision_config") or {}, cfg.get("text_config") or {}
+    fix = "; llama.cpp's Qwen2.5-VL path cannot run this checkpoint as transformers does"
+    if v.get("window_size", LLAMA_CPP_WINDOW) != LLAMA_CPP_WINDOW:
+        raise UserError(f"{model_dir}: vision window_size {v['window_size']} px; llama.cpp attends in "
+                        f"{LLAMA_CPP_WINDOW} px windows (the released models' size){fix}")
+    if v.get("spatial_merge_size", 2) != 2 or v.get("temporal_patch_size", 2) != 2:
+        raise UserError(f"{model_dir}: spatial_merge_size {v.get('spatial_merge_size')} / temporal_patch_size "
+                        f"{v.get('temporal_patch_size')}; llama.cpp merges 2 x 2 patches of 2 frames{fix}")
+    if v.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{model_dir}: vision activation '{v.get('hidden_act')}'; llama.cpp's Qwen2.5-VL MLP is "
+                        f"SiLU-gated{fix}")
+    full = v.get("fullatt_block_indexes") or []
+    if not full or any(b - a != full[0] + 1 for a, b in zip(full, full[1:])):
+        raise UserError(f"{model_dir}: fullatt_block_indexes {full}; llama.cpp needs full attention every n-th "
+                        f"block (as the releases: 7, 15, 23, 31){fix}")
+    if v.get("intermediate_size") == v.get("hidden_size"):
+        raise UserError(f"{model_dir}: a vision MLP that keeps its width is read by llama.cpp as one with up and "
+                        f"down swapped (its fix for old files){fix}")
+    rope = t.get("rope_parameters") or t.get("rope_scaling") or cfg.get("rope_scaling") or {}
+    section = rope.get("mrope_section")
+    if not section or len(section) != 3 or (rope.get("rope_type") or rope.get("type") or "default") not in (
+            "default", "mrope"):
+        raise UserError(f"{model_dir}: the LLM's RoPE ({rope}) is not Qwen2.5-VL's three-section M-RoPE{fix}")
+    if t.get("use_sliding_window"):
+        raise UserError(f"{model_dir}: sliding-window attention is on; llama.cpp's qwen2vl attends globally")
+
+
+def image_token_limits(image_processor) -> tuple[int, int]:
+    """The processor's (min_pixels, max_pixels) in llama.cpp's unit, merged tokens of 28 x 28 px: what
+    `--image-min-tokens` / `--image-max-tokens` take so that llama.cpp resizes every image to training's grid."""
+    unit = (image_processor.patch_size * image_processor.merge_size) ** 2
+    size = getattr(image_processor, "size", None) or {}
+    lo = size.get("shortest_edge", getattr(image_processor, "min_pixels", None))
+    hi = size.get("longest_edge", getattr(image_processor, "max_pixels", None))
+    if lo is None or hi is None:
+        raise UserError("the run's image processor states no min/max pixels; export needs them for llama.cpp")
+    if lo % unit or hi % unit:  # llama.cpp takes whole tokens: a bound between two would resize some images apart
+        raise UserError(f"the run's min/max pixels ({lo}, {hi}) are not whole multiples of {unit} (one merged token); "
+                        f"llama.cpp's bounds are in tokens: train with data.min_pixels / data.max_pixels that are")
+    return lo // unit, hi // unit
+
+
+def write_llm_qwen_vl(path: Path, model_dir: Path, cfg: dict, weights: Weights, tok, template, name: str) -> None:
+    t = cfg["text_config"]
+    rope = t.get("rope_parameters") or t.get("rope_scaling") or cfg.get("rope_scaling") or {}
+    text_cfg = {**cfg, "text_config": {**t, "rope_parameters": {**rope, "rope_theta": rope.get(
+        "rope_theta", t.get("rope_theta", 1000000.0))}}}
+
+    def extra(w):  # M-RoPE: rotary half-dimensions for (time, height, width), padded to llama.cpp's four
+        w.add_rope_dimension_sections([int(x) for x in rope["mrope_section"]] + [0])
+
+    for key in LLM_NAMES:  # an incomplete directory is one line, before the writer opens the file
+        if key not in ("embed_tokens.weight", "norm.weight") and not weights.has(f"llm:layers.0.{key}"):
+            raise UserError(f"{model_dir}: LLM tensor 'layers.0.{key}' missing; the weights are incomplete")
+    write_llm(path, model_dir, text_cfg, weights, tok, template, name, arch="qwen2vl", extra_kv=extra)
+
+
+def write_mmproj_qwen_vl(path: Path, model_dir: Path, cfg: dict, weights: Weights, image_processor,
+                         name: str) -> None:
+    import gguf
+
+    from .gguf import _write
+
+    v = cfg["vision_config"]
+    depth = int(v["depth"])
+    lo, hi = image_token_limits(image_processor)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, max(depth, 3))
+
+    def kv(w):
+        w.add_name(f"mmproj-{name}")
+        w.add_description(
+            f"Qwen2.5-VL vision tower ({depth} blocks) + patch merger, exported by qilin-lite. Trained on images "
+            f"resized to {lo}-{hi} tokens of 28 x 28 px: run llama.cpp with --image-min-tokens {lo} "
+            f"--image-max-tokens {hi}. {NOTICE}")
+        w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
+        w.add_clip_has_vision_encoder(True)
+        w.add_clip_projector_type(PROJECTOR_TYPE)
+        w.add_vision_projection_dim(int(cfg["text_config"]["hidden_size"]))
+        w.add_vision_image_size(560)  # llama.cpp's warm-up image only: Qwen sees images at their own size
+        w.add_vision_patch_size(int(v["patch_size"]))
+        w.add_vision_embedding_length(int(v["hidden_size"]))
+        w.add_vision_feed_forward_length(int(v["intermediate_size"]))
+        w.add_vision_block_count(depth)
+        w.add_vision_head_count(int(v["num_heads"]))
+        w.add_vision_image_mean([float(x) for x in image_processor.image_mean])
+        w.add_vision_image_std([float(x) for x in image_processor.image_std])
+        w.add_vision_use_silu(True)
+        w.add_vision_n_wa_pattern(int(v["fullatt_block_indexes"][0]) + 1)
+        w.add_vision_spatial_merge_size(int(v.get("spatial_merge_size", 2)))
+        w.add_vision_attention_layernorm_eps(1e-6)  # transformers' Qwen2.5-VL vision RMSNorm eps
+        w.add_uint32("qilin.image_min_tokens", lo)
+        w.add_uint32("qilin.image_max_tokens", hi)
+
+    def plain(key):
+        return lambda: weights.get(key)
+
+    def part(key, k, n):  # one third of the fused qkv (rows: q, then k, then v)
+        return lambda: np.split(weights.get(key), n, axis=0)[k]
+
+    def frame(key, k):  # Conv3d over two frames -> llama.cpp's two Conv2d kernels
+        return lambda: weights.get(key)[:, :, k]
+
+    def need(key):
+        if not weights.has(key):
+            raise UserError(f"{model_dir}: vision tensor '{key.split(':', 1)[1]}' missing; the weights are "
+                            "incomplete or not a Qwen2.5-VL's")
+        return key
+
+    tensors = []
+    patch = need("vision:patch_embed.proj.weight")
+    shape = weights.shapes[patch]
+    base = names.get_name("visual.patch_embed.proj") + ".weight"
+    tensors += [(base, shape[:2] + shape[3:], frame(patch, 0)), (base + ".1", shape[:2] + shape[3:], frame(patch, 1))]
+    for i in range(depth):
+        for src in ("norm1", "norm2", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            dst = names.get_name(f"visual.blocks.{i}.{src}")
+            for kind in ("weight", "bias"):
+                key = f"vision:blocks.{i}.{src}.{kind}"
+                if kind == "weight" or weights.has(key):  # RMSNorms have no bias
+                    tensors.append((f"{dst}.{kind}", weights.shapes[need(key)], plain(key)))
+        for kind in ("weight", "bias"):
+            key = need(f"vision:blocks.{i}.attn.qkv.{kind}")
+            rows = weights.shapes[key]
+            for k, qkv in enumerate("qkv"):
+                dst = names.get_name(f"visual.blocks.{i}.attn.{qkv}")
+                tensors.append((f"{dst}.{kind}", (rows[0] // 3, *rows[1:]), part(key, k, 3)))
+    tensors.append((names.get_name("visual.merger.ln_q") + ".weight",
+                    weights.shapes[need("vision:merger.ln_q.weight")], plain("vision:merger.ln_q.weight")))
+    for idx in (0, 2):
+        for kind in ("weight", "bias"):
+            key = need(f"vision:merger.mlp.{idx}.{kind}")
+            tensors.append((f"{names.get_name(f'visual.merger.mlp.{idx}')}.{kind}", weights.shapes[key], plain(key)))
+    _write(path, "clip", kv, tensors)
+
+
+def readme(model: str, mmproj: str, name: str, limits: tuple[int, int]) -> str:
+    lo, hi = limits
+    flags = f"--image-min-tokens {lo} --image-max-tokens {hi}"
+    return f"""# {name}: GGUF export (qilin-lite)
+
+> {NOTICE}
+
+Run on a CPU with llama.cpp (a build with Qwen2.5-VL support, 2025 or later):
+
+    llama-mtmd-cli -m {model} --mmproj {mmproj} --jinja {flags} --image scan.png -p "这张图像显示了什么？" --temp 0
+    llama-server -m {model} --mmproj {mmproj} --jinja {flags} --host 127.0.0.1
+
+`{flags}`: the run trained on images resized to between {lo} and {hi} tokens of 28 x 28 px; llama.cpp's own
+limits for Qwen2.5-VL are 8 to 4,096, so without the flags it resizes images to other grids than training's.
+`--jinja` makes llama.cpp use the chat template inside {model} (the run's qwen2-vl: each image where it stands,
+the text around it stripped as in training). For a DICOM or 16-bit image, send what `qilin-lite image` writes.
+Ollama: not written for Qwen2.5-VL (Ollama runs it on its own engine, imported from safetensors: point its
+Modelfile's FROM at a `qilin-lite merge` directory).
+{model} is {'f16' if model.endswith('-f16.gguf') else 'quantized'}; the mmproj is f16.
+"""

@@ -1,0 +1,205 @@
+"""`export gguf` for Qwen2.5-VL: llama.cpp's qwen2vl LLM + a qwen2.5vl_merger mmproj, run in llama.cpp itself
+(llama-cpp-python's libllama + libmtmd, built by scripts/llama-cpp.sh): image features at each image's own size
+equal the trained model's, the prompt ids equal chat's, greedy answers equal chat's.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli_captured, tiny_recipe
+
+from qilin_lite.errors import UserError
+
+QUESTION = "病灶位于哪一侧？"
+TEXTS = ["胸部X光片显示双肺纹理清晰，未见明显异常。", "这张CT图像中病灶位于哪里？", "左肺上叶可见结节影。",
+         "请描述图像。", "心影大小正常。", QUESTION]
+SIZES = [(56, 56), (224, 224), (100, 180), (300, 90), (37, 61)]  # 4 to 64 tokens, odd sizes resized both ways
+
+
+@pytest.fixture(scope="module")
+def qwen_run(tmp_path_factory):
+    """A tiny Qwen2.5-VL with the releases' 112 px attention windows, aligned and LoRA-tuned a few steps."""
+    from PIL import Image
+
+    from qilin_lite.demo.qwen_vl import build_tiny_qwen2_5_vl
+    from qilin_lite.train.stage import train_stage
+
+    root = tmp_path_factory.mktemp("qwen_gguf")
+    base = build_tiny_qwen2_5_vl(root / "base", TEXTS * 30, window_size=112)
+    (root / "img").mkdir()
+    rng, rows = random.Random(5), []
+    for i, size in enumerate(SIZES * 2):
+        # smooth pictures, as scans are: two resamplers (PIL's and llama.cpp's bicubic) agree on them, not on noise
+        y, x = np.mgrid[0:size[1], 0:size[0]] / max(size)
+        px = np.stack([np.sin(3 * x + i), np.cos(2 * y - i), np.sin(2 * (x + y) + 0.5 * i)], -1)
+        Image.fromarray(((px + 1) * 127.5).astype(np.uint8)).save(root / "img" / f"{i}.png")
+        rows.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\n" + rng.choice(TEXTS)},
+            {"from": "gpt", "value": rng.choice(TEXTS)}]})
+    (root / "train.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    align, _ = train_stage(tiny_recipe("align", "align", root / "align", root / "train.json", root / "img",
+                                       **{"model.base": str(base)}))
+    tune, _ = train_stage(tiny_recipe("tune", "lora", root / "tune", root / "train.json", root / "img",
+                                      **{"model.from_run": str(align)}))
+    return tune, sorted((root / "img").glob("*.png"), key=lambda p: int(p.stem))[:len(SIZES)], root
+
+
+@pytest.fixture(scope="module")
+def exported(qwen_run, tmp_path_factory):
+    from qilin_lite.export.cli import export_gguf
+
+    return export_gguf(qwen_run[0], tmp_path_factory.mktemp("qwen_gguf_out") / "export")
+
+
+def _field(reader, key):
+    return reader.fields[key].contents()
+
+
+def test_files_are_llama_cpps_qwen2_5_vl_pair(exported):
+    import gguf
+
+    llm, proj = gguf.GGUFReader(str(exported.model)), gguf.GGUFReader(str(exported.mmproj))
+    assert _field(llm, "general.architecture") == "qwen2vl"
+    assert _field(llm, "qwen2vl.rope.dimension_sections") == [4, 6, 6, 0]  # the tiny's mrope_section, padded
+    assert _field(proj, "clip.projector_type") == "qwen2.5vl_merger"
+    names = {t.name for t in proj.tensors}
+    assert {"v.patch_embd.weight", "v.patch_embd.weight.1", "v.blk.0.attn_q.weight", "v.blk.1.ffn_gate.weight",
+            "v.post_ln.weight", "mm.0.weight", "mm.2.bias"} <= names
+    assert exported.modelfile is None and exported.image_tokens == (4, 64)
+    text = exported.readme.read_text(encoding="utf-8")
+    assert "--image-min-tokens 4 --image-max-tokens 64" in text and "not a diagnosis" in text
+
+
+def test_a_window_llama_cpp_does_not_run_is_refused_before_any_work(tmp_path):
+    from qilin_lite.demo.qwen_vl import build_tiny_qwen2_5_vl
+    from qilin_lite.export.gguf_qwen_vl import check_exportable
+
+    d = build_tiny_qwen2_5_vl(tmp_path / "m", TEXTS * 10, window_size=56)
+    with pytest.raises(UserError, match="window_size 56 px; llama.cpp attends in 112 px windows"):
+        check_exportable(json.loads((d / "config.json").read_text(encoding="utf-8")), d)
+
+
+def test_pixel_bounds_between_two_token_counts_are_refused():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from qilin_lite.export.gguf_qwen_vl import image_token_limits
+
+    assert image_token_limits(Qwen2VLImageProcessorPil(min_pixels=256 * 784, max_pixels=1280 * 784)) == (256, 1280)
+    with pytest.raises(UserError, match="not whole multiples of 784"):
+        image_token_limits(Qwen2VLImageProcessorPil(min_pixels=3000, max_pixels=1280 * 784))
+
+
+def _llama(exported):
+    pytest.importorskip("llama_cpp", reason="llama.cpp not built here (scripts/llama-cpp.sh needs a C++ compiler)")
+    from benchmarks.harness.llama_cpp import LlamaCppLlava
+
+    return LlamaCppLlava(exported.model, exported.mmproj, image_tokens=exported.image_tokens)
+
+
+@pytest.fixture(scope="module")
+def served_images(qwen_run, tmp_path_factory):
+    """Each image as `qilin-lite image --model RUN` writes it for a server: at the processor's grid."""
+    from qilin_lite.serve.image_file import prepare_image
+
+    out = tmp_path_factory.mktemp("served")
+    return [prepare_image(png, out / png.name, model=str(qwen_run[0])) for png in qwen_run[1]]
+
+
+def test_the_served_image_is_at_the_grid_and_gives_trainings_pixels(qwen_run, served_images):
+    """llama.cpp keeps a Qwen image's aspect and pads it to the grid, where Qwen's processor stretches it: an
+    image written at the grid is resized by neither, and the processor gives the original's pixel values for it."""
+    import torch
+    from PIL import Image
+
+    from qilin_lite.serve.generate import load_generator
+
+    gen, _ = load_generator(str(qwen_run[0]), dtype="float32", temperature=0.0)
+    for png, served in zip(qwen_run[1], served_images):
+        size = Image.open(served).size
+        assert size[0] % 28 == 0 and size[1] % 28 == 0, size
+        a = gen.images.inputs([gen.images.open(str(png))])
+        b = gen.images.inputs([gen.images.open(str(served))])
+        assert torch.equal(a["image_grid_thw"], b["image_grid_thw"])
+        assert torch.equal(a["pixel_values"], b["pixel_values"]), png.name
+
+
+def test_image_features_at_each_size_equal_the_trained_model(exported, qwen_run, served_images, tmp_path):
+    """mtmd's embedding of each image = the merged model's vision tower + merger on the processor's pixels, to f16
+    precision: the same grid (llama.cpp held to the run's token bounds), the same windows, the same values."""
+    import torch
+
+    from qilin_lite.merge import merge_run
+    from qilin_lite.serve.generate import load_generator
+
+    m = _llama(exported)
+    gen, _ = load_generator(str(merge_run(qwen_run[0], tmp_path / "merged")), dtype="float32", temperature=0.0)
+    try:
+        for png, served in zip(qwen_run[1], served_images):
+            vision = gen.images.inputs([gen.images.open(str(png))])  # chat's pixels and grid for this image
+            with torch.no_grad():
+                want = gen.model.get_image_features(pixel_values=vision["pixel_values"],
+                                                    image_grid_thw=vision["image_grid_thw"])
+            want = getattr(want, "pooler_output", want)
+            want = torch.cat(list(want)).reshape(-1).numpy()
+            got = m.image_embedding(served, want.size)
+            scale = np.abs(want).max()
+            assert np.abs(got - want).max() < 0.02 * scale, (png.name, np.abs(got - want).max(), scale)
+    finally:
+        m.close()
+
+
+def test_llama_cpp_prompts_and_answers_as_chat_does(exported, qwen_run, served_images):
+    """For images of every size: the prompt ids llama.cpp builds from the GGUF's template (the image where
+    llama-mtmd-cli puts it) are chat's, image positions included, and the greedy answers are chat's."""
+    from qilin_lite.serve.generate import load_generator
+
+    gen, _ = load_generator(str(qwen_run[0]), dtype="float32", max_new_tokens=12, temperature=0.0)
+    pad = gen.layout.image_token_id
+    m = _llama(exported)
+    try:
+        agree = []
+        for png, served in zip(qwen_run[1], served_images):
+            for q in (QUESTION, "  请描述图像。 "):
+                turn = [{"role": "user", "content": "<image>\n" + q}]
+                want = gen.prompt_ids(turn, gen.images.counts([gen.images.open(str(png))])).tolist()
+                a = m.answer(served, q, max_new_tokens=12)
+                got = [pad if t is None else t for t in a["prompt_ids"]]
+                assert got == want, (png.name, q)
+                ours = gen.generate([turn], [[str(png)]])[0].strip()
+                agree.append(a["text"] == ours)
+        assert np.mean(agree) >= 0.9, agree
+    finally:
+        m.close()
+
+
+def test_the_command_line_prints_llama_cpps_image_flags(qwen_run, tmp_path, monkeypatch, capsys):
+    code, out, _ = run_cli_captured(monkeypatch, capsys, "export", "gguf", qwen_run[0], tmp_path / "cli")
+    assert code == 0, out
+    assert "--image-min-tokens 4 --image-max-tokens 64" in out and "Modelfile" not in out
+
+
+def test_a_quantized_export_runs_in_llama_cpp_with_chats_prompt(qwen_run, served_images, tmp_path):
+    import gguf
+
+    from qilin_lite.export.cli import export_gguf
+    from qilin_lite.serve.generate import load_generator
+
+    pytest.importorskip("llama_cpp", reason="llama.cpp not built here (scripts/llama-cpp.sh needs a C++ compiler)")
+    done = export_gguf(qwen_run[0], tmp_path / "q8", quant="q8_0")
+    kinds = {t.tensor_type.name for t in gguf.GGUFReader(str(done.model)).tensors}
+    assert "Q8_0" in kinds, kinds
+    gen, _ = load_generator(str(qwen_run[0]), dtype="float32", temperature=0.0)
+    turn = [{"role": "user", "content": "<image>\n" + QUESTION}]
+    want = gen.prompt_ids(turn, gen.images.counts([gen.images.open(str(qwen_run[1][2]))])).tolist()
+    m = _llama(done)
+    try:
+        a = m.answer(served_images[2], QUESTION, max_new_tokens=4)
+    finally:
+        m.close()
+    assert [gen.layout.image_token_id if t is None else t for t in a["prompt_ids"]] == want
+    assert a["new_tokens"] > 0
