@@ -220,6 +220,17 @@ def test_server_problems_are_one_line(server, tiny_data, tmp_path, case, needle)
         assert len(fake.bodies) == 3  # asked again twice before giving up
 
 
+@pytest.mark.parametrize("url", ["http://user:s3cret@127.0.0.1:8000", "http://127.0.0.1:8000/v1?api_key=s3cret",
+                                 "https://:s3cret@example.org/v1"])
+def test_a_secret_in_the_address_is_refused_and_never_echoed(url):
+    """The address goes into protocol.json and the logs; a password or key in it would be kept there."""
+    from qilin_lite.eval.endpoint import check_flags
+
+    with pytest.raises(UserError, match="QILIN_ENDPOINT_API_KEY") as e:
+        check_flags(url, "m", 1, 5.0)
+    assert "s3cret" not in str(e.value) and "\n" not in str(e.value)
+
+
 def test_cli_flags(tiny_data, tmp_path):
     cli = Path(sys.executable).parent / "qilin-lite"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "QILIN_LOG": "WARNING"}

@@ -72,6 +72,10 @@ def check_flags(url: str, served_model: str, concurrency: int, timeout: float) -
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UserError(f"--endpoint {url}: give the server's address, e.g. http://127.0.0.1:8000 (vLLM, "
                         "transformers serve) or http://127.0.0.1:8080 (llama-server)")
+    if parts.username is not None or parts.password is not None or parts.query:
+        # the address is written into protocol.json and the logs: a secret in it would be kept there
+        raise UserError(f"--endpoint {parts.scheme}://{parts.hostname}...: the address holds credentials or a query; "
+                        f"give the key in {API_KEY_ENV} (sent as a Bearer token) and the address alone")
     if concurrency < 1:
         raise UserError(f"--concurrency must be at least 1, got {concurrency}")
     if not timeout > 0:
