@@ -63,8 +63,14 @@ class Probe(TrainerCallback):
         self.loop_s = now - self._t0
         self.cpu_s = time.process_time() - self._c0
 
-    def count(self, batch: dict) -> None:
-        ids = batch["input_ids"]
+    def count(self, batch) -> None:
+        from collections.abc import Mapping
+
+        # trl's DPO collator returns a BatchFeature (a mapping, not a dict); GRPO's batches are questions (a list,
+        # or indices), whose tokens exist only once sampled
+        ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+        if ids is None:
+            return
         self.samples += int(ids.shape[0])
         mask = batch.get("attention_mask")
         self.real_tokens += int(mask.sum()) if mask is not None else int(ids.numel())
