@@ -279,6 +279,9 @@ class Recipe:
             if self.train.beta == 0:
                 raise UserError("train.beta must be above 0 for DPO (it scales the preference margin); try 0.1")
             self.dpo_losses  # noqa: B018 (raises on a bad value)
+        if self.train.eval_every and not self.data.eval_task:  # else it would be silently ignored
+            raise UserError(f"--eval-every {self.train.eval_every} scores a benchmark while training, and none is "
+                            "named: add --eval-task FILE (any benchmark layout eval reads), or drop the flag")
         if self.model.load_4bit and self.stage != "align":
             raise UserError("model.load_4bit is for align; for tuning use --qlora")
         if self.train.fsdp:

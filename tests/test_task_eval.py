@@ -75,6 +75,7 @@ def test_flags_are_checked_before_any_work(tiny_data, align_run, tmp_path, monke
             "--set", "model.dtype=float32"]
     for extra, says in (
         (["--keep-best"], "--keep-best keeps the best checkpoint by the task metric: give --eval-task"),
+        (["--eval-every", "2"], "--eval-every 2 scores a benchmark while training, and none is named"),
         (["--eval-task", tmp_path / "none.json"], "no such benchmark file"),
         (["--eval-task", f"slake:{tiny_data['heldout']}"], "heldout"),  # not SLAKE's layout: eval's own one line
         (["--eval-task", tiny_data["heldout"], "--eval-every", "-1"], "train.eval_every"),
