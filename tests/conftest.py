@@ -113,6 +113,42 @@ def web_server(args: list, log: Path, open_files: int | None = None):
 _MEMORY: dict = {}
 
 
+@contextlib.contextmanager
+def llama_server_on(model: Path, mmproj: Path, log: Path, *extra: str):
+    """llama-server (scripts/llama-server.sh) on a GGUF export, its chat template read from the GGUF (--jinja);
+    yields its address. Skips where it is not built."""
+    import json
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    binary = Path(sys.executable).parent / "llama-server"
+    if not binary.is_file():
+        pytest.skip("llama-server not built here (scripts/llama-server.sh needs cmake and a C++ compiler)")
+    port = free_port()
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(binary), "-m", str(model), "--mmproj", str(mmproj), "--jinja", "--host",
+                                 "127.0.0.1", "--port", str(port), "-c", "2048", "-np", "2", "-t", "2", "--no-webui",
+                                 *extra], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "LLAMA_ARG_NO_WEBUI": "1"})
+        try:
+            deadline = time.time() + 120
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                        if json.loads(r.read()).get("status") == "ok":
+                            break
+                except OSError:
+                    pass
+                assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
 def _train(recipe):
     """Train with the real code and keep the in-memory model, so tests can compare it with what was saved."""
     from qilin_lite.train.stage import train_stage

@@ -443,38 +443,11 @@ def test_a_plain_chinese_name_is_kept():
 @pytest.fixture(scope="module")
 def llama_server(exported, tmp_path_factory):
     """llama-server (scripts/llama-server.sh) on the f16 export, its chat template read from the GGUF (--jinja)."""
-    import os
-    import subprocess
-    import time
-    import urllib.request
+    from conftest import llama_server_on
 
-    from conftest import free_port
-
-    binary = Path(sys.executable).parent / "llama-server"
-    if not binary.is_file():
-        pytest.skip("llama-server not built here (scripts/llama-server.sh needs cmake and a C++ compiler)")
-    ex, port = exported["f16"], free_port()
-    log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
-    log = log_path.open("w")
-    proc = subprocess.Popen([str(binary), "-m", str(ex.model), "--mmproj", str(ex.mmproj), "--jinja", "--host",
-                             "127.0.0.1", "--port", str(port), "-c", "2048", "-np", "2", "-t", "2", "--no-webui"],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "LLAMA_ARG_NO_WEBUI": "1"})
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if json.loads(r.read()).get("status") == "ok":
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+    ex = exported["f16"]
+    with llama_server_on(ex.model, ex.mmproj, tmp_path_factory.mktemp("llama-server") / "server.log") as url:
+        yield url
 
 
 def _post(url: str, body: dict) -> dict:

@@ -203,3 +203,90 @@ def test_a_quantized_export_runs_in_llama_cpp_with_chats_prompt(qwen_run, served
         m.close()
     assert [gen.layout.image_token_id if t is None else t for t in a["prompt_ids"]] == want
     assert a["new_tokens"] > 0
+
+
+# ---------------------------------------------------------------- llama-server on the Qwen2.5-VL export
+
+
+@pytest.fixture(scope="module")
+def qwen_server(exported, tmp_path_factory):
+    from conftest import llama_server_on
+
+    lo, hi = exported.image_tokens
+    with llama_server_on(exported.model, exported.mmproj, tmp_path_factory.mktemp("qwen-server") / "server.log",
+                         "--image-min-tokens", str(lo), "--image-max-tokens", str(hi)) as url:
+        yield url
+
+
+def _post(url: str, body: dict) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("messages, trained", [
+    ([{"role": "user", "content": [IMAGE, {"type": "text", "text": " 病灶位于哪一侧？ "}]}],
+     [{"role": "user", "content": "<image>\n病灶位于哪一侧？"}]),
+    ([{"role": "user", "content": [IMAGE, {"type": "text", "text": "请描述图像。"}]},
+      {"role": "assistant", "content": "心影大小正常。"},
+      {"role": "user", "content": [{"type": "text", "text": "对比这张："}, IMAGE]}],
+     [{"role": "user", "content": "<image>\n请描述图像。"}, {"role": "assistant", "content": "心影大小正常。"},
+      {"role": "user", "content": "对比这张：<image>"}]),
+    ([{"role": "system", "content": "你是放射科医生。"}, {"role": "user", "content": " 病灶\u00a0在\u3000哪？\n"}],
+     [{"role": "system", "content": "你是放射科医生。"}, {"role": "user", "content": " 病灶\u00a0在\u3000哪？\n"}]),
+], ids=["first-turn", "second-image-later-turn", "system-and-inner-unicode-spaces"])
+def test_llama_server_renders_and_tokenizes_chats_prompt(qwen_server, qwen_run, messages, trained):
+    """llama-server's own Jinja over the GGUF's template (its random media marker for each image part) renders
+    training's prompt; its tokenization of the text around the images is chat's ids."""
+    import re
+
+    from qilin_lite.families import get_template
+    from qilin_lite.serve.generate import load_generator
+
+    gen, _ = load_generator(str(qwen_run[0]), dtype="float32", temperature=0.0)
+    t = get_template("qwen2-vl")
+    got = _post(f"{qwen_server}/apply-template", {"messages": messages})["prompt"]
+    markers = set(re.findall(r"<__media_[A-Za-z0-9]{8,}__>", got))
+    assert len(markers) == (1 if any(isinstance(m["content"], list) for m in messages) else 0), got
+    text = got.replace(next(iter(markers)), t.image_text) if markers else got
+    assert text == t.render(t.place_images(trained), add_generation_prompt=True).text
+    if not markers:  # text only: the server's ids are chat's
+        ids = _post(f"{qwen_server}/tokenize", {"content": got, "add_special": True, "parse_special": True})["tokens"]
+        assert ids == gen.prompt_ids(trained).tolist()
+
+
+@pytest.mark.slow
+def test_llama_server_keeps_non_ascii_space_at_a_turns_ends(qwen_server):
+    """The one difference found: qwen-vl-finetune strips each text piece with Python's `str.strip`, which removes
+    U+3000 / U+00A0 too, and so do training and chat; llama.cpp's Jinja `strip` removes ASCII whitespace only (byte by
+    byte, so it cannot be given the Unicode ones), so a turn that starts or ends with them keeps them when served
+    (README says so). If llama.cpp changes, this test says the difference is gone."""
+    got = _post(f"{qwen_server}/apply-template",
+                {"messages": [{"role": "user", "content": "\u3000病灶在哪？\u00a0"}]})["prompt"]
+    assert "user\n\u3000病灶在哪？\u00a0<|im_end|>" in got, got
+
+
+@pytest.mark.slow
+def test_eval_endpoint_through_llama_server_answers_as_in_process_eval(qwen_server, exported, qwen_run, tmp_path):
+    """`eval --endpoint` on the served export, images sent as the run saw them (`--images-as`: at the processor's
+    grid): the same answers as `eval --model` on the run."""
+    from qilin_lite.eval.run import run_benchmark
+
+    run, _, root = qwen_run
+    common = dict(image_folder=root / "img", max_new_tokens=8)
+    run_benchmark(root / "train.json", "llava", tmp_path / "local", model=str(run), dtype="float32", **common)
+    run_benchmark(root / "train.json", "llava", tmp_path / "served", endpoint=qwen_server,
+                  served_model=exported.model.name, images_as=str(run), concurrency=2, **common)
+
+    def answers(d):
+        return [json.loads(x)["prediction"] for x in (d / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+
+    local, served = answers(tmp_path / "local"), answers(tmp_path / "served")
+    assert len(local) == len(served) == 10
+    assert np.mean([a == b for a, b in zip(served, local)]) >= 0.9, list(zip(served, local))

@@ -93,18 +93,22 @@ class TrainedView:
     template: object
     mode: str
     fill: tuple[int, int, int]
+    grid: object = None  # a native-resolution run's loader: images go at its processor's grid (at_grid)
 
     @classmethod
     def of(cls, run: str) -> "TrainedView":
         from ..families import get_template
-        from ..images.pixel_values import ImageLoader
+        from ..images.pixel_values import image_loader
         from ..model import RunInfo, load_tokenizer_and_processor, template_of
 
         if not Path(run).is_dir():
             raise UserError(f"--images-as {run}: not a directory; name the output directory the served model was "
                             "trained into (or merged from)")
         info = RunInfo.load(Path(run))
-        loader = ImageLoader(load_tokenizer_and_processor(run)[1], info.image_mode if info else "pad")
+        processor = load_tokenizer_and_processor(run)[1]
+        loader = image_loader(processor, info.image_mode if info else "pad")
+        if loader.mode == "native":  # no padding: each image at its own size, resized to the processor's grid
+            return cls(get_template(template_of(run)), "native", (0, 0, 0), loader)
         return cls(get_template(template_of(run)), loader.mode, loader.fill)
 
     def describe(self) -> dict:
@@ -112,13 +116,15 @@ class TrainedView:
 
 
 def image_part(path: str, view: TrainedView | None = None) -> dict:
-    """An `image_url` part holding the image as qilin-lite decodes it (and pads it, for a `pad` run), as a PNG
-    data URL."""
+    """An `image_url` part holding the image as qilin-lite decodes it (and pads it, for a `pad` run; resizes it to
+    the processor's grid, for a native-resolution one), as a PNG data URL."""
     from ..images.decode import expand_to_square, load_image
 
     image = load_image(path)
     if view is not None and view.mode == "pad":
         image = expand_to_square(image, view.fill)
+    elif view is not None and view.grid is not None:  # as `qilin-lite image` writes it: llama.cpp pads, Qwen stretches
+        image = view.grid.at_grid(image if image.mode == "RGB" else image.convert("RGB"))
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}}
