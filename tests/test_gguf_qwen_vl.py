@@ -1,4 +1,5 @@
-"""`export gguf` for Qwen2.5-VL: llama.cpp's qwen2vl LLM + a qwen2.5vl_merger mmproj, run in llama.cpp itself
+"""`export gguf` for Qwen2.5-VL and Qwen3-VL: llama.cpp's qwen2vl / qwen3vl LLM + a qwen2.5vl_merger / qwen3vl_merger
+mmproj, run in llama.cpp itself
 (llama-cpp-python's libllama + libmtmd, built by scripts/llama-cpp.sh): image features at each image's own size
 equal the trained model's, the prompt ids equal chat's, greedy answers equal chat's.
 """
@@ -19,18 +20,30 @@ QUESTION = "病灶位于哪一侧？"
 TEXTS = ["胸部X光片显示双肺纹理清晰，未见明显异常。", "这张CT图像中病灶位于哪里？", "左肺上叶可见结节影。",
          "请描述图像。", "心影大小正常。", QUESTION]
 SIZES = [(56, 56), (224, 224), (100, 180), (300, 90), (37, 61)]  # 4 to 64 tokens, odd sizes resized both ways
+# what llama.cpp calls each family: LLM architecture, projector type, tensors only its mmproj has, pixels a token
+FAMILY = {
+    "qwen2.5-vl": dict(arch="qwen2vl", projector="qwen2.5vl_merger", unit=28,
+                       tensors={"v.blk.0.attn_q.weight", "v.blk.1.ffn_gate.weight"}),
+    "qwen3-vl": dict(arch="qwen3vl", projector="qwen3vl_merger", unit=32,
+                     tensors={"v.blk.0.attn_qkv.weight", "v.position_embd.weight", "v.patch_embd.bias",
+                              "v.deepstack.0.fc1.weight", "v.deepstack.0.norm.bias"}),
+}
 
 
-@pytest.fixture(scope="module")
-def qwen_run(tmp_path_factory):
-    """A tiny Qwen2.5-VL with the releases' 112 px attention windows, aligned and LoRA-tuned a few steps."""
+@pytest.fixture(scope="module", params=list(FAMILY))
+def qwen_run(request, tmp_path_factory):
+    """A tiny Qwen2.5-VL (with the releases' 112 px attention windows) or Qwen3-VL (DeepStack after its first
+    block), aligned and LoRA-tuned a few steps: (run, images, data folder, family)."""
     from PIL import Image
 
-    from qilin_lite.demo.qwen_vl import build_tiny_qwen2_5_vl
+    from qilin_lite.demo.qwen_vl import build_tiny_qwen2_5_vl, build_tiny_qwen3_vl
     from qilin_lite.train.stage import train_stage
 
     root = tmp_path_factory.mktemp("qwen_gguf")
-    base = build_tiny_qwen2_5_vl(root / "base", TEXTS * 30, window_size=112)
+    if request.param == "qwen2.5-vl":
+        base = build_tiny_qwen2_5_vl(root / "base", TEXTS * 30, window_size=112)
+    else:
+        base = build_tiny_qwen3_vl(root / "base", TEXTS * 30)
     (root / "img").mkdir()
     rng, rows = random.Random(5), []
     for i, size in enumerate(SIZES * 2):
@@ -46,7 +59,7 @@ def qwen_run(tmp_path_factory):
                                        **{"model.base": str(base)}))
     tune, _ = train_stage(tiny_recipe("tune", "lora", root / "tune", root / "train.json", root / "img",
                                       **{"model.from_run": str(align)}))
-    return tune, sorted((root / "img").glob("*.png"), key=lambda p: int(p.stem))[:len(SIZES)], root
+    return tune, sorted((root / "img").glob("*.png"), key=lambda p: int(p.stem))[:len(SIZES)], root, request.param
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +73,20 @@ def _field(reader, key):
     return reader.fields[key].contents()
 
 
-def test_files_are_llama_cpps_qwen2_5_vl_pair(exported):
+def test_files_are_llama_cpps_pair(exported, qwen_run):
     import gguf
 
+    fam = FAMILY[qwen_run[3]]
     llm, proj = gguf.GGUFReader(str(exported.model)), gguf.GGUFReader(str(exported.mmproj))
-    assert _field(llm, "general.architecture") == "qwen2vl"
-    assert _field(llm, "qwen2vl.rope.dimension_sections") == [4, 6, 6, 0]  # the tiny's mrope_section, padded
-    assert _field(proj, "clip.projector_type") == "qwen2.5vl_merger"
+    assert _field(llm, "general.architecture") == fam["arch"]
+    assert _field(llm, f"{fam['arch']}.rope.dimension_sections") == [4, 6, 6, 0]  # the tiny's mrope_section, padded
+    assert _field(proj, "clip.projector_type") == fam["projector"]
     names = {t.name for t in proj.tensors}
-    assert {"v.patch_embd.weight", "v.patch_embd.weight.1", "v.blk.0.attn_q.weight", "v.blk.1.ffn_gate.weight",
-            "v.post_ln.weight", "mm.0.weight", "mm.2.bias"} <= names
+    assert {"v.patch_embd.weight", "v.patch_embd.weight.1", "v.post_ln.weight", "mm.0.weight", "mm.2.bias",
+            *fam["tensors"]} <= names, sorted(names)
+    if qwen_run[3] == "qwen3-vl":
+        assert _field(llm, "qwen3vl.n_deepstack_layers") == 1
+        assert {t.name for t in llm.tensors} >= {"blk.0.attn_q_norm.weight", "blk.1.attn_k_norm.weight"}
     assert exported.modelfile is None and exported.image_tokens == (4, 64)
     text = exported.readme.read_text(encoding="utf-8")
     assert "--image-min-tokens 4 --image-max-tokens 64" in text and "not a diagnosis" in text
@@ -82,6 +99,23 @@ def test_a_window_llama_cpp_does_not_run_is_refused_before_any_work(tmp_path):
     d = build_tiny_qwen2_5_vl(tmp_path / "m", TEXTS * 10, window_size=56)
     with pytest.raises(UserError, match="window_size 56 px; llama.cpp attends in 112 px windows"):
         check_exportable(json.loads((d / "config.json").read_text(encoding="utf-8")), d)
+
+
+def test_a_qwen3_vl_llama_cpp_would_run_otherwise_is_refused(tmp_path):
+    from qilin_lite.demo.qwen_vl import build_tiny_qwen3_vl
+    from qilin_lite.export.gguf_qwen_vl import check_exportable
+
+    d = build_tiny_qwen3_vl(tmp_path / "m", TEXTS * 10)
+    cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    check_exportable(cfg, d)  # the tiny release as it is: exportable
+    flat = json.loads(json.dumps(cfg))
+    flat["text_config"]["rope_parameters"]["mrope_interleaved"] = False
+    with pytest.raises(UserError, match="not Qwen3-VL's interleaved M-RoPE"):
+        check_exportable(flat, d)
+    odd = json.loads(json.dumps(cfg))
+    odd["vision_config"]["num_position_embeddings"] = 200
+    with pytest.raises(UserError, match="not a square grid"):
+        check_exportable(odd, d)
 
 
 def test_pixel_bounds_between_two_token_counts_are_refused():
@@ -121,7 +155,8 @@ def test_the_served_image_is_at_the_grid_and_gives_trainings_pixels(qwen_run, se
     gen, _ = load_generator(str(qwen_run[0]), dtype="float32", temperature=0.0)
     for png, served in zip(qwen_run[1], served_images):
         size = Image.open(served).size
-        assert size[0] % 28 == 0 and size[1] % 28 == 0, size
+        unit = FAMILY[qwen_run[3]]["unit"]
+        assert size[0] % unit == 0 and size[1] % unit == 0, size
         a = gen.images.inputs([gen.images.open(str(png))])
         b = gen.images.inputs([gen.images.open(str(served))])
         assert torch.equal(a["image_grid_thw"], b["image_grid_thw"])
@@ -144,9 +179,12 @@ def test_image_features_at_each_size_equal_the_trained_model(exported, qwen_run,
             with torch.no_grad():
                 want = gen.model.get_image_features(pixel_values=vision["pixel_values"],
                                                     image_grid_thw=vision["image_grid_thw"])
-            want = getattr(want, "pooler_output", want)
-            want = torch.cat(list(want)).reshape(-1).numpy()
-            got = m.image_embedding(served, want.size)
+            # per image token: the merger's output, then (Qwen3-VL) each DeepStack merger's, as llama.cpp lays them
+            parts = [torch.cat(list(want.pooler_output))]
+            parts += [torch.cat(list(f)) for f in getattr(want, "deepstack_features", None) or ()]
+            want = torch.cat(parts, dim=-1).numpy()
+            got = m.image_embedding(served)
+            assert got.shape == want.shape, (png.name, got.shape, want.shape)
             scale = np.abs(want).max()
             assert np.abs(got - want).max() < 0.02 * scale, (png.name, np.abs(got - want).max(), scale)
     finally:
@@ -246,11 +284,10 @@ def test_llama_server_renders_and_tokenizes_chats_prompt(qwen_server, qwen_run, 
     training's prompt; its tokenization of the text around the images is chat's ids."""
     import re
 
-    from qilin_lite.families import get_template
     from qilin_lite.serve.generate import load_generator
 
     gen, _ = load_generator(str(qwen_run[0]), dtype="float32", temperature=0.0)
-    t = get_template("qwen2-vl")
+    t = gen.template
     got = _post(f"{qwen_server}/apply-template", {"messages": messages})["prompt"]
     markers = set(re.findall(r"<__media_[A-Za-z0-9]{8,}__>", got))
     assert len(markers) == (1 if any(isinstance(m["content"], list) for m in messages) else 0), got
@@ -278,7 +315,7 @@ def test_eval_endpoint_through_llama_server_answers_as_in_process_eval(qwen_serv
     grid): the same answers as `eval --model` on the run."""
     from qilin_lite.eval.run import run_benchmark
 
-    run, _, root = qwen_run
+    run, _, root, _ = qwen_run
     common = dict(image_folder=root / "img", max_new_tokens=8)
     run_benchmark(root / "train.json", "llava", tmp_path / "local", model=str(run), dtype="float32", **common)
     run_benchmark(root / "train.json", "llava", tmp_path / "served", endpoint=qwen_server,

@@ -68,9 +68,11 @@ class LlamaCppLlava:
         return ImmutableSandboxedEnvironment().from_string(self.template).render(
             messages=[{"role": "user", "content": content}], add_generation_prompt=True)
 
-    def image_embedding(self, image: str | Path, size: int) -> np.ndarray:
-        """mtmd's embedding of one image (what the LLM receives for it), flattened: `size` floats."""
+    def image_embedding(self, image: str | Path) -> np.ndarray:
+        """mtmd's embedding of one image (what the LLM receives for it): (image tokens, the LLM's input width) floats,
+        the width being the LLM's times 1 + DeepStack's layers for Qwen3-VL (their features follow the main one)."""
         mtmd = self.mtmd
+        per_token = self.lc.llama_model_n_embd_inp(self.llm.model)
         bitmap = mtmd.mtmd_helper_bitmap_init_from_file(self.ctx, str(image).encode(), False)
         chunks = mtmd.mtmd_input_chunks_init()
         try:
@@ -81,12 +83,11 @@ class LlamaCppLlava:
                 raise RuntimeError("mtmd_tokenize failed")
             parts = [mtmd.mtmd_input_chunks_get(chunks, i) for i in range(mtmd.mtmd_input_chunks_size(chunks))]
             chunk = next(c for c in parts if mtmd.mtmd_input_chunk_get_type(c) != mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT)
-            n = mtmd.mtmd_input_chunk_get_n_tokens(chunk) * self.llm.n_embd()
-            if n != size:  # another grid than training's: reading `size` floats would read past the output
-                raise RuntimeError(f"{image}: llama.cpp made {n} values of this image, not {size}")
+            n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
             if mtmd.mtmd_encode_chunk(self.ctx, chunk):
                 raise RuntimeError("mtmd_encode_chunk failed")
-            return np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(self.ctx), shape=(size,)).copy()
+            return np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(self.ctx), shape=(n * per_token,)).reshape(
+                n, per_token).copy()
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
             mtmd.mtmd_bitmap_free(bitmap)

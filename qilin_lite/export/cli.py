@@ -97,7 +97,7 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path, *, quant: str = "f16",
                         "directory on this machine")
     # Qwen2.5-VL is llama.cpp's qwen2vl + a qwen2.5vl_merger mmproj; every other exportable model is LLaVA-1.5-shaped
     base_cfg = json.loads((config_dir / "config.json").read_text(encoding="utf-8"))
-    qwen = gguf_qwen_vl.is_qwen2_5_vl(base_cfg)
+    qwen = gguf_qwen_vl.is_qwen_vl(base_cfg)
     (gguf_qwen_vl.check_exportable if qwen else check_exportable)(base_cfg, run_dir)
     created = writable(out_dir)
     try:
@@ -124,7 +124,7 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path, *, quant: str = "f16",
             files = [model, mmproj, staged / "README.md"]
             if qwen:
                 gguf_qwen_vl.write_mmproj_qwen_vl(mmproj, model_dir, cfg, weights, ip, name)
-                text = gguf_qwen_vl.readme(model.name, mmproj.name, name, gguf_qwen_vl.image_token_limits(ip))
+                text = gguf_qwen_vl.readme(model.name, mmproj.name, name, gguf_qwen_vl.image_token_limits(ip), cfg)
             else:
                 write_mmproj(mmproj, model_dir, cfg, weights, ip, info.image_mode, name)
                 text = export_readme(model.name, mmproj.name, name, info.image_mode)

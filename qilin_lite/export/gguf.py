@@ -229,14 +229,14 @@ def _tokenizer_kv(w, model_dir: Path, tok, vocab_rows: int) -> None:
 
 
 def write_llm(path: Path, model_dir: Path, cfg: dict, weights: Weights, tok, template, name: str, *,
-              arch: str | None = None, extra_kv=None) -> None:
+              arch: str | None = None, extra_kv=None, layer_names: dict[str, str] | None = None) -> None:
     """The language model's GGUF: `arch` names llama.cpp's architecture where it is not the text config's
     model_type (Qwen2.5-VL's LLM is llama.cpp's qwen2vl), `extra_kv(writer)` adds what that architecture reads."""
     import gguf
 
     t = cfg["text_config"]
     arch = arch or t.get("model_type", "llama")
-    bpe = arch in ("qwen2", "qwen2vl")  # Qwen2's byte-level BPE, q/k/v biases and NEOX rotation
+    bpe = arch in ("qwen2", "qwen2vl", "qwen3vl")  # Qwen's byte-level BPE and NEOX rotation
     n_head, n_kv = t["num_attention_heads"], t.get("num_key_value_heads") or t["num_attention_heads"]
     head_dim = t.get("head_dim") or t["hidden_size"] // n_head
     rope = t.get("rope_parameters") or {}
@@ -278,7 +278,8 @@ def write_llm(path: Path, model_dir: Path, cfg: dict, weights: Weights, tok, tem
     head = "head:weight" if weights.has("head:weight") else None
     if head:  # an absent head means tied embeddings: llama.cpp then reads token_embd
         tensors.append(("output.weight", weights.shapes[head], make(head)))
-    names = {**LLM_NAMES, **(QWEN2_BIASES if bpe else {})}
+    # each layer's tensors: LLaMA's, Qwen2's q/k/v biases, or what the caller names (Qwen3's q/k norms, no biases)
+    names = {**LLM_NAMES, **(layer_names if layer_names is not None else QWEN2_BIASES if bpe else {})}
     for i in range(t["num_hidden_layers"]):
         for src, dst in names.items():
             if src in ("embed_tokens.weight", "norm.weight"):

@@ -1,6 +1,8 @@
-"""Qwen2.5-VL as llama.cpp runs it: the LLM as llama.cpp's `qwen2vl` architecture (Qwen2's tensors, M-RoPE's
-sections) and the vision tower + patch merger as an mmproj of projector type `qwen2.5vl_merger`, names from the
-`gguf` package's own tensor map (the table llama.cpp's converter uses), written with gguf.py's streaming writer.
+"""Qwen2.5-VL and Qwen3-VL as llama.cpp runs them: the LLM as llama.cpp's `qwen2vl` (Qwen2's tensors, M-RoPE's
+sections) or `qwen3vl` (Qwen3's, q/k norms, interleaved M-RoPE, DeepStack's layer count) architecture, and the vision
+tower + patch merger as an mmproj of projector type `qwen2.5vl_merger` or `qwen3vl_merger` (with DeepStack's
+mergers), names from the `gguf` package's own tensor map (the table llama.cpp's converter uses), written with
+gguf.py's streaming writer.
 
 What llama.cpp fixes that the checkpoint may not: window attention over 112 px windows (its graph does not read
 the config's `window_size`), a 2 x 2 patch merger, two frames per patch. A checkpoint that differs is refused in one
@@ -27,14 +29,21 @@ PREFIXES = {  # the vision tower first: "model." would also match "model.visual.
 }
 LLAMA_CPP_WINDOW = 112  # px; clip.cpp's Qwen2.5-VL window attention, whatever the config says
 PROJECTOR_TYPE = "qwen2.5vl_merger"
+QWEN3_NAMES = {"self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
 
 
-def is_qwen2_5_vl(cfg: dict) -> bool:
-    return cfg.get("model_type") == "qwen2_5_vl"
+def is_qwen_vl(cfg: dict) -> bool:
+    return cfg.get("model_type") in ("qwen2_5_vl", "qwen3_vl")
+
+
+def _qwen3(cfg: dict) -> bool:
+    return cfg.get("model_type") == "qwen3_vl"
 
 
 def check_exportable(cfg: dict, model_dir: Path) -> None:
-    """Refuse, in one line each, what llama.cpp's Qwen2.5-VL graph would run differently from transformers."""
+    """Refuse, in one line each, what llama.cpp's Qwen-VL graphs would run differently from transformers."""
+    if _qwen3(cfg):
+        return _check_qwen3(cfg, model_dir)
     v, t = cfg.get("vision_config") or {}, cfg.get("text_config") or {}
     fix = "; llama.cpp's Qwen2.5-VL path cannot run this checkpoint as transformers does"
     if v.get("window_size", LLAMA_CPP_WINDOW) != LLAMA_CPP_WINDOW:
@@ -62,8 +71,29 @@ def check_exportable(cfg: dict, model_dir: Path) -> None:
         raise UserError(f"{model_dir}: sliding-window attention is on; llama.cpp's qwen2vl attends globally")
 
 
+def _check_qwen3(cfg: dict, model_dir: Path) -> None:
+    v, t = cfg.get("vision_config") or {}, cfg.get("text_config") or {}
+    fix = "; llama.cpp's Qwen3-VL path cannot run this checkpoint as transformers does"
+    if v.get("spatial_merge_size", 2) != 2 or v.get("temporal_patch_size", 2) != 2:
+        raise UserError(f"{model_dir}: spatial_merge_size {v.get('spatial_merge_size')} / temporal_patch_size "
+                        f"{v.get('temporal_patch_size')}; llama.cpp merges 2 x 2 patches of 2 frames{fix}")
+    if v.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise UserError(f"{model_dir}: vision activation '{v.get('hidden_act')}'; llama.cpp's Qwen3-VL MLP is the "
+                        f"tanh GELU{fix}")
+    n = int(v.get("num_position_embeddings", 0) ** 0.5)
+    if n * n != v.get("num_position_embeddings"):
+        raise UserError(f"{model_dir}: num_position_embeddings {v.get('num_position_embeddings')} is not a square "
+                        f"grid{fix}")
+    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+    if len(rope.get("mrope_section") or ()) != 3 or not rope.get("mrope_interleaved", True):
+        raise UserError(f"{model_dir}: the LLM's RoPE ({rope}) is not Qwen3-VL's interleaved M-RoPE{fix}")
+    if t.get("attention_bias"):
+        raise UserError(f"{model_dir}: attention biases in the LLM; llama.cpp's qwen3vl has none{fix}")
+
+
 def image_token_limits(image_processor) -> tuple[int, int]:
-    """The processor's (min_pixels, max_pixels) in llama.cpp's unit, merged tokens of 28 x 28 px: what
+    """The processor's (min_pixels, max_pixels) in llama.cpp's unit, merged tokens (28 x 28 px for Qwen2.5-VL, 32 x 32
+    for Qwen3-VL): what
     `--image-min-tokens` / `--image-max-tokens` take so that llama.cpp resizes every image to training's grid."""
     unit = (image_processor.patch_size * image_processor.merge_size) ** 2
     size = getattr(image_processor, "size", None) or {}
@@ -83,13 +113,19 @@ def write_llm_qwen_vl(path: Path, model_dir: Path, cfg: dict, weights: Weights, 
     text_cfg = {**cfg, "text_config": {**t, "rope_parameters": {**rope, "rope_theta": rope.get(
         "rope_theta", t.get("rope_theta", 1000000.0))}}}
 
+    qwen3 = _qwen3(cfg)
+
     def extra(w):  # M-RoPE: rotary half-dimensions for (time, height, width), padded to llama.cpp's four
         w.add_rope_dimension_sections([int(x) for x in rope["mrope_section"]] + [0])
+        if qwen3:  # how many LLM layers take a DeepStack feature (the mmproj's embeddings carry them after the main)
+            w.add_num_deepstack_layers(len(cfg["vision_config"].get("deepstack_visual_indexes") or ()))
 
-    for key in LLM_NAMES:  # an incomplete directory is one line, before the writer opens the file
+    layer_names = {**LLM_NAMES, **QWEN3_NAMES} if qwen3 else LLM_NAMES
+    for key in layer_names:  # an incomplete directory is one line, before the writer opens the file
         if key not in ("embed_tokens.weight", "norm.weight") and not weights.has(f"llm:layers.0.{key}"):
             raise UserError(f"{model_dir}: LLM tensor 'layers.0.{key}' missing; the weights are incomplete")
-    write_llm(path, model_dir, text_cfg, weights, tok, template, name, arch="qwen2vl", extra_kv=extra)
+    write_llm(path, model_dir, text_cfg, weights, tok, template, name, arch="qwen3vl" if qwen3 else "qwen2vl",
+              extra_kv=extra, layer_names=QWEN3_NAMES if qwen3 else None)
 
 
 def write_mmproj_qwen_vl(path: Path, model_dir: Path, cfg: dict, weights: Weights, image_processor,
@@ -98,6 +134,8 @@ def write_mmproj_qwen_vl(path: Path, model_dir: Path, cfg: dict, weights: Weight
 
     from .gguf import _write
 
+    if _qwen3(cfg):
+        return _write_mmproj_qwen3(path, model_dir, cfg, weights, image_processor, name)
     v = cfg["vision_config"]
     depth = int(v["depth"])
     lo, hi = image_token_limits(image_processor)
@@ -170,23 +208,103 @@ def write_mmproj_qwen_vl(path: Path, model_dir: Path, cfg: dict, weights: Weight
     _write(path, "clip", kv, tensors)
 
 
-def readme(model: str, mmproj: str, name: str, limits: tuple[int, int]) -> str:
+def _need(weights: Weights, model_dir: Path, key: str) -> str:
+    if not weights.has(key):
+        raise UserError(f"{model_dir}: vision tensor '{key.split(':', 1)[1]}' missing; the weights are incomplete "
+                        "or not a Qwen-VL's")
+    return key
+
+
+def _write_mmproj_qwen3(path: Path, model_dir: Path, cfg: dict, weights: Weights, image_processor,
+                        name: str) -> None:
+    """Qwen3-VL's tower: LayerNorms with biases, fused qkv kept fused (llama.cpp reads attn_qkv), learned position
+    embeddings on a square grid (llama.cpp interpolates them bilinearly with aligned corners, as transformers does),
+    DeepStack's mergers under the vision layer each follows."""
+    import gguf
+
+    from .gguf import _write
+
+    v = cfg["vision_config"]
+    depth, stack = int(v["depth"]), list(v.get("deepstack_visual_indexes") or ())
+    lo, hi = image_token_limits(image_processor)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, max(depth, 3))
+
+    def kv(w):
+        w.add_name(f"mmproj-{name}")
+        w.add_description(
+            f"Qwen3-VL vision tower ({depth} blocks, DeepStack after {stack}) + patch merger, exported by qilin-lite. "
+            f"Trained on images resized to {lo}-{hi} tokens of 32 x 32 px: run llama.cpp with --image-min-tokens {lo} "
+            f"--image-max-tokens {hi}. {NOTICE}")
+        w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
+        w.add_clip_has_vision_encoder(True)
+        w.add_clip_projector_type(gguf.VisionProjectorType.QWEN3VL)
+        w.add_vision_projection_dim(int(cfg["text_config"]["hidden_size"]))
+        w.add_vision_image_size(int(int(v["num_position_embeddings"]) ** 0.5) * int(v["patch_size"]))
+        w.add_vision_patch_size(int(v["patch_size"]))
+        w.add_vision_embedding_length(int(v["hidden_size"]))
+        w.add_vision_feed_forward_length(int(v["intermediate_size"]))
+        w.add_vision_block_count(depth)
+        w.add_vision_head_count(int(v["num_heads"]))
+        w.add_vision_image_mean([float(x) for x in image_processor.image_mean])
+        w.add_vision_image_std([float(x) for x in image_processor.image_std])
+        w.add_vision_use_gelu(True)
+        w.add_vision_spatial_merge_size(int(v.get("spatial_merge_size", 2)))
+        w.add_vision_attention_layernorm_eps(1e-6)  # transformers' Qwen3-VL vision LayerNorm eps
+        w.add_vision_is_deepstack_layers([i in stack for i in range(depth)])
+        w.add_uint32("qilin.image_min_tokens", lo)
+        w.add_uint32("qilin.image_max_tokens", hi)
+
+    def plain(key):
+        return lambda: weights.get(key)
+
+    def frame(key, k):
+        return lambda: weights.get(key)[:, :, k]
+
+    def both(src: str, dst: str) -> list:
+        return [(f"{dst}.{kind}", weights.shapes[_need(weights, model_dir, f"vision:{src}.{kind}")],
+                 plain(f"vision:{src}.{kind}")) for kind in ("weight", "bias")]
+
+    patch = _need(weights, model_dir, "vision:patch_embed.proj.weight")
+    shape = weights.shapes[patch]
+    base = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_ENC_EMBD_PATCH]
+    tensors = [(base + ".weight", shape[:2] + shape[3:], frame(patch, 0)),
+               (base + ".weight.1", shape[:2] + shape[3:], frame(patch, 1)),
+               (base + ".bias", weights.shapes[_need(weights, model_dir, "vision:patch_embed.proj.bias")],
+                plain("vision:patch_embed.proj.bias")),
+               (names.get_name("visual.pos_embed") + ".weight",
+                weights.shapes[_need(weights, model_dir, "vision:pos_embed.weight")], plain("vision:pos_embed.weight"))]
+    for i in range(depth):
+        for src in ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"):
+            tensors += both(f"blocks.{i}.{src}", names.get_name(f"visual.blocks.{i}.{src}"))
+    tensors += both("merger.norm", gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_POST_NORM])
+    tensors += both("merger.linear_fc1", "mm.0") + both("merger.linear_fc2", "mm.2")
+    for k, layer in enumerate(stack):  # the k-th DeepStack merger follows vision layer `layer`
+        for src, kind in (("norm", gguf.MODEL_TENSOR.V_DS_NORM), ("linear_fc1", gguf.MODEL_TENSOR.V_DS_FC1),
+                          ("linear_fc2", gguf.MODEL_TENSOR.V_DS_FC2)):
+            tensors += both(f"deepstack_merger_list.{k}.{src}", gguf.TENSOR_NAMES[kind].format(bid=layer))
+    _write(path, "clip", kv, tensors)
+
+
+def readme(model: str, mmproj: str, name: str, limits: tuple[int, int], cfg: dict) -> str:
     lo, hi = limits
+    kind, px = ("Qwen3-VL", 32) if _qwen3(cfg) else ("Qwen2.5-VL", 28)
     flags = f"--image-min-tokens {lo} --image-max-tokens {hi}"
     return f"""# {name}: GGUF export (qilin-lite)
 
 > {NOTICE}
 
-Run on a CPU with llama.cpp (a build with Qwen2.5-VL support, 2025 or later):
+Run on a CPU with llama.cpp (a build with {kind} support, 2025 or later):
 
     llama-mtmd-cli -m {model} --mmproj {mmproj} --jinja {flags} --image scan.png -p "这张图像显示了什么？" --temp 0
     llama-server -m {model} --mmproj {mmproj} --jinja {flags} --host 127.0.0.1
 
-`{flags}`: the run trained on images resized to between {lo} and {hi} tokens of 28 x 28 px; llama.cpp's own
-limits for Qwen2.5-VL are 8 to 4,096, so without the flags it resizes images to other grids than training's.
-`--jinja` makes llama.cpp use the chat template inside {model} (the run's qwen2-vl: each image where it stands,
-the text around it stripped as in training). For a DICOM or 16-bit image, send what `qilin-lite image` writes.
-Ollama: not written for Qwen2.5-VL (Ollama runs it on its own engine, imported from safetensors: point its
+`{flags}`: the run trained on images resized to between {lo} and {hi} tokens of {px} x {px} px; llama.cpp's own
+limits for {kind} are 8 to 4,096, so without the flags it resizes images to other grids than training's.
+`--jinja` makes llama.cpp use the chat template inside {model} (the run's own: each image where it stands, the
+text around it stripped as in training). Send each image as `qilin-lite image scan.dcm --model RUN --out scan.png`
+writes it: at the processor's grid (llama.cpp keeps an image's aspect and pads it with black where the processor
+stretches it), DICOM and 16-bit images windowed as in training.
+Ollama: not written for {kind} (Ollama runs it on its own engine, imported from safetensors: point its
 Modelfile's FROM at a `qilin-lite merge` directory).
 {model} is {'f16' if model.endswith('-f16.gguf') else 'quantized'}; the mmproj is f16.
 """
