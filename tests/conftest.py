@@ -149,6 +149,16 @@ def llama_server_on(model: Path, mmproj: Path, log: Path, *extra: str):
             proc.wait(timeout=30)
 
 
+def post_json(url: str, body: dict) -> dict:
+    """POST a JSON body to a test server, its JSON reply."""
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
 def _train(recipe):
     """Train with the real code and keep the in-memory model, so tests can compare it with what was saved."""
     from qilin_lite.train.stage import train_stage

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli_captured
+from conftest import post_json, run_cli_captured
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks/`
 
@@ -450,14 +450,6 @@ def llama_server(exported, tmp_path_factory):
         yield url
 
 
-def _post(url: str, body: dict) -> dict:
-    import urllib.request
-
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return json.loads(r.read())
-
-
 @pytest.mark.slow
 def test_llama_server_renders_the_training_prompt(llama_server):
     """llama-server's own Jinja (not Python's) over the GGUF's template, with an image part as it hands it over:
@@ -472,7 +464,7 @@ def test_llama_server_renders_the_training_prompt(llama_server):
          [{"role": "user", "content": "<image>\n有病灶吗？"}, {"role": "assistant", "content": "有"},
           {"role": "user", "content": "在哪一侧？"}]),
     ):
-        got = _post(f"{llama_server}/apply-template", {"messages": messages})["prompt"]
+        got = post_json(f"{llama_server}/apply-template", {"messages": messages})["prompt"]
         # the server names the image with a random marker of its own (LLAMA_MEDIA_MARKER unset): the template renders
         # that one, which the server then swaps for the image's tokens
         markers = re.findall(r"<__media_[A-Za-z0-9]{8,}__>", got)
@@ -519,8 +511,8 @@ def test_llama_server_tokenizes_the_prompt_chat_sends(llama_server, demo_run, me
     from qilin_lite.serve.generate import load_generator
 
     gen, _ = load_generator(str(demo_run[0] / "tune"), dtype="float32", attn="sdpa", temperature=0.0)
-    prompt = _post(f"{llama_server}/apply-template", {"messages": messages})["prompt"]
-    theirs = _post(f"{llama_server}/tokenize", {"content": prompt, "add_special": True, "parse_special": True})["tokens"]
+    prompt = post_json(f"{llama_server}/apply-template", {"messages": messages})["prompt"]
+    theirs = post_json(f"{llama_server}/tokenize", {"content": prompt, "add_special": True, "parse_special": True})["tokens"]
     as_chat = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
                 else "".join(p["text"] for p in m["content"])} for m in messages]
     as_chat = [dict(m, content=typed_text(m["content"], gen.template)) if m["role"] == "user" else m for m in as_chat]

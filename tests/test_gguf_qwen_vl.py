@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli_captured, tiny_recipe
+from conftest import post_json, run_cli_captured, tiny_recipe
 
 from qilin_lite.errors import UserError
 
@@ -256,14 +256,6 @@ def qwen_server(exported, tmp_path_factory):
         yield url
 
 
-def _post(url: str, body: dict) -> dict:
-    import urllib.request
-
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return json.loads(r.read())
-
-
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
 
 
@@ -288,13 +280,13 @@ def test_llama_server_renders_and_tokenizes_chats_prompt(qwen_server, qwen_run, 
 
     gen, _ = load_generator(str(qwen_run[0]), dtype="float32", temperature=0.0)
     t = gen.template
-    got = _post(f"{qwen_server}/apply-template", {"messages": messages})["prompt"]
+    got = post_json(f"{qwen_server}/apply-template", {"messages": messages})["prompt"]
     markers = set(re.findall(r"<__media_[A-Za-z0-9]{8,}__>", got))
     assert len(markers) == (1 if any(isinstance(m["content"], list) for m in messages) else 0), got
     text = got.replace(next(iter(markers)), t.image_text) if markers else got
     assert text == t.render(t.place_images(trained), add_generation_prompt=True).text
     if not markers:  # text only: the server's ids are chat's
-        ids = _post(f"{qwen_server}/tokenize", {"content": got, "add_special": True, "parse_special": True})["tokens"]
+        ids = post_json(f"{qwen_server}/tokenize", {"content": got, "add_special": True, "parse_special": True})["tokens"]
         assert ids == gen.prompt_ids(trained).tolist()
 
 
@@ -304,7 +296,7 @@ def test_llama_server_keeps_non_ascii_space_at_a_turns_ends(qwen_server):
     U+3000 / U+00A0 too, and so do training and chat; llama.cpp's Jinja `strip` removes ASCII whitespace only (byte by
     byte, so it cannot be given the Unicode ones), so a turn that starts or ends with them keeps them when served
     (README says so). If llama.cpp changes, this test says the difference is gone."""
-    got = _post(f"{qwen_server}/apply-template",
+    got = post_json(f"{qwen_server}/apply-template",
                 {"messages": [{"role": "user", "content": "\u3000病灶在哪？\u00a0"}]})["prompt"]
     assert "user\n\u3000病灶在哪？\u00a0<|im_end|>" in got, got
 

@@ -45,10 +45,43 @@ def train_gemma_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 700
     return load_tokenizer(str(out_dir))
 
 
+def train_gemma_sentencepiece(texts: list[str], out_dir: Path, vocab_size: int = 700):
+    """Gemma's tokenizer as the releases ship it beside tokenizer.json: a SentencePiece `tokenizer.model` (BPE, byte
+    fallback, no dummy prefix, `<pad>` `<eos>` `<bos>` `<unk>` as ids 0-3, the turn and image tokens as user-defined
+    pieces). What `export gguf` reads for Gemma 3, as llama.cpp's converter does."""
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=buf, model_type="bpe", vocab_size=vocab_size, byte_fallback=True,
+        add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        allow_whitespace_only_pieces=True, split_by_whitespace=False, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        user_defined_symbols=list(GEMMA_ADDED), character_coverage=1.0, num_threads=1, minloglevel=2,
+        hard_vocab_limit=False)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "tokenizer.model").write_bytes(buf.getvalue())
+    cfg = {"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+           "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "model_max_length": 131072,
+           "clean_up_tokenization_spaces": False, "padding_side": "left",
+           "additional_special_tokens": list(GEMMA_ADDED),
+           "extra_special_tokens": {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                    "image_token": "<image_soft_token>"}}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    from ..model import load_tokenizer
+
+    return load_tokenizer(str(out_dir))
+
+
 def build_tiny_gemma3(out_dir: Path, texts: list[str], *, hidden: int = 64, layers: int = 2, vocab_size: int = 700,
-                      image_size: int = 28, tokens_per_image: int = 4, seed: int = 0) -> Path:
+                      image_size: int = 28, tokens_per_image: int = 4, seed: int = 0,
+                      sentencepiece: bool = False) -> Path:
     """Write a tiny Gemma 3 directory (random weights) and return it: `tokens_per_image` soft tokens an image (256 in
-    the releases), images squashed to `image_size` px (896)."""
+    the releases), images squashed to `image_size` px (896). `sentencepiece`: the tokenizer as a `tokenizer.model`
+    (what GGUF export reads) rather than a tokenizer.json alone."""
     import torch
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
@@ -57,7 +90,8 @@ def build_tiny_gemma3(out_dir: Path, texts: list[str], *, hidden: int = 64, laye
 
     out_dir = Path(out_dir)
     template = get_template("gemma3")
-    tok = train_gemma_tokenizer(list(texts) + ["user\n", "model\n", "\n\n"] * 20, out_dir, vocab_size)
+    train = train_gemma_sentencepiece if sentencepiece else train_gemma_tokenizer
+    tok = train(list(texts) + ["user\n", "model\n", "\n\n"] * 20, out_dir, vocab_size)
     ids = {t: tok.convert_tokens_to_ids(t) for t in GEMMA_BASE + GEMMA_ADDED}
     config = Gemma3Config(
         text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,

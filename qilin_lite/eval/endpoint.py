@@ -93,7 +93,7 @@ class TrainedView:
     template: object
     mode: str
     fill: tuple[int, int, int]
-    grid: object = None  # a native-resolution run's loader: images go at its processor's grid (at_grid)
+    grid: object = None  # the run's loader where images go at its processor's size or grid (at_grid)
 
     @classmethod
     def of(cls, run: str) -> "TrainedView":
@@ -109,7 +109,8 @@ class TrainedView:
         loader = image_loader(processor, info.image_mode if info else "pad")
         if loader.mode == "native":  # no padding: each image at its own size, resized to the processor's grid
             return cls(get_template(template_of(run)), "native", (0, 0, 0), loader)
-        return cls(get_template(template_of(run)), loader.mode, loader.fill)
+        # a processor that squashes to one size (Gemma 3) gets the image at that size; others resize it themselves
+        return cls(get_template(template_of(run)), loader.mode, loader.fill, loader if loader.mode != "pad" else None)
 
     def describe(self) -> dict:
         return {"template": self.template.name, "image_mode": self.mode, "fill": list(self.fill)}
@@ -117,7 +118,7 @@ class TrainedView:
 
 def image_part(path: str, view: TrainedView | None = None) -> dict:
     """An `image_url` part holding the image as qilin-lite decodes it (and pads it, for a `pad` run; resizes it to
-    the processor's grid, for a native-resolution one), as a PNG data URL."""
+    the processor's grid or size, for a native-resolution or squashing one), as a PNG data URL."""
     from ..images.decode import expand_to_square, load_image
 
     image = load_image(path)

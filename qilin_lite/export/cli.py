@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import UserError
-from . import gguf_qwen_vl
+from . import gguf_gemma3, gguf_qwen_vl
 from .gguf import Exported, Weights, check_exportable, write_llm, write_mmproj
 from .quantize import QUANTS, find_quantizer, quantize
 from .templates import export_readme, ollama_modelfile
@@ -95,10 +95,14 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path, *, quant: str = "f16",
     if not (config_dir / "config.json").is_file():
         raise UserError(f"{config_dir}: no config.json; export needs the model's (or, for a run, its base's) "
                         "directory on this machine")
-    # Qwen2.5-VL is llama.cpp's qwen2vl + a qwen2.5vl_merger mmproj; every other exportable model is LLaVA-1.5-shaped
+    # Qwen2.5-VL / Qwen3-VL and Gemma 3 have llama.cpp architectures of their own; every other exportable model is
+    # LLaVA-1.5-shaped
     base_cfg = json.loads((config_dir / "config.json").read_text(encoding="utf-8"))
-    qwen = gguf_qwen_vl.is_qwen_vl(base_cfg)
-    (gguf_qwen_vl.check_exportable if qwen else check_exportable)(base_cfg, run_dir)
+    qwen, gemma = gguf_qwen_vl.is_qwen_vl(base_cfg), gguf_gemma3.is_gemma3(base_cfg)
+    if gemma:
+        gguf_gemma3.check_exportable(base_cfg, run_dir, (run_dir, config_dir))
+    else:
+        (gguf_qwen_vl.check_exportable if qwen else check_exportable)(base_cfg, run_dir)
     created = writable(out_dir)
     try:
         # everything is written inside OUT_DIR/.export-*/ and moved out only when whole: a full disk or a kill
@@ -110,19 +114,26 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path, *, quant: str = "f16",
                 model_dir = merge_run(run_dir, Path(tmp) / "merged")
             cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
             tok, ip = load_tokenizer_and_processor(str(model_dir))
-            weights = Weights(model_dir, gguf_qwen_vl.PREFIXES if qwen else None)
+            weights = Weights(model_dir, gguf_qwen_vl.PREFIXES if qwen else gguf_gemma3.PREFIXES if gemma else None)
             staged = Path(tmp) / "out"
             staged.mkdir()
             llm_f16 = staged / f"{name}-f16.gguf"
-            (gguf_qwen_vl.write_llm_qwen_vl if qwen else write_llm)(llm_f16, model_dir, cfg, weights, tok, template,
-                                                                     name)
+            if gemma:
+                spm = gguf_gemma3.sentencepiece_file((model_dir, run_dir, config_dir))
+                gguf_gemma3.write_llm(llm_f16, model_dir, cfg, weights, tok, template, name, spm)
+            else:
+                (gguf_qwen_vl.write_llm_qwen_vl if qwen else write_llm)(llm_f16, model_dir, cfg, weights, tok,
+                                                                         template, name)
             model = staged / f"{name}-{quant}.gguf"
             if quant != "f16":
                 quantize(llm_f16, model, quant, quantizer)
                 llm_f16.unlink()
             mmproj = staged / f"mmproj-{name}-f16.gguf"
             files = [model, mmproj, staged / "README.md"]
-            if qwen:
+            if gemma:
+                gguf_gemma3.write_mmproj(mmproj, model_dir, cfg, weights, ip, name)
+                text = gguf_gemma3.readme(model.name, mmproj.name, name, int(cfg["vision_config"]["image_size"]))
+            elif qwen:
                 gguf_qwen_vl.write_mmproj_qwen_vl(mmproj, model_dir, cfg, weights, ip, name)
                 text = gguf_qwen_vl.readme(model.name, mmproj.name, name, gguf_qwen_vl.image_token_limits(ip), cfg)
             else:

@@ -191,12 +191,13 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def _tokenizer_kv(w, model_dir: Path, tok, vocab_rows: int) -> None:
+def _tokenizer_kv(w, model_dir: Path, tok, vocab_rows: int, spm: Path | None = None) -> None:
+    """SentencePiece metadata from `spm` (default: model_dir's tokenizer.model)."""
     import gguf
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     proto = pb.ModelProto()
-    proto.ParseFromString((model_dir / "tokenizer.model").read_bytes())
+    proto.ParseFromString((spm or model_dir / "tokenizer.model").read_bytes())
     tokens, scores, types = [], [], []
     for p in proto.pieces:
         tokens.append(p.piece.encode("utf-8"))

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import IMAGE_TOKEN, Family, Rendered, Template, positioned_ids
+from .base import GGUF_MARK, IMAGE_TOKEN, Family, Rendered, Template, fit_gguf, positioned_ids
 
 BOI, SOFT, EOI = "<start_of_image>", "<image_soft_token>", "<end_of_image>"
 
@@ -45,16 +45,32 @@ def _all_but(r: Rendered, tokens: tuple[str, ...]) -> list[tuple[int, int]]:
 @dataclass(frozen=True)
 class Gemma3Template(Template):
     image_text: ClassVar[str] = BOI
-    exports_gguf: ClassVar[bool] = False
     supervises: ClassVar[str] = "text"
+    # Ollama runs Gemma 3 on its own engine from safetensors, not from a GGUF pair with a Modelfile template
+    exports_ollama: ClassVar[bool] = False
 
     def gguf_chat_template(self) -> str:
+        """llama.cpp's Jinja over messages whose images are markers in the text (mtmd puts `<start_of_image>` and
+        `<end_of_image>` around each itself): the processor's blank line on each side of every image, the text pieces
+        trimmed, a system message's text and a blank line opening the first turn, no `<bos>` (llama.cpp adds it)."""
+        return fit_gguf(
+            "{% set ns = namespace(p='', first=0) %}{% if messages[0]['role'] == 'system' %}"
+            "{% set c = messages[0]['content'] %}"
+            "{% set ns.p = (c if c is string else c | map(attribute='text') | join('')) + '\\n\\n' %}"
+            "{% set ns.first = 1 %}{% endif %}{% for x in messages[ns.first:] %}"
+            "{% set c = x['content'] if x['content'] is string else x['content'] | map(attribute='text') | join('') %}"
+            + GGUF_MARK +
+            "{{ '<start_of_turn>' + ('model' if x['role'] == 'assistant' else 'user') + '\\n' "
+            "+ (ns.p if loop.first else '') }}{% for p in c.split(mk) %}"
+            "{% if not loop.first %}{{ '\\n\\n' + mk + '\\n\\n' }}{% endif %}{{ p.strip() }}{% endfor %}"
+            "{{ '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}",
+            self.name)
+
+    def ollama(self):
         from ..errors import UserError
 
-        raise UserError(f"export gguf does not write {self.name} models yet; llama.cpp's convert_hf_to_gguf.py "
-                        "(with --mmproj for the vision half) converts a merged Gemma 3 directory")
-
-    ollama = gguf_chat_template
+        raise UserError(f"export gguf does not write an Ollama Modelfile for {self.name} models: Ollama runs Gemma 3 "
+                        "on its own engine; `ollama create` from a `qilin-lite merge` directory")
 
     def place_images(self, messages: list[dict]) -> list[dict]:
         return [{**m, "content": _parts(m["content"])} if m["role"] != "system" else m for m in messages]

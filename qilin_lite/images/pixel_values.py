@@ -73,6 +73,20 @@ class ImageLoader:
         """Opened images -> pixel_values, one processor call for all of them."""
         return self.processor(images=pil, return_tensors="pt")["pixel_values"]
 
+    def at_grid(self, img):
+        """The image as the processor resizes it, where it squashes every image to one size (Gemma 3's 896 x 896):
+        a server that resizes differently (llama.cpp keeps the aspect and pads) then has nothing to resize. A
+        processor that resizes the short side and centre-crops (CLIP's) is left to do so: unchanged."""
+        from PIL import Image
+
+        size = dict(getattr(self.processor, "size", None) or {})
+        if "height" not in size or "width" not in size or getattr(self.processor, "do_center_crop", False):
+            return img
+        target = (int(size["width"]), int(size["height"]))
+        resample = getattr(self.processor, "resample", None)
+        return img if img.size == target else img.resize(target, Image.Resampling(
+            resample if resample is not None else Image.Resampling.BICUBIC))
+
     # --- what training and generation hand the model ---------------------------------------------------------
 
     def counts(self, pil: list) -> list[int] | None:

@@ -22,7 +22,7 @@ def prepare_image(paths, out: str | Path, *, model: str | None = None, window: t
                   frame: int | None = None) -> Path:
     """1-4 images -> one PNG holding what the model saw in training: the composite, DICOM / 16-bit windowing and,
     for runs trained with `pad`, the square padding in the processor's mean colour; for native-resolution runs
-    (Qwen2.5-VL), the size the processor resizes it to.
+    (Qwen-VL) and squashing ones (Gemma 3), the size the processor resizes it to.
 
     For servers: they hand images to the HF processor, which only resizes and centre-crops, and they read no DICOM.
     Pixels only: the PNG carries no metadata, so no DICOM header value leaves the input file this way."""
@@ -50,8 +50,8 @@ def prepare_image(paths, out: str | Path, *, model: str | None = None, window: t
         mode, fill = loader.mode, loader.fill
     if mode == "pad":
         image = expand_to_square(image, fill)
-    elif mode == "native":  # at the processor's own grid, so that llama.cpp's resizing (aspect kept, padded) is none
-        image = loader.at_grid(image)
+    elif model is not None:  # at the processor's own size or grid, so that llama.cpp's resizing (aspect kept,
+        image = loader.at_grid(image)  # padded) has nothing to do: Qwen's native grid, Gemma 3's squash
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out, format="PNG")
     return out
