@@ -159,6 +159,59 @@ def post_json(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
+CRASH_RESUME = {"train.epochs": 2, "train.max_steps": -1, "train.global_batch": 2, "train.per_device_batch": 2,
+                "train.save_steps": 3, "train.logging_steps": 2, "train.lora_dropout": 0.1, "train.lr": 5e-3}
+
+
+def crash_and_resume(tmp_path: Path, recipe, crash_at: int = 5):
+    """Train `recipe(out)` whole into tmp_path/whole, and into tmp_path/cut with a crash at step `crash_at` (after
+    the step-3 checkpoint), then resume it; assert the cut run left no finished marker before resuming. Returns
+    both adapters (name -> tensor), for the caller to compare bit for bit."""
+    from safetensors.torch import load_file
+
+    from qilin_lite.train.stage import run_stage
+    from qilin_lite.train.trainer import QilinTrainer
+
+    class Crash(QilinTrainer):
+        def training_step(self, *a, **k):
+            if self.state.global_step == crash_at:
+                raise KeyboardInterrupt("the machine went away")
+            return super().training_step(*a, **k)
+
+    run_stage(recipe(tmp_path / "whole"))
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(recipe(tmp_path / "cut"), trainer_cls=Crash)
+    assert (tmp_path / "cut" / "checkpoint-3").is_dir() and not (tmp_path / "cut" / "qilin.json").exists()
+    run_stage(recipe(tmp_path / "cut"), resume=True)
+    return tuple(load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("whole", "cut"))
+
+
+def web_sends_chats_prompt(run: Path, uploads: list[list[Path]], question: str = "病灶位于哪里？"):
+    """The web page's app (what its HTTP layer calls) on a run: each group of uploads reaches the model with the
+    prompt ids chat sends for the same images and question. Returns each group's prompt ids and the generator."""
+    import base64
+
+    from qilin_lite.serve.chat_session import ChatSession
+    from qilin_lite.serve.generate import load_generator
+    from qilin_lite.serve.web_app import WebApp
+
+    gen, info = load_generator(str(run), temperature=0, max_new_tokens=3, dtype="float32")
+    web = WebApp(gen, info, "run")
+    sent = []
+    for shown in uploads:
+        sid = web.new_session()
+        web.set_image(sid, [{"name": p.name, "data": base64.b64encode(p.read_bytes()).decode()} for p in shown])
+        events = list(web.ask(sid, question, {}))
+        assert events[-1].get("done"), events[-3:]
+        served = list(gen.last_prompt_ids)
+        chat = ChatSession.load(str(run), temperature=0, max_new_tokens=3, dtype="float32")
+        chat.load_image(shown)
+        chat.ask(question)
+        assert served == chat.generator.last_prompt_ids
+        sent.append(served)
+    return sent, gen
+
+
 def _train(recipe):
     """Train with the real code and keep the in-memory model, so tests can compare it with what was saved."""
     from qilin_lite.train.stage import train_stage

@@ -280,3 +280,34 @@ def test_packing_is_refused_in_one_line(tmp_path, gemma_dir, g_data):
     with pytest.raises(UserError, match="do not survive packing"):
         train_stage(tiny_recipe("align", "align", tmp_path / "p", g_data / "train.json", g_data / "img",
                                 **{"model.base": str(gemma_dir), "data.packing": True}))
+
+
+def test_a_crashed_run_resumes_to_the_same_weights(tmp_path, g_data, g_align):
+    """A lora run that dies after its step-3 checkpoint and resumes ends bit for bit where the uninterrupted run
+    ends (the pixels, token_type_ids and dropout of every batch come back the same)."""
+    from conftest import CRASH_RESUME, crash_and_resume, tiny_recipe
+
+    def recipe(out):
+        return tiny_recipe("tune", "lora", out, g_data / "train.json", g_data / "img",
+                           **{**CRASH_RESUME, "model.from_run": str(g_align[0])})
+
+    want, got = crash_and_resume(tmp_path, recipe)
+    assert want.keys() == got.keys() and any("multi_modal_projector" in k for k in want)
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+
+
+def test_the_web_page_sends_chats_prompt(tmp_path, g_data, g_align):
+    """The web page's app on a tuned Gemma 3: two uploads of different sizes (each its own image, as the template
+    takes them) and a DICOM reach the model with the prompt ids chat sends, each image its fixed soft tokens."""
+    from conftest import tiny_recipe, web_sends_chats_prompt
+    from test_chat import write_dicom
+
+    from qilin_lite.train.stage import train_stage
+
+    run, _ = train_stage(tiny_recipe("tune", "lora", tmp_path / "lora", g_data / "train.json", g_data / "img",
+                                     **{"model.from_run": str(g_align[0])}))
+    uploads = [[g_data / "img" / "1.png", g_data / "img" / "2.png"], [write_dicom(tmp_path / "ct.dcm")]]
+    sent, gen = web_sends_chats_prompt(run, uploads)
+    per_image = int(gen.model.config.mm_tokens_per_image)
+    assert [ids.count(gen.layout.image_token_id) for ids in sent] == [2 * per_image, per_image]

@@ -306,6 +306,47 @@ def test_without_the_marks_the_model_refuses_rather_than_falling_back(qwen3_vl_d
             model(**{k: v for k, v in batch.items() if k not in ("labels", "mm_token_type_ids")})
 
 
+def test_tune_full_trains_the_llm_and_the_merger_and_chat_answers(tmp_path, vl_data, vl_align):
+    """--full from the align run: the LLM and the merger learn, the vision blocks and DeepStack's mergers stay
+    frozen, and the finished run answers with chat's prompt."""
+    from conftest import tiny_recipe
+
+    from qilin_lite.serve.generate import load_generator
+    from qilin_lite.train.stage import train_stage
+
+    align_out, aligned, _ = vl_align
+    start = state(aligned)
+    out, model = train_stage(tiny_recipe("tune", "full", tmp_path / "full", vl_data / "train.json", vl_data / "img",
+                                         **{"model.from_run": str(align_out)}))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("model.language_model.") for n in trainable)
+    assert any(n.startswith("model.visual.merger.") for n in trainable)
+    assert not any("deepstack" in n or ".visual.blocks." in n for n in trainable)
+    after = state(model)
+    assert any(not torch.equal(after[n], start[n]) for n in trainable if n.startswith("model.language_model."))
+    gen, _ = load_generator(str(out), dtype="float32", max_new_tokens=3, temperature=0)
+    turn = [{"role": "user", "content": "<image>\n病灶位于哪里？"}]
+    image = vl_data / "img" / "0.png"
+    assert isinstance(gen.generate([turn], [[image]])[0], str)
+    assert gen.last_prompt_ids == gen.prompt_ids(turn, gen.images.counts([gen.images.open(str(image))])).tolist()
+
+
+def test_the_web_page_sends_chats_prompt_with_each_image_at_its_own_size(tmp_path, vl_data, vl_align):
+    from conftest import tiny_recipe, web_sends_chats_prompt
+    from test_chat import write_dicom
+
+    from qilin_lite.images.pixel_values import NativeImageLoader
+    from qilin_lite.train.stage import train_stage
+
+    run, _ = train_stage(tiny_recipe("tune", "lora", tmp_path / "lora", vl_data / "train.json", vl_data / "img",
+                                     **{"model.from_run": str(vl_align[0])}))
+    uploads = [[vl_data / "img" / "1.png", vl_data / "img" / "4.png"], [write_dicom(tmp_path / "ct.dcm")]]
+    sent, gen = web_sends_chats_prompt(run, uploads)
+    for served, shown in zip(sent, uploads):
+        sizes = [NativeImageLoader(gen.images.processor).raw(p).size for p in shown]
+        assert served.count(gen.layout.image_token_id) == sum(gen.images.tokens(*s) for s in sizes)
+
+
 def test_tune_qlora_from_the_align_run_trains_lora_and_the_merger_only(tmp_path, vl_data, vl_align):
     from conftest import tiny_recipe
 
@@ -433,33 +474,16 @@ def test_a_crashed_run_resumes_to_the_same_weights_and_eval_scores_it(tmp_path, 
     same evaluation history; and `eval` on the finished run gives the score logged at its last step."""
     import json
 
-    from conftest import tiny_recipe
-    from safetensors.torch import load_file
+    from conftest import CRASH_RESUME, crash_and_resume, tiny_recipe
 
     from qilin_lite.eval.run import run_benchmark
-    from qilin_lite.train.stage import run_stage
-    from qilin_lite.train.trainer import QilinTrainer
-
-    settings = {"model.from_run": str(vl_align[0]), "train.epochs": 2, "train.max_steps": -1,
-                "train.global_batch": 2, "train.per_device_batch": 2, "train.save_steps": 3,
-                "train.logging_steps": 2, "train.lora_dropout": 0.1, "train.lr": 5e-3,
-                "data.eval_task": str(vl_data / "train.json"), "train.eval_every": 2}
 
     def recipe(out):
-        return tiny_recipe("tune", "lora", out, vl_data / "train.json", vl_data / "img", **settings)
+        return tiny_recipe("tune", "lora", out, vl_data / "train.json", vl_data / "img",
+                           **{**CRASH_RESUME, "model.from_run": str(vl_align[0]),
+                              "data.eval_task": str(vl_data / "train.json"), "train.eval_every": 2})
 
-    class Crash(QilinTrainer):
-        def training_step(self, *a, **k):
-            if self.state.global_step == 5:
-                raise KeyboardInterrupt("the machine went away")
-            return super().training_step(*a, **k)
-
-    run_stage(recipe(tmp_path / "whole"))
-    with pytest.raises(KeyboardInterrupt):
-        run_stage(recipe(tmp_path / "cut"), trainer_cls=Crash)
-    assert (tmp_path / "cut" / "checkpoint-3").is_dir() and not (tmp_path / "cut" / "qilin.json").exists()
-    run_stage(recipe(tmp_path / "cut"), resume=True)
-    want, got = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("whole", "cut"))
+    want, got = crash_and_resume(tmp_path, recipe)
     assert want.keys() == got.keys() and any("merger" in k for k in want)
     for k in want:
         assert torch.equal(want[k], got[k]), k

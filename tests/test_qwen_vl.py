@@ -446,31 +446,13 @@ def test_eval_answers_every_item_with_the_tuned_run(tmp_path, vl_data, vl_lora):
 def test_a_crashed_run_resumes_to_the_same_weights(tmp_path, vl_data, vl_align):
     """A lora run that dies in its second epoch (after its step-3 checkpoint) and resumes ends bit for bit where the
     uninterrupted run ends: the image grids, patches and image-token marks of every batch come back the same."""
-    from conftest import tiny_recipe
-    from safetensors.torch import load_file
-
-    from qilin_lite.train.stage import run_stage
-    from qilin_lite.train.trainer import QilinTrainer
-
-    settings = {"model.from_run": str(vl_align[0]), "train.epochs": 2, "train.max_steps": -1,
-                "train.global_batch": 2, "train.per_device_batch": 2, "train.save_steps": 3,
-                "train.logging_steps": 2, "train.lora_dropout": 0.1, "train.lr": 5e-3}
+    from conftest import CRASH_RESUME, crash_and_resume, tiny_recipe
 
     def recipe(out):
-        return tiny_recipe("tune", "lora", out, vl_data / "train.json", vl_data / "img", **settings)
+        return tiny_recipe("tune", "lora", out, vl_data / "train.json", vl_data / "img",
+                           **{**CRASH_RESUME, "model.from_run": str(vl_align[0])})
 
-    class Crash(QilinTrainer):
-        def training_step(self, *a, **k):
-            if self.state.global_step == 5:
-                raise KeyboardInterrupt("the machine went away")
-            return super().training_step(*a, **k)
-
-    run_stage(recipe(tmp_path / "whole"))
-    with pytest.raises(KeyboardInterrupt):
-        run_stage(recipe(tmp_path / "cut"), trainer_cls=Crash)
-    assert (tmp_path / "cut" / "checkpoint-3").is_dir() and not (tmp_path / "cut" / "qilin.json").exists()
-    run_stage(recipe(tmp_path / "cut"), resume=True)
-    want, got = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("whole", "cut"))
+    want, got = crash_and_resume(tmp_path, recipe)
     assert want.keys() == got.keys() and any("merger" in k for k in want)
     for k in want:
         assert torch.equal(want[k], got[k]), k
@@ -543,30 +525,13 @@ def test_the_command_line_tunes_a_released_model_directory(tmp_path, qwen_vl_dir
 def test_the_web_page_sends_chats_prompt_with_each_image_at_its_own_size(tmp_path, vl_data, vl_lora):
     """The web page's app (what its HTTP layer calls) on the tuned run: two uploads of different sizes and a DICOM
     (windowed as the LLaVA path windows it) reach the model each at its own size, with the prompt ids chat sends."""
-    import base64
-
+    from conftest import web_sends_chats_prompt
     from test_chat import write_dicom
 
-    from qilin_lite.serve.chat_session import ChatSession
-    from qilin_lite.serve.generate import load_generator
-    from qilin_lite.serve.web_app import WebApp
-
     run, _ = vl_lora
-    gen, info = load_generator(str(run), temperature=0, max_new_tokens=3, dtype="float32")
-    web = WebApp(gen, info, "run")
-    assert web.describe()["images"]["mode"] == "separate"
     paths = [vl_data / "img" / "1.png", vl_data / "img" / "4.png", write_dicom(tmp_path / "ct.dcm")]
-    for shown in (paths[:2], paths[2:]):
-        sid = web.new_session()
-        files = [{"name": p.name, "data": base64.b64encode(p.read_bytes()).decode()} for p in shown]
-        web.set_image(sid, files)
-        events = list(web.ask(sid, "病灶位于哪里？", {}))
-        assert events[-1].get("done"), events[-3:]
-        served = list(gen.last_prompt_ids)
-        chat = ChatSession.load(str(run), temperature=0, max_new_tokens=3, dtype="float32")
-        chat.load_image(shown)
-        chat.ask("病灶位于哪里？")
-        assert served == chat.generator.last_prompt_ids
+    sent, gen = web_sends_chats_prompt(run, [paths[:2], paths[2:]])
+    for served, shown in zip(sent, [paths[:2], paths[2:]]):
         sizes = [NativeImageLoader(gen.images.processor).raw(p).size for p in shown]
         assert served.count(gen.layout.image_token_id) == sum(gen.images.tokens(*s) for s in sizes)
 
