@@ -147,6 +147,27 @@ def test_a_changed_prompt_is_flagged_by_compare(two_instructions, qlora_run):
     assert "plain" in compare([root / "plain", root / "plain" / "predictions.jsonl"])  # one protocol: no fuss
 
 
+def test_a_served_export_compares_with_the_run_it_came_from(two_instructions, tmp_path):
+    """How a system ran (a server's temperature / top_p / served, a dtype, a batch size) is no scoring protocol: an
+    `eval --endpoint` result compares with `eval --model`'s, the difference in the notes; a changed max_new_tokens
+    still refuses."""
+    import shutil
+
+    root = two_instructions
+    served = tmp_path / "served"
+    shutil.copytree(root / "plain", served)
+    metrics = json.loads((served / "metrics.json").read_text(encoding="utf-8"))
+    metrics["protocol"]["decoding"] = {"greedy": True, "max_new_tokens": metrics["protocol"]["decoding"]["max_new_tokens"],
+                                       "temperature": 0, "top_p": 1, "served": True}
+    (served / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False), encoding="utf-8")
+    table = compare([root / "plain", served])
+    assert "WARNING" not in table and "decoding.served: null vs true" in table
+    metrics["protocol"]["decoding"]["max_new_tokens"] = 99
+    (served / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(UserError, match="decoding.max_new_tokens"):
+        compare([root / "plain", served])
+
+
 @pytest.fixture
 def fake_judge():
     """A local OpenAI-compatible endpoint: CORRECT when the model's answer shares a character with the reference."""

@@ -146,3 +146,29 @@ def test_a_bf16_lora_run_answers_under_the_trainers_autocast(tiny_data, align_ru
     task_rows = [r for r in rows if "task_accuracy" in r]
     assert task_rows and all("entropy" not in r and "loss" not in r for r in task_rows)
     assert any("entropy" in r and "loss" in r for r in rows)
+
+
+@pytest.mark.parametrize("broken", ['{"step": 1', '[{"step": "one"}]'], ids=["cut-off", "wrong-shape"])
+def test_a_resume_over_an_unreadable_history_keeps_it_aside(tiny_data, align_run, tmp_path, caplog, broken):
+    """A stopped run's eval_history.json that no longer reads (cut off, hand-edited) does not stop the resume with a
+    traceback: it is kept under another name with one warning, and the resumed run writes its own history."""
+    import logging
+
+    from qilin_lite.train.trainer import QilinTrainer
+
+    class Crash(QilinTrainer):
+        def training_step(self, *a, **k):
+            if self.state.global_step == 3:
+                raise KeyboardInterrupt("the machine went away")
+            return super().training_step(*a, **k)
+
+    recipe = _task_recipe(tmp_path / "tune", tiny_data, align_run, **{
+        "train.max_steps": 4, "train.eval_every": 2, "train.save_steps": 2})
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(recipe, trainer_cls=Crash)
+    (tmp_path / "tune" / "eval_history.json").write_text(broken, encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="qilin_lite.train.task_eval"):
+        out = run_stage(recipe, resume=True)
+    assert (out / "eval_history.json.unreadable").read_text(encoding="utf-8") == broken
+    assert [h["step"] for h in json.loads((out / "eval_history.json").read_text(encoding="utf-8"))] == [4]
+    assert any("not a task-evaluation history" in r.getMessage() for r in caplog.records)

@@ -112,12 +112,19 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: d}
 
 
-def differences(a: dict | None, b: dict | None, *, include_model: bool = False) -> list[str]:
-    """'field: A vs B' for each recorded setting that differs (the model's own fields only if asked)."""
+# how a model was run, not how it was scored: two systems compared (a run in-process, its export behind a server)
+# differ here by design; a resumed evaluation may not (its answers would mix two ways of running)
+RUN_DETAILS = ("decoding.batch_size", "decoding.dtype", "decoding.bits", "decoding.served", "decoding.temperature",
+               "decoding.top_p")
+
+
+def differences(a: dict | None, b: dict | None, *, include_model: bool = False, skip: tuple = ()) -> list[str]:
+    """'field: A vs B' for each recorded setting that differs (the model's own fields only if asked; `skip`'s
+    never)."""
     fa, fb = _flat(a or {}), _flat(b or {})
     out = []
     for key in sorted(set(fa) | set(fb)):
-        if not include_model and key.split(".")[0] in MODEL_FIELDS:
+        if (not include_model and key.split(".")[0] in MODEL_FIELDS) or key in skip:
             continue
         if fa.get(key) != fb.get(key):
             out.append(f"{key}: {_show(fa.get(key))} vs {_show(fb.get(key))}")
@@ -126,7 +133,7 @@ def differences(a: dict | None, b: dict | None, *, include_model: bool = False) 
 
 def model_notes(a: dict | None, b: dict | None) -> list[str]:
     """Differences that come with the models (template, image processing), for a note under the table."""
-    keys = ("model.template", "model.image_mode", "model.image_processor")
+    keys = ("model.template", "model.image_mode", "model.image_processor", *RUN_DETAILS)
     return [d for d in differences(a, b, include_model=True) if d.startswith(keys)]
 
 

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 from ..errors import UserError, where
 from .items import METRICS, PREDICTIONS, EvalItem, scan_predictions
 from .metrics import METRIC_LABELS, aggregate, item_values, score_item
-from .protocol import PROTOCOL, differences, model_notes
+from .protocol import PROTOCOL, RUN_DETAILS, differences, model_notes
 from .reliance import verdict
 from .stats import paired
 
@@ -154,7 +154,7 @@ def compare(paths: Sequence[str | Path], *, allow_protocol_diff: bool = False) -
             notes.append(f"no protocol recorded for {first_name if a is None else name} (an older qilin-lite): "
                          "whether the runs were scored alike is not checked")
             continue
-        diff = differences(a, b)
+        diff = differences(a, b, skip=RUN_DETAILS)  # how each ran (a server, a dtype) goes into the notes
         if diff and not allow_protocol_diff:
             raise UserError(f"{first_name} and {name} were not scored the same way ({'; '.join(diff)}); compare runs "
                             "of one protocol, or pass --allow-protocol-diff")

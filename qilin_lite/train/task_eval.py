@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -112,11 +113,25 @@ class TaskEval(TrainerCallback):
         trainer.add_callback(self)
 
     def _read_history(self) -> list[dict]:
+        """The stopped run's history; one it cannot read (hand-edited, cut off) is kept aside under another name
+        with a warning, never overwritten, and the history starts again from what is asked anew."""
         path = self.out / HISTORY
-        try:
-            return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
-        except (ValueError, OSError):
+        if not path.is_file():
             return []
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(rows, list) and all(isinstance(h, dict) and isinstance(h.get("step"), int)
+                                               and isinstance(h.get("value"), (int, float)) for h in rows):
+                return rows
+        except (ValueError, OSError, UnicodeDecodeError):
+            pass
+        aside, k = path.with_name(HISTORY + ".unreadable"), 1
+        while aside.exists():  # an earlier one is kept too
+            aside, k = path.with_name(f"{HISTORY}.unreadable.{k}"), k + 1
+        os.replace(path, aside)
+        log.warning("%s: not a task-evaluation history (a list of {step, value, ...}); kept as %s, and the history "
+                    "starts again from this run's evaluations", path, aside.name)
+        return []
 
     def on_train_begin(self, args, state, control, **kwargs):
         # a resumed run starts from its checkpoint's step: evaluations written after it (by the run that stopped)
