@@ -220,6 +220,32 @@ def test_server_problems_are_one_line(server, tiny_data, tmp_path, case, needle)
         assert len(fake.bodies) == 3  # asked again twice before giving up
 
 
+def test_ctrl_c_sends_no_queued_question(server, tiny_data):
+    """Ctrl-C while a batch is answered: the questions still queued are not sent (the pool would otherwise send
+    them all before letting go), and the interrupt reaches the caller at once."""
+    import signal
+
+    items = load_eval_items(tiny_data["heldout"], "llava", tiny_data["images"]) * 3  # 24 questions
+    fake = server(answer=lambda body: "A", delay=0.3)
+    generate, _ = endpoint_generate(fake.url, "fake-model", timeout=5, concurrency=1)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.8)
+        t0 = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt):
+            generate(items)
+        waited = time.perf_counter() - t0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    time.sleep(0.5)  # the one request in flight may still land
+    assert waited < 0.8 + 0.3 * 2 and len(fake.bodies) <= 5, (waited, len(fake.bodies))
+
+
 @pytest.mark.parametrize("url", ["http://user:s3cret@127.0.0.1:8000", "http://127.0.0.1:8000/v1?api_key=s3cret",
                                  "https://:s3cret@example.org/v1"])
 def test_a_secret_in_the_address_is_refused_and_never_echoed(url):

@@ -262,6 +262,10 @@ def endpoint_generate(url: str, served_model: str, *, max_new_tokens: int = 64, 
                     answer = f.result()
                 except UserError as e:
                     raise PartialAnswers(str(e), answers) from None
+                except BaseException:  # Ctrl-C: the queued questions are not sent (leaving the pool would wait on all)
+                    failed.set()
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
                 if answer is None:  # skipped after a failure elsewhere: nothing after it is in order any more
                     failed_at = next((g for g in futures if g.done() and g.exception() is not None), None)
                     reason = str(failed_at.exception()) if failed_at is not None else "a request failed"
