@@ -309,3 +309,21 @@ def test_transformers_serve_scores_as_in_process_eval(full_run, tiny_data, tmp_p
 
     assert answers(tmp_path / "served") == answers(tmp_path / "local")
     assert served["groups"] == local["groups"]
+
+
+def test_image_blind_through_an_endpoint_sends_the_runs_mean_colour(server, tiny_data, qlora_run, tmp_path):
+    """--image-blind --images-as RUN: the blank images sent are in that run's processor mean colour, as in-process
+    eval makes them (before: a fixed grey)."""
+    from qilin_lite.eval.run import run_benchmark
+    from qilin_lite.images.pixel_values import pad_fill
+    from qilin_lite.model import load_tokenizer_and_processor
+
+    fake = server(answer=lambda body: "A")
+    run_benchmark(tiny_data["heldout"], "llava", tmp_path / "out", endpoint=fake.url, served_model="m",
+                  images_as=str(qlora_run), image_folder=tiny_data["images"], image_blind=True, concurrency=1,
+                  max_new_tokens=4)
+    want = pad_fill(load_tokenizer_and_processor(str(qlora_run))[1].image_mean)
+    assert want != (127, 127, 127)
+    plain = [sent_image(b["messages"][0]["content"][0]) for b in fake.bodies]
+    blanks = [px for px in plain if (px == px.reshape(-1, 3)[0]).all()]
+    assert blanks and all(tuple(int(c) for c in px.reshape(-1, 3)[0]) == want for px in blanks)

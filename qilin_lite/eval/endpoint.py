@@ -98,7 +98,7 @@ class TrainedView:
     @classmethod
     def of(cls, run: str) -> "TrainedView":
         from ..families import get_template
-        from ..images.pixel_values import image_loader
+        from ..images.pixel_values import image_loader, pad_fill
         from ..model import RunInfo, load_tokenizer_and_processor, template_of
 
         if not Path(run).is_dir():
@@ -107,8 +107,10 @@ class TrainedView:
         info = RunInfo.load(Path(run))
         processor = load_tokenizer_and_processor(run)[1]
         loader = image_loader(processor, info.image_mode if info else "pad")
-        if loader.mode == "native":  # no padding: each image at its own size, resized to the processor's grid
-            return cls(get_template(template_of(run)), "native", (0, 0, 0), loader)
+        if loader.mode == "native":  # no padding: each image at its own size, resized to the processor's grid;
+            # the fill is the blank image's colour (`--image-blind`), the processor's mean as in-process eval has it
+            fill = pad_fill(getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5))
+            return cls(get_template(template_of(run)), "native", fill, loader)
         # a processor that squashes to one size (Gemma 3) gets the image at that size; others resize it themselves
         return cls(get_template(template_of(run)), loader.mode, loader.fill, loader if loader.mode != "pad" else None)
 

@@ -354,6 +354,8 @@ def run_benchmark(
         generate, described = endpoint_generate(endpoint, served_model, max_new_tokens=max_new_tokens,
                                                 concurrency=concurrency, timeout=timeout, instruction=instruction,
                                                 images_as=images_as)
+        if isinstance(described.get("images"), dict):  # --images-as: the blank image in that run's mean colour
+            fill = tuple(described["images"]["fill"])
         # answers are written a batch at a time; several rounds of requests in flight per batch keep the server busy
         batch_size = concurrency * 4
         decoding = {"max_new_tokens": max_new_tokens, "temperature": 0, "top_p": 1, "served": True}
