@@ -267,3 +267,25 @@ def test_metrics_on_logging_steps_only_under_ddp(tmp_path, align_run, tiny_data)
     assert [h["loss"] for h in h_lean] == [h["loss"] for h in h_trl] and len(h_lean) == 2
     assert [h["num_tokens"] for h in h_lean] == [h["num_tokens"] for h in h_trl]
     assert all("entropy" in h and "mean_token_accuracy" in h for h in h_lean)
+
+
+@pytest.mark.slow
+def test_task_evaluation_is_shared_by_the_processes_and_scores_as_eval(tmp_path, align_run, tiny_data):
+    """tune --eval-task under two processes: eval's batches are dealt out (each process answers its share, not the
+    whole set) and the score logged at the last step is what `qilin-lite eval` gives the finished run."""
+    from qilin_lite.eval.run import run_benchmark
+
+    rows = json.loads(Path(tiny_data["heldout"]).read_text(encoding="utf-8"))
+    task = tmp_path / "task.json"  # three of eval's batches of 8
+    task.write_text(json.dumps([{**r, "id": f"{r['id']}-{k}"} for k in range(3) for r in rows][:24],
+                               ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "tune"
+    r = launch(2, "tune", "--lora", "--from", str(align_run), "--data", str(tiny_data["tune"]), "--image-folder",
+               str(tiny_data["images"]), "--out", str(out), "--eval-task", str(task), "--eval-every", "1", *COMMON)
+    assert r.returncode == 0, r.stderr[-3000:]
+    history = json.loads((out / "eval_history.json").read_text(encoding="utf-8"))
+    assert [h["step"] for h in history] == [1, 2]
+    assert all(h["answered_per_process"] == [16, 8] and h["n"] == 24 for h in history), history
+    scored = run_benchmark(task, "llava", tmp_path / "eval", model=str(out), image_folder=tiny_data["images"],
+                           dtype="float32", attn="sdpa")
+    assert scored["groups"]["all"][history[-1]["metric"]] == history[-1]["value"]

@@ -90,6 +90,15 @@ def check(recipe, sharded: bool) -> None:
                         "answers; drop one of them (evaluate the checkpoints with qilin-lite eval)")
 
 
+def _world() -> tuple[int, int]:
+    """(processes, this one's rank) of the run; (1, 0) outside torch.distributed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
 class TaskEval(TrainerCallback):
     """Answer the benchmark every `every` optimizer steps (and after the last one); log and record the score."""
 
@@ -146,8 +155,8 @@ class TaskEval(TrainerCallback):
             return control
         if control.should_training_stop and not last:  # a SIGTERM or non-finite stop: save and go, answer nothing
             return control
-        # every process answers (each holds the whole model; sharded ones are refused): all reach the same score and
-        # so the same save decision, which the processes must agree on
+        # every process takes part (each holds the whole model; sharded ones are refused), answering its share of
+        # the batches; all reach the same score and so the same save decision, which the processes must agree on
         score = self.evaluate(model, state)
         if self.keep_best:
             best = state.best_metric
@@ -170,17 +179,32 @@ class TaskEval(TrainerCallback):
         gen = Generator(unwrapped, self.tokenizer, self.images, self.template,
                         token_layout(unwrapped.config, max_length=10**9), max_new_tokens=MAX_NEW_TOKENS,
                         temperature=0.0)
-        answers: list[str] = []
+        # eval's own batches, dealt out to the processes in turn (each holds the whole model), their answers
+        # gathered back in order: every process then has every answer, the same score and the same save decision
+        world, rank = _world()
+        starts = list(range(0, len(self.items), BATCH))
+        mine: dict[int, list[str]] = {}
         # accelerate puts autocast on the prepared model's forward only; generate goes around it, and in bf16 the
         # fp32 trained projector would meet bf16 image features
         try:
             with self.trainer.accelerator.autocast():
-                for start in range(0, len(self.items), BATCH):
+                for k, start in enumerate(starts):
+                    if k % world != rank:
+                        continue
                     batch = self.items[start: start + BATCH]
-                    answers += gen.generate([conversation_for(it, gen.template) for it in batch],
-                                            [it.shown(gen.template) for it in batch])
+                    mine[start] = gen.generate([conversation_for(it, gen.template) for it in batch],
+                                               [it.shown(gen.template) for it in batch])
         finally:
             unwrapped.train(was_training)
+        shares = [mine]
+        if world > 1:
+            import torch.distributed as dist
+
+            shares = [None] * world
+            dist.all_gather_object(shares, mine)
+        merged = {start: a for share in shares for start, a in share.items()}
+        answers = [a for start in starts for a in merged[start]]
+        answered = [sum(len(a) for a in share.values()) for share in shares]
         metrics = aggregate(self.items, answers)["groups"]["all"]
         value = float(metrics[self.metric])
         low, high = metrics.get("ci95", {}).get(self.metric, (None, None))
@@ -190,7 +214,8 @@ class TaskEval(TrainerCallback):
 
         Trainer.log(self.trainer, {k: v for k, v in logs.items() if v is not None})
         self.history.append({"step": state.global_step, "epoch": state.epoch, "metric": self.metric, "value": value,
-                             "ci95": [low, high], "n": len(self.items), "metrics": metrics})
+                             "ci95": [low, high], "n": len(self.items), "answered_per_process": answered,
+                             "metrics": metrics})
         if not state.is_world_process_zero:
             return value
         from ..files import write_text_atomic
