@@ -212,6 +212,29 @@ def web_sends_chats_prompt(run: Path, uploads: list[list[Path]], question: str =
     return sent, gen
 
 
+def served_prompt_is_chats(url: str, run: Path, cases) -> None:
+    """Through a running llama-server: for each (messages as a client sends them, the same turns as training has
+    them), its /apply-template (its own Jinja over the GGUF's template; its media marker where each image goes) is
+    training's prompt text, and for a text-only case its /tokenize (special tokens parsed, as its completions do)
+    is the ids chat sends."""
+    import re
+
+    from qilin_lite.serve.generate import load_generator
+
+    gen, _ = load_generator(str(run), dtype="float32", attn="sdpa", temperature=0.0)
+    t = gen.template
+    for messages, trained in cases:
+        got = post_json(f"{url}/apply-template", {"messages": messages})["prompt"]
+        markers = set(re.findall(r"<__media_[A-Za-z0-9]{8,}__>", got))
+        text = got.replace(next(iter(markers)), t.image_text) if markers else got
+        want = t.render(t.place_images(trained), add_generation_prompt=True).text
+        bos = gen.tokenizer.bos_token or ""
+        assert text.removeprefix(bos) == want.removeprefix(bos), (got, want)
+        if not markers:
+            ids = post_json(f"{url}/tokenize", {"content": got, "add_special": True, "parse_special": True})
+            assert ids["tokens"] == gen.prompt_ids(trained).tolist(), got
+
+
 def _train(recipe):
     """Train with the real code and keep the in-memory model, so tests can compare it with what was saved."""
     from qilin_lite.train.stage import train_stage

@@ -365,7 +365,7 @@ def huatuo_gguf(converted, tmp_path_factory):
 def test_llama_cpp_sends_the_exported_model_the_ids_their_cli_builds(case, n, converted, huatuo_gguf, tiny_data,
                                                                       tmp_path):
     """The GGUF export of a converted HuatuoGPT-Vision, run as llama-mtmd-cli runs it (its chat template, a marker per
-    image after the question), gets the prompt ids their cli.py builds, each image its own tokens; its next-token
+    image in front of the question), gets the prompt ids their cli.py builds, each image its own tokens; its next-token
     logits follow the converted model's on the same ids and pixels (f16 weights, llama.cpp's own resize), ten times
     nearer them than the logits for mirrored images."""
     import numpy as np
@@ -402,6 +402,29 @@ def test_llama_cpp_sends_the_exported_model_the_ids_their_cli_builds(case, n, co
     assert cos > 0.9999, cos
     if n:
         assert np.abs(theirs - ours).max() < 0.1 * np.abs(theirs - mirrored).max()  # measured: 0.01
+
+
+@pytest.mark.slow
+def test_llama_server_renders_and_tokenizes_the_prompt_chat_sends(converted, huatuo_gguf, tmp_path):
+    """llama-server's own Jinja and tokenizer over the export: the huatuo prompt for a first turn with images and a
+    later turn (past rounds without an end token, as their cli.py sends them), chat's ids for text turns."""
+    from conftest import llama_server_on, served_prompt_is_chats
+
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    cases = [
+        ([{"role": "user", "content": [image, image, {"type": "text", "text": "两张图像有何不同？"}]}],
+         [{"role": "user", "content": "<image>\n<image>\n两张图像有何不同？"}]),
+        ([{"role": "user", "content": [image, {"type": "text", "text": "有病灶吗？"}]},
+          {"role": "assistant", "content": "有"}, {"role": "user", "content": "在哪一侧？"}],
+         [{"role": "user", "content": "<image>\n有病灶吗？"}, {"role": "assistant", "content": "有"},
+          {"role": "user", "content": "在哪一侧？"}]),
+        ([{"role": "user", "content": "病灶\u00a0在哪？"}, {"role": "assistant", "content": "左侧"},
+          {"role": "user", "content": "多大？"}],
+         [{"role": "user", "content": "病灶\u00a0在哪？"}, {"role": "assistant", "content": "左侧"},
+          {"role": "user", "content": "多大？"}]),
+    ]
+    with llama_server_on(huatuo_gguf.model, huatuo_gguf.mmproj, tmp_path / "server.log") as url:
+        served_prompt_is_chats(url, converted[1], cases)
 
 
 def test_a_release_without_its_vision_tower_is_told_to_pass_vision_tower(tiny_parts, tmp_path):

@@ -120,6 +120,44 @@ def test_llama_cpp_answers_the_exported_qwen_run_as_chat_does(qwen_demo, qwen_ex
 
 
 @pytest.mark.slow
+def test_llama_server_renders_and_tokenizes_the_chatml_prompt_chat_sends(qwen_demo, qwen_export, tmp_path):
+    """llama-server's own Jinja and tokenizer over the chatml export (Qwen2's real byte-level vocabulary trained
+    here): training's prompt for a first turn with an image and a later one, chat's ids for text turns."""
+    import unicodedata
+
+    from conftest import llama_server_on, served_prompt_is_chats
+
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    cases = [
+        ([{"role": "user", "content": [image, {"type": "text", "text": " 图像属于哪种影像模态？"}]}],
+         [{"role": "user", "content": "<image>\n图像属于哪种影像模态？"}]),
+        ([{"role": "user", "content": [image, {"type": "text", "text": "有病灶吗？"}]},
+          {"role": "assistant", "content": "有"}, {"role": "user", "content": "在哪一侧？"}],
+         [{"role": "user", "content": "<image>\n有病灶吗？"}, {"role": "assistant", "content": "有"},
+          {"role": "user", "content": "在哪一侧？"}]),
+        ([{"role": "user", "content": "病灶\u3000在哪？ caf\u00e9"}], [{"role": "user", "content": "病灶\u3000在哪？ caf\u00e9"}]),
+    ]
+    out, _ = qwen_demo
+    with llama_server_on(qwen_export.model, qwen_export.mmproj, tmp_path / "server.log") as url:
+        served_prompt_is_chats(url, out / "tune", cases)
+        # The difference found: decomposed Unicode (e + U+0301). Qwen2's tokenizer.json normalizes to NFC (é, as
+        # training saw it); llama.cpp's gpt2-type tokenizer applies no normalizer and encodes e + U+0301 as typed,
+        # ids training never saw. README says so; if llama.cpp changes, this says the difference is gone.
+        from conftest import post_json
+
+        from qilin_lite.serve.generate import load_generator
+
+        gen, _ = load_generator(str(out / "tune"), dtype="float32", attn="sdpa", temperature=0.0)
+        turn = [{"role": "user", "content": "病灶 cafe\u0301"}]
+        prompt = post_json(f"{url}/apply-template", {"messages": turn})["prompt"]
+        theirs = post_json(f"{url}/tokenize", {"content": prompt, "add_special": True, "parse_special": True})["tokens"]
+        ours = gen.prompt_ids(turn).tolist()
+        assert theirs != ours
+        assert gen.tokenizer.decode(theirs).endswith("cafe\u0301<|im_end|>\n<|im_start|>assistant\n")  # as typed
+        assert gen.tokenizer.decode(ours) == unicodedata.normalize("NFC", gen.tokenizer.decode(theirs))
+
+
+@pytest.mark.slow
 def test_transformers_serve_answers_the_merged_qwen_run_as_chat_does(qwen_demo, tmp_path):
     from test_serve import serve_answers_like_chat
 
