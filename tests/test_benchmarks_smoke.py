@@ -148,9 +148,12 @@ def test_gpu_check_runs_at_toy_size(demo_run, tmp_path):
     report = json.loads((tmp_path / "gpu-check.json").read_text(encoding="utf-8"))
     checks = report["checks"]
     assert {k: c["status"] for k, c in checks.items()} == dict.fromkeys(
-        ["environment", "demo", "placement", "training", "planner", "packing", "native"], "ok")
-    native = checks["native"]["result"]
-    assert native["trained"]["attn"] == "sdpa" and native["trained"]["loss_finite"] and native["steps"] == 2
+        ["environment", "demo", "placement", "training", "planner", "packing", "native", "native-qwen3-vl",
+         "native-gemma3"], "ok")
+    for name, family in (("native", "qwen2.5-vl"), ("native-qwen3-vl", "qwen3-vl"), ("native-gemma3", "gemma3")):
+        native = checks[name]["result"]
+        assert native["family"] == family and native["trained"]["attn"] == "sdpa"
+        assert native["trained"]["loss_finite"] and native["steps"] == 2
     placed = checks["placement"]["result"]
     assert placed["expected"] == {"weights": "cpu", "dtype": "float32", "attn": "sdpa", "inputs": "cpu"}
     for command in ("chat", "eval", "web"):

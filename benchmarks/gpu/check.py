@@ -15,9 +15,9 @@ Checks, in order, each recorded as ok / failed / skipped with what it measured:
 6. packing: benchmarks/packed_vs_unpacked.py in random order on a 2048-wide, 8-layer LLM in bf16: unpacked,
    `--packing` as shipped, rows of 2048 (per-sample sdpa, and flash-attention 2's varlen kernel where installed),
    samples/s ratios.
-7. native: a Qwen2.5-VL built from config trains `tune --lora` on 64-1024 px images in bf16 with the attention
-   "auto" picks (flash-attention 2 where installed), answers through chat's loader; flash-attention's logits
-   against sdpa's on one native-resolution batch (benchmarks/gpu/native.py).
+7. native, native-qwen3-vl, native-gemma3: a Qwen2.5-VL, a Qwen3-VL and a Gemma 3 built from config each train
+   `tune --lora` on 64-1024 px images in bf16 with the attention "auto" picks (flash-attention 2 where installed),
+   answer through chat's loader; flash-attention's logits against sdpa's on one batch (benchmarks/gpu/native.py).
 Writes gpu-check.json (everything) and gpu-check.md (the tables for the README). A time budget (default 540 s of
 the 10 minutes a lent machine runs one command) skips what would not finish; the exit code is 1 if a check failed.
 """
@@ -162,10 +162,10 @@ def packing_case(toy: bool) -> dict:
     return {"ok": ok, "table": packing.table(rows), "rows": rows}
 
 
-def native_case(work: Path, toy: bool) -> dict:
+def native_case(work: Path, toy: bool, family: str = "qwen2.5-vl") -> dict:
     from benchmarks.gpu.native import native_case as run
 
-    return run(work, toy)
+    return run(work, toy, family)
 
 
 def markdown(report: dict) -> str:
@@ -196,9 +196,9 @@ def _short(name: str, c: dict) -> str:
     if name == "packing":
         return ", ".join(f"{k.split('/', 1)[0]} {k.rsplit('/', 1)[1]} {x['vs_unpacked']:.2f}x"
                          for k, x in r["rows"].items() if not k.endswith("unpacked"))
-    if name == "native":
+    if name.startswith("native"):
         t = r["trained"]
-        return (f"Qwen2.5-VL lora at native resolution: {t['compute_dtype']}, {t['attn']}, loss finite "
+        return (f"{r['family']} lora, images 64-1024 px: {t['compute_dtype']}, {t['attn']}, loss finite "
                 f"{t['loss_finite']}, peak {t['peak_gib']} GiB, flash = sdpa logits {r['flash_vs_sdpa_logits_agree']}")
     if name == "placement":
         return "; ".join(f"{k}: weights {r[k].get('weights')} {r[k].get('dtype')}, inputs {r[k].get('inputs')}, "
@@ -235,7 +235,9 @@ def main(argv=None) -> dict:
             # the 13B QLoRA row of "training" is the planner's third size
             ("planner", lambda: training(plan_sizes, ["qlora"], 1)),
             ("packing", lambda: packing_case(args.toy)),
-            ("native", lambda: native_case(args.out, args.toy))]
+            ("native", lambda: native_case(args.out, args.toy)),
+            ("native-qwen3-vl", lambda: native_case(args.out, args.toy, "qwen3-vl")),
+            ("native-gemma3", lambda: native_case(args.out, args.toy, "gemma3"))]
     for name, check in plan:
         if time.perf_counter() - start > args.budget:
             report["checks"][name] = {"status": "skipped", "error": f"time budget of {args.budget:.0f} s spent"}

@@ -1,5 +1,6 @@
-"""gpu-check's native-resolution case: a Qwen2.5-VL built from config (tiny on the CPU, a few hundred MB on a GPU)
-trains `tune --lora` on records whose images run from 64 to 1024 px, then answers through chat's loader.
+"""gpu-check's native-family cases: a Qwen2.5-VL, a Qwen3-VL and a Gemma 3 built from config (tiny on the CPU, a
+few hundred MB on a GPU) each train `tune --lora` on records whose images run from 64 to 1024 px (the Qwens at
+native resolution; Gemma 3 squashes each to its tower's size), then answer through chat's loader.
 
 What only a GPU shows, recorded: the dtype and attention kernel the run really trained with (bf16 and flash-attention 2
 where the machine has them: native resolution makes every sequence a different length), the loss finite, the peak
@@ -28,23 +29,38 @@ def records(root: Path, n: int, sizes: tuple[int, int], seed: int = 0) -> Path:
     return root / "train.json"
 
 
-def native_case(work: Path, toy: bool) -> dict:
+FAMILIES = ("qwen2.5-vl", "qwen3-vl", "gemma3")
+
+
+def build(family: str, work: Path, toy: bool) -> Path:
+    """The family's tiny model: GPU sizes give flash-attention real head widths (64-128) and long image spans."""
+    from qilin_lite.demo.gemma3 import build_tiny_gemma3
+    from qilin_lite.demo.qwen_vl import build_tiny_qwen2_5_vl, build_tiny_qwen3_vl
+
+    texts = ["这张图像显示什么？", "双肺纹理清晰，未见异常。", "左肺上叶可见结节影。"] * 40
+    if family == "gemma3":  # two heads: head_dim = hidden / 2, within flash-attention's 256
+        return build_tiny_gemma3(work / family, texts, **({} if toy else {"hidden": 256, "layers": 8,
+                                                                          "image_size": 224, "tokens_per_image": 64}))
+    size = {"hidden": 64, "layers": 2} if toy else {"hidden": 1024, "layers": 8, "heads": 16}
+    if family == "qwen3-vl":
+        return build_tiny_qwen3_vl(work / family, texts, **size, **({} if toy else {"max_pixels": 1024 * 1024}))
+    return build_tiny_qwen2_5_vl(work / family, texts, **size, **({} if toy else {"max_pixels": 1024 * 1024}))
+
+
+def native_case(work: Path, toy: bool, family: str = "qwen2.5-vl") -> dict:
     import torch
 
     from qilin_lite.config import load_recipe
-    from qilin_lite.demo.qwen_vl import build_tiny_qwen2_5_vl
     from qilin_lite.device import cuda
     from qilin_lite.serve.generate import load_generator
     from qilin_lite.train.stage import train_stage
 
-    texts = ["这张图像显示什么？", "双肺纹理清晰，未见异常。", "左肺上叶可见结节影。"] * 40
-    size = {"hidden": 64, "layers": 2} if toy else {"hidden": 1024, "layers": 8, "heads": 16, "max_pixels": 1024 * 1024}
-    base = build_tiny_qwen2_5_vl(work / "qwen2.5-vl", texts, **size)
+    base = build(family, work, toy)
     data = records(work / "native-data", 8, (64, 256) if toy else (64, 1024))
     on_gpu = cuda()
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    recipe = load_recipe(None, None, stage="tune", output_dir=str(work / "native-run"), **{
+    recipe = load_recipe(None, None, stage="tune", output_dir=str(work / f"native-run-{family}"), **{
         "model.from_run": str(base), "model.dtype": "bfloat16" if on_gpu else "float32", "model.attn": "auto",
         "train.mode": "lora", "train.max_steps": 2, "train.global_batch": 4, "train.per_device_batch": 4,
         "train.bf16": on_gpu, "train.tf32": False, "train.lr": 1e-3, "train.lora_r": 8, "train.lora_alpha": 16,
@@ -64,7 +80,7 @@ def native_case(work: Path, toy: bool) -> dict:
                           [[data.parent / "img" / "0.png"]])[0]
     agree = kernels_agree(base, data) if on_gpu else None
     ok = trained["loss_finite"] and isinstance(answer, str) and agree in (None, True)
-    return {"ok": ok, "trained": trained, "answer": answer, "flash_vs_sdpa_logits_agree": agree,
+    return {"ok": ok, "family": family, "trained": trained, "answer": answer, "flash_vs_sdpa_logits_agree": agree,
             "steps": summary["steps"]}
 
 
@@ -77,27 +93,30 @@ def kernels_agree(base: Path, data: Path) -> bool | None:
 
     if importlib.util.find_spec("flash_attn") is None:
         return None
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    import transformers
 
     from qilin_lite.encoding import encode
-    from qilin_lite.families import get_template
-    from qilin_lite.images.pixel_values import NativeImageLoader
-    from qilin_lite.model import load_tokenizer_and_processor, token_layout
+    from qilin_lite.images.pixel_values import image_loader
+    from qilin_lite.model import RunInfo, load_tokenizer_and_processor, template_of, token_layout
+    from qilin_lite.families import family_of, get_template
 
     tok, ip = load_tokenizer_and_processor(str(base))
-    loader = NativeImageLoader(ip)
-    img = [loader.raw(data.parent / "img" / "1.png")]
+    template = get_template(template_of(str(base)))
+    family = family_of(template)
+    loader = image_loader(ip, family.image_mode)
+    img = [loader.open(data.parent / "img" / "1.png")]
     msgs = [{"role": "user", "content": "<image>\n这张图像显示什么？"}, {"role": "assistant", "content": "双肺纹理清晰。"}]
     outs = []
     for attn in ("sdpa", "flash_attention_2"):
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(base), dtype=torch.bfloat16,
-                                                                   attn_implementation=attn).cuda().eval()
-        ids, _ = encode(msgs, get_template("qwen2-vl"), tok, token_layout(model.config, 8192, "total"),
-                        loader.counts(img))
+        model = getattr(transformers, family.model_class).from_pretrained(
+            str(base), dtype=torch.bfloat16, attn_implementation=attn).cuda().eval()
+        layout = token_layout(model.config, 8192, "total")
+        ids, _ = encode(msgs, template, tok, layout, loader.counts(img))
         ids_t = torch.from_numpy(ids)[None].cuda()
         vision = {k: v.cuda() for k, v in loader.inputs(img).items()}
+        vision["pixel_values"] = vision["pixel_values"].to(torch.bfloat16)
+        marks = {layout.marks: (ids_t == layout.image_token_id).long()} if layout.marks else {}
         with torch.no_grad():
-            outs.append(model(input_ids=ids_t, mm_token_type_ids=(ids_t == model.config.image_token_id).long(),
-                              **vision).logits.float())
+            outs.append(model(input_ids=ids_t, **marks, **vision).logits.float())
         del model
     return bool(torch.allclose(outs[0], outs[1], atol=5e-2, rtol=5e-2))
