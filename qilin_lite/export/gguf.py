@@ -165,6 +165,26 @@ def _dtype_for(array_shape: tuple[int, ...], name: str) -> type:
     return np.float16
 
 
+def vision_kv(w, projector: str, cfg: dict, image_processor, *, image_size: int, depth: int, heads: int) -> None:
+    """The mmproj keys every llama.cpp vision projector after LLaVA-1.5's reads (its type, the tower's shape, the
+    LLM width it projects to, the processor's normalisation), as llama.cpp's own converter writes them."""
+    import gguf
+
+    v = cfg["vision_config"]
+    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
+    w.add_clip_has_vision_encoder(True)
+    w.add_clip_projector_type(projector)
+    w.add_vision_projection_dim(int(cfg["text_config"]["hidden_size"]))
+    w.add_vision_image_size(int(image_size))
+    w.add_vision_patch_size(int(v["patch_size"]))
+    w.add_vision_embedding_length(int(v["hidden_size"]))
+    w.add_vision_feed_forward_length(int(v["intermediate_size"]))
+    w.add_vision_block_count(int(depth))
+    w.add_vision_head_count(int(heads))
+    w.add_vision_image_mean([float(x) for x in image_processor.image_mean])
+    w.add_vision_image_std([float(x) for x in image_processor.image_std])
+
+
 def _write(path: Path, arch: str, kv, tensors: list[tuple[str, tuple[int, ...], callable]]) -> None:
     """One GGUF file, tensors streamed: headers first (shapes only), then each tensor's data as it is made."""
     import gguf

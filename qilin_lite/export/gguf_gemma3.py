@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from .gguf import Weights, _tokenizer_kv, _write
+from .gguf import Weights, _tokenizer_kv, _write, vision_kv
 from .templates import NOTICE
 
 PREFIXES = {
@@ -152,20 +152,10 @@ def write_mmproj(path: Path, model_dir: Path, cfg: dict, weights: Weights, image
         w.add_name(f"mmproj-{name}")
         w.add_description(f"SigLIP tower ({depth} blocks) + Gemma 3's pooling projector ({per_side * per_side} tokens "
                           f"an image at {v['image_size']} px), exported by qilin-lite. {NOTICE}")
-        w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
-        w.add_clip_has_vision_encoder(True)
-        w.add_clip_projector_type(gguf.VisionProjectorType.GEMMA3)
-        w.add_vision_projection_dim(int(cfg["text_config"]["hidden_size"]))
-        w.add_vision_image_size(int(v["image_size"]))
-        w.add_vision_patch_size(int(v["patch_size"]))
-        w.add_vision_embedding_length(int(v["hidden_size"]))
-        w.add_vision_feed_forward_length(int(v["intermediate_size"]))
-        w.add_vision_block_count(depth)
-        w.add_vision_head_count(int(v["num_attention_heads"]))
+        vision_kv(w, gguf.VisionProjectorType.GEMMA3, cfg, image_processor, image_size=int(v["image_size"]),
+                  depth=depth, heads=int(v["num_attention_heads"]))
         w.add_vision_attention_layernorm_eps(float(v.get("layer_norm_eps", 1e-6)))
         w.add_vision_use_gelu(True)
-        w.add_vision_image_mean([float(x) for x in image_processor.image_mean])
-        w.add_vision_image_std([float(x) for x in image_processor.image_std])
         if side // per_side != 4:  # llama.cpp's default pooling is 4 x 4 (64 x 64 patches -> 256 tokens)
             w.add_vision_projector_scale_factor(side // per_side)
 

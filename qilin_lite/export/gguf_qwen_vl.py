@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .gguf import LLM_NAMES, Weights, write_llm
+from .gguf import LLM_NAMES, Weights, vision_kv, write_llm
 from .templates import NOTICE
 
 PREFIXES = {  # the vision tower first: "model." would also match "model.visual."
@@ -147,18 +147,8 @@ def write_mmproj_qwen_vl(path: Path, model_dir: Path, cfg: dict, weights: Weight
             f"Qwen2.5-VL vision tower ({depth} blocks) + patch merger, exported by qilin-lite. Trained on images "
             f"resized to {lo}-{hi} tokens of 28 x 28 px: run llama.cpp with --image-min-tokens {lo} "
             f"--image-max-tokens {hi}. {NOTICE}")
-        w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
-        w.add_clip_has_vision_encoder(True)
-        w.add_clip_projector_type(PROJECTOR_TYPE)
-        w.add_vision_projection_dim(int(cfg["text_config"]["hidden_size"]))
-        w.add_vision_image_size(560)  # llama.cpp's warm-up image only: Qwen sees images at their own size
-        w.add_vision_patch_size(int(v["patch_size"]))
-        w.add_vision_embedding_length(int(v["hidden_size"]))
-        w.add_vision_feed_forward_length(int(v["intermediate_size"]))
-        w.add_vision_block_count(depth)
-        w.add_vision_head_count(int(v["num_heads"]))
-        w.add_vision_image_mean([float(x) for x in image_processor.image_mean])
-        w.add_vision_image_std([float(x) for x in image_processor.image_std])
+        # the image size is llama.cpp's warm-up image only: Qwen sees images at their own size
+        vision_kv(w, PROJECTOR_TYPE, cfg, image_processor, image_size=560, depth=depth, heads=int(v["num_heads"]))
         w.add_vision_use_silu(True)
         w.add_vision_n_wa_pattern(int(v["fullatt_block_indexes"][0]) + 1)
         w.add_vision_spatial_merge_size(int(v.get("spatial_merge_size", 2)))
@@ -166,33 +156,20 @@ def write_mmproj_qwen_vl(path: Path, model_dir: Path, cfg: dict, weights: Weight
         w.add_uint32("qilin.image_min_tokens", lo)
         w.add_uint32("qilin.image_max_tokens", hi)
 
-    def plain(key):
-        return lambda: weights.get(key)
-
     def part(key, k, n):  # one third of the fused qkv (rows: q, then k, then v)
         return lambda: np.split(weights.get(key), n, axis=0)[k]
 
-    def frame(key, k):  # Conv3d over two frames -> llama.cpp's two Conv2d kernels
-        return lambda: weights.get(key)[:, :, k]
-
     def need(key):
-        if not weights.has(key):
-            raise UserError(f"{model_dir}: vision tensor '{key.split(':', 1)[1]}' missing; the weights are "
-                            "incomplete or not a Qwen2.5-VL's")
-        return key
+        return _need(weights, model_dir, key)
 
-    tensors = []
-    patch = need("vision:patch_embed.proj.weight")
-    shape = weights.shapes[patch]
-    base = names.get_name("visual.patch_embed.proj") + ".weight"
-    tensors += [(base, shape[:2] + shape[3:], frame(patch, 0)), (base + ".1", shape[:2] + shape[3:], frame(patch, 1))]
+    tensors = _patch_frames(weights, model_dir)
     for i in range(depth):
         for src in ("norm1", "norm2", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
             dst = names.get_name(f"visual.blocks.{i}.{src}")
             for kind in ("weight", "bias"):
                 key = f"vision:blocks.{i}.{src}.{kind}"
                 if kind == "weight" or weights.has(key):  # RMSNorms have no bias
-                    tensors.append((f"{dst}.{kind}", weights.shapes[need(key)], plain(key)))
+                    tensors.append((f"{dst}.{kind}", weights.shapes[need(key)], _lazy(weights, key)))
         for kind in ("weight", "bias"):
             key = need(f"vision:blocks.{i}.attn.qkv.{kind}")
             rows = weights.shapes[key]
@@ -200,11 +177,12 @@ def write_mmproj_qwen_vl(path: Path, model_dir: Path, cfg: dict, weights: Weight
                 dst = names.get_name(f"visual.blocks.{i}.attn.{qkv}")
                 tensors.append((f"{dst}.{kind}", (rows[0] // 3, *rows[1:]), part(key, k, 3)))
     tensors.append((names.get_name("visual.merger.ln_q") + ".weight",
-                    weights.shapes[need("vision:merger.ln_q.weight")], plain("vision:merger.ln_q.weight")))
+                    weights.shapes[need("vision:merger.ln_q.weight")], _lazy(weights, "vision:merger.ln_q.weight")))
     for idx in (0, 2):
         for kind in ("weight", "bias"):
             key = need(f"vision:merger.mlp.{idx}.{kind}")
-            tensors.append((f"{names.get_name(f'visual.merger.mlp.{idx}')}.{kind}", weights.shapes[key], plain(key)))
+            tensors.append((f"{names.get_name(f'visual.merger.mlp.{idx}')}.{kind}", weights.shapes[key],
+                            _lazy(weights, key)))
     _write(path, "clip", kv, tensors)
 
 
@@ -213,6 +191,22 @@ def _need(weights: Weights, model_dir: Path, key: str) -> str:
         raise UserError(f"{model_dir}: vision tensor '{key.split(':', 1)[1]}' missing; the weights are incomplete "
                         "or not a Qwen-VL's")
     return key
+
+
+def _lazy(weights: Weights, key: str):
+    """The tensor, read when the writer reaches it."""
+    return lambda: weights.get(key)
+
+
+def _patch_frames(weights: Weights, model_dir: Path) -> list:
+    """The patch embedding's Conv3d over two frames as llama.cpp's two Conv2d kernels (both Qwen-VL towers)."""
+    import gguf
+
+    patch = _need(weights, model_dir, "vision:patch_embed.proj.weight")
+    shape = weights.shapes[patch]
+    base = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_ENC_EMBD_PATCH] + ".weight"
+    return [(base + tail, shape[:2] + shape[3:], (lambda k: lambda: weights.get(patch)[:, :, k])(k))
+            for k, tail in enumerate(("", ".1"))]
 
 
 def _write_mmproj_qwen3(path: Path, model_dir: Path, cfg: dict, weights: Weights, image_processor,
@@ -235,18 +229,8 @@ def _write_mmproj_qwen3(path: Path, model_dir: Path, cfg: dict, weights: Weights
             f"Qwen3-VL vision tower ({depth} blocks, DeepStack after {stack}) + patch merger, exported by qilin-lite. "
             f"Trained on images resized to {lo}-{hi} tokens of 32 x 32 px: run llama.cpp with --image-min-tokens {lo} "
             f"--image-max-tokens {hi}. {NOTICE}")
-        w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
-        w.add_clip_has_vision_encoder(True)
-        w.add_clip_projector_type(gguf.VisionProjectorType.QWEN3VL)
-        w.add_vision_projection_dim(int(cfg["text_config"]["hidden_size"]))
-        w.add_vision_image_size(int(int(v["num_position_embeddings"]) ** 0.5) * int(v["patch_size"]))
-        w.add_vision_patch_size(int(v["patch_size"]))
-        w.add_vision_embedding_length(int(v["hidden_size"]))
-        w.add_vision_feed_forward_length(int(v["intermediate_size"]))
-        w.add_vision_block_count(depth)
-        w.add_vision_head_count(int(v["num_heads"]))
-        w.add_vision_image_mean([float(x) for x in image_processor.image_mean])
-        w.add_vision_image_std([float(x) for x in image_processor.image_std])
+        vision_kv(w, gguf.VisionProjectorType.QWEN3VL, cfg, image_processor, depth=depth, heads=int(v["num_heads"]),
+                  image_size=int(int(v["num_position_embeddings"]) ** 0.5) * int(v["patch_size"]))
         w.add_vision_use_gelu(True)
         w.add_vision_spatial_merge_size(int(v.get("spatial_merge_size", 2)))
         w.add_vision_attention_layernorm_eps(1e-6)  # transformers' Qwen3-VL vision LayerNorm eps
@@ -254,25 +238,14 @@ def _write_mmproj_qwen3(path: Path, model_dir: Path, cfg: dict, weights: Weights
         w.add_uint32("qilin.image_min_tokens", lo)
         w.add_uint32("qilin.image_max_tokens", hi)
 
-    def plain(key):
-        return lambda: weights.get(key)
-
-    def frame(key, k):
-        return lambda: weights.get(key)[:, :, k]
-
     def both(src: str, dst: str) -> list:
         return [(f"{dst}.{kind}", weights.shapes[_need(weights, model_dir, f"vision:{src}.{kind}")],
-                 plain(f"vision:{src}.{kind}")) for kind in ("weight", "bias")]
+                 _lazy(weights, f"vision:{src}.{kind}")) for kind in ("weight", "bias")]
 
-    patch = _need(weights, model_dir, "vision:patch_embed.proj.weight")
-    shape = weights.shapes[patch]
-    base = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_ENC_EMBD_PATCH]
-    tensors = [(base + ".weight", shape[:2] + shape[3:], frame(patch, 0)),
-               (base + ".weight.1", shape[:2] + shape[3:], frame(patch, 1)),
-               (base + ".bias", weights.shapes[_need(weights, model_dir, "vision:patch_embed.proj.bias")],
-                plain("vision:patch_embed.proj.bias")),
-               (names.get_name("visual.pos_embed") + ".weight",
-                weights.shapes[_need(weights, model_dir, "vision:pos_embed.weight")], plain("vision:pos_embed.weight"))]
+    tensors = _patch_frames(weights, model_dir)
+    for src, dst in (("patch_embed.proj.bias", gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_ENC_EMBD_PATCH] + ".bias"),
+                     ("pos_embed.weight", names.get_name("visual.pos_embed") + ".weight")):
+        tensors.append((dst, weights.shapes[_need(weights, model_dir, f"vision:{src}")], _lazy(weights, f"vision:{src}")))
     for i in range(depth):
         for src in ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"):
             tensors += both(f"blocks.{i}.{src}", names.get_name(f"visual.blocks.{i}.{src}"))
