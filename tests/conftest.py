@@ -235,6 +235,52 @@ def served_prompt_is_chats(url: str, run: Path, cases) -> None:
             assert ids["tokens"] == gen.prompt_ids(trained).tolist(), got
 
 
+def smooth_image_run(root: Path, base: Path, texts: list[str], sizes, seed: int):
+    """Two images of each size (smooth pictures, as scans are: two resamplers, PIL's and llama.cpp's, agree on them,
+    not on noise), a one-turn record each, and `base` aligned then LoRA-tuned a few steps on them. Returns the tune
+    run and the first image of each size; root/train.json and root/img are the records."""
+    import json
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from qilin_lite.train.stage import train_stage
+
+    (root / "img").mkdir()
+    rng, rows = random.Random(seed), []
+    for i, size in enumerate(list(sizes) * 2):
+        y, x = np.mgrid[0:size[1], 0:size[0]] / max(size)
+        px = np.stack([np.sin(3 * x + i), np.cos(2 * y - i), np.sin(2 * (x + y) + 0.5 * i)], -1)
+        Image.fromarray(((px + 1) * 127.5).astype(np.uint8)).save(root / "img" / f"{i}.png")
+        rows.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\n" + rng.choice(texts)}, {"from": "gpt", "value": rng.choice(texts)}]})
+    (root / "train.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    align, _ = train_stage(tiny_recipe("align", "align", root / "align", root / "train.json", root / "img",
+                                       **{"model.base": str(base)}))
+    tune, _ = train_stage(tiny_recipe("tune", "lora", root / "tune", root / "train.json", root / "img",
+                                      **{"model.from_run": str(align)}))
+    return tune, [root / "img" / f"{i}.png" for i in range(len(sizes))]
+
+
+def served_answers_as_eval(url: str, served_model: str, run: Path, root: Path, out: Path) -> tuple[list, list]:
+    """`eval --model RUN` and `eval --endpoint URL --images-as RUN` on root/train.json (greedy, 8 new tokens): each
+    one's answers, in order."""
+    import json
+
+    from qilin_lite.eval.run import run_benchmark
+
+    common = dict(image_folder=root / "img", max_new_tokens=8)
+    run_benchmark(root / "train.json", "llava", out / "local", model=str(run), dtype="float32", **common)
+    run_benchmark(root / "train.json", "llava", out / "served", endpoint=url, served_model=served_model,
+                  images_as=str(run), concurrency=2, **common)
+
+    def answers(d):
+        return [json.loads(x)["prediction"] for x in (d / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+
+    return answers(out / "local"), answers(out / "served")
+
+
 def _train(recipe):
     """Train with the real code and keep the in-memory model, so tests can compare it with what was saved."""
     from qilin_lite.train.stage import train_stage

@@ -7,7 +7,6 @@ prompt.
 from __future__ import annotations
 
 import json
-import random
 
 import numpy as np
 import pytest
@@ -24,29 +23,14 @@ SIZES = [(28, 28), (64, 40), (100, 180), (300, 90)]
 def gemma_run(tmp_path_factory):
     """A tiny Gemma 3 with a SentencePiece tokenizer.model (as the releases ship), aligned and LoRA-tuned a few
     steps: (run, images, data folder)."""
-    from PIL import Image
+    from conftest import smooth_image_run
 
-    from conftest import tiny_recipe
     from qilin_lite.demo.gemma3 import build_tiny_gemma3
-    from qilin_lite.train.stage import train_stage
 
     root = tmp_path_factory.mktemp("gemma_gguf")
     base = build_tiny_gemma3(root / "base", TEXTS * 30, sentencepiece=True)
-    (root / "img").mkdir()
-    rng, rows = random.Random(7), []
-    for i, size in enumerate(SIZES * 2):
-        y, x = np.mgrid[0:size[1], 0:size[0]] / max(size)
-        px = np.stack([np.sin(3 * x + i), np.cos(2 * y - i), np.sin(2 * (x + y) + 0.5 * i)], -1)
-        Image.fromarray(((px + 1) * 127.5).astype(np.uint8)).save(root / "img" / f"{i}.png")
-        rows.append({"id": str(i), "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\n" + rng.choice(TEXTS)},
-            {"from": "gpt", "value": rng.choice(TEXTS)}]})
-    (root / "train.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
-    align, _ = train_stage(tiny_recipe("align", "align", root / "align", root / "train.json", root / "img",
-                                       **{"model.base": str(base)}))
-    tune, _ = train_stage(tiny_recipe("tune", "lora", root / "tune", root / "train.json", root / "img",
-                                      **{"model.from_run": str(align)}))
-    return tune, sorted((root / "img").glob("*.png"), key=lambda p: int(p.stem))[:len(SIZES)], root
+    tune, images = smooth_image_run(root, base, TEXTS, SIZES, seed=7)
+    return tune, images, root
 
 
 @pytest.fixture(scope="module")
@@ -227,18 +211,10 @@ def test_llama_server_renders_and_tokenizes_chats_prompt(gemma_server, gemma_run
 
 @pytest.mark.slow
 def test_eval_endpoint_through_llama_server_answers_as_in_process_eval(gemma_server, exported, gemma_run, tmp_path):
-    from qilin_lite.eval.run import run_benchmark
+    from conftest import served_answers_as_eval
 
     run, _, root = gemma_run
-    common = dict(image_folder=root / "img", max_new_tokens=8)
-    run_benchmark(root / "train.json", "llava", tmp_path / "local", model=str(run), dtype="float32", **common)
-    run_benchmark(root / "train.json", "llava", tmp_path / "served", endpoint=gemma_server,
-                  served_model=exported.model.name, images_as=str(run), concurrency=2, **common)
-
-    def answers(d):
-        return [json.loads(x)["prediction"] for x in (d / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
-
-    local, served = answers(tmp_path / "local"), answers(tmp_path / "served")
+    local, served = served_answers_as_eval(gemma_server, exported.model.name, run, root, tmp_path)
     assert len(local) == len(served) == 8
 
     def valid(x: str) -> str:

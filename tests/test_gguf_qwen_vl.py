@@ -7,12 +7,10 @@ equal the trained model's, the prompt ids equal chat's, greedy answers equal cha
 from __future__ import annotations
 
 import json
-import random
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import post_json, run_cli_captured, tiny_recipe
+from conftest import post_json, run_cli_captured, smooth_image_run
 
 from qilin_lite.errors import UserError
 
@@ -34,32 +32,15 @@ FAMILY = {
 def qwen_run(request, tmp_path_factory):
     """A tiny Qwen2.5-VL (with the releases' 112 px attention windows) or Qwen3-VL (DeepStack after its first
     block), aligned and LoRA-tuned a few steps: (run, images, data folder, family)."""
-    from PIL import Image
-
     from qilin_lite.demo.qwen_vl import build_tiny_qwen2_5_vl, build_tiny_qwen3_vl
-    from qilin_lite.train.stage import train_stage
 
     root = tmp_path_factory.mktemp("qwen_gguf")
     if request.param == "qwen2.5-vl":
         base = build_tiny_qwen2_5_vl(root / "base", TEXTS * 30, window_size=112)
     else:
         base = build_tiny_qwen3_vl(root / "base", TEXTS * 30)
-    (root / "img").mkdir()
-    rng, rows = random.Random(5), []
-    for i, size in enumerate(SIZES * 2):
-        # smooth pictures, as scans are: two resamplers (PIL's and llama.cpp's bicubic) agree on them, not on noise
-        y, x = np.mgrid[0:size[1], 0:size[0]] / max(size)
-        px = np.stack([np.sin(3 * x + i), np.cos(2 * y - i), np.sin(2 * (x + y) + 0.5 * i)], -1)
-        Image.fromarray(((px + 1) * 127.5).astype(np.uint8)).save(root / "img" / f"{i}.png")
-        rows.append({"id": str(i), "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\n" + rng.choice(TEXTS)},
-            {"from": "gpt", "value": rng.choice(TEXTS)}]})
-    (root / "train.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
-    align, _ = train_stage(tiny_recipe("align", "align", root / "align", root / "train.json", root / "img",
-                                       **{"model.base": str(base)}))
-    tune, _ = train_stage(tiny_recipe("tune", "lora", root / "tune", root / "train.json", root / "img",
-                                      **{"model.from_run": str(align)}))
-    return tune, sorted((root / "img").glob("*.png"), key=lambda p: int(p.stem))[:len(SIZES)], root, request.param
+    tune, images = smooth_image_run(root, base, TEXTS, SIZES, seed=5)
+    return tune, images, root, request.param
 
 
 @pytest.fixture(scope="module")
@@ -305,17 +286,9 @@ def test_llama_server_keeps_non_ascii_space_at_a_turns_ends(qwen_server):
 def test_eval_endpoint_through_llama_server_answers_as_in_process_eval(qwen_server, exported, qwen_run, tmp_path):
     """`eval --endpoint` on the served export, images sent as the run saw them (`--images-as`: at the processor's
     grid): the same answers as `eval --model` on the run."""
-    from qilin_lite.eval.run import run_benchmark
+    from conftest import served_answers_as_eval
 
     run, _, root, _ = qwen_run
-    common = dict(image_folder=root / "img", max_new_tokens=8)
-    run_benchmark(root / "train.json", "llava", tmp_path / "local", model=str(run), dtype="float32", **common)
-    run_benchmark(root / "train.json", "llava", tmp_path / "served", endpoint=qwen_server,
-                  served_model=exported.model.name, images_as=str(run), concurrency=2, **common)
-
-    def answers(d):
-        return [json.loads(x)["prediction"] for x in (d / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
-
-    local, served = answers(tmp_path / "local"), answers(tmp_path / "served")
+    local, served = served_answers_as_eval(qwen_server, exported.model.name, run, root, tmp_path)
     assert len(local) == len(served) == 10
     assert np.mean([a == b for a, b in zip(served, local)]) >= 0.9, list(zip(served, local))
