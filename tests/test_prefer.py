@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -299,11 +300,22 @@ def test_wrong_eval_answers_become_pairs(tmp_path, tiny_data, lora_run, monkeypa
 
 
 # ---------------------------------------------------------------- Qwen2.5-VL
+def _sized_pairs(tmp_path, sizes) -> Path:
+    """One pair per image size (tmp_path/img/N.png, a flat colour each): the same prompt, chosen and rejected."""
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i, size in enumerate(sizes):
+        Image.new("RGB", size, (40 * i, 100, 200 - 40 * i)).save(tmp_path / "img" / f"{i}.png")
+        rows.append({"prompt": "病灶位于哪里？", "chosen": "左肺上叶可见结节影。", "rejected": "未见异常",
+                     "images": [f"{i}.png"]})
+    return _write(tmp_path, rows)
+
+
 def test_qwen2_5_vl_prefer_at_native_resolution(tmp_path):
     """A tiny Qwen2.5-VL release: images of different sizes, pairs scored on chat's prompt, a DPO run from the
     release itself (new adapter, merger frozen)."""
-    from PIL import Image
-
     from qilin_lite.demo.qwen_vl import build_tiny_qwen2_5_vl
     from qilin_lite.model import load_tokenizer_and_processor
     from qilin_lite.prefer.run import build_pairs, run_prefer
@@ -311,13 +323,7 @@ def test_qwen2_5_vl_prefer_at_native_resolution(tmp_path):
 
     texts = ["胸部X光片显示双肺纹理清晰。", "病灶位于哪里？", "左肺上叶可见结节影。", "右侧", "左侧", "未见异常"]
     release = build_tiny_qwen2_5_vl(tmp_path / "release", texts * 30)
-    (tmp_path / "img").mkdir()
-    rows = []
-    for i, size in enumerate([(40, 60), (120, 90), (230, 200), (64, 64)]):
-        Image.new("RGB", size, (40 * i, 100, 200 - 40 * i)).save(tmp_path / "img" / f"{i}.png")
-        rows.append({"prompt": "病灶位于哪里？", "chosen": "左肺上叶可见结节影。", "rejected": "未见异常",
-                     "images": [f"{i}.png"]})
-    path = _write(tmp_path, rows)
+    path = _sized_pairs(tmp_path, [(40, 60), (120, 90), (230, 200), (64, 64)])
     r = tiny_recipe("prefer", "lora", tmp_path / "run", path, tmp_path / "img",
                     **{"model.from_run": str(release), "train.max_steps": 2, "train.global_batch": 2,
                        "train.per_device_batch": 2})
@@ -340,7 +346,6 @@ def test_qwen2_5_vl_prefer_at_native_resolution(tmp_path):
 def test_gemma3_and_qwen3_vl_pairs_are_scored_on_chats_prompt(tmp_path, family, template):
     """MedGemma's class and Qwen3-VL's: each pair's prefix is chat's prompt, its reply tune's ids, and a DPO run
     from the release starts at log 2 and saves an adapter."""
-    from PIL import Image
     from transformers import AutoConfig
 
     from qilin_lite.demo.gemma3 import build_tiny_gemma3
@@ -352,13 +357,7 @@ def test_gemma3_and_qwen3_vl_pairs_are_scored_on_chats_prompt(tmp_path, family, 
     texts = ["胸部X光片显示双肺纹理清晰。", "病灶位于哪里？", "左肺上叶可见结节影。", "右侧", "左侧", "未见异常"]
     build = {"gemma3": build_tiny_gemma3, "qwen3-vl": build_tiny_qwen3_vl}[family]
     release = build(tmp_path / "release", texts * 30)
-    (tmp_path / "img").mkdir()
-    rows = []
-    for i, size in enumerate([(40, 60), (120, 90), (230, 200)]):
-        Image.new("RGB", size, (40 * i, 100, 200 - 40 * i)).save(tmp_path / "img" / f"{i}.png")
-        rows.append({"prompt": "病灶位于哪里？", "chosen": "左肺上叶可见结节影。", "rejected": "未见异常",
-                     "images": [f"{i}.png"]})
-    path = _write(tmp_path, rows)
+    path = _sized_pairs(tmp_path, [(40, 60), (120, 90), (230, 200)])
     r = tiny_recipe("prefer", "lora", tmp_path / "run", path, tmp_path / "img",
                     **{"model.from_run": str(release), "train.max_steps": 1, "train.global_batch": 2,
                        "train.per_device_batch": 2})

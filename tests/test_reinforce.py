@@ -4,8 +4,8 @@ ones at the positions generation saw, and the output directory is tune's contrac
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import run_cli_captured, tiny_recipe
@@ -203,25 +203,31 @@ def test_flags_and_questions_are_checked_before_any_work(tmp_path, tiny_data, lo
         assert not (out / "qilin.json").exists()
 
 
-def test_qwen2_5_vl_rollouts_and_a_run_at_native_resolution(tmp_path):
-    """A tiny Qwen2.5-VL release, images of different sizes: M-RoPE positions under left padding give the same
-    log-probabilities as each row alone, and a GRPO run from the release saves an adapter."""
+def _sized_questions(tmp_path, sizes) -> Path:
+    """One closed question per image size (tmp_path/img/N.png, a flat colour each), answer 左肺 of two choices."""
     from PIL import Image
 
-    from qilin_lite.demo.qwen_vl import build_tiny_qwen2_5_vl
-    from qilin_lite.reinforce.run import run_reinforce
-
-    texts = ["胸部X光片显示双肺纹理清晰。", "病灶位于哪里？", "左肺", "右肺", "是否可见病灶？", "是", "否"]
-    release = build_tiny_qwen2_5_vl(tmp_path / "release", texts * 30)
     (tmp_path / "img").mkdir()
     rows = []
-    for i, size in enumerate([(40, 60), (120, 90), (230, 200), (64, 64)]):
+    for i, size in enumerate(sizes):
         Image.new("RGB", size, (40 * i, 100, 200 - 40 * i)).save(tmp_path / "img" / f"{i}.png")
         rows.append({"id": str(i), "image": f"{i}.png", "conversations": [
             {"from": "human", "value": "<image>\n病灶位于哪里？"}, {"from": "gpt", "value": "左肺"}],
             "answer": "左肺", "choices": ["左肺", "右肺"]})
     questions = tmp_path / "q.json"
     questions.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    return questions
+
+
+def test_qwen2_5_vl_rollouts_and_a_run_at_native_resolution(tmp_path):
+    """A tiny Qwen2.5-VL release, images of different sizes: M-RoPE positions under left padding give the same
+    log-probabilities as each row alone, and a GRPO run from the release saves an adapter."""
+    from qilin_lite.demo.qwen_vl import build_tiny_qwen2_5_vl
+    from qilin_lite.reinforce.run import run_reinforce
+
+    texts = ["胸部X光片显示双肺纹理清晰。", "病灶位于哪里？", "左肺", "右肺", "是否可见病灶？", "是", "否"]
+    release = build_tiny_qwen2_5_vl(tmp_path / "release", texts * 30)
+    questions = _sized_questions(tmp_path, [(40, 60), (120, 90), (230, 200), (64, 64)])
     t, model = _trainer_parts(release, questions, tmp_path / "img", tmp_path)
     assert t.template.name == "qwen2-vl"
     _check_rollout_is_chats_prompt_and_scores_what_was_sampled(t, model)
@@ -268,21 +274,11 @@ def _release(family: str, out, texts):
 def test_gemma3_and_qwen3_vl_rollouts_are_chats_prompt(tmp_path, family, template):
     """MedGemma's class (image tokens attend both ways through token_type_ids) and Qwen3-VL's (DeepStack,
     interleaved M-RoPE): sampled from chat's prompt, scored as each row alone, and a run from the release."""
-    from PIL import Image
-
     from qilin_lite.reinforce.run import run_reinforce
 
     texts = ["胸部X光片显示双肺纹理清晰。", "病灶位于哪里？", "左肺", "右肺", "是否可见病灶？", "是", "否"]
     release = _release(family, tmp_path / "release", texts * 30)
-    (tmp_path / "img").mkdir()
-    rows = []
-    for i, size in enumerate([(40, 60), (120, 90), (230, 200)]):
-        Image.new("RGB", size, (40 * i, 100, 200 - 40 * i)).save(tmp_path / "img" / f"{i}.png")
-        rows.append({"id": str(i), "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\n病灶位于哪里？"}, {"from": "gpt", "value": "左肺"}],
-            "answer": "左肺", "choices": ["左肺", "右肺"]})
-    questions = tmp_path / "q.json"
-    questions.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    questions = _sized_questions(tmp_path, [(40, 60), (120, 90), (230, 200)])
     t, model = _trainer_parts(release, questions, tmp_path / "img", tmp_path)
     assert t.template.name == template
     _check_rollout_is_chats_prompt_and_scores_what_was_sampled(t, model)
