@@ -107,12 +107,11 @@ class TrainedView:
         info = RunInfo.load(Path(run))
         processor = load_tokenizer_and_processor(run)[1]
         loader = image_loader(processor, info.image_mode if info else "pad")
-        if loader.mode == "native":  # no padding: each image at its own size, resized to the processor's grid;
-            # the fill is the blank image's colour (`--image-blind`), the processor's mean as in-process eval has it
-            fill = pad_fill(getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5))
-            return cls(get_template(template_of(run)), "native", fill, loader)
-        # a processor that squashes to one size (Gemma 3) gets the image at that size; others resize it themselves
-        return cls(get_template(template_of(run)), loader.mode, loader.fill, loader if loader.mode != "pad" else None)
+        # the fill is also the blank image's colour (`--image-blind`): the processor's mean, as in-process eval has
+        # it, for a native-resolution loader too (it pads nothing, so it has none of its own)
+        fill = loader.fill or pad_fill(getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5))
+        # beyond padding, images go at the processor's grid (Qwen) or fixed size (Gemma 3); CLIP's resize themselves
+        return cls(get_template(template_of(run)), loader.mode, fill, None if loader.mode == "pad" else loader)
 
     def describe(self) -> dict:
         return {"template": self.template.name, "image_mode": self.mode, "fill": list(self.fill)}

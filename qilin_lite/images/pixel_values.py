@@ -77,14 +77,17 @@ class ImageLoader:
         """The image as the processor resizes it, where it squashes every image to one size (Gemma 3's 896 x 896):
         a server that resizes differently (llama.cpp keeps the aspect and pads) then has nothing to resize. A
         processor that resizes the short side and centre-crops (CLIP's) is left to do so: unchanged."""
-        from PIL import Image
-
         size = dict(getattr(self.processor, "size", None) or {})
         if "height" not in size or "width" not in size or getattr(self.processor, "do_center_crop", False):
             return img
-        target = (int(size["width"]), int(size["height"]))
+        return self._resized(img, (int(size["width"]), int(size["height"])))
+
+    def _resized(self, img, size: tuple[int, int]):
+        """`img` at `size` (width, height) with the processor's own resampling filter (bicubic where it names none)."""
+        from PIL import Image
+
         resample = getattr(self.processor, "resample", None)
-        return img if img.size == target else img.resize(target, Image.Resampling(
+        return img if img.size == size else img.resize(size, Image.Resampling(
             resample if resample is not None else Image.Resampling.BICUBIC))
 
     # --- what training and generation hand the model ---------------------------------------------------------
@@ -141,14 +144,9 @@ class NativeImageLoader(ImageLoader):
         """The image resized as the processor resizes it (to its patch grid, aspect stretched), for a server that
         resizes differently (llama.cpp pads a Qwen image to keep its aspect): an image already at its grid passes
         through the processor unchanged."""
-        from PIL import Image
-
         _, h, w = (int(x) for x in self.inputs([img])["image_grid_thw"][0])
         patch = int(self.processor.patch_size)
-        size = (w * patch, h * patch)
-        resample = getattr(self.processor, "resample", None)
-        return img if img.size == size else img.resize(size, Image.Resampling(resample if resample is not None
-                                                                               else Image.Resampling.BICUBIC))
+        return self._resized(img, (w * patch, h * patch))
 
     def process(self, pil: list) -> torch.Tensor:
         return self.inputs(pil)["pixel_values"]
