@@ -185,7 +185,7 @@ def vision_kv(w, projector: str, cfg: dict, image_processor, *, image_size: int,
     w.add_vision_image_std([float(x) for x in image_processor.image_std])
 
 
-def _write(path: Path, arch: str, kv, tensors: list[tuple[str, tuple[int, ...], callable]]) -> None:
+def write_gguf(path: Path, arch: str, kv, tensors: list[tuple[str, tuple[int, ...], callable]]) -> None:
     """One GGUF file, tensors streamed: headers first (shapes only), then each tensor's data as it is made."""
     import gguf
 
@@ -211,7 +211,7 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def _tokenizer_kv(w, model_dir: Path, tok, vocab_rows: int, spm: Path | None = None) -> None:
+def tokenizer_kv_spm(w, model_dir: Path, tok, vocab_rows: int, spm: Path | None = None) -> None:
     """SentencePiece metadata from `spm` (default: model_dir's tokenizer.model)."""
     import gguf
     from sentencepiece import sentencepiece_model_pb2 as pb
@@ -287,7 +287,7 @@ def write_llm(path: Path, model_dir: Path, cfg: dict, weights: Weights, tok, tem
 
             tokenizer_kv_bpe(w, model_dir, tok, vocab_rows)
         else:
-            _tokenizer_kv(w, model_dir, tok, vocab_rows)
+            tokenizer_kv_spm(w, model_dir, tok, vocab_rows)
         w.add_chat_template(template.gguf_chat_template())
 
     def make(key: str, post=None):
@@ -316,7 +316,7 @@ def write_llm(path: Path, model_dir: Path, cfg: dict, weights: Weights, tok, tem
             elif src == "self_attn.k_proj.weight":
                 post = lambda a: _permute(a, n_kv)  # noqa: E731
             tensors.append((f"blk.{i}.{dst}", weights.shapes[key], make(key, post)))
-    _write(path, arch, kv, tensors)
+    write_gguf(path, arch, kv, tensors)
 
 
 def write_mmproj(path: Path, model_dir: Path, cfg: dict, weights: Weights, image_processor, image_mode: str,
@@ -376,4 +376,4 @@ def write_mmproj(path: Path, model_dir: Path, cfg: dict, weights: Weights, image
                 raise UserError(f"{model_dir}: projector tensor '{layer}.{kind}' missing; export needs the "
                                 "mlp2x_gelu projector (two linear layers with biases)")
             tensors.append((f"mm.{idx}.{kind}", weights.shapes[key], (lambda k: lambda: weights.get(k))(key)))
-    _write(path, "clip", kv, tensors)
+    write_gguf(path, "clip", kv, tensors)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from .gguf import Weights, _tokenizer_kv, _write, vision_kv
+from .gguf import Weights, tokenizer_kv_spm, vision_kv, write_gguf
 from .templates import NOTICE
 
 PREFIXES = {
@@ -114,7 +114,7 @@ def write_llm(path: Path, model_dir: Path, cfg: dict, weights: Weights, tok, tem
         w.add_rope_freq_base_swa(float(local.get("rope_theta", t.get("rope_local_base_freq", 10000.0))))
         w.add_vocab_size(int(vocab_rows))
         w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
-        _tokenizer_kv(w, model_dir, tok, vocab_rows, spm)
+        tokenizer_kv_spm(w, model_dir, tok, vocab_rows, spm)
         w.add_chat_template(template.gguf_chat_template())
 
     def make(key: str, shift: bool):
@@ -136,7 +136,7 @@ def write_llm(path: Path, model_dir: Path, cfg: dict, weights: Weights, tok, tem
             key = need(f"llm:layers.{i}.{src}.weight")
             dst = names.get_name(f"model.layers.{i}.{src}") + ".weight"
             tensors.append((dst, weights.shapes[key], make(key, src.endswith("norm"))))
-    _write(path, arch, kv, tensors)
+    write_gguf(path, arch, kv, tensors)
 
 
 def write_mmproj(path: Path, model_dir: Path, cfg: dict, weights: Weights, image_processor, name: str) -> None:
@@ -186,7 +186,7 @@ def write_mmproj(path: Path, model_dir: Path, cfg: dict, weights: Weights, image
     add("projector:mm_input_projection_weight", names.get_name("multi_modal_projector.mm_input_projection") + ".weight")
     add("projector:mm_soft_emb_norm.weight", names.get_name("multi_modal_projector.mm_soft_emb_norm") + ".weight",
         shift=True)
-    _write(path, "clip", kv, tensors)
+    write_gguf(path, "clip", kv, tensors)
 
 
 def readme(model: str, mmproj: str, name: str, image_size: int) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .gguf import LLM_NAMES, Weights, vision_kv, write_llm
+from .gguf import LLM_NAMES, Weights, vision_kv, write_gguf, write_llm
 from .templates import NOTICE
 
 PREFIXES = {  # the vision tower first: "model." would also match "model.visual."
@@ -132,8 +132,6 @@ def write_mmproj_qwen_vl(path: Path, model_dir: Path, cfg: dict, weights: Weight
                          name: str) -> None:
     import gguf
 
-    from .gguf import _write
-
     if _qwen3(cfg):
         return _write_mmproj_qwen3(path, model_dir, cfg, weights, image_processor, name)
     v = cfg["vision_config"]
@@ -183,7 +181,7 @@ def write_mmproj_qwen_vl(path: Path, model_dir: Path, cfg: dict, weights: Weight
             key = need(f"vision:merger.mlp.{idx}.{kind}")
             tensors.append((f"{names.get_name(f'visual.merger.mlp.{idx}')}.{kind}", weights.shapes[key],
                             _lazy(weights, key)))
-    _write(path, "clip", kv, tensors)
+    write_gguf(path, "clip", kv, tensors)
 
 
 def _need(weights: Weights, model_dir: Path, key: str) -> str:
@@ -215,8 +213,6 @@ def _write_mmproj_qwen3(path: Path, model_dir: Path, cfg: dict, weights: Weights
     embeddings on a square grid (llama.cpp interpolates them bilinearly with aligned corners, as transformers does),
     DeepStack's mergers under the vision layer each follows."""
     import gguf
-
-    from .gguf import _write
 
     v = cfg["vision_config"]
     depth, stack = int(v["depth"]), list(v.get("deepstack_visual_indexes") or ())
@@ -255,7 +251,7 @@ def _write_mmproj_qwen3(path: Path, model_dir: Path, cfg: dict, weights: Weights
         for src, kind in (("norm", gguf.MODEL_TENSOR.V_DS_NORM), ("linear_fc1", gguf.MODEL_TENSOR.V_DS_FC1),
                           ("linear_fc2", gguf.MODEL_TENSOR.V_DS_FC2)):
             tensors += both(f"deepstack_merger_list.{k}.{src}", gguf.TENSOR_NAMES[kind].format(bid=layer))
-    _write(path, "clip", kv, tensors)
+    write_gguf(path, "clip", kv, tensors)
 
 
 def readme(model: str, mmproj: str, name: str, limits: tuple[int, int], cfg: dict) -> str:
